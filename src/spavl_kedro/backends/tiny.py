@@ -1,0 +1,265 @@
+"""Offline factory for tiny LLaVA models: the embedded default's stand-in for real VLMs.
+
+Everything is built from configuration on the local machine: a byte-level BPE tokenizer trained on the
+project's own seed text, a CLIP image processor at 32 px (the PIL one: torchvision is not installed), a LlavaProcessor and a
+LlavaForConditionalGeneration of about a million parameters. Real `transformers` classes at tiny sizes,
+so the code that drives them (batched generation, TRL trainers, `transformers serve`) is the code that
+drives LLaVA-1.5-7B in the paper profile.
+
+`bootstrap` gives such a model a behaviour: a short full fine-tune on (image, question, response) examples
+where the response is a refusal with probability `refusal_rate` and a compliance otherwise, re-drawn every
+epoch so the model learns the distribution rather than one label per prompt. Sampling from it then
+reproduces roughly that refusal rate — a miniature of SPA-VL's responders of differing safety.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+
+# LLaVA-1.5 conversation format ("USER: <image>\n... ASSISTANT: ..."). Content may be a string or a list of
+# {"type": "image"} / {"type": "text"} parts, which is what TRL and `transformers serve` send; several
+# images per turn are allowed (MIS two-image prompts).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% else %}SYSTEM: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class TinyModelConfig(BaseModel):
+    """Sizes of a tiny LLaVA. Defaults: ~0.9M parameters, trains at several steps/s on 2 CPU cores."""
+
+    vocab_size: int = Field(1024, description="BPE vocabulary size learned from the seed text")
+    text_hidden: int = Field(128, description="width of the Llama language model")
+    text_layers: int = Field(4, description="transformer layers of the language model")
+    text_heads: int = Field(4, description="attention heads of the language model")
+    vision_hidden: int = Field(64, description="width of the CLIP vision tower")
+    vision_layers: int = Field(2, description="transformer layers of the vision tower")
+    image_size: int = Field(32, description="pixels per side after the image processor")
+    patch_size: int = Field(8, description="ViT patch size; (32/8)^2 = 16 image tokens per image")
+    max_positions: int = Field(512, description="longest sequence the model can see")
+
+
+class BootstrapConfig(BaseModel):
+    """A short full fine-tune that gives a tiny model its refusal behaviour."""
+
+    epochs: int = Field(8, ge=1, description="passes over the seed examples; labels are re-drawn each pass")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate; high because the model starts from noise")
+    batch_size: int = Field(16, ge=1, description="examples per optimisation step")
+    seed: int = Field(0, description="seeds weight init, label draws and batch order")
+
+
+@dataclass
+class VLM:
+    """A loaded image-text-to-text model and its processor: what model catalog entries hold."""
+
+    model: torch.nn.Module
+    processor: LlavaProcessor
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts`; any string stays encodable through the byte alphabet."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",  # decoder-only batched generation pads on the left
+    )
+
+
+def build_processor(texts: Sequence[str], config: TinyModelConfig) -> LlavaProcessor:
+    """Tokenizer trained on `texts` plus a CLIP image processor, joined as a LlavaProcessor."""
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        # CLIP adds a CLS token; the "default" strategy drops it again, so 16 image tokens remain.
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(processor: LlavaProcessor, config: TinyModelConfig, seed: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA whose vocabulary matches `processor`."""
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=config.vision_hidden * 2,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=4,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden,
+        intermediate_size=config.text_hidden * 2,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_heads,
+        max_position_embeddings=config.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    num_patches = (config.image_size // config.patch_size) ** 2
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def decode_png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def user_message(question: str, n_images: int) -> list[dict]:
+    """One user turn with `n_images` image slots before the question, in the structured chat format."""
+    parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": parts}]
+
+
+def bootstrap(
+    vlm: VLM,
+    examples: Sequence[tuple[list[Image.Image], str, str, str]],
+    refusal_rate: float,
+    config: BootstrapConfig,
+) -> dict[str, float]:
+    """Full fine-tune `vlm` in place on (images, question, refusal, compliance) examples.
+
+    Each epoch every example's target is redrawn: the refusal with probability `refusal_rate`. The loss
+    covers only the response tokens. Returns the mean loss of the first and the last epoch.
+    """
+    model = vlm.model
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    # Images and prompts are processed once; an epoch only re-draws targets and pads token ids.
+    encoded = [_encode(vlm.processor, *example) for example in examples]
+    pad_id = vlm.processor.tokenizer.pad_token_id
+    model.train()
+    epoch_losses: list[float] = []
+    for _ in range(config.epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            rows = [encoded[i] for i in order[start : start + config.batch_size]]
+            targets = [row.refusal if rng.random() < refusal_rate else row.compliance for row in rows]
+            loss = model(**_batch(rows, targets, pad_id)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        epoch_losses.append(sum(losses) / len(losses))
+    model.eval()
+    return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}
+
+
+@dataclass
+class _Encoded:
+    prompt: torch.Tensor  # token ids of the chat prompt, image tokens expanded
+    pixel_values: torch.Tensor | None
+    refusal: torch.Tensor  # token ids of " <refusal></s>"
+    compliance: torch.Tensor
+
+
+def _encode(processor: LlavaProcessor, images, question: str, refusal: str, compliance: str) -> _Encoded:
+    prompt = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
+    enc = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
+    tokenizer = processor.tokenizer
+    target = lambda text: torch.tensor(  # noqa: E731
+        tokenizer(" " + text + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), target(refusal), target(compliance))
+
+
+def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response batch whose labels mask everything but the response and its </s>."""
+    sequences = [torch.cat([row.prompt, target]) for row, target in zip(rows, targets)]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, seq) in enumerate(zip(rows, sequences)):
+        input_ids[i, : len(seq)] = seq
+        attention[i, : len(seq)] = 1
+        labels[i, len(row.prompt) : len(seq)] = seq[len(row.prompt) :]
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    pixels = [row.pixel_values for row in rows if row.pixel_values is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+    return batch
+
+
+def train_tiny_vlm(
+    processor: LlavaProcessor,
+    examples: Sequence[tuple[list[Image.Image], str, str, str]],
+    refusal_rate: float,
+    model_config: TinyModelConfig,
+    bootstrap_config: BootstrapConfig,
+    seed: int,
+) -> tuple[VLM, dict[str, float]]:
+    """Build a fresh tiny LLaVA seeded with `seed` and bootstrap it to refuse at `refusal_rate`."""
+    model = build_model(processor, model_config, seed)
+    vlm = VLM(model=model, processor=processor)
+    losses = bootstrap(vlm, examples, refusal_rate, bootstrap_config.model_copy(update={"seed": seed}))
+    return vlm, losses

@@ -1,0 +1,88 @@
+"""A Kedro dataset for model directories written with `save_pretrained`.
+
+kedro-datasets has no dataset for a local Hugging Face model directory (HFDataset is hub-only and
+load-only), and models are data here: keeping them in the catalog lets kedro-viz show which table trained
+which model and which model produced which answers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from kedro.io import AbstractDataset, DatasetError
+
+from spavl_kedro.backends.adapters import LoraAdapter, load_adapter, save_adapter
+from spavl_kedro.backends.vlm import load_processor, load_vlm
+from spavl_kedro.backends.tiny import VLM
+
+
+class ModelDirectoryDataset(AbstractDataset):
+    """Saves and loads one model directory.
+
+    kind:
+      vlm        a `VLM` (model + processor) <-> config, safetensors and processor files
+      processor  a processor alone (the tiny tokenizer + image processor every tiny model shares)
+      adapter    a `LoraAdapter` (PEFT config + tensors) <-> adapter_config.json + adapter_model.safetensors
+
+    With `collection: true` the entry holds several models of that kind, one sub-directory each
+    (e.g. the responder pool): save a dict name -> model; load gives a dict name -> loader function, so a
+    node loads one model at a time. (PartitionedDataset cannot do this: it treats every file as a
+    partition, not every directory.)
+
+    Saving replaces the directory, so a rerun never mixes files of two models.
+    """
+
+    def __init__(self, filepath: str, kind: Literal["vlm", "processor", "adapter"] = "vlm",
+                 collection: bool = False, metadata: dict[str, Any] | None = None) -> None:
+        if kind not in ("vlm", "processor", "adapter"):
+            raise DatasetError(f"ModelDirectoryDataset({filepath}): kind must be vlm, processor or adapter, not '{kind}'")
+        self._path = Path(filepath)
+        self._kind = kind
+        self._collection = collection
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        if not self._path.is_dir():
+            raise DatasetError(f"model directory {self._path} does not exist: run the pipeline that writes it first")
+        if self._collection:
+            return {d.name: partial(self._load_one, d) for d in sorted(self._path.iterdir()) if d.is_dir()}
+        return self._load_one(self._path)
+
+    def save(self, data: Any) -> None:
+        if self._collection and not isinstance(data, dict):
+            raise DatasetError(f"{self._path}: a collection saves a dict name -> model, got {type(data).__name__}")
+        items = data.items() if self._collection else [(None, data)]
+        if self._path.exists():
+            shutil.rmtree(self._path)
+        self._path.mkdir(parents=True)
+        for name, model in items:
+            self._save_one(model, self._path / name if name is not None else self._path)
+
+    def _load_one(self, path: Path) -> Any:
+        if self._kind == "vlm":
+            return load_vlm(str(path))
+        if self._kind == "processor":
+            return load_processor(str(path))
+        return load_adapter(str(path))
+
+    def _save_one(self, data: Any, path: Path) -> None:
+        expected = {"vlm": VLM, "adapter": LoraAdapter}.get(self._kind)
+        if expected is not None and not isinstance(data, expected):
+            raise DatasetError(f"{path}: expected a {expected.__name__}, got {type(data).__name__}")
+        path.mkdir(parents=True, exist_ok=True)
+        if self._kind == "vlm":
+            data.model.save_pretrained(path)
+            data.processor.save_pretrained(path)
+        elif self._kind == "processor":
+            data.save_pretrained(path)
+        else:
+            save_adapter(data, str(path))
+
+    def _exists(self) -> bool:
+        return self._path.is_dir() and any(self._path.iterdir())
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._path), "kind": self._kind, "collection": self._collection}

@@ -1,0 +1,31 @@
+"""Project hooks: where runs log, and configuration checked before anything runs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+from kedro.framework.hooks import hook_impl
+
+from spavl_kedro.config import validate_parameters
+
+
+class ProjectHooks:
+    # tryfirst: kedro-mlflow reads MLFLOW_TRACKING_URI in its own after_context_created, which must see ours.
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        """Default MLflow store: an SQLite file in the project, by absolute path (MLflow 3.17 refuses a
+        ./mlruns file store). A `server.mlflow_tracking_uri` in mlflow.yml still takes precedence."""
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(context.project_path / 'mlflow.db').resolve()}"
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        """Fail on bad parameters before any model loads, naming each bad key; then seed everything."""
+        params = catalog.load("parameters")
+        validate_parameters(params)
+        seed = int(params["generate"]["seed"])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)

@@ -1,0 +1,40 @@
+"""Column contracts of the project's tables, declared once.
+
+Nodes call `validate(df, "<table>")` on what they return, so a table that reaches the catalog always has
+its declared columns in the declared order; tests import the same contracts.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+CLASS_COLUMNS = ["class1", "class2", "class3"]
+
+TABLES: dict[str, list[str]] = {
+    "taxonomy": [*CLASS_COLUMNS, "description", "keywords", "provenance"],
+    "images": ["image_id", *CLASS_COLUMNS, "source", "sha256", "width", "height", "caption", "png"],
+    "questions": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "text", "writer", "harmful", "kept"],
+    "responses": ["response_id", "question_id", "responder", "text", "finish_reason", "latency_s", "error"],
+    "verdicts": ["response_id", "judge", "safe", "category", "score", "raw"],
+    "preferences": [
+        "question_id", "question", "image_ids", "chosen", "rejected", *CLASS_COLUMNS, "qtype",
+        "chosen_responder", "rejected_responder", "judge", "reason", "order_consistent",
+    ],
+    # Published SPA-VL split layouts (image is a {bytes, path} struct, as in the released parquet).
+    "train": ["image", "question", "chosen", "rejected", "image_name"],
+    "validation": ["image", "question", "chosen", "rejected", *CLASS_COLUMNS],
+    "test_harm": ["image", "question", *CLASS_COLUMNS],
+    "test_help": ["image", "question", *CLASS_COLUMNS],
+    "answers": ["model", "test_set", "question", *CLASS_COLUMNS, "decoding", "sample", "text"],
+}
+
+QTYPES = ("easy", "hardq", "hards", "mis_easy", "mis_hard")
+
+
+def validate(df: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Return `df` with exactly the columns of `table`, in order; raise naming what is missing."""
+    columns = TABLES[table]
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"table '{table}' is missing column(s) {missing}; it has {list(df.columns)}")
+    return df[columns].reset_index(drop=True)
