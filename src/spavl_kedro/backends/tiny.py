@@ -193,6 +193,10 @@ def bootstrap(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    steps = config.epochs * -(-len(examples) // config.batch_size)
+    # Linear decay to zero: with a constant rate the model ends up copying the labels drawn in the last
+    # epoch; decaying averages over the draws of all epochs, so the learned refusal rate matches the target.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     # Images and prompts are processed once; an epoch only re-draws targets and pads token ids.
     encoded = [_encode(vlm.processor, *example) for example in examples]
     pad_id = vlm.processor.tokenizer.pad_token_id
@@ -209,6 +213,7 @@ def bootstrap(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
         epoch_losses.append(sum(losses) / len(losses))
     model.eval()

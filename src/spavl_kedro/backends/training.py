@@ -8,7 +8,7 @@ that matter on a small CPU machine.
 Choices worth knowing about:
 
 - LoRA with `ref_model=None`. The reference policy is then the same network with the adapter switched off,
-  so no second copy of the model is held in memory. That is how SPA-VL's LoRA variant runs as well.
+  so no second copy of the model is held in memory.
 - The caller's model is copied before training. PEFT injects adapter layers into whatever module it is
   given and TRL patches that module's `forward`; without the copy the `VLM` passed in would silently become
   the trained policy, and the "before" side of any before/after comparison would be lost.
@@ -152,12 +152,12 @@ def train_dpo(
         seed=settings.seed,
         data_seed=settings.seed,
         max_length=settings.max_length,
-        # TRL defaults to bf16 whenever fp16 is off; CPU bf16 autocast is slow and lossy for tiny models.
+        # TRL switches bf16 on whenever fp16 is off; full precision keeps CPU runs exact and repeatable.
         bf16=False,
         fp16=False,
         use_cpu=settings.use_cpu,
         gradient_checkpointing=settings.gradient_checkpointing,
-        dataloader_num_workers=0,  # PIL images in worker processes buy nothing here and break under fork+OMP
+        dataloader_num_workers=0,  # on two cores, worker processes would only compete with training
         report_to=settings.report_to,
         run_name=settings.run_name,
         disable_tqdm=True,  # progress bars would flood pipeline logs; the curves live in MLflow
@@ -234,7 +234,7 @@ def _child_run(settings: DPOSettings) -> Iterator[None]:
 def _prepare_for_generation(peft_model: PeftModel) -> None:
     peft_model.eval()
     # TRL computes log-probs through a forward it installs on the instance, a closure over the original
-    # bound method. A deep copy (Kedro's MemoryDataset makes one) would keep calling the *original*
+    # bound method. A deep copy (Kedro's MemoryDataset makes one by default) would keep calling the *original*
     # object's forward through that closure, so drop it and fall back to the class forward; generation
     # does not use the fused path anyway.
     base = peft_model.get_base_model()

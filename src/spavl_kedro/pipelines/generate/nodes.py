@@ -179,7 +179,7 @@ def bootstrap_responders(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_p
 
 
 def collect_responses(questions: pd.DataFrame, images: pd.DataFrame,
-                      responder_models: dict[str, Callable[[], VLM]], params: dict[str, Any]) -> pd.DataFrame:
+                      responder_models: dict[str, Callable[[], VLM] | VLM], params: dict[str, Any]) -> pd.DataFrame:
     """Every kept question answered by every responder; failed generations are kept with their error."""
     cfg = GenerateConfig.model_validate(params)
     kept = questions[questions["kept"]]
@@ -190,7 +190,8 @@ def collect_responses(questions: pd.DataFrame, images: pd.DataFrame,
         if responder.kind == "tiny":
             if responder.name not in responder_models:
                 raise ValueError(f"responder '{responder.name}': no bootstrapped model in responder_models")
-            vlm = responder_models[responder.name]()
+            entry = responder_models[responder.name]
+            vlm = entry() if callable(entry) else entry  # the catalog gives loaders, memory gives models
         else:
             vlm = load_vlm(responder.model)
         backend = TransformersVLM(responder.name, vlm, cfg.batch_size,

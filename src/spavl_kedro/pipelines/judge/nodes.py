@@ -85,4 +85,4 @@ def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts:
     }
     for name, g in usable.groupby("responder"):
         metrics[f"safe_rate/{name}"] = float((g["safe"] == True).mean())  # noqa: E712
-    return prefs, for_mlflow(metrics)
+    return prefs, for_mlflow({f"judge/{name}": value for name, value in metrics.items()})

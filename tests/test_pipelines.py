@@ -1,0 +1,123 @@
+"""Integration: each pipeline run on an in-memory catalog with SequentialRunner, stage after stage.
+
+The world is a slice of the embedded default (12 subcategories, 4 images each), small enough for CI and
+large enough that DPO's effect shows on the held-out questions.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from spavl_kedro.pipeline_registry import register_pipelines
+from spavl_kedro.schema import TABLES
+
+SUBCATEGORIES = 12
+
+
+class KeptDataset(MemoryDataset):
+    """In-memory dataset the runner cannot release: the next stage's run reads it, as it would from disk."""
+
+    def _release(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def world(base_params, taxonomy_spec, seed_text):
+    import copy
+
+    params = copy.deepcopy(base_params)
+    params["taxonomy"]["subcategories"] = SUBCATEGORIES
+    params["taxonomy"]["categories"] = 3
+    params["taxonomy"]["domains"] = 1
+    # A smaller seed corpus needs more passes to reach the ~150 optimisation steps a tiny model needs to
+    # learn its refusal rate (below that it emits token soup); DPO likewise gets more passes over fewer pairs.
+    params["generate"]["seed_corpus"]["questions_per_image"] = 3
+    params["tiny"]["bootstrap"]["epochs"] = 16
+    params["align"]["dpo"]["epochs"] = 4
+    params["align"]["dpo"]["report_to"] = []  # no MLflow server in this test; the e2e test checks MLflow
+    spec = copy.deepcopy(taxonomy_spec)
+    spec["domains"] = spec["domains"][:1]  # Representation & ToxicityHarms + Misinformation slice below
+    spec["domains"][0]["categories"] = spec["domains"][0]["categories"][:2]
+    spec["domains"][0]["categories"][1]["subcategories"] = spec["domains"][0]["categories"][1]["subcategories"][:3]
+    misinfo = copy.deepcopy(taxonomy_spec["domains"][1]["categories"][0])
+    misinfo["subcategories"] = misinfo["subcategories"][:2]
+    spec["domains"][0]["categories"].append(misinfo)
+
+    pipelines = register_pipelines()
+    catalog = DataCatalog()
+    for name in pipelines["__default__"].datasets():
+        if not name.startswith("params:") and name != "parameters":
+            catalog[name] = KeptDataset(copy_mode="assign")  # models are not deep-copied between stages
+    catalog["taxonomy_spec"] = spec
+    catalog["seed_text"] = seed_text
+    catalog["parameters"] = params
+    for key, value in params.items():
+        catalog[f"params:{key}"] = value
+    for stage in ("taxonomy", "generate", "judge", "split", "align", "evaluate"):
+        SequentialRunner().run(pipelines[stage], catalog)
+    return catalog
+
+
+def load(world, name):
+    return world.load(name)
+
+
+def test_taxonomy_stage(world):
+    taxonomy = load(world, "taxonomy")
+    assert len(taxonomy) == SUBCATEGORIES
+
+
+def test_generate_stage(world):
+    images, questions, responses = load(world, "images"), load(world, "questions"), load(world, "responses")
+    assert len(images) == SUBCATEGORIES * 4
+    assert images["sha256"].is_unique
+    assert list(questions.columns) == TABLES["questions"]
+    assert questions["qtype"].value_counts().to_dict() == {"easy": 48, "hardq": 48, "hards": 48}
+    assert list(responses.columns) == TABLES["responses"]
+    assert len(responses) == len(questions) * 4  # every question answered by every responder, once
+    assert not responses.duplicated(["question_id", "responder"]).any()
+    assert responses["error"].isna().all()
+
+
+def test_judge_stage_orders_responders_by_safety(world):
+    responses, verdicts = load(world, "responses"), load(world, "verdicts")
+    prefs = load(world, "preferences")
+    assert list(verdicts.columns) == TABLES["verdicts"]
+    safe = responses.merge(verdicts, on="response_id").groupby("responder")["safe"].mean()
+    # responders were bootstrapped to refuse 10 / 40 / 70 / 95 %: their measured safety keeps that order
+    assert safe["tiny-reckless"] < safe["tiny-lax"] < safe["tiny-careful"] < safe["tiny-guarded"]
+    assert list(prefs.columns) == TABLES["preferences"]
+    assert (prefs["chosen_responder"] != prefs["rejected_responder"]).all()
+    by_harm = prefs[prefs["reason"] == "harmlessness"]
+    assert by_harm["chosen"].str.contains("sorry|cannot|can't").all()
+    metrics = load(world, "judge_metrics")
+    counts = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
+    assert counts["pairs"] == len(prefs)
+    assert counts["pairs"] + counts["ties_dropped"] + counts["questions_without_pair"] == len(load(world, "questions"))
+
+
+def test_split_stage_holds_out_test_images(world):
+    train, val = load(world, "train"), load(world, "validation")
+    harm, helpq = load(world, "test_harm"), load(world, "test_help")
+    for name, table in [("train", train), ("validation", val), ("test_harm", harm), ("test_help", helpq)]:
+        assert list(table.columns) == TABLES[name]
+    assert len(harm) == len(helpq) == SUBCATEGORIES
+    test_paths = {i["path"] for i in pd.concat([harm, helpq])["image"]}
+    assert not test_paths & set(train["image_name"])
+    assert not test_paths & {i["path"] for i in val["image"]}
+    assert set(train["image"].iloc[0]) == {"bytes", "path"}
+
+
+def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
+    summary = load(world, "dpo_summary")
+    assert summary["train_pairs"] == len(load(world, "train"))
+    assert summary["rewards/accuracies"] > 0.5
+    metrics = {k: v["value"] for k, v in load(world, "eval_metrics").items()}
+    base, dpo = metrics["eval/base/test_harm/sampled_unsafe_rate"], metrics["eval/dpo/test_harm/sampled_unsafe_rate"]
+    assert dpo < base, (base, dpo)
+    assert metrics["eval/dpo/test_harm/unsafe_rate"] <= metrics["eval/base/test_harm/unsafe_rate"]
+    report = load(world, "eval_report")
+    assert "test_harm/unsafe_rate" in report and "| metric | base | dpo |" in report
