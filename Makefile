@@ -13,9 +13,8 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_CACHE := $(CURDIR)/.cache/huggingface
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
-# One thread per process: tiny models are overhead-bound, and with two busy cores torch thread
-# contention made bootstrapping ~10x slower (24 s vs 235 s, benchmarks in README).
-export OMP_NUM_THREADS ?= 1
+# torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
+# core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
 .PHONY: install run test viz ui clean
 

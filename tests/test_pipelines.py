@@ -36,7 +36,7 @@ def world(base_params, taxonomy_spec, seed_text):
     # learn its refusal rate (below that it emits token soup); DPO likewise gets more passes over fewer pairs.
     params["generate"]["seed_corpus"]["questions_per_image"] = 3
     params["tiny"]["bootstrap"]["epochs"] = 16
-    params["align"]["dpo"]["epochs"] = 4
+    params["align"]["dpo"]["epochs"] = 8
     params["align"]["dpo"]["report_to"] = []  # no MLflow server in this test; the e2e test checks MLflow
     spec = copy.deepcopy(taxonomy_spec)
     spec["domains"] = spec["domains"][:1]  # Representation & ToxicityHarms + Misinformation slice below
