@@ -42,5 +42,5 @@ ui: install  ## MLflow UI on the project's tracking store
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --port 5000
 
 clean:  ## generated data, models and runs (keeps the committed seed files in data/01_raw)
-	find data -mindepth 2 -not -path 'data/01_raw/*' -not -name .gitkeep -delete
+	find data -mindepth 1 -maxdepth 1 -type d -not -name 01_raw -exec rm -rf {} +
 	rm -rf mlflow.db mlartifacts build
