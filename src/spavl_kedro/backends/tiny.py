@@ -14,7 +14,6 @@ reproduces roughly that refusal rate — a miniature of SPA-VL's responders of d
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -166,10 +165,6 @@ def build_model(processor: LlavaProcessor, config: TinyModelConfig, seed: int) -
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
-
-
-def decode_png(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def user_message(question: str, n_images: int) -> list[dict]:

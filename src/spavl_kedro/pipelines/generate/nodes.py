@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # One background colour per domain and one motif per category, so images of different harm areas differ
 # visually and not only in their typography.
 PALETTE = [(180, 40, 40), (40, 90, 170), (40, 140, 80), (150, 60, 150), (200, 130, 30), (60, 60, 60)]
+CAPTION = "A {motif} motif with the word '{keyword}' written across it."
 MOTIFS = ["circle", "square", "triangle", "cross", "stripes", "ring", "diamond", "grid", "bars",
           "dots", "arrow", "frame", "wave"]
 
@@ -50,7 +51,7 @@ def render_images(taxonomy: pd.DataFrame, params: dict[str, Any]) -> pd.DataFram
             rows.append({"image_id": f"{_slug(sub.class3)}-{i:03d}", "class1": sub.class1, "class2": sub.class2,
                          "class3": sub.class3, "source": "synthetic", "sha256": sha,
                          "width": cfg.images.size, "height": cfg.images.size,
-                         "caption": f"A {motif} motif with the word '{keyword}' written across it.",
+                         "caption": CAPTION.format(motif=motif, keyword=keyword),
                          "png": png})
     return validate(pd.DataFrame(rows), "images")
 
@@ -103,6 +104,11 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
+def _caption_keyword(caption: str) -> str:
+    """The keyword a synthetic image shows, read back from its CAPTION."""
+    return caption.split("'")[1]
+
+
 def _fill(template: str, keyword: str, sub: Any) -> str:
     return template.format(keyword=keyword, subcategory=sub.class3, category=sub.class2)
 
@@ -118,7 +124,7 @@ def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, params: dict[s
     rows = []
     for img in images.itertuples(index=False):
         sub = keywords[img.class3]
-        keyword = img.caption.split("'")[1]
+        keyword = _caption_keyword(img.caption)
         for qtype in ("easy", "hardq", "hards"):
             rng = random.Random(f"{cfg.seed}:{img.image_id}:{qtype}")
             template = rng.choice(getattr(cfg.questions, qtype))
@@ -140,7 +146,7 @@ def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: d
     rows = []
     for img in images.itertuples(index=False):
         rng = random.Random(f"{cfg.seed}:seed:{img.image_id}")
-        keyword = img.caption.split("'")[1]
+        keyword = _caption_keyword(img.caption)
         for template in rng.sample(cfg.seed_corpus.templates,
                                    min(cfg.seed_corpus.questions_per_image, len(cfg.seed_corpus.templates))):
             rows.append({"image_id": img.image_id, "question": _fill(template, keyword, subs[img.class3]),
