@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import PROJECT
 from spavl_kedro.config import validate_parameters
 
 
@@ -22,5 +23,44 @@ def test_bad_values_are_named_by_key(params):
 
 def test_kind_needs_its_fields(params):
     params["generate"]["responders"][1] = {"name": "remote", "kind": "transformers"}
-    with pytest.raises(ValueError, match="responder 'remote': kind 'transformers' needs model"):
+    params["generate"]["questions"]["writer"] = "model"
+    params["generate"]["images"]["assign"] = "clip"
+    with pytest.raises(ValueError) as err:
         validate_parameters(params)
+    message = str(err.value)
+    assert "generate.responders.1: Value error, 'remote' (kind transformers) needs model" in message
+    assert "generate.questions: Value error, writer 'model' needs model_writer" in message
+    assert "generate.images.assign" in message and "source 'laion' only" in message
+
+
+def _paper_parameters() -> dict:
+    from kedro.config import OmegaConfigLoader
+
+    from spavl_kedro.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env="paper",
+                               merge_strategy=CONFIG_LOADER_ARGS["merge_strategy"])
+    return dict(loader["parameters"])
+
+
+def test_paper_profile_is_valid_and_at_spa_vl_scale():
+    validated = validate_parameters(_paper_parameters())
+    generate = validated["generate"]
+    assert len(generate.responders) == 12
+    assert {r.kind for r in generate.responders} == {"transformers", "openai"}
+    assert generate.questions.writer == "model" and generate.questions.screen.judge == "model"
+    assert generate.mis.teacher.kind == "model"
+    assert generate.images.source == "laion" and generate.images.assign == "clip"
+    # the paper profile overrides keys inside blocks; everything else still comes from conf/base
+    assert generate.seed_corpus.templates and validated["tiny"].model.vocab_size > 0
+
+
+def test_paper_profile_errors_name_the_key():
+    params = _paper_parameters()
+    params["generate"]["responders"][5]["base_urls"] = []
+    params["generate"]["questions"]["screen"]["backend"]["concurrency"] = 0
+    with pytest.raises(ValueError) as err:
+        validate_parameters(params)
+    message = str(err.value)
+    assert "generate.responders.5: Value error, 'qwen2-vl-7b' (kind openai) needs base_urls" in message
+    assert "generate.questions.screen.backend.concurrency" in message

@@ -6,7 +6,7 @@ from PIL import Image
 from spavl_kedro.backends import tiny
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.datasets import ModelDirectoryDataset
-from spavl_kedro.pipelines.generate.nodes import _render
+from spavl_kedro.pipelines.generate.synthetic import _render
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,9 @@ def world(base_params, taxonomy_spec, seed_text):
             catalog[name] = KeptDataset(copy_mode="assign")  # models are not deep-copied between stages
     catalog["taxonomy_spec"] = spec
     catalog["seed_text"] = seed_text
+    catalog["image_records"] = pd.DataFrame(columns=TABLES["image_records"])  # the default source renders
+    catalog["api_credentials"] = {}
+    catalog["response_shards_done"] = {}  # a first run: no shard on disk
     catalog["parameters"] = params
     for key, value in params.items():
         catalog[f"params:{key}"] = value
@@ -75,7 +78,11 @@ def test_generate_stage(world):
     assert len(images) == SUBCATEGORIES * 4
     assert images["sha256"].is_unique
     assert list(questions.columns) == TABLES["questions"]
-    assert questions["qtype"].value_counts().to_dict() == {"easy": 48, "hardq": 48, "hards": 48}
+    assert questions["qtype"].value_counts().to_dict() == {
+        "easy": 48, "hardq": 48, "hards": 48, "mis_easy": SUBCATEGORIES, "mis_hard": SUBCATEGORIES}
+    assert questions["kept"].all()  # the templates pass the screen by construction
+    cot = load(world, "mis_cot")
+    assert len(cot) == 2 * SUBCATEGORIES and cot["error"].isna().all()
     assert list(responses.columns) == TABLES["responses"]
     assert len(responses) == len(questions) * 4  # every question answered by every responder, once
     assert not responses.duplicated(["question_id", "responder"]).any()
@@ -97,6 +104,9 @@ def test_judge_stage_orders_responders_by_safety(world):
     counts = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
     assert counts["pairs"] == len(prefs)
     assert counts["pairs"] + counts["ties_dropped"] + counts["questions_without_pair"] == len(load(world, "questions"))
+    generated = {k.removeprefix("generate/"): v["value"] for k, v in load(world, "generate_metrics").items()}
+    assert generated["responses"] == len(responses) and generated["responses_failed"] == 0
+    assert generated["questions_kept"] == len(load(world, "questions"))
 
 
 def test_split_stage_holds_out_test_images(world):

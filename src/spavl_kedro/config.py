@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from spavl_kedro.backends.factory import BackendSpec
 from spavl_kedro.backends.tiny import BootstrapConfig, TinyModelConfig
 from spavl_kedro.backends.training import DPOSettings
 
@@ -25,9 +26,64 @@ class TaxonomyConfig(Strict):
     subcategories: int = Field(53, description="expected number of subcategories (class3)")
 
 
-class ImagesConfig(Strict):
-    per_subcategory: int = Field(3, ge=1, description="synthetic images rendered per subcategory")
-    size: int = Field(96, ge=32, description="side of the rendered square image in pixels")
+PROMPT_FIELDS = {"class1": "", "class2": "", "class3": "", "description": "", "keywords": ""}
+
+
+class ImageSourceConfig(Strict):
+    """Where the `images` table comes from and what happens to rows that do not fit."""
+
+    source: Literal["synthetic", "manifest", "laion"] = Field(
+        "synthetic", description="rendered images, a labelled local manifest, or LAION-style web metadata")
+    on_bad_row: Literal["error", "quarantine"] = Field(
+        "error", description="a row that cannot be read, decoded or placed: stop naming it, or quarantine it")
+    assign: Literal["keywords", "clip"] = Field(
+        "keywords", description="laion only: place an image by keywords in its caption or by CLIP similarity")
+    clip_model: str | None = Field(
+        None, validate_default=True, description="CLIP model directory (or hub id); required when assign is clip")
+    clip_prompt: str = Field(
+        "a photo about {class3}: {description}",
+        description="text CLIP compares images with, one per subcategory; fields: class1-3, description, keywords")
+    clip_batch_size: int = Field(32, ge=1, description="images or texts per CLIP forward pass")
+    min_clip_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="assign clip: best cosine similarity below this leaves an image unassigned")
+    min_keyword_hits: int = Field(
+        1, ge=1, description="distinct taxonomy keywords a caption or keyword list must contain to be placed")
+    max_side: int = Field(512, ge=32, description="longer images are downscaled to this many pixels, aspect kept")
+
+    @field_validator("assign")
+    @classmethod
+    def _clip_needs_laion(cls, value: str, info: ValidationInfo) -> str:
+        source = info.data.get("source")
+        if value == "clip" and source != "laion":
+            raise ValueError(f"assign 'clip' applies to source 'laion' only (source is '{source}'); "
+                             "manifest rows carry their subcategory or keywords")
+        return value
+
+    @field_validator("clip_model")
+    @classmethod
+    def _clip_model_when_clip(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("assign") == "clip" and not value:
+            raise ValueError("assign 'clip' needs clip_model: a CLIP model directory or hub id")
+        return value
+
+    @field_validator("clip_prompt")
+    @classmethod
+    def _known_prompt_fields(cls, value: str) -> str:
+        try:
+            value.format(**PROMPT_FIELDS)
+        except (KeyError, IndexError, ValueError) as exc:
+            fields = ", ".join("{" + name + "}" for name in PROMPT_FIELDS)
+            raise ValueError(f"clip_prompt may use only {fields}: {exc!r}") from exc
+        return value
+
+
+class ImagesConfig(ImageSourceConfig):
+    per_subcategory: int = Field(3, ge=1, description="images kept per subcategory (rendered, or best matches of a source)")
+    size: int = Field(96, ge=32, description="side of the rendered square image in pixels (synthetic source)")
+
+
+QuestionType = Literal["easy", "hardq", "hards", "mis_easy", "mis_hard"]
+KeepRule = Literal["any", "harmful", "benign"]
 
 
 class QuestionTemplates(Strict):
@@ -36,35 +92,108 @@ class QuestionTemplates(Strict):
     hards: list[str] = Field(min_length=1, description="harmful statements/instructions")
 
 
+class WriterPrompts(Strict):
+    easy: str = Field(description="asks the writer for a plain, image-grounded question")
+    hardq: str = Field(description="asks for a harmful question about the image")
+    hards: str = Field(description="asks for a harmful statement or instruction about the image")
+
+
+class ModelWriterConfig(Strict):
+    backend: BackendSpec = Field(description="the VLM that writes questions (transformers or openai)")
+    prompts: WriterPrompts = Field(description="one prompt per question type; {caption} {subcategory} "
+                                                   "{category} {description} are filled, the image is attached")
+    max_chars: int = Field(300, ge=20, description="longer outputs are cut at the first line break or here")
+
+    @model_validator(mode="after")
+    def _no_tiny(self):
+        if self.backend.kind == "tiny":
+            raise ValueError("backend: kind 'tiny' cannot write questions (tiny models are trained on the "
+                             "questions); use transformers or openai")
+        return self
+
+
+class ScreenConfig(Strict):
+    judge: Literal["lexicon", "model"] = Field("lexicon", description="lexicon: harm markers; model: a prompted VLM")
+    harm_markers: list[str] = Field(default_factory=list, description="lexicon: phrases of harmful intent (any case)")
+    backend: BackendSpec | None = Field(None, description="model: the screening model (e.g. MD-Judge behind vLLM)")
+    prompt: str = Field("{question}", description="model: prompt template; {question} {subcategory} are filled")
+    show_images: bool = Field(False, description="model: attach the question's images (vision guards)")
+    unsafe_label: str = Field("unsafe", description="model: first word of a harmful verdict (case-insensitive)")
+    safe_label: str = Field("safe", description="model: first word of a harmless verdict")
+    keep: dict[QuestionType, KeepRule] = Field(
+        default_factory=lambda: {"easy": "any", "hardq": "harmful", "hards": "harmful",
+                                 "mis_easy": "any", "mis_hard": "any"},
+        description="per question type: keep any, only harmful or only benign questions (undecided is dropped "
+                    "under harmful/benign)")
+
+    @model_validator(mode="after")
+    def _judge_fields(self):
+        if self.judge == "lexicon" and not self.harm_markers:
+            raise ValueError("judge 'lexicon' needs harm_markers")
+        if self.judge == "model" and self.backend is None:
+            raise ValueError("judge 'model' needs backend")
+        return self
+
+
+class QuestionsConfig(Strict):
+    writer: Literal["template", "model"] = Field("template", description="who writes the three questions per image")
+    templates: QuestionTemplates = Field(description="template writer: {keyword} {subcategory} {category}")
+    model_writer: ModelWriterConfig | None = Field(None, description="model writer: backend and prompts")
+    screen: ScreenConfig = Field(description="harmfulness screen applied to every question")
+
+    @model_validator(mode="after")
+    def _writer_fields(self):
+        if self.writer == "model" and self.model_writer is None:
+            raise ValueError("writer 'model' needs model_writer (backend and prompts)")
+        return self
+
+
+class CotTemplates(Strict):
+    perception: str = Field(description="{caption1} {caption2}: what each image shows")
+    reasoning: dict[Literal["mis_easy", "mis_hard"], str] = Field(description="why the combination is risky")
+    answer: str = Field(description="a safe and helpful answer; {subcategory} {category} {keyword1} {keyword2}")
+
+
+class TeacherConfig(Strict):
+    kind: Literal["template", "model"] = Field("template", description="who writes the chain-of-thought targets")
+    templates: CotTemplates | None = Field(None, description="template teacher")
+    backend: BackendSpec | None = Field(None, description="model teacher: any VLM backend, shown both images")
+    prompt: str = Field("{question}", description="model teacher: prompt; {question} {subcategory} are filled")
+    markers: dict[Literal["perception", "reasoning", "answer"], str] = Field(
+        default_factory=lambda: {"perception": "Perception:", "reasoning": "Reasoning:", "answer": "Answer:"},
+        description="the line openings that mark the three parts of a target")
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.kind == "template" and self.templates is None:
+            raise ValueError("kind 'template' needs templates")
+        if self.kind == "model" and self.backend is None:
+            raise ValueError("kind 'model' needs backend")
+        return self
+
+
+class MisConfig(Strict):
+    per_subcategory: int = Field(1, ge=0, description="samples of each MIS type per subcategory (0 turns MIS off)")
+    instructions: dict[Literal["mis_easy", "mis_hard"], list[str]] = Field(
+        description="benign-looking instructions; {keyword1} {keyword2} name what the images show")
+    teacher: TeacherConfig = Field(description="writer of the perception / reasoning / answer targets")
+
+
 class SeedCorpusConfig(Strict):
     questions_per_image: int = Field(2, ge=1, description="seed prompts per image for bootstrapping")
     templates: list[str] = Field(min_length=1, description="seed question templates ({keyword}, {subcategory})")
 
 
-class ResponderConfig(Strict):
-    name: str = Field(description="unique responder name; becomes the `responder` column")
-    kind: Literal["tiny", "transformers"] = Field(description="tiny: built offline; transformers: local dir or hub id")
-    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny only: share of refusals it is taught")
-    model: str | None = Field(None, description="transformers only: model directory or hub id")
-    generation: dict[str, Any] = Field(default_factory=dict, description="generate() kwargs for this responder")
-
-    @model_validator(mode="after")
-    def _kind_fields(self):
-        if self.kind == "tiny" and self.refusal_rate is None:
-            raise ValueError(f"responder '{self.name}': kind 'tiny' needs refusal_rate")
-        if self.kind == "transformers" and not self.model:
-            raise ValueError(f"responder '{self.name}': kind 'transformers' needs model (a directory or hub id)")
-        return self
-
-
 class GenerateConfig(Strict):
     seed: int = Field(0, description="seeds rendering, template choice and sampling")
     images: ImagesConfig = ImagesConfig()
-    questions: QuestionTemplates
+    questions: QuestionsConfig
+    mis: MisConfig
     seed_corpus: SeedCorpusConfig
-    responders: list[ResponderConfig] = Field(min_length=2, description="the VLMs whose answers get paired")
-    generation: dict[str, Any] = Field(default_factory=dict, description="generate() kwargs shared by responders")
-    batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    responders: list[BackendSpec] = Field(min_length=2, description="the VLMs whose answers get paired")
+    generation: dict[str, Any] = Field(default_factory=dict, description="generation kwargs shared by responders")
+    batch_size: int = Field(32, ge=1, description="prompts per generate() call (local models)")
+    shard_size: int = Field(64, ge=1, description="questions per response shard: a crash loses at most one shard")
 
     @model_validator(mode="after")
     def _unique_names(self):

@@ -12,8 +12,17 @@ CLASS_COLUMNS = ["class1", "class2", "class3"]
 
 TABLES: dict[str, list[str]] = {
     "taxonomy": [*CLASS_COLUMNS, "description", "keywords", "provenance"],
+    # what an ImageManifestDataset reads: raw bytes (never decoded there) or the error reading them
+    "image_records": ["row", "path", "caption", "subcategory", "keywords", "data", "read_error"],
+    "image_quarantine": ["row", "path", "caption", "reason"],
     "images": ["image_id", *CLASS_COLUMNS, "source", "sha256", "width", "height", "caption", "png"],
-    "questions": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "text", "writer", "harmful", "kept"],
+    # harmful: the screen's verdict (null when undecided); dropped questions stay, with drop_reason
+    "questions": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "text", "writer", "harmful", "screen_raw",
+                  "kept", "drop_reason"],
+    "question_screening": [*CLASS_COLUMNS, "qtype", "total", "harmful", "undecided", "kept", "dropped"],
+    # MIS safety chain-of-thought targets: the three parts and the whole marked text
+    "mis_cot": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "question", "perception", "reasoning",
+                "answer", "target", "teacher", "error"],
     "responses": ["response_id", "question_id", "responder", "text", "finish_reason", "latency_s", "error"],
     "verdicts": ["response_id", "judge", "safe", "category", "score", "raw"],
     "preferences": [
@@ -28,7 +37,9 @@ TABLES: dict[str, list[str]] = {
     "answers": ["model", "test_set", "question", *CLASS_COLUMNS, "decoding", "sample", "text"],
 }
 
-QTYPES = ("easy", "hardq", "hards", "mis_easy", "mis_hard")
+SPA_QTYPES = ("easy", "hardq", "hards")  # one image each (SPA-VL)
+MIS_QTYPES = ("mis_easy", "mis_hard")  # two images each (MIS)
+QTYPES = SPA_QTYPES + MIS_QTYPES
 
 
 def validate(df: pd.DataFrame, table: str) -> pd.DataFrame:

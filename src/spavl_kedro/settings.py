@@ -11,4 +11,7 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # An environment (conf/paper) overrides single keys deep inside a block; the default (destructive)
+    # merge would replace the whole `generate:` block with the few keys the environment sets.
+    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
 }

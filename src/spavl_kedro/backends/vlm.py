@@ -1,16 +1,26 @@
 """Model access for vision-language models: prompts in, texts out.
 
 `TransformersVLM` runs any image-text-to-text model held in memory (a tiny LLaVA built offline, or a
-model directory / hub id loaded with `load_vlm`) with batched generation. Callers never see tensors.
+model directory / hub id loaded with `load_vlm`) with batched generation. `OpenAIVLM` sends the same
+prompts to one or more OpenAI-compatible `/v1/chat/completions` servers (vLLM, SGLang, TGI,
+`transformers serve`, hosted APIs), many requests in flight at once. Callers never see tensors or sockets,
+and neither backend raises for a failed record: it comes back with its error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import concurrent.futures
+import email.utils
 import io
+import json
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
+import aiohttp
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -103,3 +113,234 @@ class TransformersVLM:
         reasons = ["stop" if (row == eos).any() else "length" for row in new_tokens]
         decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [d.strip() for d in decoded], reasons
+
+
+# transformers `generate()` kwargs -> chat-completions request fields. The same `generation` block then
+# drives a local model and a served one. Keys in _NO_OPS are dropped when they hold the value that means
+# "off" in transformers; any other unknown key raises, since dropping it would silently change what is
+# sampled. Server-specific extensions (vLLM's top_k, min_tokens, ...) go in `OpenAIVLM.extra_body`.
+_RENAMED = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "stop_strings": "stop"}
+_NO_OPS = {"top_k": (0, None), "num_beams": (1,), "use_cache": (True, False)}
+
+
+def chat_request_fields(generation: dict[str, Any]) -> dict[str, Any]:
+    """Map `generate()` kwargs to request fields; raise naming the key that has no equivalent.
+
+    >>> chat_request_fields({"max_new_tokens": 32, "do_sample": True, "temperature": 1.0, "top_k": 0})
+    {'max_tokens': 32, 'temperature': 1.0}
+    >>> chat_request_fields({"max_new_tokens": 8, "do_sample": False, "top_p": 0.9})
+    {'max_tokens': 8, 'temperature': 0.0}
+    """
+    fields: dict[str, Any] = {}
+    for key, value in generation.items():
+        if key in _RENAMED:
+            fields[_RENAMED[key]] = value
+        elif key in ("do_sample", "seed"):
+            continue  # do_sample is handled below; seed becomes a per-record seed (OpenAIVLM.seed)
+        elif key in _NO_OPS and value in _NO_OPS[key]:
+            continue
+        else:
+            raise ValueError(f"generation key '{key}'={value!r} has no chat-completions equivalent; drop it, or "
+                             f"pass the server's own field through extra_body (e.g. vLLM accepts top_k)")
+    if generation.get("do_sample") is False:
+        # Greedy: temperature 0 is how the API says it (transformers serve, vLLM and OpenAI all read it so);
+        # top_p means nothing without sampling.
+        fields["temperature"] = 0.0
+        fields.pop("top_p", None)
+    elif generation.get("do_sample") is True:
+        # transformers' default temperature is 1.0; say it, or a server's own default applies instead.
+        fields.setdefault("temperature", 1.0)
+    return fields
+
+
+def chat_message(prompt: Prompt) -> dict[str, Any]:
+    """The OpenAI user turn for `prompt`: its images as base64 data URLs, then the question — the same order
+    as `tiny.user_message`, so a served model sees the prompt `TransformersVLM` would build."""
+    parts: list[dict[str, Any]] = []
+    for data in prompt.images:
+        mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"  # Prompt images are PNG; JPEG passes too
+        url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    parts.append({"type": "text", "text": prompt.text})
+    return {"role": "user", "content": parts}
+
+
+# Retried: rate limits, server errors and request timeouts (408). Any other 4xx is the request's own fault
+# (bad model name, unknown field, image too large) and would fail again: it fails at once.
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class _Failure(NamedTuple):
+    what: str  # "HTTP 503", "timeout (120 s)", "ClientConnectorError", ...
+    detail: str  # response body excerpt or exception text
+    retry: bool
+    retry_after: str | None = None  # the Retry-After header, when the server sent one
+
+
+# Jitter has its own generator so retries never move the global `random` state that seeded code relies on.
+_jitter = random.Random()
+
+
+@dataclass
+class OpenAIVLM:
+    """Generation through OpenAI-compatible `/v1/chat/completions` servers, many requests in flight at once.
+
+    Each prompt is one request. Transient failures (429, 5xx, timeouts, refused connections) are retried
+    with exponential backoff; a record that still fails comes back with `finish_reason="error"` and its
+    `error`, never as an exception. Results are in input order. Works from sync code and from inside a
+    running event loop (Jupyter).
+
+    >>> backend = OpenAIVLM("llava-7b", base_urls=["http://gpu-0:8000/v1/"], model="llava-hf/llava-1.5-7b-hf",
+    ...                     api_key="sk-secret", generation={"max_new_tokens": 64, "do_sample": False})
+    >>> backend.base_urls, "sk-secret" in repr(backend)
+    (['http://gpu-0:8000/v1'], False)
+    """
+
+    name: str  # becomes the `responder` column
+    base_urls: list[str]  # one or more OpenAI-style roots ending in /v1; requests go to <url>/chat/completions
+    model: str  # the `model` field of each request (`transformers serve`: the path or hub id it serves)
+    api_key: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer"; never shown
+    generation: dict[str, Any] = field(default_factory=dict)  # generate() kwargs, see chat_request_fields
+    concurrency: int = 8  # requests in flight at once, over all base_urls together
+    timeout_s: float = 120.0  # per attempt, connection to last byte
+    max_retries: int = 4  # extra attempts after the first on 429 / 5xx / timeout / connection error
+    backoff_s: float = 1.0  # first retry waits about this long, doubling each time (with jitter)
+    max_backoff_s: float = 30.0  # cap on any single wait, a server's Retry-After included
+    seed: int | None = 0  # record i sends seed*1_000_003+i (generation["seed"] overrides); None sends none
+    extra_body: dict[str, Any] = field(default_factory=dict)  # extra request fields a server understands
+    progress: bool = True  # tqdm bar with rate and ETA
+
+    def __post_init__(self) -> None:
+        where = f"OpenAIVLM '{self.name}'"
+        if isinstance(self.base_urls, str):
+            self.base_urls = [self.base_urls]
+        self.base_urls = [url.rstrip("/") for url in self.base_urls]
+        if not self.base_urls:
+            raise ValueError(f"{where}: base_urls is empty; give one or more URLs like http://localhost:8000/v1")
+        for url in self.base_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{where}: base_url {url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
+            raise ValueError(f"{where}: need concurrency >= 1, max_retries >= 0 and timeout_s > 0")
+        try:  # a bad key fails here, before any request is sent
+            self._fields = chat_request_fields(self.generation)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if self.generation.get("seed") is not None:
+            self.seed = int(self.generation["seed"])
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: a Kedro node or a script, no loop running
+            return asyncio.run(self.agenerate(prompts))
+        # A loop already runs in this thread (Jupyter, an async app): asyncio.run refuses, and waiting on
+        # that loop from inside it would deadlock, so the requests run on a fresh loop in a worker thread.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self.agenerate(prompts)).result()
+
+    async def agenerate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """`generate` for callers that are already async."""
+        results: list[Generation | None] = [None] * len(prompts)
+        slots = asyncio.Semaphore(self.concurrency)
+        in_flight = [0] * len(self.base_urls)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                        connector=aiohttp.TCPConnector(limit=self.concurrency))
+        bar = tqdm(total=len(prompts), desc=f"generate[{self.name}]", unit="req",
+                   disable=not self.progress or len(prompts) < 2)
+
+        async def run(i: int) -> None:
+            # The slot is held through backoff sleeps too: a 429 asks for less load, not for the next request.
+            async with slots:
+                results[i] = await self._complete(session, i, prompts[i], in_flight)
+            bar.update()
+
+        async with session:
+            try:
+                await asyncio.gather(*(run(i) for i in range(len(prompts))))
+            finally:
+                bar.close()
+        return results  # type: ignore[return-value]  # every slot is filled: _complete never raises
+
+    async def _complete(self, session: aiohttp.ClientSession, index: int, prompt: Prompt,
+                        in_flight: list[int]) -> Generation:
+        """One record: attempts until a success, a non-retryable failure, or max_retries used up."""
+        began = time.perf_counter()
+        try:
+            body = {"model": self.model, "messages": [chat_message(prompt)], **self._fields, **self.extra_body}
+            if self.seed is not None:
+                body["seed"] = self.seed * 1_000_003 + index  # per record, as TransformersVLM seeds per batch
+            for attempt in range(1 + self.max_retries):
+                server = self._pick_server(index + attempt, in_flight)
+                in_flight[server] += 1
+                try:
+                    outcome = await self._attempt(session, self.base_urls[server], body)
+                finally:
+                    in_flight[server] -= 1
+                if isinstance(outcome, Generation):
+                    # Wall time of the record, retries and backoff included: what the caller waited.
+                    outcome.latency_s = time.perf_counter() - began
+                    return outcome
+                if not outcome.retry or attempt == self.max_retries:
+                    break
+                await asyncio.sleep(self._backoff(attempt, outcome.retry_after))
+            tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+            error = f"{outcome.what} after {tries}" + (f": {outcome.detail}" if outcome.detail else "")
+        except Exception as exc:  # anything unforeseen: keep the record with its error, as TransformersVLM does
+            error = f"{type(exc).__name__}: {exc}"
+        return Generation("", "error", time.perf_counter() - began, error)
+
+    async def _attempt(self, session: aiohttp.ClientSession, base_url: str,
+                       body: dict[str, Any]) -> Generation | _Failure:
+        """One HTTP request."""
+        try:
+            async with session.post(f"{base_url}/chat/completions", json=body) as response:
+                status, text = response.status, await response.text()
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError:  # aiohttp's own timeout errors subclass it too
+            return _Failure(f"timeout ({self.timeout_s:g} s)", "", retry=True)
+        except aiohttp.ClientError as exc:  # refused connection, reset, server gone mid-answer
+            return _Failure(type(exc).__name__, str(exc), retry=True)
+        excerpt = " ".join(text.split())[:300]
+        if status != 200:
+            return _Failure(f"HTTP {status}", excerpt, retry=_retryable(status), retry_after=retry_after)
+        try:
+            choice = json.loads(text)["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return _Failure("unreadable response", excerpt, retry=False)
+        # "stop" / "length" as TransformersVLM reports them; other API values (e.g. "content_filter") are kept.
+        return Generation(content.strip(), choice.get("finish_reason") or "stop", 0.0)
+
+    def _pick_server(self, start: int, in_flight: list[int]) -> int:
+        # Least busy first, so a fast server takes more of the load than a slow one (responders on mixed
+        # hardware); ties go round-robin from the record index, and a retry starts one server further on,
+        # so it goes elsewhere than the server that just failed whenever the load allows.
+        order = [(start + k) % len(self.base_urls) for k in range(len(self.base_urls))]
+        return min(order, key=lambda server: in_flight[server])
+
+    def _backoff(self, retry: int, retry_after: str | None) -> float:
+        wait = _retry_after_seconds(retry_after)
+        if wait is None:
+            # Exponential with "equal jitter": half of each step fixed, half random, so requests that failed
+            # together (a server restart) come back spread out instead of in lock-step.
+            step = self.backoff_s * 2**retry
+            wait = step / 2 + _jitter.uniform(0, step / 2)
+        # Capped, Retry-After included, so one confused server cannot park a worker for an hour.
+        return min(wait, self.max_backoff_s)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date (RFC 9110)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

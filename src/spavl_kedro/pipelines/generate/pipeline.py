@@ -1,19 +1,35 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import (bootstrap_responders, build_seed_corpus, build_tiny_processor, collect_responses,
-                    render_images, write_questions)
+from .mis import compose_mis_samples, write_cot_targets
+from .nodes import (bootstrap_responders, build_seed_corpus, build_tiny_processor, collect_images,
+                    summarise_generation)
+from .questions import screen_questions, write_questions
+from .responses import collect_responses, plan_response_shards
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(render_images, ["taxonomy", "params:generate"], "images", name="render_images"),
-        Node(write_questions, ["images", "taxonomy", "params:generate"], "questions", name="write_questions"),
+        Node(collect_images, ["taxonomy", "image_records", "params:generate"],
+             ["images", "image_quarantine", "image_report"], name="collect_images"),
+        Node(write_questions, ["images", "taxonomy", "api_credentials", "params:generate"], "spa_questions",
+             name="write_questions"),
+        Node(compose_mis_samples, ["images", "taxonomy", "params:generate"], "mis_questions",
+             name="compose_mis_samples"),
+        Node(screen_questions, ["spa_questions", "mis_questions", "images", "api_credentials", "params:generate"],
+             ["questions", "question_screening"], name="screen_questions"),
+        Node(write_cot_targets, ["questions", "images", "taxonomy", "api_credentials", "params:generate"],
+             "mis_cot", name="write_cot_targets"),
         Node(build_seed_corpus, ["images", "taxonomy", "seed_text", "params:generate"], "seed_corpus",
              name="build_seed_corpus"),
-        Node(build_tiny_processor, ["seed_corpus", "questions", "params:tiny"], "tiny_processor",
+        Node(build_tiny_processor, ["seed_corpus", "questions", "mis_cot", "params:tiny"], "tiny_processor",
              name="build_tiny_processor"),
         Node(bootstrap_responders, ["seed_corpus", "images", "tiny_processor", "params:generate", "params:tiny"],
              "responder_models", name="bootstrap_responders"),
-        Node(collect_responses, ["questions", "images", "responder_models", "params:generate"], "responses",
+        Node(plan_response_shards, ["questions", "images", "responder_models", "api_credentials",
+                                    "response_shards_done", "params:generate"], "response_shards",
+             name="plan_response_shards"),
+        Node(collect_responses, ["response_shards", "questions", "images", "params:generate"], "responses",
              name="collect_responses"),
+        Node(summarise_generation, ["image_report", "image_quarantine", "questions", "mis_cot", "responses"],
+             "generate_metrics", name="summarise_generation"),
     ])

@@ -13,14 +13,15 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.config import SplitConfig
-from spavl_kedro.schema import CLASS_COLUMNS, validate
+from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES, validate
 
 
 def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
                   params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     cfg = SplitConfig.model_validate(params)
     n_harm, n_help = cfg.test_harm_per_subcategory, cfg.test_help_per_subcategory
-    kept = questions[questions["kept"]]
+    # The published layout holds one image per row: MIS two-image samples go to SFT through mis_cot instead.
+    kept = questions[questions["kept"] & questions["qtype"].isin(SPA_QTYPES)]
     first_image = kept["image_ids"].map(lambda ids: ids[0])
     harm_ids, help_ids, held_images = [], [], set()
     for class3, group in kept.assign(image_id=first_image).groupby("class3", sort=True):
@@ -39,7 +40,8 @@ def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd
             help_ids.append(sorted(easy["question_id"])[0])
 
     pixels = images.set_index("image_id")
-    trainable = preferences[~preferences["image_ids"].map(lambda ids: bool(set(ids) & held_images))]
+    spa = preferences[preferences["qtype"].isin(SPA_QTYPES)]
+    trainable = spa[~spa["image_ids"].map(lambda ids: bool(set(ids) & held_images))]
     val_parts, train_parts = [], []
     for class3, group in trainable.groupby("class3", sort=True):
         group = group.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:val:{class3}").randrange(2**31))

@@ -1,0 +1,89 @@
+"""One way to name a model in configuration, and one function that turns the name into a backend.
+
+Responders, the model question writer, the question screen and the chain-of-thought teacher are all
+`BackendSpec`s: a tiny LLaVA built offline, a local `transformers` model (directory or hub id), or an
+OpenAI-compatible endpoint (vLLM, SGLang, TGI, `transformers serve`, a hosted API). Whatever the kind, the
+caller gets a `VLMBackend`: prompts in, generations out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, load_vlm
+
+
+class BackendSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="unique name; becomes the `responder` (or `writer`, `teacher`) column")
+    kind: Literal["tiny", "transformers", "openai"] = Field(
+        description="tiny: built offline; transformers: local directory or hub id; openai: chat-completions endpoint")
+    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny only: share of refusals it is taught")
+    model: str | None = Field(None, description="transformers: directory or hub id; openai: the served model name")
+    load_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="transformers only: from_pretrained kwargs (dtype, device_map)")
+    base_urls: list[str] = Field(default_factory=list,
+                                 description="openai only: one or more .../v1 URLs; requests are spread over them")
+    api_key: str | None = Field(None, description="openai only: NAME of a key in conf/local/credentials.yml, never the key")
+    concurrency: int = Field(8, ge=1, description="openai only: requests in flight at once (over all base_urls)")
+    timeout_s: float = Field(120.0, gt=0, description="openai only: per-request timeout")
+    max_retries: int = Field(4, ge=0, description="openai only: retries on 429 / 5xx / timeout, exponential backoff")
+    batch_size: int | None = Field(None, ge=1, description="tiny/transformers: prompts per generate() call")
+    generation: dict[str, Any] = Field(default_factory=dict, description="generation kwargs for this model")
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        where = f"'{self.name}' (kind {self.kind})"
+        if self.kind == "tiny" and self.refusal_rate is None:
+            raise ValueError(f"{where} needs refusal_rate")
+        if self.kind in ("transformers", "openai") and not self.model:
+            raise ValueError(f"{where} needs model ({'a directory or hub id' if self.kind == 'transformers' else 'the served model name'})")
+        if self.kind == "openai" and not self.base_urls:
+            raise ValueError(f"{where} needs base_urls (e.g. [http://localhost:8000/v1])")
+        if self.kind != "openai" and (self.base_urls or self.api_key):
+            raise ValueError(f"{where}: base_urls and api_key are for kind 'openai' only")
+        if self.kind != "tiny" and self.refusal_rate is not None:
+            raise ValueError(f"{where}: refusal_rate is for kind 'tiny' only")
+        return self
+
+
+def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,
+                  credentials: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
+                  batch_size: int = 16, seed: int = 0, progress: bool = True) -> VLMBackend:
+    """The backend `spec` names. `generation` holds shared defaults that `spec.generation` overrides.
+
+    Tiny models come from `tiny_models` (the catalog gives lazy loaders, memory gives models); an API key
+    comes from `credentials` by the name in `spec.api_key`.
+    """
+    kwargs = {**(generation or {}), **spec.generation}
+    if spec.kind == "openai":
+        key = None
+        if spec.api_key is not None:
+            if not credentials or spec.api_key not in credentials:
+                raise ValueError(f"'{spec.name}': api_key '{spec.api_key}' is not in conf/local/credentials.yml "
+                                 f"(the catalog entry api_credentials exposes: {sorted(credentials or {})})")
+            key = _secret(credentials[spec.api_key])
+        return OpenAIVLM(name=spec.name, model=spec.model, base_urls=list(spec.base_urls), api_key=key,
+                         generation=kwargs, concurrency=spec.concurrency, timeout_s=spec.timeout_s,
+                         max_retries=spec.max_retries, seed=seed, progress=progress)
+    if spec.kind == "tiny":
+        if not tiny_models or spec.name not in tiny_models:
+            raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name")
+        entry = tiny_models[spec.name]
+        vlm = entry() if callable(entry) else entry
+    else:
+        vlm = load_vlm(spec.model, **spec.load_kwargs)
+    return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
+
+
+def _secret(entry: Any) -> str:
+    """A credentials entry is either the key itself or a mapping with `api_key` (Kedro credentials style)."""
+    if isinstance(entry, Mapping):
+        if "api_key" not in entry:
+            raise ValueError(f"credentials entry has no 'api_key' field (it has {sorted(entry)})")
+        return str(entry["api_key"])
+    return str(entry)
