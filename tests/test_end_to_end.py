@@ -43,7 +43,10 @@ def test_tables_are_written(project):
     assert len(pd.read_parquet(data / "02_intermediate/taxonomy.parquet")) == 53
     assert len(pd.read_parquet(data / "03_primary/images.parquet")) == 53 * 3
     responses = pd.read_parquet(data / "07_model_output/responses.parquet")
-    assert len(responses) == 53 * 3 * 3 * 4
+    # three SPA-VL questions per image and two MIS samples per subcategory, each answered by four responders
+    assert len(responses) == (53 * 3 * 3 + 53 * 2) * 4
+    assert len(list((data / "07_model_output/response_shards").rglob("*.parquet"))) == 4 * -(-(53 * 11) // 64)
+    assert len(pd.read_parquet(data / "03_primary/mis_cot.parquet")) == 53 * 2
     assert len(pd.read_parquet(data / "05_model_input/test_harm.parquet")) == 53
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
@@ -64,6 +67,8 @@ def test_mlflow_parent_and_child_runs(project):
     for model in ("base", "dpo"):
         assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate"] <= 1.0
     assert parent.data.metrics["judge/pairs"] > 0
+    assert parent.data.metrics["generate/responses_failed"] == 0
+    assert parent.data.metrics["generate/questions_kept"] == 53 * 11
     for curve in ("loss", "rewards/accuracies", "rewards/margins"):
         assert len(client.get_metric_history(child.info.run_id, curve)) >= 2, curve
     # trainer arguments live in the child run, never mixed into the Kedro params of the parent

@@ -341,3 +341,42 @@ def test_generate_works_inside_a_running_event_loop(fake):
 
     results = asyncio.run(notebook_cell())
     assert [g.text for g in results] == ["echo from a notebook [0 images]", "echo second [0 images]"]
+
+
+# ---------------------------------------------------------------- the generate stage with a served responder
+
+
+def test_generate_stage_answers_with_served_and_local_responders(served, tiny, base_params, tmp_path):
+    """An `openai` responder (key from credentials) and a `transformers` responder answer the same one- and
+    two-image questions through the stage's shards; greedy on the same weights, their answers agree."""
+    import copy
+    import hashlib
+
+    import pandas as pd
+
+    from spavl_kedro.datasets.shards import ShardDataset
+    from spavl_kedro.pipelines.generate.responses import collect_responses, plan_response_shards
+
+    base_url, model = served
+    _, directory = tiny
+    pixels = [png(c) for c in COLOURS[:3]]
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "png": pixels,
+                           "sha256": [hashlib.sha256(p).hexdigest() for p in pixels]})
+    questions = pd.DataFrame({"question_id": [f"q{i}" for i in range(5)],
+                              "image_ids": [["a"], ["b"], ["a", "c"], ["c", "b"], ["b"]],
+                              "text": [f"What is shown here, number {i}?" for i in range(5)], "kept": True})
+    gen = copy.deepcopy(base_params["generate"])
+    gen.update(shard_size=2, generation=GREEDY, responders=[
+        {"name": "served", "kind": "openai", "model": model, "base_urls": [base_url], "api_key": "local"},
+        {"name": "local", "kind": "transformers", "model": str(directory)}])
+    store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
+    credentials = {"local": {"api_key": "sk-test"}}
+    store.save(plan_response_shards(questions, images, {}, credentials, store.load(), gen))
+    responses = collect_responses(store.load(), questions, images, gen)
+
+    assert len(responses) == 10 and responses["error"].isna().all()
+    by = responses.pivot(index="question_id", columns="responder", values="text")
+    assert (by["served"] == by["local"]).all()
+
+    with pytest.raises(ValueError, match="api_key 'local' is not in conf/local/credentials.yml"):
+        plan_response_shards(questions, images, {}, {}, {}, gen)  # fails before any shard is answered

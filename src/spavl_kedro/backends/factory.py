@@ -61,12 +61,7 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
     """
     kwargs = {**(generation or {}), **spec.generation}
     if spec.kind == "openai":
-        key = None
-        if spec.api_key is not None:
-            if not credentials or spec.api_key not in credentials:
-                raise ValueError(f"'{spec.name}': api_key '{spec.api_key}' is not in conf/local/credentials.yml "
-                                 f"(the catalog entry api_credentials exposes: {sorted(credentials or {})})")
-            key = _secret(credentials[spec.api_key])
+        key = api_key(spec, credentials)
         return OpenAIVLM(name=spec.name, model=spec.model, base_urls=list(spec.base_urls), api_key=key,
                          generation=kwargs, concurrency=spec.concurrency, timeout_s=spec.timeout_s,
                          max_retries=spec.max_retries, seed=seed, progress=progress)
@@ -78,6 +73,16 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
     else:
         vlm = load_vlm(spec.model, **spec.load_kwargs)
     return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
+
+
+def api_key(spec: BackendSpec, credentials: Mapping[str, Any] | None) -> str | None:
+    """The key `spec.api_key` names; raises before any request when credentials.yml lacks it."""
+    if spec.api_key is None:
+        return None
+    if not credentials or spec.api_key not in credentials:
+        raise ValueError(f"'{spec.name}': api_key '{spec.api_key}' is not in conf/local/credentials.yml "
+                         f"(the catalog entry api_credentials exposes: {sorted(credentials or {})})")
+    return _secret(credentials[spec.api_key])
 
 
 def _secret(entry: Any) -> str:

@@ -95,8 +95,9 @@ def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: p
     for q, text, error in zip(mis.itertuples(index=False), texts, errors):
         parts = split_cot(text, teacher.markers) if error is None else None
         if error is None and parts is None:
-            error = "target lacks a marked part: " + ", ".join(
-                f"'{teacher.markers[p]}'" for p in PARTS if teacher.markers[p] not in text)
+            missing = [f"'{teacher.markers[p]}'" for p in PARTS if teacher.markers[p] not in text]
+            error = ("target lacks a marked part: " + ", ".join(missing) if missing
+                     else "target has its marked parts out of order")
         rows.append({"question_id": q.question_id, "image_ids": q.image_ids, "qtype": q.qtype,
                      "class1": q.class1, "class2": q.class2, "class3": q.class3, "question": q.text,
                      **{p: (parts or {}).get(p) for p in PARTS}, "target": text, "teacher": name, "error": error})

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spavl_kedro.backends.factory import BackendSpec, build_backend
+from spavl_kedro.backends.factory import BackendSpec, api_key, build_backend
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import GenerateConfig
 from spavl_kedro.schema import TABLES, validate
@@ -70,6 +70,8 @@ def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
                          params: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
     """One function per shard that still needs answers (see the module docstring for the rules)."""
     cfg = GenerateConfig.model_validate(params)
+    for spec in cfg.responders:  # a missing key fails now, not after hours of other responders' shards
+        api_key(spec, credentials)
     pixels = dict(zip(images["image_id"], images["png"]))
     pool = _BackendPool(cfg, responder_models, credentials)
     work: dict[str, Callable[[], pd.DataFrame]] = {}
