@@ -209,7 +209,7 @@ def test_changed_config_answers_shards_anew(world, tiny_dir, tmp_path):
     gen["generation"]["temperature"] = 0.5  # different answers: nothing on disk may be reused
     work = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
     assert len(work) == 2 * -(-int(questions["kept"].sum()) // 5)
-    with pytest.raises(ValueError, match="written for other questions or config"):
+    with pytest.raises(ValueError, match="written for other inputs or config"):
         collect_responses(store.load(), questions, world["images"], gen)
 
 

@@ -1,31 +1,22 @@
 """OpenAIVLM against a real `transformers serve` of a tiny LLaVA, and against a scripted fake server for
 the failure paths a real server will not produce on demand (503s, 400s, hangs, Retry-After).
 
-`transformers serve` needs FastAPI, uvicorn and the `openai` package (the `dev` extra installs them); the
-server tests fail, naming them, where they are missing. Startup with the model preloaded takes ~9 s on
-2 CPU cores, most of it imports.
+The tiny model and the server are the fixtures of tests/serving.py (shared with tests/test_judges.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 from PIL import Image
+from serving import free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
-from spavl_kedro.backends.tiny import VLM, TinyModelConfig, build_model, build_processor
 from spavl_kedro.backends.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
 
 GREEDY = {"max_new_tokens": 12, "do_sample": False}
@@ -43,75 +34,6 @@ def prompts_with_images(n: int, images_per_prompt) -> list[Prompt]:
     return [Prompt(f"Question {i}: what do these pictures show{'?' * (i + 1)}",
                    tuple(png(COLOURS[(i + k) % len(COLOURS)]) for k in range(images_per_prompt(i))))
             for i in range(n)]
-
-
-# ---------------------------------------------------------------- a tiny LLaVA, in memory and on disk
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[VLM, Path]:
-    texts = ["I'm sorry, but I cannot help with that request.",
-             "Sure, here are the steps: first, look closely at the picture."]
-    processor = build_processor(texts * 50, TinyModelConfig())
-    model = build_model(processor, TinyModelConfig(), seed=0).eval()
-    directory = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return VLM(model=model, processor=processor), directory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory):
-    """`transformers serve <dir>` on a free port; yields (base_url, model name). The model is the directory
-    path, preloaded (FORCE_MODEL), so requests must name exactly that path (or no model at all)."""
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
-        pytest.fail("transformers serve needs fastapi, uvicorn and openai: pip install -e .[dev]")
-    _, directory = tiny
-    port = free_port()
-    cache = tmp_path_factory.mktemp("hf-cache")  # must exist, or /v1/models answers 500
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(directory),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    # Own process group: teardown stops the server and anything it spawned, and nothing else.
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_ready(f"{base_url}/models", server, Path(log.name), timeout_s=120)
-        yield base_url, str(directory)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
-def wait_until_ready(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    # The forced model loads before uvicorn binds the port, so the first 200 means ready to generate.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"transformers serve not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 # ---------------------------------------------------------------- the real server
