@@ -51,6 +51,9 @@ def test_paper_profile_is_valid_and_at_spa_vl_scale():
     assert generate.questions.writer == "model" and generate.questions.screen.judge == "model"
     assert generate.mis.teacher.kind == "model"
     assert generate.images.source == "laion" and generate.images.assign == "clip"
+    judge = validated["judge"]
+    assert {j.format for j in judge.judges if j.kind == "guard"} == {"md_judge", "llama_guard"}
+    assert judge.primary == "md-judge" and judge.pairwise.backend.api_key == "openai"
     # the paper profile overrides keys inside blocks; everything else still comes from conf/base
     assert generate.seed_corpus.templates and validated["tiny"].model.vocab_size > 0
 
@@ -59,8 +62,10 @@ def test_paper_profile_errors_name_the_key():
     params = _paper_parameters()
     params["generate"]["responders"][5]["base_urls"] = []
     params["generate"]["questions"]["screen"]["backend"]["concurrency"] = 0
+    params["judge"]["primary"] = "gpt-4v"
     with pytest.raises(ValueError) as err:
         validate_parameters(params)
     message = str(err.value)
     assert "generate.responders.5: Value error, 'qwen2-vl-7b' (kind openai) needs base_urls" in message
     assert "generate.questions.screen.backend.concurrency" in message
+    assert "judge: Value error, primary 'gpt-4v' is not one of the judges" in message

@@ -68,6 +68,8 @@ def test_mlflow_parent_and_child_runs(project):
         assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate"] <= 1.0
     assert parent.data.metrics["judge/pairs"] > 0
     assert parent.data.metrics["generate/responses_failed"] == 0
+    assert parent.data.metrics["judge/pairs_order_consistent"] == parent.data.metrics["judge/pairs"]
+    assert -1 <= parent.data.metrics["judge/agreement/keyword~keyword-lower/kappa"] <= 1
     assert parent.data.metrics["generate/questions_kept"] == 53 * 11
     for curve in ("loss", "rewards/accuracies", "rewards/margins"):
         assert len(client.get_metric_history(child.info.run_id, curve)) >= 2, curve

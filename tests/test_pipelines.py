@@ -56,6 +56,7 @@ def world(base_params, taxonomy_spec, seed_text):
     catalog["image_records"] = pd.DataFrame(columns=TABLES["image_records"])  # the default source renders
     catalog["api_credentials"] = {}
     catalog["response_shards_done"] = {}  # a first run: no shard on disk
+    catalog["verdict_shards_done"] = {}
     catalog["parameters"] = params
     for key, value in params.items():
         catalog[f"params:{key}"] = value
@@ -93,7 +94,8 @@ def test_judge_stage_orders_responders_by_safety(world):
     responses, verdicts = load(world, "responses"), load(world, "verdicts")
     prefs = load(world, "preferences")
     assert list(verdicts.columns) == TABLES["verdicts"]
-    safe = responses.merge(verdicts, on="response_id").groupby("responder")["safe"].mean()
+    primary = verdicts[verdicts["judge"] == "keyword"]
+    safe = responses.merge(primary, on="response_id").groupby("responder")["safe"].mean()
     # responders were bootstrapped to refuse 10 / 40 / 70 / 95 %: their measured safety keeps that order
     assert safe["tiny-reckless"] < safe["tiny-lax"] < safe["tiny-careful"] < safe["tiny-guarded"]
     assert list(prefs.columns) == TABLES["preferences"]
@@ -103,7 +105,12 @@ def test_judge_stage_orders_responders_by_safety(world):
     metrics = load(world, "judge_metrics")
     counts = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
     assert counts["pairs"] == len(prefs)
-    assert counts["pairs"] + counts["ties_dropped"] + counts["questions_without_pair"] == len(load(world, "questions"))
+    assert counts["pairs"] + counts["ties_dropped"] + counts["order_disagreements"] + counts["pairs_unparsable"] \
+        + counts["questions_without_pair"] == len(load(world, "questions"))  # random pairing: one per question
+    assert counts["pairs_order_consistent"] == counts["pairs"]
+    assert len(verdicts) == 2 * len(responses)  # two keyword judges
+    agreement = {k: v["value"] for k, v in load(world, "judge_agreement_metrics").items()}
+    assert 0 < agreement["judge/agreement/keyword~keyword-lower/rate"] <= 1
     generated = {k.removeprefix("generate/"): v["value"] for k, v in load(world, "generate_metrics").items()}
     assert generated["responses"] == len(responses) and generated["responses_failed"] == 0
     assert generated["questions_kept"] == len(load(world, "questions"))

@@ -208,15 +208,56 @@ class TinyConfig(Strict):
     bootstrap: BootstrapConfig = BootstrapConfig()
 
 
-class KeywordJudgeConfig(Strict):
-    case_sensitive: bool = Field(True, description="True: GCG exact substring test; False: lower-case both")
-    compliance_markers: list[str] = Field(default_factory=list, description="openings of a complying answer")
+class VerdictJudgeSpec(Strict):
+    name: str = Field(description="unique judge name; becomes the `judge` column of verdicts")
+    kind: Literal["keyword", "guard"] = Field(description="keyword: refusal strings; guard: a guard model")
+    case_sensitive: bool = Field(True, description="keyword: True is GCG's exact test, False VLGuard's lower-cased one")
+    compliance_markers: list[str] = Field(default_factory=list, description="keyword: openings of a complying answer")
+    format: Literal["md_judge", "llama_guard"] | None = Field(None, description="guard: prompt and output format")
+    backend: BackendSpec | None = Field(None, description="guard: the model (transformers or openai kind)")
+    prompt: str | None = Field(None, description="guard: replaces the format's prompt; {question} {response}")
+    show_images: bool | None = Field(None, description="guard: attach images (default: llama_guard yes, md_judge no)")
+    max_retries: int = Field(2, ge=0, description="guard: re-asks of an unparsable answer before it counts as null")
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.kind == "guard" and (self.format is None or self.backend is None):
+            raise ValueError(f"judge '{self.name}': kind 'guard' needs format (md_judge or llama_guard) and backend")
+        if self.kind == "guard" and self.backend.kind == "tiny":
+            raise ValueError(f"judge '{self.name}': a guard backend is transformers or openai, not tiny")
+        if self.kind == "keyword" and (self.format or self.backend):
+            raise ValueError(f"judge '{self.name}': format and backend are for kind 'guard'")
+        return self
+
+
+class PairwiseJudgeSpec(Strict):
+    name: str = Field(description="becomes the `judge` of the preferences it decides")
+    backend: BackendSpec = Field(description="the chat model asked to compare two responses (both orders)")
+    prompt: str | None = Field(None, description="replaces the built-in pairwise prompt")
+    max_retries: int = Field(2, ge=0, description="re-asks of an unparsable comparison")
 
 
 class JudgeConfig(Strict):
-    keyword: KeywordJudgeConfig = KeywordJudgeConfig()
-    pairing: Literal["random"] = Field("random", description="how two responses per question are chosen")
     seed: int = Field(0, description="seeds the pairing")
+    judges: list[VerdictJudgeSpec] = Field(min_length=1, description="every response gets a verdict from each")
+    primary: str = Field(description="the judge whose verdicts decide harmlessness in pairs and evaluation")
+    pairing: Literal["random", "safe_vs_unsafe", "all_pairs"] = Field(
+        "random", description="random: two responders per question; safe_vs_unsafe: one safe and one unsafe "
+                              "response; all_pairs: every two responders")
+    pairwise: PairwiseJudgeSpec | None = Field(
+        None, description="a chat judge that decides each pair (asked in both orders); None: the primary "
+                          "verdicts decide (harmlessness first, distinct words as the helpfulness tie-break)")
+    shard_size: int = Field(512, ge=1, description="responses per verdict shard; a crash loses at most one")
+    batch_size: int = Field(32, ge=1, description="prompts per generate() call of local judge models")
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [j.name for j in self.judges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"judges: names must be unique, got {names}")
+        if self.primary not in names:
+            raise ValueError(f"primary '{self.primary}' is not one of the judges {names}")
+        return self
 
 
 class SplitConfig(Strict):

@@ -25,6 +25,12 @@ TABLES: dict[str, list[str]] = {
                 "answer", "target", "teacher", "error"],
     "responses": ["response_id", "question_id", "responder", "text", "finish_reason", "latency_s", "error"],
     "verdicts": ["response_id", "judge", "safe", "category", "score", "raw"],
+    # every candidate pair and how it was decided (ties and order disagreements included)
+    "pair_outcomes": ["question_id", "qtype", "first_responder", "second_responder", "preferred", "reason",
+                      "order_consistent"],
+    # agreement of every two verdict judges, overall and per category (class2)
+    "judge_agreement": ["judge_a", "judge_b", "scope", "responses", "both_decided", "agreement", "kappa",
+                        "safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe", "undecided_a", "undecided_b"],
     "preferences": [
         "question_id", "question", "image_ids", "chosen", "rejected", *CLASS_COLUMNS, "qtype",
         "chosen_responder", "rejected_responder", "judge", "reason", "order_consistent",

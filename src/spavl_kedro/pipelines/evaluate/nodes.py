@@ -17,7 +17,8 @@ from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.metrics import for_mlflow
-from spavl_kedro.pipelines.judge.nodes import make_judge
+from spavl_kedro.backends.judges import JudgeItem
+from spavl_kedro.pipelines.judge.nodes import primary_judge
 from spavl_kedro.schema import CLASS_COLUMNS, validate
 
 
@@ -45,16 +46,19 @@ def answer_tests(policy: VLM, test_harm: pd.DataFrame, test_help: pd.DataFrame, 
     return validate(pd.concat(frames, ignore_index=True), "answers")
 
 
-def score_answers(answers_base: pd.DataFrame, answers_dpo: pd.DataFrame, judge_params: dict[str, Any]
-                  ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str]:
+def score_answers(answers_base: pd.DataFrame, answers_dpo: pd.DataFrame, credentials: dict[str, Any],
+                  judge_params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str]:
     """Judge every answer; unsafe rate on test_harm, refusal rate on test_help, per model and decoding.
 
     An answer that failed to generate is counted as unsafe on test_harm (a failure is never "safe") and
     reported in `failed_rate`.
     """
-    judge = make_judge(judge_params)
+    judge = primary_judge(judge_params, credentials)
     answers = pd.concat([answers_base, answers_dpo], ignore_index=True)
-    verdicts = [judge.verdict(t) if t is not None else None for t in answers["text"]]
+    generated = answers["text"].notna()
+    judged = iter(judge.verdicts([JudgeItem(q, t) for q, t in answers.loc[generated, ["question", "text"]]
+                                  .itertuples(index=False)]))
+    verdicts = [next(judged) if ok else None for ok in generated]
     scores = answers.assign(
         safe=[v.safe if v else None for v in verdicts],
         category=[v.category if v else "error" for v in verdicts],
@@ -78,11 +82,17 @@ def score_answers(answers_base: pd.DataFrame, answers_dpo: pd.DataFrame, judge_p
     return scores, for_mlflow(metrics), _report(metrics, judge, scores)
 
 
+def _describe(judge) -> str:
+    if hasattr(judge, "case_sensitive"):
+        return f"refusal-substring test, case_sensitive={judge.case_sensitive}"
+    return f"guard model, {judge.format} format"
+
+
 def _report(metrics: dict[str, float], judge, scores: pd.DataFrame) -> str:
     models = sorted(scores["model"].unique())
     names = sorted({k.split("/", 3)[2] + "/" + k.split("/", 3)[3] for k in metrics})
     lines = ["# Evaluation report", "",
-             f"Judge: `{judge.name}` (refusal-substring test, case_sensitive={judge.case_sensitive}). "
+             f"Judge: `{judge.name}` ({_describe(judge)}). "
              "Prompts include the test image. `unsafe_rate` and `refusal_rate` use greedy decoding; "
              "`sampled_*` use temperature sampling. A failed generation counts as unsafe.", "",
              "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]

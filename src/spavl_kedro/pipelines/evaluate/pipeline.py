@@ -12,6 +12,6 @@ def create_pipeline(**kwargs) -> Pipeline:
              "answers_base", name="answer_tests_base"),
         Node(partial(answer_tests, model="dpo"), ["policy_dpo", "test_harm", "test_help", "params:evaluate"],
              "answers_dpo", name="answer_tests_dpo"),
-        Node(score_answers, ["answers_base", "answers_dpo", "params:judge"],
+        Node(score_answers, ["answers_base", "answers_dpo", "api_credentials", "params:judge"],
              ["eval_scores", "eval_metrics", "eval_report"], name="score_answers"),
     ])

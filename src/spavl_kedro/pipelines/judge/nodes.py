@@ -1,88 +1,304 @@
-"""judge: a safety verdict per response, then one labelled pair per question.
+"""judge: verdicts from one or more judges per response, order-debiased pairs, agreement between judges.
 
-Preferences follow SPA-VL: harmlessness first, helpfulness as the tie-break. A response whose generation
-failed, or whose verdict is undecided, never enters a pair as the safe side: it is counted instead.
+Preferences follow SPA-VL: harmlessness first, helpfulness as the tie-break. Every pair is decided in both
+orders; orders that disagree make a recorded tie. A response whose generation failed, or whose primary
+verdict is undecided, never enters a pair: it is counted instead. No failure is ever read as safe.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.judges import KeywordJudge
-from spavl_kedro.config import JudgeConfig
+from spavl_kedro.backends.agreement import cohens_kappa
+from spavl_kedro.backends.factory import build_backend
+from spavl_kedro.backends.judges import ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge, PairItem
+from spavl_kedro.config import JudgeConfig, VerdictJudgeSpec
 from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 from spavl_kedro.schema import TABLES, validate
 
+log = logging.getLogger(__name__)
 
-def make_judge(params: dict[str, Any]) -> KeywordJudge:
+# A guard model answers in a word or two; the room for a category code and stray text is enough.
+GUARD_GENERATION = {"max_new_tokens": 24, "do_sample": False}
+CHAT_GENERATION = {"max_new_tokens": 512, "do_sample": False}
+
+
+def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig):
+    if spec.kind == "keyword":
+        judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
+        judge.name = spec.name
+        return judge
+    backend = build_backend(spec.backend, credentials=credentials, generation=GUARD_GENERATION,
+                            batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+    return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
+                      show_images=spec.show_images, prompt=spec.prompt)
+
+
+def primary_judge(params: dict[str, Any], credentials: Mapping[str, Any] | None = None):
+    """The judge that decides harmlessness, for the stages after this one (evaluation)."""
     cfg = JudgeConfig.model_validate(params)
-    return KeywordJudge(compliance_markers=cfg.keyword.compliance_markers,
-                        case_sensitive=cfg.keyword.case_sensitive)
+    spec = next(j for j in cfg.judges if j.name == cfg.primary)
+    return build_verdict_judge(spec, credentials or {}, cfg)
 
 
-def judge_responses(responses: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
-    """One verdict per response. Failed generations get safe = null and category 'error'."""
-    judge = make_judge(params)
-    rows = []
-    for r in responses.itertuples(index=False):
-        if r.error is not None and not pd.isna(r.error):
-            rows.append({"response_id": r.response_id, "judge": judge.name, "safe": None, "category": "error",
-                         "score": None, "raw": r.error})
+def _judged(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """Responses in response_id order with what a judge sees: question text and image bytes."""
+    pixels = dict(zip(images["image_id"], images["png"]))
+    shas = dict(zip(images["image_id"], images["sha256"]))
+    q = questions.set_index("question_id")
+    rows = responses.sort_values("response_id").reset_index(drop=True)
+    ids = rows["question_id"].map(q["image_ids"])
+    return rows.assign(question=rows["question_id"].map(q["text"]),
+                       images=[tuple(pixels[i] for i in image_ids) for image_ids in ids],
+                       image_shas=[[shas[i] for i in image_ids] for image_ids in ids])
+
+
+def _verdict_shards(judged: pd.DataFrame, cfg: JudgeConfig) -> list[tuple[Shard, VerdictJudgeSpec]]:
+    shards = []
+    for spec in sorted(cfg.judges, key=lambda j: j.name):
+        config = spec.model_dump(exclude={"backend": {"concurrency", "timeout_s", "max_retries", "base_urls",
+                                                      "api_key", "batch_size"}})
+        for index, chunk in enumerate(cut(judged, cfg.shard_size)):
+            content = chunk[["response_id", "question", "text", "error", "image_shas"]].to_numpy().tolist()
+            shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content)), spec))
+    return shards
+
+
+def _judge_failed(verdicts: pd.DataFrame) -> pd.Series:
+    """Verdicts to ask again on a rerun: the judge itself failed (server down, timeout). An unparsable
+    answer after the configured retries is the judge's final word and stays."""
+    return verdicts["category"] == "error"
+
+
+def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
+                        credentials: Mapping[str, Any], done_shards: Mapping[str, Callable[[], pd.DataFrame]],
+                        params: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+    """One function per verdict shard still to judge; resumable like the response shards."""
+    cfg = JudgeConfig.model_validate(params)
+    judged = _judged(responses, questions, images)
+    todo = list(pending([s for s, _ in _verdict_shards(judged, cfg)], done_shards, _judge_failed))
+    specs = {s.shard_id: spec for s, spec in _verdict_shards(judged, cfg)}
+    progress, judges = Progress("verdict", len(todo)), _OneAtATime(partial(build_verdict_judge, credentials=credentials, cfg=cfg))
+    return {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
+                                    partial(_judge_rows, judges, specs[shard.shard_id], progress, shard.shard_id))
+            for shard, previous in todo}
+
+
+def _judge_rows(judges: "_OneAtATime", spec: VerdictJudgeSpec, progress: Progress, shard_id: str,
+                rows: pd.DataFrame) -> pd.DataFrame:
+    judge = judges.get(spec)
+    generated = rows["error"].isna()
+    items = [JudgeItem(r.question, r.text, r.images) for r in rows[generated].itertuples(index=False)]
+    verdicts = iter(judge.verdicts(items))
+    out = []
+    for r, ok in zip(rows.itertuples(index=False), generated):
+        if not ok:  # nothing to judge: the responder failed; never safe
+            out.append({"response_id": r.response_id, "judge": spec.name, "safe": None,
+                        "category": "response_error", "score": None, "raw": r.error})
             continue
-        v = judge.verdict(r.text)
-        rows.append({"response_id": r.response_id, "judge": judge.name, "safe": v.safe, "category": v.category,
-                     "score": v.score, "raw": v.raw})
-    verdicts = pd.DataFrame(rows).astype({"safe": "boolean", "score": "Float64"})
+        v = next(verdicts)
+        out.append({"response_id": r.response_id, "judge": spec.name, "safe": v.safe, "category": v.category,
+                    "score": v.score, "raw": v.raw})
+    table = pd.DataFrame(out, columns=TABLES["verdicts"]).astype({"safe": "boolean", "score": "Float64"})
+    progress.advance(f"{shard_id}: {len(rows)} judged, {int(table['safe'].isna().sum())} undecided")
+    return table
+
+
+class _OneAtATime:
+    """Holds one judge model at a time: shards run judge by judge, so each model loads once."""
+
+    def __init__(self, build: Callable[[VerdictJudgeSpec], Any]) -> None:
+        self._build, self._name, self._judge = build, None, None
+
+    def get(self, spec: VerdictJudgeSpec):
+        if self._name != spec.name:
+            self._judge = None
+            self._judge, self._name = self._build(spec), spec.name
+        return self._judge
+
+
+def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], responses: pd.DataFrame,
+                     questions: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """The planned verdict shards joined: one verdict per (response, judge), or a clear error."""
+    cfg = JudgeConfig.model_validate(params)
+    shards = [s for s, _ in _verdict_shards(_judged(responses, questions, images), cfg)]
+    verdicts = gather(shards, verdict_shards, "verdict")
+    if verdicts.empty:
+        verdicts = pd.DataFrame(columns=TABLES["verdicts"])
+    if verdicts.duplicated(["response_id", "judge"]).any() or len(verdicts) != len(responses) * len(cfg.judges):
+        raise ValueError(f"verdicts: {len(verdicts)} records for {len(responses)} responses x {len(cfg.judges)} "
+                         "judges; each (response, judge) must appear exactly once")
+    verdicts = verdicts.astype({"safe": "boolean", "score": "Float64"})
     return validate(verdicts, "verdicts")
 
 
 def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts: pd.DataFrame,
-                     params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
-    """For each question, two responses of different responders, labelled by the judge.
+                     images: pd.DataFrame, credentials: Mapping[str, Any], params: dict[str, Any]
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+    """Pairs of responses per question (`pairing`), each decided in both orders.
 
-    Returns the preferences and counts for MLflow: pairs made, exact ties dropped, questions skipped for
-    lack of two usable responses, responses excluded because their generation or verdict failed.
+    Returns the preferences, every candidate pair with its outcome (ties and disagreements included, so
+    nothing disappears unseen), and counts for MLflow.
     """
     cfg = JudgeConfig.model_validate(params)
-    judge = make_judge(params)
-    scored = responses.merge(verdicts[["response_id", "safe"]], on="response_id", how="left")
-    usable = scored[scored["safe"].notna()]
-    by_question = {qid: g for qid, g in usable.groupby("question_id", sort=True)}
-    rows, ties, skipped = [], 0, 0
-    for q in questions[questions["kept"]].itertuples(index=False):
+    primary = verdicts.loc[verdicts["judge"] == cfg.primary, ["response_id", "safe"]]
+    scored = responses.merge(primary, on="response_id", how="left")
+    usable = scored[scored["safe"].notna() & scored["error"].isna()]
+    by_question = {qid: g.sort_values("responder") for qid, g in usable.groupby("question_id", sort=True)}
+    pixels = dict(zip(images["image_id"], images["png"]))
+    candidates, skipped = [], 0
+    for q in questions[questions["kept"]].sort_values("question_id").itertuples(index=False):
         group = by_question.get(q.question_id)
-        if group is None or group["responder"].nunique() < 2:
-            skipped += 1
-            continue
-        rng = random.Random(f"{cfg.seed}:{q.question_id}")
-        first_responder, second_responder = rng.sample(sorted(group["responder"].unique()), 2)
-        first = group[group["responder"] == first_responder].iloc[0]
-        second = group[group["responder"] == second_responder].iloc[0]
-        outcome = judge.compare(first.text, second.text)
+        pairs = [] if group is None else _choose_pairs(group, cfg.pairing, random.Random(f"{cfg.seed}:{q.question_id}"))
+        skipped += not pairs
+        candidates += [(q, a, b) for a, b in pairs]
+    if cfg.pairwise is not None:
+        backend = build_backend(cfg.pairwise.backend, credentials=credentials, generation=CHAT_GENERATION,
+                                batch_size=cfg.batch_size, seed=cfg.seed)
+        judge = ChatJudge(cfg.pairwise.name, backend, prompt=cfg.pairwise.prompt, max_retries=cfg.pairwise.max_retries)
+        outcomes = judge.compare_pairs([PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids))
+                                        for q, a, b in candidates])
+        judge_name = f"{cfg.primary}+{cfg.pairwise.name}"
+    else:
+        outcomes = [_by_verdicts(a, b) for _, a, b in candidates]
+        judge_name = cfg.primary
+    rows, outcome_rows = [], []
+    for (q, a, b), outcome in zip(candidates, outcomes):
+        outcome_rows.append({"question_id": q.question_id, "qtype": q.qtype, "first_responder": a.responder,
+                             "second_responder": b.responder, "preferred": outcome.preferred,
+                             "reason": outcome.reason, "order_consistent": outcome.order_consistent})
         if outcome.preferred is None:
-            ties += 1
             continue
-        chosen, rejected = (first, second) if outcome.preferred == 0 else (second, first)
+        chosen, rejected = (a, b) if outcome.preferred == 0 else (b, a)
         rows.append({"question_id": q.question_id, "question": q.text, "image_ids": list(q.image_ids),
                      "chosen": chosen.text, "rejected": rejected.text,
                      "class1": q.class1, "class2": q.class2, "class3": q.class3, "qtype": q.qtype,
                      "chosen_responder": chosen.responder, "rejected_responder": rejected.responder,
-                     "judge": judge.name, "reason": outcome.reason, "order_consistent": outcome.order_consistent})
+                     "judge": judge_name, "reason": outcome.reason, "order_consistent": outcome.order_consistent})
     prefs = validate(pd.DataFrame(rows, columns=TABLES["preferences"]), "preferences")
-    n_safe = int((usable["safe"] == True).sum())  # noqa: E712 (nullable boolean)
+    pair_outcomes = validate(pd.DataFrame(outcome_rows, columns=TABLES["pair_outcomes"])
+                             .astype({"preferred": "Int64", "order_consistent": "boolean"}), "pair_outcomes")
+    return prefs, pair_outcomes, _pair_metrics(prefs, pair_outcomes, scored, usable, verdicts, skipped)
+
+
+def _choose_pairs(group: pd.DataFrame, pairing: str, rng: random.Random) -> list[tuple[Any, Any]]:
+    """Pairs of responses of different responders. Which one is shown first is drawn too, so a chat
+    judge's position bias cannot line up with any responder or with safety."""
+    rows = list(group.itertuples(index=False))
+    if pairing == "random":
+        pairs = [tuple(rng.sample(rows, 2))] if len(rows) >= 2 else []
+    elif pairing == "safe_vs_unsafe":
+        safe, unsafe = [r for r in rows if r.safe], [r for r in rows if not r.safe]
+        pairs = [(rng.choice(safe), rng.choice(unsafe))] if safe and unsafe else []
+    else:
+        pairs = list(itertools.combinations(rows, 2))
+    return [(a, b) if rng.random() < 0.5 else (b, a) for a, b in pairs]
+
+
+def _decide(first: Any, second: Any) -> tuple[int | None, str]:
+    if bool(first.safe) != bool(second.safe):
+        return (0 if first.safe else 1), "harmlessness"
+    h1, h2 = KeywordJudge.helpfulness(first.text), KeywordJudge.helpfulness(second.text)
+    if h1 != h2:
+        return (0 if h1 > h2 else 1), "helpfulness"
+    return None, "tie"
+
+
+def _by_verdicts(first: Any, second: Any) -> Comparison:
+    """The primary verdicts decide, asked in both orders like any pairwise judge."""
+    forward, reason = _decide(first, second)
+    backward, _ = _decide(second, first)
+    swapped = None if backward is None else 1 - backward
+    if forward != swapped:
+        return Comparison(None, "order_disagreement", False)
+    return Comparison(forward, reason, True)
+
+
+def _pair_metrics(prefs: pd.DataFrame, outcomes: pd.DataFrame, scored: pd.DataFrame, usable: pd.DataFrame,
+                  verdicts: pd.DataFrame, skipped: int) -> dict[str, dict[str, float]]:
+    reasons = outcomes["reason"].value_counts()
+    both_read = outcomes["order_consistent"].notna()
     metrics = {
-        "pairs": float(len(prefs)),
-        "ties_dropped": float(ties),
-        "questions_without_pair": float(skipped),
-        "responses_unjudged": float(len(scored) - len(usable)),
-        "pairs_by_harmlessness": float((prefs["reason"] == "harmlessness").sum()),
-        "pairs_by_helpfulness": float((prefs["reason"] == "helpfulness").sum()),
-        "pairs_order_consistent": float((prefs["order_consistent"] == True).sum()),  # noqa: E712
-        "response_safe_rate": n_safe / max(len(usable), 1),
+        "pairs": len(prefs),
+        "candidate_pairs": len(outcomes),
+        "ties_dropped": int(reasons.get("tie", 0)),
+        "order_disagreements": int(reasons.get("order_disagreement", 0)),
+        "pairs_unparsable": int(reasons.get("unparsable", 0)),
+        "questions_without_pair": skipped,
+        "responses_unjudged": len(scored) - len(usable),
+        "pairs_order_consistent": int((prefs["order_consistent"] == True).sum()),  # noqa: E712
     }
+    if both_read.any():  # undefined without a pair read in both orders: left out rather than logged as NaN
+        metrics["order_consistency_rate"] = float(outcomes.loc[both_read, "order_consistent"].astype(bool).mean())
+    if len(usable):
+        metrics["response_safe_rate"] = float(usable["safe"].astype(bool).mean())
+    for reason, count in prefs["reason"].value_counts().items():
+        metrics[f"pairs_by_{reason}"] = int(count)
     for name, g in usable.groupby("responder"):
-        metrics[f"safe_rate/{name}"] = float((g["safe"] == True).mean())  # noqa: E712
-    return prefs, for_mlflow({f"judge/{name}": value for name, value in metrics.items()})
+        metrics[f"safe_rate/{name}"] = float(g["safe"].astype(bool).mean())
+    for name, g in verdicts.groupby("judge"):
+        metrics[f"verdicts_undecided/{name}"] = int(g["safe"].isna().sum())
+    return for_mlflow({f"judge/{name}": value for name, value in metrics.items()})
+
+
+def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: pd.DataFrame,
+                    pair_outcomes: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str]:
+    """How far the judges agree: Cohen's kappa and the 2x2 confusion for every two judges, over all
+    responses and per category (class2), plus the pairwise judge's order consistency.
+
+    Only responses both judges decided enter kappa; how many each left undecided is reported beside it.
+    """
+    category = responses.set_index("response_id")["question_id"].map(questions.set_index("question_id")["class2"])
+    wide = verdicts.pivot(index="response_id", columns="judge", values="safe")
+    rows = []
+    for a, b in itertools.combinations(sorted(wide.columns), 2):
+        for scope, index in [("overall", wide.index), *[(c, g.index) for c, g in category.groupby(category)]]:
+            pair = wide.loc[wide.index.intersection(index), [a, b]]
+            both = pair.dropna()
+            x, y = both[a].astype(bool).tolist(), both[b].astype(bool).tolist()
+            rows.append({"judge_a": a, "judge_b": b, "scope": scope, "responses": len(pair), "both_decided": len(both),
+                         "agreement": sum(p == q for p, q in zip(x, y)) / len(x) if x else None,
+                         "kappa": cohens_kappa(x, y) if x else None,
+                         "safe_safe": sum(p and q for p, q in zip(x, y)),
+                         "safe_unsafe": sum(p and not q for p, q in zip(x, y)),
+                         "unsafe_safe": sum(q and not p for p, q in zip(x, y)),
+                         "unsafe_unsafe": sum(not p and not q for p, q in zip(x, y)),
+                         "undecided_a": int(pair[a].isna().sum()), "undecided_b": int(pair[b].isna().sum())})
+    table = validate(pd.DataFrame(rows, columns=TABLES["judge_agreement"]), "judge_agreement")
+    overall = table[table["scope"] == "overall"]
+    metrics = {}
+    for r in overall.itertuples(index=False):
+        if r.kappa is not None and r.kappa == r.kappa:  # nan when undefined (one label only)
+            metrics[f"judge/agreement/{r.judge_a}~{r.judge_b}/kappa"] = r.kappa
+        if r.agreement is not None:
+            metrics[f"judge/agreement/{r.judge_a}~{r.judge_b}/rate"] = r.agreement
+    return table, for_mlflow(metrics), _agreement_report(table, pair_outcomes)
+
+
+def _agreement_report(table: pd.DataFrame, outcomes: pd.DataFrame) -> str:
+    lines = ["# Judge agreement", ""]
+    if table.empty:
+        lines += ["One verdict judge ran: nothing to compare. Add a second entry to `judge.judges`.", ""]
+    else:
+        lines += ["Cohen's kappa over the responses both judges decided; `safe_unsafe` = judge A safe, B unsafe.", "",
+                  "| judge A | judge B | scope | decided | agreement | kappa | safe/safe | safe/unsafe | unsafe/safe | unsafe/unsafe | undecided A | undecided B |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in table.itertuples(index=False):
+            fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+            lines.append(f"| {r.judge_a} | {r.judge_b} | {r.scope} | {r.both_decided} | {fmt(r.agreement)} | "
+                         f"{fmt(r.kappa)} | {r.safe_safe} | {r.safe_unsafe} | {r.unsafe_safe} | {r.unsafe_unsafe} | "
+                         f"{r.undecided_a} | {r.undecided_b} |")
+        lines.append("")
+    reasons = outcomes["reason"].value_counts().to_dict()
+    read = outcomes["order_consistent"].notna()
+    rate = f"{outcomes.loc[read, 'order_consistent'].astype(bool).mean():.3f}" if read.any() else "n/a"
+    lines += ["## Pairs", "", f"Candidate pairs: {len(outcomes)}; outcomes: {reasons}.",
+              f"Order consistency (both orders gave the same answer, among pairs read in both orders): {rate}.", ""]
+    return "\n".join(lines)

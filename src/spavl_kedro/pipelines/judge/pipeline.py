@@ -1,11 +1,16 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import judge_responses, pair_preferences
+from .nodes import collect_verdicts, judge_agreement, pair_preferences, plan_verdict_shards
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(judge_responses, ["responses", "params:judge"], "verdicts", name="judge_responses"),
-        Node(pair_preferences, ["questions", "responses", "verdicts", "params:judge"],
-             ["preferences", "judge_metrics"], name="pair_preferences"),
+        Node(plan_verdict_shards, ["responses", "questions", "images", "api_credentials", "verdict_shards_done",
+                                   "params:judge"], "verdict_shards", name="plan_verdict_shards"),
+        Node(collect_verdicts, ["verdict_shards", "responses", "questions", "images", "params:judge"], "verdicts",
+             name="collect_verdicts"),
+        Node(pair_preferences, ["questions", "responses", "verdicts", "images", "api_credentials", "params:judge"],
+             ["preferences", "pair_outcomes", "judge_metrics"], name="pair_preferences"),
+        Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes"],
+             ["judge_agreement", "judge_agreement_metrics", "judge_report"], name="judge_agreement"),
     ])
