@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,14 @@ def taxonomy_spec() -> dict:
 @pytest.fixture(scope="session")
 def seed_text() -> dict:
     return yaml.safe_load((PROJECT / "data/01_raw/seed_text.yml").read_text())
+
+
+def copy_project(root: Path) -> Path:
+    """A runnable copy of the project at `root`: configuration, raw seeds, an empty conf/local. The package
+    itself is the installed one; Kedro only checks that src/ exists."""
+    shutil.copy(PROJECT / "pyproject.toml", root)
+    shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
+    (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()
+    shutil.copytree(PROJECT / "data" / "01_raw", root / "data" / "01_raw")
+    return root

@@ -23,12 +23,14 @@ def test_bad_values_are_named_by_key(params):
 
 def test_kind_needs_its_fields(params):
     params["generate"]["responders"][1] = {"name": "remote", "kind": "transformers"}
+    params["generate"]["responders"][2]["name"] = "tiny/careful"  # would become a folder and a metric path
     params["generate"]["questions"]["writer"] = "model"
     params["generate"]["images"]["assign"] = "clip"
     with pytest.raises(ValueError) as err:
         validate_parameters(params)
     message = str(err.value)
     assert "generate.responders.1: Value error, 'remote' (kind transformers) needs model" in message
+    assert "generate.responders.2.name: String should match pattern" in message
     assert "generate.questions: Value error, writer 'model' needs model_writer" in message
     assert "generate.images.assign" in message and "source 'laion' only" in message
 

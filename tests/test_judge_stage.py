@@ -87,7 +87,7 @@ def test_agreement_report_matches_a_hand_computed_kappa(world, base_params):
     # p_o = 9/11; p_e = (4/11)(6/11) + (7/11)(5/11) = 59/121; kappa = (p_o - p_e) / (1 - p_e) = 40/62
     assert (overall.both_decided, overall.safe_safe, overall.unsafe_safe, overall.unsafe_unsafe) == (11, 4, 2, 5)
     assert overall.kappa == pytest.approx(40 / 62)
-    assert metrics["judge/agreement/keyword~keyword-lower/kappa"]["value"] == pytest.approx(40 / 62)
+    assert metrics["judge/agreement/keyword_vs_keyword-lower/kappa"]["value"] == pytest.approx(40 / 62)
     assert set(table["scope"]) == {"overall", "C1", "C2"}
     assert "| keyword | keyword-lower | overall | 11 |" in report
 

@@ -110,7 +110,7 @@ def test_judge_stage_orders_responders_by_safety(world):
     assert counts["pairs_order_consistent"] == counts["pairs"]
     assert len(verdicts) == 2 * len(responses)  # two keyword judges
     agreement = {k: v["value"] for k, v in load(world, "judge_agreement_metrics").items()}
-    assert 0 < agreement["judge/agreement/keyword~keyword-lower/rate"] <= 1
+    assert 0 < agreement["judge/agreement/keyword_vs_keyword-lower/rate"] <= 1
     generated = {k.removeprefix("generate/"): v["value"] for k, v in load(world, "generate_metrics").items()}
     assert generated["responses"] == len(responses) and generated["responses_failed"] == 0
     assert generated["questions_kept"] == len(load(world, "questions"))

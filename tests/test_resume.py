@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PROJECT
+from conftest import PROJECT, copy_project
 
 # A 4-subcategory world from two domains; shards of 4 questions so the answering takes many shards.
 PARAMS = {
@@ -33,12 +32,7 @@ ANSWERING = ["--from-nodes", "plan_response_shards", "--to-nodes", "collect_resp
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project copy with a small taxonomy whose tiny responders are already bootstrapped on disk."""
-    root = tmp_path_factory.mktemp("resume")
-    shutil.copy(PROJECT / "pyproject.toml", root)
-    shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()
-    shutil.copytree(PROJECT / "data" / "01_raw", root / "data" / "01_raw")
+    root = copy_project(tmp_path_factory.mktemp("resume"))
     spec = yaml.safe_load((PROJECT / "data/01_raw/taxonomy.yml").read_text())
     small = copy.deepcopy(spec)
     small["domains"] = [copy.deepcopy(d) for d in spec["domains"][:2]]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from spavl_kedro.backends.factory import BackendSpec
+from spavl_kedro.backends.factory import NAME_PATTERN, BackendSpec
 from spavl_kedro.backends.tiny import BootstrapConfig, TinyModelConfig
 from spavl_kedro.backends.training import DPOSettings
 
@@ -209,7 +209,7 @@ class TinyConfig(Strict):
 
 
 class VerdictJudgeSpec(Strict):
-    name: str = Field(description="unique judge name; becomes the `judge` column of verdicts")
+    name: str = Field(pattern=NAME_PATTERN, description="unique judge name (letters, digits, _ . -); the `judge` column")
     kind: Literal["keyword", "guard"] = Field(description="keyword: refusal strings; guard: a guard model")
     case_sensitive: bool = Field(True, description="keyword: True is GCG's exact test, False VLGuard's lower-cased one")
     compliance_markers: list[str] = Field(default_factory=list, description="keyword: openings of a complying answer")

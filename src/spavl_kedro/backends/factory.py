@@ -16,10 +16,14 @@ from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, load_vlm
 
 
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+
+
 class BackendSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="unique name; becomes the `responder` (or `writer`, `teacher`) column")
+    # The name is also a shard folder and part of MLflow metric names: letters, digits, '_', '.', '-' only.
+    name: str = Field(pattern=NAME_PATTERN, description="unique name; the `responder` (or `writer`, `teacher`) column")
     kind: Literal["tiny", "transformers", "openai"] = Field(
         description="tiny: built offline; transformers: local directory or hub id; openai: chat-completions endpoint")
     refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny only: share of refusals it is taught")

@@ -276,9 +276,9 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
     metrics = {}
     for r in overall.itertuples(index=False):
         if r.kappa is not None and r.kappa == r.kappa:  # nan when undefined (one label only)
-            metrics[f"judge/agreement/{r.judge_a}~{r.judge_b}/kappa"] = r.kappa
+            metrics[f"judge/agreement/{r.judge_a}_vs_{r.judge_b}/kappa"] = r.kappa
         if r.agreement is not None:
-            metrics[f"judge/agreement/{r.judge_a}~{r.judge_b}/rate"] = r.agreement
+            metrics[f"judge/agreement/{r.judge_a}_vs_{r.judge_b}/rate"] = r.agreement
     return table, for_mlflow(metrics), _agreement_report(table, pair_outcomes)
 
 
