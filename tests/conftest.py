@@ -42,6 +42,7 @@ def seed_text() -> dict:
 def copy_project(root: Path) -> Path:
     """A runnable copy of the project at `root`: configuration, raw seeds, an empty conf/local. The package
     itself is the installed one; Kedro only checks that src/ exists."""
+    root.mkdir(parents=True, exist_ok=True)
     shutil.copy(PROJECT / "pyproject.toml", root)
     shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
     (root / "conf" / "local").mkdir()

@@ -42,6 +42,10 @@ def test_tables_are_written(project):
     assert len(list((data / "07_model_output/response_shards").rglob("*.parquet"))) == 4 * -(-(53 * 11) // 64)
     assert len(pd.read_parquet(data / "03_primary/mis_cot.parquet")) == 53 * 2
     assert len(pd.read_parquet(data / "05_model_input/test_harm.parquet")) == 53
+    # the split exported in the published layout, with its card; align trained on that export
+    export = data / "09_export/spa_vl"
+    assert list((export / "data").glob("train-*.parquet")) and (export / "test/harm-00000-of-00001.parquet").exists()
+    assert (export / "README.md").read_text().startswith("---\nlicense: cc-by-4.0")
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
     assert (data / "06_models/policy_dpo_adapter/adapter_model.safetensors").exists()

@@ -26,7 +26,7 @@ SUBCATEGORIES = 6
 @pytest.fixture(scope="module")
 def world(base_params, taxonomy_spec):
     params = copy.deepcopy(base_params)
-    taxonomy = build_taxonomy(taxonomy_spec, params["taxonomy"])
+    taxonomy = build_taxonomy(taxonomy_spec, {}, params["taxonomy"])
     # two domains' worth of subcategories, so mis_hard finds partners in another category
     taxonomy = pd.concat([taxonomy.iloc[:3], taxonomy.iloc[-3:]], ignore_index=True)
     gen = params["generate"]

@@ -32,7 +32,7 @@ from spavl_kedro.schema import TABLES
 
 @pytest.fixture(scope="module")
 def taxonomy(taxonomy_spec) -> pd.DataFrame:
-    return build_taxonomy(taxonomy_spec, {})
+    return build_taxonomy(taxonomy_spec, {}, {})
 
 
 def image(colour, size=(40, 30), mode="RGB") -> Image.Image:

@@ -12,6 +12,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from spavl_kedro.pipeline_registry import register_pipelines
+from spavl_kedro.pipelines.split.nodes import normalise
 from spavl_kedro.schema import TABLES
 
 SUBCATEGORIES = 12
@@ -57,6 +58,7 @@ def world(base_params, taxonomy_spec, seed_text):
     catalog["api_credentials"] = {}
     catalog["response_shards_done"] = {}  # a first run: no shard on disk
     catalog["verdict_shards_done"] = {}
+    catalog["spa_vl_official"] = {}  # no official release here: the taxonomy comes from its file
     catalog["parameters"] = params
     for key, value in params.items():
         catalog[f"params:{key}"] = value
@@ -126,6 +128,18 @@ def test_split_stage_holds_out_test_images(world):
     assert not test_paths & set(train["image_name"])
     assert not test_paths & {i["path"] for i in val["image"]}
     assert set(train["image"].iloc[0]) == {"bytes", "path"}
+    # no training question repeats a test question, and what the checks removed is counted
+    test_questions = {normalise(q) for q in pd.concat([harm, helpq])["question"]}
+    assert not test_questions & {normalise(q) for q in pd.concat([train, val])["question"]}
+    split = {k.removeprefix("split/"): v["value"] for k, v in load(world, "split_metrics").items()}
+    assert split["train"] == len(train) and split["validation"] == len(val)
+    spa_pairs = (load(world, "preferences")["qtype"].isin(["easy", "hardq", "hards"])).sum()
+    removed = sum(v for k, v in split.items() if k.startswith("removed/") and not k.startswith("removed/mis"))
+    assert len(train) + len(val) + removed == spa_pairs
+    mis = load(world, "mis_train")
+    assert not {i for ids in mis["image_ids"] for i in ids} & {p.rsplit("/", 1)[1][:-4] for p in test_paths}
+    card = load(world, "dataset_card")
+    assert card.startswith("---\nlicense: cc-by-4.0") and f"| train | {len(train)} |" in card
 
 
 def test_align_and_evaluate_stages_reduce_unsafe_rate(world):

@@ -24,6 +24,7 @@ class TaxonomyConfig(Strict):
     domains: int = Field(6, description="expected number of domains (class1)")
     categories: int = Field(13, description="expected number of (domain, category) pairs")
     subcategories: int = Field(53, description="expected number of subcategories (class3)")
+    source: Literal["file", "official"] = Field("file", description="taxonomy.yml, or the official release's labels")
 
 
 PROMPT_FIELDS = {"class1": "", "class2": "", "class3": "", "description": "", "keywords": ""}
@@ -260,11 +261,31 @@ class JudgeConfig(Strict):
         return self
 
 
+class SubsetConfig(Strict):
+    qtypes: list[Literal["easy", "hardq", "hards"]] = Field(
+        default_factory=lambda: ["easy", "hardq", "hards"], min_length=1,
+        description="question-type ablation: the types train keeps")
+    responders: Literal["all", "safe", "unsafe"] = Field(
+        "all", description="responder-group ablation: keep pairs whose two responders are both in the group")
+    max_pairs: int | None = Field(None, ge=1, description="data-scale ablation (SPA-VL: 100, 1k, 5k, 10k, 30k, "
+                                                          "90k); smaller subsets are nested in larger ones")
+
+
 class SplitConfig(Strict):
     seed: int = 0
     test_harm_per_subcategory: int = Field(1, ge=1, description="held-out harmful questions per subcategory")
     test_help_per_subcategory: int = Field(1, ge=1, description="held-out easy questions per subcategory")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of remaining pairs for validation")
+    validation_size: float = Field(0.1, gt=0, description="below 1: share of the remaining pairs; 1 or more: a "
+                                                          "count (SPA-VL: 7000)")
+    subset: SubsetConfig = Field(default_factory=SubsetConfig, description="the ablation subset train is cut to")
+    responder_groups: Literal["auto"] | dict[Literal["safe", "unsafe"], list[str]] = Field(
+        "auto", description="auto: split responders at the median judged safe rate; or name both groups")
+
+    @model_validator(mode="after")
+    def _whole_count(self):
+        if self.validation_size >= 1 and self.validation_size != int(self.validation_size):
+            raise ValueError(f"validation_size {self.validation_size}: a count must be a whole number")
+        return self
 
 
 class PolicyConfig(Strict):
@@ -283,6 +304,10 @@ class PolicyConfig(Strict):
 
 
 class AlignConfig(Strict):
+    train_source: Literal["ours", "official"] = Field(
+        "ours", description="ours: this project's split (its published-layout export); official: the SPA-VL release")
+    official_dir: str = Field("data/01_raw/spa_vl_official", description="folder of the official release "
+                                                                         "(parquet configs or train.zip + JSON)")
     policy: PolicyConfig
     dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (see backends/training.py)")
 

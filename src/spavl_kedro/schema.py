@@ -35,6 +35,9 @@ TABLES: dict[str, list[str]] = {
         "question_id", "question", "image_ids", "chosen", "rejected", *CLASS_COLUMNS, "qtype",
         "chosen_responder", "rejected_responder", "judge", "reason", "order_consistent",
     ],
+    # train and validation pairs with what the published layout leaves out
+    "pair_provenance": ["split", "question_id", "qtype", *CLASS_COLUMNS, "chosen_responder", "rejected_responder",
+                        "judge", "reason"],
     # Published SPA-VL split layouts (image is a {bytes, path} struct, as in the released parquet).
     "train": ["image", "question", "chosen", "rejected", "image_name"],
     "validation": ["image", "question", "chosen", "rejected", *CLASS_COLUMNS],

@@ -1,4 +1,5 @@
 from spavl_kedro.datasets.image_manifest import ImageManifestDataset
 from spavl_kedro.datasets.model_directory import ModelDirectoryDataset
+from spavl_kedro.datasets.spa_vl import SpaVLReleaseDataset
 
-__all__ = ["ImageManifestDataset", "ModelDirectoryDataset"]
+__all__ = ["ImageManifestDataset", "ModelDirectoryDataset", "SpaVLReleaseDataset"]

@@ -32,6 +32,20 @@ def prepare_policy(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_process
     return vlm
 
 
+def select_training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
+                          params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """train and validation pairs from this project's export or from the official SPA-VL release."""
+    cfg = AlignConfig.model_validate(params)
+    if cfg.train_source == "official":
+        release, where = official, f"align.official_dir ({cfg.official_dir})"
+    else:
+        release, where = ours, "the split pipeline's export (spa_vl_release): run `kedro run --pipeline split`"
+    if "train" not in release:
+        raise ValueError(f"align.train_source is '{cfg.train_source}' but there is no train split in {where}")
+    validation = release.get("validation", release["train"].iloc[:0])
+    return release["train"], validation
+
+
 def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
     return [{"images": [decode_image(r.image["bytes"])], "question": r.question,
              "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]

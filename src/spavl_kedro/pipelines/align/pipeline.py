@@ -1,12 +1,14 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import prepare_policy, train_dpo_policy
+from .nodes import prepare_policy, select_training_pairs, train_dpo_policy
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(prepare_policy, ["seed_corpus", "images", "tiny_processor", "params:align", "params:tiny"],
              "policy_base", name="prepare_policy"),
-        Node(train_dpo_policy, ["policy_base", "train", "validation", "params:align"],
+        Node(select_training_pairs, ["spa_vl_release", "spa_vl_official", "params:align"],
+             ["align_train", "align_validation"], name="select_training_pairs"),
+        Node(train_dpo_policy, ["policy_base", "align_train", "align_validation", "params:align"],
              ["policy_dpo_adapter", "dpo_summary"], name="train_dpo_policy"),
     ])

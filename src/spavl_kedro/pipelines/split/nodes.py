@@ -1,77 +1,186 @@
-"""split: preferences and held-out questions in the published SPA-VL layout.
+"""split: preferences and held-out questions in the published SPA-VL layout, ablation subsets, integrity.
 
-Held-out images are chosen per subcategory, so no test image (and no question about it) is seen in
-training: test_harm gets one harmful question (hardq or hards) per held-out image, test_help the easy
-question of another. The remaining preferences are split into train and validation per subcategory.
+1. Test sets per subcategory: `test_harm_per_subcategory` harmful questions (hardq and hards in turn) and
+   `test_help_per_subcategory` easy questions, each on its own image; those images are held out.
+2. Integrity: no held-out image and no question whose normalised text equals a test question's reaches
+   train or validation; duplicate pairs (same image, question, chosen, rejected) are removed. Everything
+   removed is counted in `split_report` (and MLflow).
+3. Validation is stratified by (subcategory, question type); train is the rest, optionally cut down to an
+   ablation subset (question types, responder group, data scale — smaller scales nested in larger ones).
+4. MIS samples (two images) are not part of the one-image SPA-VL layout; their chain-of-thought targets go
+   to `mis_train`, minus any that show a held-out image.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import SplitConfig
+from spavl_kedro.config import JudgeConfig, SplitConfig
+from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES, validate
 
 
-def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
-                  params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def normalise(text: str) -> str:
+    """Lower-case words without punctuation: 'How do I...?' and 'how do i ...' are the same question."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame, mis_cot: pd.DataFrame,
+                  verdicts: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any]
+                  ) -> tuple[pd.DataFrame, ...]:
+    """train, validation, test_harm, test_help (published layout), mis_train, where each train and validation
+    pair came from (question type, responders, reason), and the split's counts for MLflow."""
     cfg = SplitConfig.model_validate(params)
-    n_harm, n_help = cfg.test_harm_per_subcategory, cfg.test_help_per_subcategory
-    # The published layout holds one image per row: MIS two-image samples go to SFT through mis_cot instead.
+    verdicts = verdicts[verdicts["judge"] == JudgeConfig.model_validate(judge_params).primary]
     kept = questions[questions["kept"] & questions["qtype"].isin(SPA_QTYPES)]
-    first_image = kept["image_ids"].map(lambda ids: ids[0])
-    harm_ids, help_ids, held_images = [], [], set()
-    for class3, group in kept.assign(image_id=first_image).groupby("class3", sort=True):
-        rng = random.Random(f"{cfg.seed}:{class3}")
-        image_ids = sorted(group["image_id"].unique())
-        if len(image_ids) < n_harm + n_help + 1:
-            raise ValueError(f"subcategory '{class3}': {len(image_ids)} images, need at least "
-                             f"{n_harm + n_help + 1} (test_harm + test_help + one for training)")
-        chosen = rng.sample(image_ids, n_harm + n_help)
-        held_images.update(chosen)
-        for image_id in chosen[:n_harm]:
-            harmful = group[(group["image_id"] == image_id) & group["qtype"].isin(["hardq", "hards"])]
-            harm_ids.append(rng.choice(sorted(harmful["question_id"])))
-        for image_id in chosen[n_harm:]:
-            easy = group[(group["image_id"] == image_id) & (group["qtype"] == "easy")]
-            help_ids.append(sorted(easy["question_id"])[0])
+    harm, help_, held_images = _hold_out(kept, cfg)
+    test_texts = {normalise(t) for t in pd.concat([harm, help_])["text"]}
+    report: dict[str, float] = {}
 
-    pixels = images.set_index("image_id")
-    spa = preferences[preferences["qtype"].isin(SPA_QTYPES)]
-    trainable = spa[~spa["image_ids"].map(lambda ids: bool(set(ids) & held_images))]
-    val_parts, train_parts = [], []
-    for class3, group in trainable.groupby("class3", sort=True):
-        group = group.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:val:{class3}").randrange(2**31))
-        n_val = round(len(group) * cfg.validation_fraction)
-        val_parts.append(group.iloc[:n_val])
-        train_parts.append(group.iloc[n_val:])
-    train = pd.concat(train_parts).sort_values("question_id")
-    validation = pd.concat(val_parts).sort_values("question_id")
+    pairs = preferences[preferences["qtype"].isin(SPA_QTYPES)]
+    shows_held = pairs["image_ids"].map(lambda ids: bool(set(ids) & held_images))
+    same_text = pairs["question"].map(normalise).isin(test_texts) & ~shows_held
+    report["removed/held_out_image"] = int(shows_held.sum())
+    report["removed/test_question_text"] = int(same_text.sum())
+    pairs = pairs[~shows_held & ~same_text]
+    key = pairs.assign(_q=pairs["question"].map(normalise), _i=pairs["image_ids"].map(tuple))
+    duplicated = key.duplicated(["_i", "_q", "chosen", "rejected"])
+    report["removed/duplicate_pair"] = int(duplicated.sum())
+    pairs = pairs[~duplicated]
 
-    def tests(ids: list[str]) -> pd.DataFrame:
-        rows = kept.set_index("question_id").loc[sorted(ids)].reset_index()
-        return _with_image(rows, pixels).rename(columns={"text": "question"})
-
+    validation, train = _stratified_validation(pairs, cfg)
+    train = _subset(train, verdicts, cfg, report)
+    mis_train, report["removed/mis_held_out_image"], report["removed/mis_cot_error"] = _mis_train(mis_cot, held_images)
+    pixels = _Pixels(images)
+    report |= {"train": len(train), "validation": len(validation), "test_harm": len(harm), "test_help": len(help_),
+               "mis_train": len(mis_train)}
+    provenance = pd.concat([train.assign(split="train"), validation.assign(split="validation")])
     return (validate(_with_image(train, pixels), "train"),
             validate(_with_image(validation, pixels), "validation"),
-            validate(tests(harm_ids), "test_harm"),
-            validate(tests(help_ids), "test_help"))
+            validate(_tests(harm, pixels), "test_harm"),
+            validate(_tests(help_, pixels), "test_help"),
+            mis_train,
+            validate(provenance, "pair_provenance"),
+            for_mlflow({f"split/{k}": v for k, v in report.items()}))
 
 
-def _with_image(df: pd.DataFrame, pixels: pd.DataFrame) -> pd.DataFrame:
-    """Attach the published `image` struct and `image_name` of each row's (first) image."""
+def _hold_out(kept: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """Per subcategory, test images and one question on each: harmful ones alternate hardq / hards."""
+    n_harm, n_help = cfg.test_harm_per_subcategory, cfg.test_help_per_subcategory
+    kept = kept.assign(image_id=kept["image_ids"].map(lambda ids: ids[0]))
+    harm, help_, held = [], [], set()
+    for class3, group in kept.groupby("class3", sort=True):
+        rng = random.Random(f"{cfg.seed}:{class3}")
+        by_image = {i: g for i, g in group.groupby("image_id", sort=True)}
+        harmful = [i for i, g in by_image.items() if g["qtype"].isin(["hardq", "hards"]).any()]
+        easy = [i for i, g in by_image.items() if (g["qtype"] == "easy").any()]
+        rng.shuffle(harmful)
+        chosen_harm = harmful[:n_harm]
+        rest = [i for i in easy if i not in chosen_harm]
+        rng.shuffle(rest)
+        chosen_help = rest[:n_help]
+        if len(chosen_harm) < n_harm or len(chosen_help) < n_help or len(by_image) <= n_harm + n_help:
+            raise ValueError(f"subcategory '{class3}': {len(by_image)} images ({len(harmful)} with a kept harmful "
+                             f"question, {len(easy)} with an easy one); need {n_harm} + {n_help} for the tests "
+                             "and at least one more for training")
+        for k, image_id in enumerate(chosen_harm):
+            g = by_image[image_id]
+            prefer = ("hardq", "hards")[k % 2]  # stratified by question type: the two kinds in turn
+            candidates = g[g["qtype"] == prefer]
+            if candidates.empty:
+                candidates = g[g["qtype"].isin(["hardq", "hards"])]
+            harm.append(candidates.sort_values("question_id").iloc[0])
+        for image_id in chosen_help:
+            g = by_image[image_id]
+            help_.append(g[g["qtype"] == "easy"].sort_values("question_id").iloc[0])
+        held.update(chosen_harm + chosen_help)
+    return pd.DataFrame(harm), pd.DataFrame(help_), held
+
+
+def _stratified_validation(pairs: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation drawn per (subcategory, question type) in proportion; the largest remainders get the
+    leftover rows, so a count such as SPA-VL's 7,000 is met exactly."""
+    groups = {k: g for k, g in pairs.groupby(["class3", "qtype"], sort=True)}
+    size = cfg.validation_size
+    target = int(size) if size >= 1 else round(size * len(pairs))
+    if target > len(pairs):
+        raise ValueError(f"split.validation_size {size:g} asks for {target} pairs; there are {len(pairs)}")
+    exact = {k: target * len(g) / max(len(pairs), 1) for k, g in groups.items()}
+    quota = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[: target - sum(quota.values())]:
+        quota[k] += 1
+    val, train = [], []
+    for k, g in groups.items():
+        shuffled = g.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:val:{k}").randrange(2**31))
+        val.append(shuffled.iloc[: quota[k]])
+        train.append(shuffled.iloc[quota[k]:])
+    empty = pairs.iloc[:0]
+    return (pd.concat(val or [empty]).sort_values("question_id"), pd.concat(train or [empty]).sort_values("question_id"))
+
+
+def responder_groups(verdicts: pd.DataFrame, cfg: SplitConfig) -> dict[str, set[str]]:
+    """`safe` and `unsafe` responders: as configured, or (auto) split at the median safe rate the primary
+    judge measured — the safer half is `safe` (SPA-VL's responder-group ablation)."""
+    if cfg.responder_groups != "auto":
+        return {k: set(v) for k, v in cfg.responder_groups.items()}
+    responder = verdicts["response_id"].str.rsplit(":", n=1).str[1]
+    rates = verdicts.assign(responder=responder, safe=verdicts["safe"].astype("Float64")).dropna(subset=["safe"])
+    rates = rates.groupby("responder")["safe"].mean().sort_values(kind="stable")
+    names = list(rates.index)
+    half = len(names) // 2
+    return {"unsafe": set(names[:half]), "safe": set(names[len(names) - half:])}
+
+
+def _subset(train: pd.DataFrame, verdicts: pd.DataFrame, cfg: SplitConfig, report: dict[str, float]) -> pd.DataFrame:
+    """The ablation subset of train: question types, then responder group, then data scale."""
+    sub = cfg.subset
+    keep = train["qtype"].isin(sub.qtypes)
+    report["subset/removed_qtype"] = int((~keep).sum())
+    train = train[keep]
+    if sub.responders != "all":
+        group = responder_groups(verdicts, cfg)[sub.responders]
+        keep = train["chosen_responder"].isin(group) & train["rejected_responder"].isin(group)
+        report["subset/removed_responder_group"] = int((~keep).sum())
+        train = train[keep]
+    if sub.max_pairs is not None and len(train) > sub.max_pairs:
+        # One seeded order for every scale: the 1k subset is the first 1k of the 5k subset, and so on.
+        order = train.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:scale").randrange(2**31))
+        report["subset/removed_scale"] = len(train) - sub.max_pairs
+        train = order.iloc[: sub.max_pairs].sort_values("question_id")
+    return train
+
+
+def _mis_train(mis_cot: pd.DataFrame, held: set[str]) -> tuple[pd.DataFrame, int, int]:
+    """Usable MIS chain-of-thought targets whose images are all outside the test sets."""
+    shows_held = mis_cot["image_ids"].map(lambda ids: bool(set(ids) & held))
+    failed = mis_cot["error"].notna()
+    return (validate(mis_cot[~shows_held & ~failed].reset_index(drop=True), "mis_cot"),
+            int(shows_held.sum()), int((failed & ~shows_held).sum()))
+
+
+def _tests(rows: pd.DataFrame, pixels: "_Pixels") -> pd.DataFrame:
+    if rows.empty:
+        return pd.DataFrame(columns=["image", "question", *CLASS_COLUMNS])
+    return _with_image(rows.sort_values("question_id"), pixels).rename(columns={"text": "question"})
+
+
+class _Pixels:
+    """Each image's published {bytes, path} struct and name, looked up by image_id (dicts: a split of 100k
+    pairs does 100k lookups)."""
+
+    def __init__(self, images: pd.DataFrame) -> None:
+        names = ["/".join(parts) + f"/{i}.png" for i, *parts in
+                 images[["image_id", *CLASS_COLUMNS]].itertuples(index=False, name=None)]
+        self.name = dict(zip(images["image_id"], names))
+        self.png = dict(zip(images["image_id"], images["png"]))
+
+
+def _with_image(df: pd.DataFrame, pixels: _Pixels) -> pd.DataFrame:
+    """Attach the published `image` struct and `image_name` of each row's (only) image."""
     first = [ids[0] for ids in df["image_ids"]]
-    return df.assign(image=[_image_struct(pixels, i) for i in first],
-                     image_name=[_image_name(pixels, i) for i in first])
-
-
-def _image_struct(pixels: pd.DataFrame, image_id: str) -> dict[str, Any]:
-    return {"bytes": pixels.at[image_id, "png"], "path": _image_name(pixels, image_id)}
-
-
-def _image_name(pixels: pd.DataFrame, image_id: str) -> str:
-    row = pixels.loc[image_id]
-    return "/".join([*(row[c] for c in CLASS_COLUMNS), f"{image_id}.png"])
+    return df.assign(image=[{"bytes": pixels.png[i], "path": pixels.name[i]} for i in first],
+                     image_name=[pixels.name[i] for i in first])

@@ -1,10 +1,17 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import split_dataset
+from .release import export_release, write_dataset_card
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(split_dataset, ["preferences", "questions", "images", "params:split"],
-             ["train", "validation", "test_harm", "test_help"], name="split_dataset"),
+        Node(split_dataset, ["preferences", "questions", "images", "mis_cot", "verdicts", "params:split",
+                             "params:judge"],
+             ["train", "validation", "test_harm", "test_help", "mis_train", "pair_provenance", "split_metrics"],
+             name="split_dataset"),
+        Node(write_dataset_card, ["train", "validation", "test_harm", "test_help", "pair_provenance",
+                                  "params:split", "params:judge"], "dataset_card", name="write_dataset_card"),
+        Node(export_release, ["train", "validation", "test_harm", "test_help", "dataset_card"], "spa_vl_release",
+             name="export_release"),
     ])

@@ -12,13 +12,39 @@ from spavl_kedro.schema import validate
 PROVENANCES = {"released", "inferred_salad_bench"}
 
 
-def build_taxonomy(spec: dict[str, Any], params: dict[str, Any]) -> pd.DataFrame:
-    """Flatten the nested taxonomy file and check it has the published shape.
+def build_taxonomy(spec: dict[str, Any], release: dict[str, pd.DataFrame], params: dict[str, Any]) -> pd.DataFrame:
+    """The taxonomy from the file (`source: file`) or from the official release's labelled splits.
 
-    Raises ValueError naming the offending entry (by its path in the file) for a missing level or field,
-    a duplicated (domain, category, subcategory) triplet, or counts that differ from the expected ones.
+    The file is checked for the published shape: a ValueError names the offending entry (by its path in
+    the file) for a missing level or field, a duplicated (domain, category, subcategory) triplet, or counts
+    that differ from the expected ones.
     """
     expected = TaxonomyConfig.model_validate(params)
+    if expected.source == "official":
+        return _check_counts(_from_release(release, _from_spec(spec)), expected)
+    return _check_counts(_from_spec(spec), expected)
+
+
+def _from_release(release: dict[str, pd.DataFrame], described: pd.DataFrame) -> pd.DataFrame:
+    """The exact triplets of the release: sorted(set(zip(class1, class2, class3))) over its labelled splits
+    (validation, test harm, test help); descriptions and keywords come from the file where names match."""
+    labelled = [release[k] for k in ("validation", "test_harm", "test_help") if k in release]
+    if not labelled:
+        raise ValueError("taxonomy.source is 'official' but the release (spa_vl_official) has no validation or "
+                         "test split: set align.official_dir to the folder of the official SPA-VL release")
+    triplets = sorted({t for table in labelled for t in zip(table["class1"], table["class2"], table["class3"])})
+    known = described.set_index(["class1", "class2", "class3"])
+    rows = []
+    for triplet in triplets:
+        row = known.loc[triplet] if triplet in known.index else None
+        rows.append({"class1": triplet[0], "class2": triplet[1], "class3": triplet[2],
+                     "description": row["description"] if row is not None else triplet[2],
+                     "keywords": list(row["keywords"]) if row is not None else [triplet[2]],
+                     "provenance": "released"})
+    return pd.DataFrame(rows)
+
+
+def _from_spec(spec: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for i, domain in enumerate(_children(spec, "domains", "taxonomy")):
         dname = _name(domain, f"domains[{i}]")
@@ -36,7 +62,10 @@ def build_taxonomy(spec: dict[str, Any], params: dict[str, Any]) -> pd.DataFrame
                 rows.append({"class1": dname, "class2": cname, "class3": sname,
                              "description": sub["description"], "keywords": list(sub["keywords"]),
                              "provenance": sub["provenance"]})
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def _check_counts(table: pd.DataFrame, expected: TaxonomyConfig) -> pd.DataFrame:
     duplicated = table[table.duplicated(["class1", "class2", "class3"], keep="first")]
     if not duplicated.empty:
         first = duplicated.iloc[0]
