@@ -48,7 +48,7 @@ def test_tables_are_written(project):
     assert (export / "README.md").read_text().startswith("---\nlicense: cc-by-4.0")
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
-    assert (data / "06_models/policy_dpo_adapter/adapter_model.safetensors").exists()
+    assert (data / "06_models/aligned/dpo/adapter_model.safetensors").exists()
     assert "| metric | base | dpo |" in (data / "08_reporting/eval_report.md").read_text()
 
 
@@ -62,6 +62,8 @@ def test_mlflow_parent_and_child_runs(project):
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["generate.images.per_subcategory"] == "3"
     assert parent.data.params["align.dpo.beta"] == "0.1"
+    assert parent.data.params["align.trained"] == "dpo"  # method and data size, logged by the align node
+    assert int(parent.data.params["align.train_examples"]) > 0
     for model in ("base", "dpo"):
         assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate"] <= 1.0
     assert parent.data.metrics["judge/pairs"] > 0

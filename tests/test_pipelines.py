@@ -59,6 +59,7 @@ def world(base_params, taxonomy_spec, seed_text):
     catalog["response_shards_done"] = {}  # a first run: no shard on disk
     catalog["verdict_shards_done"] = {}
     catalog["spa_vl_official"] = {}  # no official release here: the taxonomy comes from its file
+    catalog["aligned_models_before"] = {}  # no earlier alignment run
     catalog["parameters"] = params
     for key, value in params.items():
         catalog[f"params:{key}"] = value
@@ -143,8 +144,8 @@ def test_split_stage_holds_out_test_images(world):
 
 
 def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
-    summary = load(world, "dpo_summary")
-    assert summary["train_pairs"] == len(load(world, "train"))
+    summary = load(world, "align_summary")
+    assert summary["method"] == "dpo" and summary["train_examples"] == len(load(world, "train"))
     assert summary["rewards/accuracies"] > 0.5
     metrics = {k: v["value"] for k, v in load(world, "eval_metrics").items()}
     base, dpo = metrics["eval/base/test_harm/sampled_unsafe_rate"], metrics["eval/dpo/test_harm/sampled_unsafe_rate"]
@@ -152,3 +153,29 @@ def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
     assert metrics["eval/dpo/test_harm/unsafe_rate"] <= metrics["eval/base/test_harm/unsafe_rate"]
     report = load(world, "eval_report")
     assert "test_harm/unsafe_rate" in report and "| metric | base | dpo |" in report
+
+
+@pytest.mark.parametrize("method", ["sft", "reward", "grpo", "rloo"])
+def test_every_alignment_method_trains_and_its_signal_moves(world, method):
+    """`--params align.method=<m>` on the same world: SFT loss falls, the reward model ranks held-out pairs,
+    online RL raises the mean reward (here the judge's: safe 1, unsafe 0)."""
+    import copy
+
+    params = copy.deepcopy(world.load("parameters"))
+    params["align"]["method"] = method
+    for name in ("sft", "reward", "grpo", "rloo"):
+        params["align"][name]["report_to"] = []
+    if method == "rloo":  # rewarded by the judge and by the reward model the reward case trained (runs first)
+        params["align"]["rl"] = {"reward_model": "reward", "model_weight": 0.5, "judge_weight": 1.0}
+    world["params:align"] = params["align"]
+    SequentialRunner().run(register_pipelines()["align"].only_nodes("train_aligned"), world)
+    if method == "reward":  # what the next run finds on disk as aligned_models_before
+        world["aligned_models_before"] = dict(world.load("aligned_models"))
+    summary = world.load("align_summary")
+    assert summary["method"] == method and method in world.load("aligned_models")
+    if method == "sft":
+        assert summary["loss_last"] < 0.8 * summary["loss_first"], summary
+    elif method == "reward":
+        assert summary["eval_accuracy"] > 0.6, summary
+    else:
+        assert summary["reward_last"] > summary["reward_first"], summary

@@ -303,18 +303,68 @@ class PolicyConfig(Strict):
         return self
 
 
+class RLRewardConfig(Strict):
+    reward_model: str | None = Field(None, description="name of a reward model in aligned_models (an earlier "
+                                                       "`align.method=reward` run), or None")
+    model_weight: float = Field(1.0, ge=0, description="weight of the reward model's score")
+    judge_weight: float = Field(0.0, ge=0, description="weight of the primary judge's verdict (safe 1, else 0)")
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if self.model_weight == 0 and self.judge_weight == 0:
+            raise ValueError("model_weight and judge_weight are both 0: the policy would get no reward")
+        if self.model_weight > 0 and self.reward_model is None:
+            raise ValueError("model_weight > 0 needs reward_model: the name of a trained reward model "
+                             "(run `--params align.method=reward` first), or set model_weight: 0")
+        return self
+
+
+METHODS = ("dpo", "sft", "reward", "grpo", "rloo")
+
+
 class AlignConfig(Strict):
+    method: Literal["dpo", "sft", "reward", "grpo", "rloo"] = Field(
+        "dpo", description="dpo | sft (chain-of-thought or chosen answers) | reward (a VLM reward model) | "
+                           "grpo / rloo (online RL against the reward model and/or the judge)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+                             description="name of the trained artifact and of its eval metrics; default: the method")
     train_source: Literal["ours", "official"] = Field(
         "ours", description="ours: this project's split (its published-layout export); official: the SPA-VL release")
     official_dir: str = Field("data/01_raw/spa_vl_official", description="folder of the official release "
                                                                          "(parquet configs or train.zip + JSON)")
+    sft_data: Literal["cot", "chosen"] = Field("cot", description="sft on MIS chain-of-thought targets (mis_train) "
+                                                                  "or on the chosen answers of train")
+    rl: RLRewardConfig = Field(default_factory=RLRewardConfig, description="reward of grpo / rloo")
     policy: PolicyConfig
-    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (see backends/training.py)")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (backends/training.py)")
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFTSettings fields (backends/sft.py)")
+    reward: dict[str, Any] = Field(default_factory=dict, description="RewardSettings fields (backends/reward.py)")
+    grpo: dict[str, Any] = Field(default_factory=dict, description="OnlineRLSettings fields (backends/online_rl.py)")
+    rloo: dict[str, Any] = Field(default_factory=dict, description="OnlineRLSettings fields (backends/online_rl.py)")
 
-    @model_validator(mode="after")
-    def _dpo_fields(self):
-        DPOSettings.model_validate({"output_dir": "unused", **self.dpo})
-        return self
+    @property
+    def artifact(self) -> str:
+        return self.name or self.method
+
+    @field_validator("dpo", "sft", "reward", "grpo", "rloo")
+    @classmethod
+    def _recipe(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Each recipe against its settings class, so `align.grpo: num_generations: ...` names the key."""
+        try:
+            recipe_settings()[info.field_name].model_validate({"output_dir": "unused", **recipe})
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return recipe
+
+
+def recipe_settings() -> dict[str, type[BaseModel]]:
+    """The settings class of each method's recipe (imported here: the backends import torch and TRL)."""
+    from spavl_kedro.backends.online_rl import OnlineRLSettings
+    from spavl_kedro.backends.reward import RewardSettings
+    from spavl_kedro.backends.sft import SFTSettings
+
+    return {"dpo": DPOSettings, "sft": SFTSettings, "reward": RewardSettings, "grpo": OnlineRLSettings,
+            "rloo": OnlineRLSettings}
 
 
 class EvaluateConfig(Strict):
@@ -349,6 +399,30 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, BaseModel]:
             for err in exc.errors():
                 path = ".".join(str(p) for p in (key, *err["loc"]))
                 problems.append(f"{path}: {err['msg']}")
+    if not problems:
+        problems += _cross_checks(result)
     if problems:
         raise ValueError("invalid parameters:\n  " + "\n  ".join(problems))
     return result
+
+
+def _cross_checks(cfg: dict[str, BaseModel]) -> list[str]:
+    """Settings that are valid alone but break training together, caught before any model loads."""
+    problems = []
+    align, generate, tiny = cfg["align"], cfg["generate"], cfg["tiny"]
+    if align.method == "sft" and align.sft_data == "cot" and align.train_source == "ours" \
+            and generate.mis.per_subcategory == 0:
+        problems.append("align.sft_data: 'cot' trains on MIS chain-of-thought targets, but "
+                        "generate.mis.per_subcategory is 0 (no MIS samples); set it above 0 or sft_data: chosen")
+    if align.method == "sft" and align.sft_data == "cot" and align.train_source == "official":
+        problems.append("align.sft_data: 'cot' needs this project's MIS targets; the official release has none "
+                        "(use sft_data: chosen)")
+    # Image tokens per image: the tiny model's (image_size / patch_size)^2; LLaVA-1.5's 576 otherwise.
+    per_image = (tiny.model.image_size // tiny.model.patch_size) ** 2 if align.policy.kind == "tiny" else 576
+    recipe = getattr(align, align.method)
+    cap = recipe.get("max_length")  # prompt + answer; None keeps whole sequences
+    if cap is not None and cap < 2 * per_image + 64:
+        problems.append(f"align.{align.method}.max_length: {cap} tokens would cut the image tokens "
+                        f"({per_image} per image, up to 2 images) out of prompts; use null or at least "
+                        f"{2 * per_image + 64}")
+    return problems

@@ -1,4 +1,4 @@
-"""DPO safety alignment of an image-text-to-text model with TRL and a LoRA adapter.
+"""DPO safety alignment of an image-text-to-text model with TRL: a LoRA adapter or a full fine-tune.
 
 This is the preference-optimisation step of SPA-VL: given (images, question, chosen, rejected) quadruples,
 teach the policy to prefer the safer answer. TRL's DPOTrainer does the work; this module only turns the
@@ -7,8 +7,20 @@ that matter on a small CPU machine.
 
 Choices worth knowing about:
 
-- LoRA with `ref_model=None`. The reference policy is then the same network with the adapter switched off,
-  so no second copy of the model is held in memory.
+- LoRA (the default) with `ref_model=None`. The reference policy is then the same network with the adapter
+  switched off, so no second copy of the model is held in memory.
+- Full fine-tuning (`lora=False`, SPA-VL's main recipe) needs a separate frozen reference: TRL would reload
+  one from `model.config.name_or_path`, which an in-memory model does not have, so we pass a deep copy.
+  Memory then holds the caller's model, the policy and the reference (three copies of the weights; the
+  caller's stays where it was loaded, usually host RAM) plus the gradient and AdamW's two moments of every
+  trainable weight. For LLaVA-1.5-7B in fp32: 28 GB per copy of the weights and ~80 GB of gradients and
+  optimiser state, hence the paper's DeepSpeed ZeRO-2 across 8 GPUs (conf/paper/accelerate/
+  deepspeed_zero2.yaml): it shards the ~80 GB, while every GPU still holds the policy and the reference.
+- Only the language model trains. The vision tower stays frozen in both modes; the multi-modal projector
+  trains too with `train_projector=True` (LoRA: a full copy saved through PEFT's `modules_to_save`).
+- Device and precision follow the hardware: a CUDA GPU when one is visible (bf16 mixed precision when it
+  supports bf16), otherwise the CPU in fp32. `use_cpu: true` forces the CPU. Under `torchrun` or
+  `accelerate launch` the trainer runs DDP (gloo on CPU); see `dpo_worker.py`.
 - The caller's model is copied before training. PEFT injects adapter layers into whatever module it is
   given and TRL patches that module's `forward`; without the copy the `VLM` passed in would silently become
   the trained policy, and the "before" side of any before/after comparison would be lost.
@@ -29,10 +41,11 @@ from typing import Iterator, Sequence
 
 import mlflow
 import pydantic
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from pydantic import Field
-from transformers import PrinterCallback
+from transformers import PreTrainedModel, PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from spavl_kedro.backends.tiny import VLM, user_message
@@ -55,12 +68,22 @@ _CURVE_KEYS = (
 # ~3 in 4 samples still well-formed.
 LANGUAGE_MLP = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
 
+# LLaVA-family module names (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision in transformers 5).
+VISION_TOWER = "vision_tower"
+PROJECTOR = "multi_modal_projector"
+
 
 class DPOSettings(pydantic.BaseModel):
     """Hyperparameters of one DPO run. Defaults are what moved a tiny LLaVA's sampled refusal rate on CPU."""
 
     beta: float = Field(0.1, gt=0, description="DPO temperature on the log-ratio margin; SPA-VL uses 0.1")
-    learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate for the LoRA weights")
+    lora: bool = Field(True, description="train a LoRA adapter; false: full fine-tune of the language model")
+    train_projector: bool = Field(
+        False, description="train the multi-modal projector too (LoRA: via modules_to_save); the vision tower never"
+    )
+    learning_rate: float = Field(
+        5e-4, gt=0, description="peak AdamW learning rate; SPA-VL: 2e-5 LoRA, 1e-6 full (full FT wants far less)"
+    )
     epochs: float = Field(2, gt=0, description="passes over the preference pairs (fractions allowed)")
     batch_size: int = Field(8, ge=1, description="pairs per device per optimisation micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
@@ -83,7 +106,9 @@ class DPOSettings(pydantic.BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="trade compute for memory; TRL turns it on by default, which only slows small models"
     )
-    use_cpu: bool = Field(True, description="train on CPU even when an accelerator is visible")
+    use_cpu: bool | None = Field(
+        None, description="None: a CUDA GPU when visible (bf16 if supported), else CPU fp32; true: always CPU"
+    )
 
     @pydantic.field_validator("lora_target_modules")
     @classmethod
@@ -123,17 +148,31 @@ def train_dpo(
     pairs: list[dict],
     settings: DPOSettings,
     eval_pairs: list[dict] | None = None,
-) -> tuple[PeftModel, dict[str, float]]:
-    """Train a LoRA adapter on `vlm` with DPO; return the adapted model and its final metrics.
+) -> tuple[PeftModel | PreTrainedModel, dict[str, float | str]]:
+    """Train `vlm` with DPO; return the trained model and its final metrics.
 
-    `vlm` is left untouched. The returned PeftModel is in eval mode and ready for cached generation with
-    `vlm.processor`. Metrics: `train_loss` (mean over the run), `loss` and `rewards/*` (last logged step),
-    `train_runtime`, `global_step`, and `eval_*` when `eval_pairs` are given.
+    `vlm` is left untouched. With `settings.lora` (the default) the model returned is a PeftModel holding
+    the adapter (and the projector copy when `train_projector`); with `lora=False` it is the fully
+    fine-tuned model itself (same class as `vlm.model`, e.g. LlavaForConditionalGeneration): save it with
+    `save_pretrained` next to `vlm.processor`. Either way it is in eval mode, on the training device, and
+    ready for cached generation with `vlm.processor`.
+
+    Metrics: `train_loss` (mean over the run), `loss` and `rewards/*` (last logged step; averaged over all
+    processes in a distributed run), `train_runtime`, `global_step`, `num_processes`, `eval_*` when
+    `eval_pairs` are given, and three strings read back from the trainer: `device` ("cpu", "cuda"),
+    `precision` ("fp32", "bf16"; see `resolve_device`) and `distributed` ("NO", "MULTI_CPU", "MULTI_GPU",
+    "DEEPSPEED").
     """
+    device, precision = resolve_device(settings)
     train_dataset = pairs_to_dataset(pairs)
     eval_dataset = pairs_to_dataset(eval_pairs) if eval_pairs else None
     model = copy.deepcopy(vlm.model)
     model.train()
+    ref_model = None
+    if not settings.lora:
+        # The reference must be the policy *before* training and must never change: a frozen copy.
+        ref_model = copy.deepcopy(vlm.model).eval().requires_grad_(False)
+        _freeze_for_full_finetune(model, settings.train_projector)
 
     args = DPOConfig(
         output_dir=settings.output_dir,
@@ -152,29 +191,24 @@ def train_dpo(
         seed=settings.seed,
         data_seed=settings.seed,
         max_length=settings.max_length,
-        # TRL switches bf16 on whenever fp16 is off; full precision keeps CPU runs exact and repeatable.
-        bf16=False,
+        # TRL switches bf16 on whenever fp16 is off, so it is always set explicitly: bf16 autocast on a GPU
+        # that supports it (SPA-VL trains in bf16), full precision on CPU, which keeps runs exact and repeatable.
+        bf16=precision == "bf16",
         fp16=False,
-        use_cpu=settings.use_cpu,
+        # On CPU this also makes `torchrun` / `accelerate launch --multi_gpu` ranks use gloo instead of NCCL.
+        use_cpu=device == "cpu",
         gradient_checkpointing=settings.gradient_checkpointing,
         dataloader_num_workers=0,  # on two cores, worker processes would only compete with training
         report_to=settings.report_to,
         run_name=settings.run_name,
         disable_tqdm=True,  # progress bars would flood pipeline logs; the curves live in MLflow
     )
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    peft_config = _lora_config(settings) if settings.lora else None
 
     with _child_run(settings):
         trainer = DPOTrainer(
             model=model,
-            ref_model=None,
+            ref_model=ref_model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -187,16 +221,73 @@ def train_dpo(
         result = trainer.train()
         eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
 
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    _prepare_for_generation(peft_model)
-    metrics = _final_metrics(trainer.state.log_history)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    _prepare_for_generation(trained)
+    metrics: dict[str, float | str] = dict(_final_metrics(trainer.state.log_history))
     metrics["train_loss"] = float(result.training_loss)
     metrics["global_step"] = float(trainer.state.global_step)
     metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
+    metrics["num_processes"] = float(trainer.accelerator.num_processes)
+    metrics["distributed"] = trainer.accelerator.distributed_type.value  # NO, MULTI_CPU, MULTI_GPU, DEEPSPEED
+    # What the trainer actually used: a launcher's mixed-precision setting (ACCELERATE_MIXED_PRECISION)
+    # would override `bf16=False`, so read it back rather than echo our request.
+    mixed = str(trainer.accelerator.mixed_precision)
+    metrics["device"] = trainer.accelerator.device.type
+    metrics["precision"] = "fp32" if mixed == "no" else mixed
     for key, value in eval_metrics.items():
         if key.startswith("eval_") and isinstance(value, (int, float)):
             metrics[key] = float(value)
-    return peft_model, metrics
+    return trained, metrics
+
+
+def resolve_device(settings: DPOSettings) -> tuple[str, str]:
+    """("cuda", "bf16"|"fp32") when a CUDA GPU is visible and `use_cpu` is not true, else ("cpu", "fp32")."""
+    cuda = torch.cuda.is_available()
+    if settings.use_cpu is False and not cuda:
+        raise ValueError("dpo.use_cpu is false but no CUDA device is visible: leave it unset (auto) or set true")
+    if settings.use_cpu or not cuda:
+        return "cpu", "fp32"
+    # A GPU without bf16 (pre-Ampere) trains in fp32: fp16 autocast needs loss scaling DPO gains nothing from.
+    return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _lora_config(settings: DPOSettings) -> LoraConfig:
+    # The vision tower never gets adapters, even with target "all-linear"; the projector is either trained
+    # whole (modules_to_save, which PEFT also keeps free of adapters) or left alone.
+    excluded = [VISION_TOWER] if settings.train_projector else [VISION_TOWER, PROJECTOR]
+    # A regex, not a list: a list entry only excludes the module of that exact name, not the linear layers
+    # inside it (model.vision_tower.vision_model...q_proj).
+    exclude = r".*\b(" + "|".join(excluded) + r")(\..*)?"
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_modules,
+        exclude_modules=exclude,
+        modules_to_save=[PROJECTOR] if settings.train_projector else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _freeze_for_full_finetune(model: torch.nn.Module, train_projector: bool) -> None:
+    """Freeze the vision tower (and the projector unless `train_projector`); everything else trains."""
+    frozen = [VISION_TOWER] if train_projector else [VISION_TOWER, PROJECTOR]
+    for name in frozen:
+        module = _find_module(model, name)
+        if module is None:
+            raise ValueError(
+                f"{type(model).__name__} has no '{name}' module: full fine-tuning only knows LLaVA-style "
+                f"models (vision_tower, multi_modal_projector, language_model)"
+            )
+        module.requires_grad_(False)
+
+
+def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    for path, module in model.named_modules():
+        if path == name or path.endswith("." + name):
+            return module
+    return None
 
 
 def _assistant(text: str) -> list[dict]:
@@ -210,19 +301,28 @@ def _child_run(settings: DPOSettings) -> Iterator[None]:
     With a run already active, transformers' MLflowCallback logs into it and leaves its lifetime to us.
     Two environment variables would make the callback start a run of its own instead (a grandchild, or a
     re-attach to some other run id), so they are neutralised for the duration and restored afterwards.
+
+    The callback logs asynchronously. Closing the run drains MLflow's queue (`end_run` shuts the queue
+    down), so the curves are complete without an explicit flush. By default MLflow's logging thread polls
+    its queue with a 1 s timeout and only sees the shutdown after that poll: ~1 s idle per flush or close,
+    which was 20-40% of a tiny CPU run (benchmarks/align_overhead.py). With a buffering interval set, the
+    thread waits on the stop event instead, wakes at once on close, and writes the buffered steps as one
+    batch; so one is set for the run unless the user chose their own.
     """
-    if "mlflow" not in settings.report_to:
+    # In a distributed run only rank 0 logs (transformers' callback checks the same); other ranks open nothing.
+    if "mlflow" not in settings.report_to or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_NESTED_RUN", "MLFLOW_RUN_ID")}
+    names = ("MLFLOW_NESTED_RUN", "MLFLOW_RUN_ID", "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS")
+    saved = {name: os.environ.get(name) for name in names}
     os.environ["MLFLOW_NESTED_RUN"] = "FALSE"
     os.environ.pop("MLFLOW_RUN_ID", None)
+    os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
     try:
-        # `with` marks the run FAILED on an exception and pops it, so the parent is active again either way.
+        # `with` marks the run FAILED on an exception and pops it, so the parent is active again either way;
+        # either way `end_run` drains the async logging queue first.
         with mlflow.start_run(run_name=settings.run_name, nested=True):
             yield
-            # The callback logs asynchronously; flush so the curves are complete when the run closes.
-            mlflow.flush_async_logging()
     finally:
         for name, value in saved.items():
             if value is None:
@@ -231,16 +331,16 @@ def _child_run(settings: DPOSettings) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _prepare_for_generation(peft_model: PeftModel) -> None:
-    peft_model.eval()
+def _prepare_for_generation(model: PeftModel | PreTrainedModel) -> None:
+    model.eval()
     # TRL computes log-probs through a forward it installs on the instance, a closure over the original
     # bound method. A deep copy (Kedro's MemoryDataset makes one by default) would keep calling the *original*
     # object's forward through that closure, so drop it and fall back to the class forward; generation
     # does not use the fused path anyway.
-    base = peft_model.get_base_model()
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.__dict__.pop("forward", None)
     # Without the KV cache, generation re-encodes the whole prefix each token: ~16x slower on tiny models.
-    peft_model.generation_config.use_cache = True
+    model.generation_config.use_cache = True
     text_config = base.config.get_text_config()
     if hasattr(text_config, "use_cache"):
         text_config.use_cache = True

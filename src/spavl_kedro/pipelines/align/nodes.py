@@ -1,8 +1,10 @@
-"""align: the base policy, and DPO on the preference split.
+"""align: the base policy, and one training method per run on the split (or the official release).
 
 The base policy is configuration: a tiny LLaVA bootstrapped to comply too often (embedded default) or a
-real model such as LLaVA-1.5-7B (paper profile). DPO trains a LoRA adapter with TRL; the adapter, not a
-full copy of the policy, is the catalog artifact.
+real model such as LLaVA-1.5-7B (paper profile). `align.method` picks DPO, SFT (MIS chain-of-thought or
+chosen answers), a VLM reward model, or GRPO / RLOO against that reward model and/or the judge; the
+method's recipe is `align.<method>`. The result joins `aligned_models` under `align.name` (default: the
+method), next to the models of earlier runs; a LoRA run stores the adapter, not a copy of the policy.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import tempfile
 from typing import Any
 
 import pandas as pd
+from peft import PeftModel
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
+from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
+from spavl_kedro.backends.reward import RewardModel, RewardSettings, train_reward
+from spavl_kedro.backends.sft import SFTSettings, train_sft
 from spavl_kedro.backends.training import DPOSettings, train_dpo
 from spavl_kedro.backends.vlm import decode_image, load_vlm
 from spavl_kedro.config import AlignConfig, TinyConfig
+from spavl_kedro.pipelines.judge.nodes import primary_judge
 from spavl_kedro.pipelines.generate.nodes import seed_examples
 
 
@@ -51,19 +58,88 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
              "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]
 
 
-def train_dpo_policy(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame,
-                     params: dict[str, Any]) -> tuple[LoraAdapter, dict[str, Any]]:
-    """DPO with a LoRA adapter; the reference model is the adapter-disabled base (TRL's default with PEFT).
+def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
+                  images: pd.DataFrame, aligned_before: dict[str, Any], credentials: dict[str, Any],
+                  params: dict[str, Any], judge_params: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train with `align.method` and its recipe; returns {name: artifact} for `aligned_models`, the summary,
+    and the run parameters (method, data size, key hyperparameters) for the parent MLflow run.
 
-    Training logs to a nested MLflow child run (loss, rewards/accuracies, rewards/margins curves).
+    dpo / sft / grpo / rloo give a policy (a LoRA adapter, or a full fine-tune); reward gives a reward model.
+    Training logs its curves to a nested MLflow child run.
     """
     cfg = AlignConfig.model_validate(params)
-    if train.empty:
-        raise ValueError("train split is empty: nothing to align on")
-    with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:
-        settings = DPOSettings.model_validate({**cfg.dpo, "output_dir": scratch})
-        model, metrics = train_dpo(policy_base, _pairs(train), settings,
-                                   eval_pairs=_pairs(validation) if len(validation) else None)
-    summary = {"train_pairs": len(train), "validation_pairs": len(validation), **metrics,
+    recipe = getattr(cfg, cfg.method)
+    data, held_out = _training_data(cfg, train, validation, mis_train, images)
+    if not data:
+        raise ValueError(f"align.method '{cfg.method}': no training examples (train_source {cfg.train_source})")
+    with tempfile.TemporaryDirectory(prefix=f"{cfg.method}-") as scratch:
+        run = {**recipe, "output_dir": scratch}
+        if cfg.method == "dpo":
+            settings = DPOSettings.model_validate(run)
+            model, metrics = train_dpo(policy_base, data, settings, eval_pairs=held_out or None)
+            artifact = LoraAdapter.from_peft(model) if isinstance(model, PeftModel) else VLM(model=model, processor=policy_base.processor)
+        elif cfg.method == "sft":
+            settings = SFTSettings.model_validate(run)
+            policy, adapter, metrics = train_sft(policy_base, data, settings, eval_examples=held_out or None)
+            artifact = adapter if adapter is not None else policy
+        elif cfg.method == "reward":
+            settings = RewardSettings.model_validate(run)
+            artifact, metrics = train_reward(policy_base, data, settings, eval_pairs=held_out or None)
+        else:
+            settings = OnlineRLSettings.model_validate({**run, "algorithm": cfg.method})
+            reward_fn = _rl_reward(cfg, aligned_before, credentials, judge_params)
+            artifact, metrics = train_online_rl(policy_base, data, reward_fn, settings)
+    summary = {"method": cfg.method, "name": cfg.artifact, "train_source": cfg.train_source,
+               "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
-    return LoraAdapter.from_peft(model), summary
+    run_params = {"align.trained": cfg.artifact, "align.train_examples": len(data),
+                  "align.validation_examples": len(held_out)}
+    return {cfg.artifact: artifact}, summary, run_params
+
+
+def _training_data(cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
+                   images: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft), prompts (RL)."""
+    if cfg.method in ("dpo", "reward"):
+        return _pairs(train), _pairs(validation)
+    if cfg.method == "sft" and cfg.sft_data == "cot":
+        pixels = dict(zip(images["image_id"], images["png"]))
+        examples = [{"images": [decode_image(pixels[i]) for i in r.image_ids], "question": r.question,
+                     "target": r.target} for r in mis_train.itertuples(index=False)]
+        n_eval = len(examples) // 10
+        return examples[n_eval:], examples[:n_eval]
+    if cfg.method == "sft":
+        def chosen(split):
+            return [{"images": [decode_image(r.image["bytes"])], "question": r.question, "target": r.chosen}
+                    for r in split.itertuples(index=False)]
+        return chosen(train), chosen(validation)
+    unique = train.drop_duplicates("question")  # RL needs prompts only; one per question
+    return [{"images": [decode_image(r.image["bytes"])], "question": r.question}
+            for r in unique.itertuples(index=False)], []
+
+
+def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],
+               judge_params: dict[str, Any]):
+    """The weighted sum of the reward model's score and the primary judge's verdict (safe 1, else 0)."""
+    parts = []
+    if cfg.rl.model_weight > 0:
+        if cfg.rl.reward_model not in aligned_before:
+            raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_models "
+                             f"(have: {sorted(aligned_before)}); train it with --params align.method=reward")
+        entry = aligned_before[cfg.rl.reward_model]
+        # the catalog gives a loader, memory the model itself (a Module, so callable too: test the type)
+        model = entry if isinstance(entry, (RewardModel, LoraAdapter, VLM)) else entry()
+        if not isinstance(model, RewardModel):
+            raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is a policy, not a reward model")
+        parts.append((cfg.rl.model_weight, model.score))
+    if cfg.rl.judge_weight > 0:
+        parts.append((cfg.rl.judge_weight, judge_reward(primary_judge(judge_params, credentials))))
+
+    def reward(items: list[dict]) -> list[float]:
+        total = [0.0] * len(items)
+        for weight, fn in parts:
+            total = [t + weight * r for t, r in zip(total, fn(items))]
+        return total
+
+    return reward

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import prepare_policy, select_training_pairs, train_dpo_policy
+from .nodes import prepare_policy, select_training_pairs, train_aligned
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -9,6 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
              "policy_base", name="prepare_policy"),
         Node(select_training_pairs, ["spa_vl_release", "spa_vl_official", "params:align"],
              ["align_train", "align_validation"], name="select_training_pairs"),
-        Node(train_dpo_policy, ["policy_base", "align_train", "align_validation", "params:align"],
-             ["policy_dpo_adapter", "dpo_summary"], name="train_dpo_policy"),
+        Node(train_aligned, ["policy_base", "align_train", "align_validation", "mis_train", "images",
+                             "aligned_models_before", "api_credentials", "params:align", "params:judge"],
+             ["aligned_models", "align_summary", "align_run_params"], name="train_aligned"),
     ])

@@ -1,4 +1,8 @@
-"""evaluate: base and aligned policy answer the held-out test sets; the judge scores them.
+"""evaluate: the base policy and every aligned policy answer the held-out test sets; the judge scores them.
+
+`aligned_models` holds one entry per alignment run (named by `align.name`, the method by default): a LoRA
+adapter is merged into a copy of the base, a full fine-tune is used as it is, a reward model is not a
+policy and is skipped. So a run of `--params align.method=sft` after a DPO run evaluates base, dpo and sft.
 
 Decoding is greedy (as SPA-VL evaluates) plus `samples` sampled answers per question, because greedy
 decoding on tiny models is all-or-nothing (the first token decides). Metrics go to the parent MLflow run
@@ -13,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
+from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.config import EvaluateConfig
@@ -22,8 +27,22 @@ from spavl_kedro.pipelines.judge.nodes import primary_judge
 from spavl_kedro.schema import CLASS_COLUMNS, validate
 
 
-def merge_adapter(policy_base: VLM, adapter: LoraAdapter) -> VLM:
-    return apply_adapter(policy_base, adapter)
+def answer_policies(policy_base: VLM, aligned_models: dict[str, Any], test_harm: pd.DataFrame,
+                    test_help: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """Answers of the base policy and of each aligned policy, loaded one at a time."""
+    frames = [answer_tests(policy_base, test_harm, test_help, params, model="base")]
+    for name in sorted(aligned_models):
+        entry = aligned_models[name]
+        # the catalog gives loaders, memory the models (a reward model is a Module, callable too: test types)
+        artifact = entry if isinstance(entry, (LoraAdapter, VLM, RewardModel)) else entry()
+        if isinstance(artifact, LoraAdapter):
+            policy = apply_adapter(policy_base, artifact)
+        elif isinstance(artifact, VLM):
+            policy = artifact
+        else:  # a reward model scores answers; it does not write them
+            continue
+        frames.append(answer_tests(policy, test_harm, test_help, params, model=name))
+    return pd.concat(frames, ignore_index=True)
 
 
 def answer_tests(policy: VLM, test_harm: pd.DataFrame, test_help: pd.DataFrame, params: dict[str, Any],
@@ -46,15 +65,14 @@ def answer_tests(policy: VLM, test_harm: pd.DataFrame, test_help: pd.DataFrame, 
     return validate(pd.concat(frames, ignore_index=True), "answers")
 
 
-def score_answers(answers_base: pd.DataFrame, answers_dpo: pd.DataFrame, credentials: dict[str, Any],
-                  judge_params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str]:
+def score_answers(answers: pd.DataFrame, credentials: dict[str, Any], judge_params: dict[str, Any]
+                  ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str]:
     """Judge every answer; unsafe rate on test_harm, refusal rate on test_help, per model and decoding.
 
     An answer that failed to generate is counted as unsafe on test_harm (a failure is never "safe") and
     reported in `failed_rate`.
     """
     judge = primary_judge(judge_params, credentials)
-    answers = pd.concat([answers_base, answers_dpo], ignore_index=True)
     generated = answers["text"].notna()
     judged = iter(judge.verdicts([JudgeItem(q, t) for q, t in answers.loc[generated, ["question", "text"]]
                                   .itertuples(index=False)]))
@@ -89,7 +107,7 @@ def _describe(judge) -> str:
 
 
 def _report(metrics: dict[str, float], judge, scores: pd.DataFrame) -> str:
-    models = sorted(scores["model"].unique())
+    models = ["base", *sorted(set(scores["model"]) - {"base"})]
     names = sorted({k.split("/", 3)[2] + "/" + k.split("/", 3)[3] for k in metrics})
     lines = ["# Evaluation report", "",
              f"Judge: `{judge.name}` ({_describe(judge)}). "

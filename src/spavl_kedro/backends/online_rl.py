@@ -1,0 +1,258 @@
+"""Online RL safety alignment of an image-text-to-text model: GRPO or RLOO against a reward function.
+
+SPA-VL's third training method is PPO: the policy samples answers, its VLM reward model scores them, and
+the update follows a KL-penalised advantage (kl 0.1 to the starting policy, lr 5e-7). TRL 1.16 no longer
+ships PPO (it went with the value-head models), so this module stands in two critic-free relatives that
+TRL does ship, both of which accept vision-language models and arbitrary Python reward functions:
+
+- GRPO samples `num_generations` answers per prompt and uses the group's mean reward as the baseline
+  (advantage = (r - mean) / std within the group). The KL to the reference enters the *loss*, per token,
+  weighted by `beta`.
+- RLOO samples the same groups and uses a leave-one-out baseline (advantage = r - mean of the other
+  answers to the same prompt). The KL to the reference is subtracted from the *reward*, summed over the
+  sequence and weighted by `beta`: the PPO-RLHF recipe SPA-VL followed, minus the critic.
+
+What PPO gets from its value head (a baseline that lowers the variance of the policy gradient) these get
+from the other samples of the same prompt, so no second network is trained and no value loss has to be
+balanced. `beta` keeps the policy near the reference as PPO's kl coefficient did; 0.1 by default, as in
+SPA-VL. With LoRA the reference is the same network with the adapter switched off, as in `training.py`.
+
+The project's rewards (its VLM reward model's scores, a judge's safe -> 1 / unsafe -> 0, or a weighted sum)
+are one callable on `{"images", "question", "response"}` records; `train_online_rl` adapts it to TRL's
+reward-function signature, where images arrive through the `images` keyword and completions as chat turns.
+
+The caller's model is copied before training and curves go to a nested MLflow run, for the reasons given
+in `training.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import pydantic
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from PIL import Image
+from pydantic import Field
+from transformers import PrinterCallback
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.judges import Judge, JudgeItem
+from spavl_kedro.backends.tiny import VLM, user_message
+from spavl_kedro.backends.training import LANGUAGE_MLP, _child_run
+
+RewardFn = Callable[[list[dict]], list[float]]
+
+_TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+
+
+# Defaults measured on a tiny LLaVA bootstrapped to refuse ~30% of the time, keyword-judge reward (refusal = 1),
+# 16 steps of 4 prompts x 4 answers x 16 tokens, beta 0.1: LoRA on the language MLPs at lr 6e-3 took the reward
+# from 0.33 to 0.77 (GRPO) and 0.34 to 0.69 (RLOO); lr 3e-3 gained about half as much. Full weights at lr 1e-3:
+# GRPO 0.27 -> 0.69, but RLOO collapsed onto empty answers (its KL penalty is summed over the sequence, so the
+# shortest answer pays the least); `completion_length` in the metrics shows such a collapse.
+class OnlineRLSettings(pydantic.BaseModel):
+    """Hyperparameters of one GRPO or RLOO run. Defaults suit a tiny LLaVA on CPU; the paper profile overrides."""
+
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="group-mean baseline (grpo) or leave-one-out (rloo)")
+    learning_rate: float = Field(
+        6e-3, gt=0, description="peak AdamW learning rate, decayed linearly; SPA-VL's PPO: 5e-7 on full weights"
+    )
+    epochs: float = Field(1, gt=0, description="passes over the prompts (fractions allowed)")
+    batch_size: int = Field(4, ge=1, description="prompts per optimiser step; each is answered num_generations times")
+    num_generations: int = Field(4, ge=2, description="sampled answers per prompt; the baseline comes from this group")
+    max_completion_length: int = Field(32, ge=1, description="new tokens sampled per answer")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the group needs diverse answers")
+    beta: float = Field(0.1, ge=0, description="KL coefficient to the reference policy; SPA-VL's PPO used kl 0.1")
+    lora: bool = Field(True, description="train a LoRA adapter (True) or every weight of the copy (False)")
+    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input path")
+    lora_target_modules: list[str] | str = Field(
+        LANGUAGE_MLP, description="module names, a full-match regex, or 'all-linear' (see LANGUAGE_MLP for why)"
+    )
+    seed: int = Field(0, description="seeds adapter init, prompt order and sampling")
+    logging_steps: int = Field(1, ge=1, description="optimiser steps averaged into one logged metric point")
+    report_to: list[str] = Field(["mlflow"], description="transformers loggers; 'mlflow' gives a nested run")
+    run_name: str = Field("online_rl", description="name of the nested MLflow run")
+    output_dir: str = Field(description="scratch directory for trainer state (and the full-weight reference)")
+    use_cpu: bool = Field(True, description="train on CPU even when an accelerator is visible")
+
+
+def judge_reward(judge: Judge) -> RewardFn:
+    """A reward function from a judge: 1.0 for a safe verdict, 0.0 for unsafe *and* undecided ones.
+
+    >>> from spavl_kedro.backends.judges import KeywordJudge
+    >>> judge_reward(KeywordJudge())([{"images": [], "question": "q", "response": "I cannot help."},
+    ...                               {"images": [], "question": "q", "response": "Sure, step 1."}])
+    [1.0, 0.0]
+    """
+
+    def reward(items: list[dict]) -> list[float]:
+        judged = [JudgeItem(item["question"], item["response"], tuple(_png(i) for i in item["images"]))
+                  for item in items]
+        return [1.0 if verdict.safe is True else 0.0 for verdict in judge.verdicts(judged)]
+
+    return reward
+
+
+def prompts_to_dataset(prompts: Sequence[dict]) -> Dataset:
+    """Prompts as a TRL conversational vision dataset: `prompt` with one image slot per image, `images`,
+    and `question` (kept as a column so the reward function gets the question without parsing the chat)."""
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    rows = []
+    for n, prompt in enumerate(prompts):
+        images = list(prompt.get("images") or [])
+        if not images:
+            raise ValueError(f"prompt {n} has no images; online RL here is for image-grounded prompts")
+        rows.append({"prompt": user_message(prompt["question"], len(images)), "images": images,
+                     "question": prompt["question"]})
+    return Dataset.from_list(rows)
+
+
+def train_online_rl(
+    vlm: VLM,
+    prompts: Sequence[dict],
+    reward_fn: RewardFn,
+    settings: OnlineRLSettings,
+) -> tuple[LoraAdapter | VLM, dict[str, float]]:
+    """Optimise a copy of `vlm` for `reward_fn` on `prompts` with GRPO or RLOO; `vlm` is left untouched.
+
+    `prompts`: `{"images": [PIL.Image, ...], "question": str}` each (one image for SPA-VL, two for MIS).
+    `reward_fn`: called on `{"images", "question", "response"}` records, one float per record.
+    Returns a `LoraAdapter` (settings.lora) or a new `VLM` ready for cached generation, and metrics:
+    `reward_first` / `reward_last` (mean reward of the first and last logged points), `reward_mean` (over all
+    logged points), `kl` and `kl_first` (TRL's per-token KL estimate to the reference, when beta > 0: GRPO's is
+    never negative, RLOO's first-order log-ratio can be), `completion_length` (mean tokens per answer at the last
+    point: a collapse shows here), `train_runtime`, `global_step`.
+    """
+    dataset = prompts_to_dataset(prompts)
+    config_cls, trainer_cls = _TRAINERS[settings.algorithm]
+    model = copy.deepcopy(vlm.model)
+    model.train()
+    original_name = model.config._name_or_path
+    if not settings.lora and settings.beta > 0:
+        # Without an adapter to switch off, TRL builds the reference by loading `config._name_or_path` again;
+        # an in-memory model (a bootstrapped tiny one) has no such path, so give it one: the copy as it starts.
+        reference_dir = Path(settings.output_dir) / "reference"
+        model.save_pretrained(reference_dir)
+        model.config._name_or_path = str(reference_dir)
+
+    args = config_cls(
+        output_dir=settings.output_dir,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        # TRL counts completions, not prompts, per device batch; a batch must hold whole groups.
+        per_device_train_batch_size=settings.batch_size * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=False,  # TRL turns bf16 on unless fp16 is set; full precision keeps CPU runs exact and repeatable
+        fp16=False,
+        use_cpu=settings.use_cpu,
+        activation_checkpointing=False,  # TRL turns it on (as gradient_checkpointing); it only slows small models
+        dataloader_num_workers=0,
+        report_to=settings.report_to,
+        run_name=settings.run_name,
+        disable_tqdm=True,
+    )
+    peft_config = None
+    if settings.lora:
+        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                                 target_modules=settings.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+
+    with _child_run(settings):
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=_trl_reward(reward_fn),
+            args=args,
+            train_dataset=dataset,
+            processing_class=vlm.processor,
+            peft_config=peft_config,
+        )
+        model.config._name_or_path = original_name
+        trainer.remove_callback(PrinterCallback)  # log rows already go to MLflow and `log_history`
+        result = trainer.train()
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    metrics = _curve_metrics(trainer.state.log_history)
+    metrics["global_step"] = float(trainer.state.global_step)
+    metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
+    if isinstance(trained, PeftModel):
+        return LoraAdapter.from_peft(trained), metrics
+    _enable_cache(trained)
+    return VLM(model=trained, processor=vlm.processor), metrics
+
+
+def _trl_reward(reward_fn: RewardFn) -> Callable[..., list[float]]:
+    """`reward_fn` behind TRL's reward-function signature.
+
+    TRL calls it with `prompts` and `completions` (chat turns, since the prompts are conversational) plus
+    every other dataset column as a keyword, repeated once per completion: `images` and `question` here.
+    """
+
+    def reward(prompts: list, completions: list, images: list, question: list, **_: Any) -> list[float]:
+        items = [{"images": list(imgs or []), "question": q, "response": _text(completion)}
+                 for imgs, q, completion in zip(images, question, completions, strict=True)]
+        scores = [float(score) for score in reward_fn(items)]
+        if len(scores) != len(items):
+            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(items)} responses; it must "
+                             "return exactly one float per response")
+        return scores
+
+    return reward
+
+
+def _text(completion: Any) -> str:
+    """A completion's text: TRL passes `[{"role": "assistant", "content": str}]` for chat prompts."""
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def _png(image: Image.Image | bytes) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _curve_metrics(log_history: list[dict]) -> dict[str, float]:
+    """First / last / mean of the reward curve and the last logged KL and completion length."""
+    points = [entry for entry in log_history if "reward" in entry]
+    if not points:
+        return {}
+    rewards = [float(entry["reward"]) for entry in points]
+    metrics = {"reward_first": rewards[0], "reward_last": rewards[-1], "reward_mean": sum(rewards) / len(rewards)}
+    kls = [float(entry["kl"]) for entry in points if "kl" in entry]
+    if kls:
+        metrics["kl_first"], metrics["kl"] = kls[0], kls[-1]
+    if "completions/mean_length" in points[-1]:
+        metrics["completion_length"] = float(points[-1]["completions/mean_length"])
+    return metrics
+
+
+def _enable_cache(model: torch.nn.Module) -> None:
+    """Eval mode and the KV cache back on for a fully fine-tuned policy (~16x faster generation)."""
+    model.eval()
+    model.generation_config.use_cache = True
+    text_config = model.config.get_text_config()
+    if hasattr(text_config, "use_cache"):
+        text_config.use_cache = True

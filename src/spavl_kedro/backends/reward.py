@@ -1,0 +1,288 @@
+"""A vision-language reward model: a LLaVA backbone plus a scalar head, trained with a Bradley-Terry loss.
+
+SPA-VL's reward model is LLaVA with a linear head on the last token, trained on (image, question, chosen,
+rejected) quadruples (lr 3e-5, batch 32, 1 epoch). TRL's RewardTrainer only takes text models, so this
+module holds a small trainer of its own:
+
+- `RewardModel`: the image-text-to-text model run with `output_hidden_states=True`; the language model's
+  last-layer hidden state at the last non-pad token goes through `Linear(hidden, 1)`. The text scored is the
+  chat prompt (images, question) followed by " response</s>", the same layout the policies are trained on.
+- `train_reward`: a plain torch loop (AdamW, linear decay), not a `transformers.Trainer` subclass. A Trainer
+  would need a custom collator, `remove_unused_columns=False`, a `compute_loss` and a `prediction_step`
+  override for paired inputs, and would still not report pairwise accuracy; the loop is a screen of code,
+  encodes every image once, and logs exactly the curves we want (loss, accuracy) with explicit steps.
+- The head starts at zero, so every pair starts at reward 0 vs 0: the first logged loss is log 2 = 0.693
+  and the backbone is not pushed around by a random head before the head has learned a direction.
+- LoRA (`lora=True`) is merged into the backbone after training: the returned model is always a plain
+  transformers model plus a head, which is what `save_reward_model` writes and GRPO/RLOO reward functions
+  call.
+
+Example (a random tiny model; see tests/test_sft_reward.py for one that learns):
+
+>>> from PIL import Image
+>>> from spavl_kedro.backends.tiny import TinyModelConfig, VLM, build_model, build_processor
+>>> processor = build_processor(["what is in the picture", "I cannot help", "Sure, here"] * 10, TinyModelConfig())
+>>> rm = RewardModel(VLM(build_model(processor, TinyModelConfig(), seed=0), processor))
+>>> rm.score([{"images": [Image.new("RGB", (32, 32))], "question": "what is it?", "response": "a cat"}])
+[0.0]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import pydantic
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from spavl_kedro.backends.tiny import VLM, user_message
+from spavl_kedro.backends.training import LANGUAGE_MLP, _child_run
+from spavl_kedro.backends.vlm import load_vlm
+
+HEAD_WEIGHTS = "reward_head.safetensors"
+HEAD_CONFIG = "reward_head.json"
+
+
+class RewardSettings(pydantic.BaseModel):
+    """Hyperparameters of one reward-model run. Defaults separate refusals from compliances on a tiny LLaVA."""
+
+    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
+    epochs: int = Field(3, ge=1, description="passes over the preference pairs")
+    batch_size: int = Field(8, ge=1, description="pairs per optimisation step (each pair is two sequences)")
+    lora: bool = Field(False, description="train a LoRA adapter plus the head (True) or every weight (False)")
+    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices (lora=True only)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input path")
+    lora_target_modules: list[str] | str = Field(
+        LANGUAGE_MLP, description="module names, a full-match regex, or 'all-linear' (lora=True only)"
+    )
+    seed: int = Field(0, description="seeds adapter init and pair order")
+    logging_steps: int = Field(1, ge=1, description="optimiser steps averaged into one logged curve point")
+    report_to: list[str] = Field(["mlflow"], description="'mlflow' logs params and curves to a nested run")
+    run_name: str = Field("reward", description="name of the nested MLflow run")
+    output_dir: str | None = Field(
+        None, description="unused by the plain loop (nothing is checkpointed); kept so recipes match the others"
+    )
+
+
+class RewardModel(torch.nn.Module):
+    """Scalar reward of (images, question, response): a VLM's last hidden state at the last real token -> Linear."""
+
+    def __init__(self, vlm: VLM, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.backbone = vlm.model
+        self.processor = vlm.processor
+        hidden = self.backbone.config.get_text_config().hidden_size
+        if head is None:
+            head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+        self.head = head.to(dtype=next(self.backbone.parameters()).dtype)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
+        """Rewards of a padded batch, shape (batch,)."""
+        outputs = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            logits_to_keep=1,  # the LM head is not used; skip most of its (vocab x length) work
+            use_cache=False,
+        )
+        hidden = outputs.hidden_states[-1]
+        # Position of the last attended token, whichever side the padding is on.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(pooled).squeeze(-1)
+
+    @torch.inference_mode()
+    def score(self, items: Sequence[dict], batch_size: int = 8) -> list[float]:
+        """Rewards of `{"images", "question", "response"}` items, in order; the model is left in eval mode."""
+        self.eval()
+        encoded = [_encode(self.processor, item["images"], item["question"], item["response"]) for item in items]
+        pad_id = self.processor.tokenizer.pad_token_id
+        scores: list[float] = []
+        for start in range(0, len(encoded), batch_size):
+            scores.extend(self(**_collate(encoded[start : start + batch_size], pad_id)).tolist())
+        return scores
+
+
+def train_reward(
+    vlm: VLM,
+    pairs: Sequence[dict],
+    settings: RewardSettings,
+    eval_pairs: Sequence[dict] | None = None,
+) -> tuple[RewardModel, dict[str, float]]:
+    """Train a reward model on a copy of `vlm` from `{"images", "question", "chosen", "rejected"}` pairs.
+
+    Loss per pair: -log sigmoid(r_chosen - r_rejected). Returns the trained `RewardModel` (eval mode, LoRA
+    merged) and metrics: `loss_first` / `loss_last` (first and last logged curve point), `train_loss`
+    (mean over the run), `train_accuracy` / `train_margin` (the trained model re-scored on the training
+    pairs), `global_step`, and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with
+    r_chosen > r_rejected; ties count as wrong) and `eval_margin` (mean r_chosen - r_rejected).
+    `vlm` itself is left untouched.
+    """
+    if not pairs:
+        raise ValueError("no preference pairs to train the reward model on")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    backbone = copy.deepcopy(vlm.model)
+    if settings.lora:
+        config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.lora_target_modules,
+            bias="none",
+        )
+        backbone = get_peft_model(backbone, config)
+    model = RewardModel(VLM(backbone, vlm.processor))
+    encoded = _encode_pairs(vlm.processor, pairs)
+    pad_id = vlm.processor.tokenizer.pad_token_id
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    steps = settings.epochs * math.ceil(len(encoded) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+
+    track = "mlflow" in settings.report_to
+    curve: list[tuple[float, float]] = []  # (loss, accuracy) per logged point
+    window: list[tuple[float, float]] = []
+    all_losses: list[float] = []
+    step = 0
+    with _child_run(settings):
+        if track:
+            mlflow.log_params(settings.model_dump())
+        model.train()
+        for epoch in range(settings.epochs):
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            for start in range(0, len(order), settings.batch_size):
+                batch = [encoded[i] for i in order[start : start + settings.batch_size]]
+                chosen, rejected = _pair_rewards(model, batch, pad_id)
+                loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                window.append((loss.item(), (chosen > rejected).float().mean().item()))
+                all_losses.append(window[-1][0])
+                if step % settings.logging_steps == 0 or step == steps:
+                    point = (sum(w[0] for w in window) / len(window), sum(w[1] for w in window) / len(window))
+                    curve.append(point)
+                    window = []
+                    if track:
+                        mlflow.log_metrics({"loss": point[0], "accuracy": point[1],
+                                            "epoch": epoch + start / len(order)}, step=step)
+        model.eval()
+        if settings.lora:
+            model.backbone = model.backbone.merge_and_unload()
+        metrics = {"loss_first": curve[0][0], "loss_last": curve[-1][0],
+                   "train_loss": sum(all_losses) / len(all_losses), "global_step": float(step)}
+        metrics.update(_prefixed("train_", evaluate_pairs(model, pairs)))
+        if eval_pairs:
+            metrics.update(_prefixed("eval_", evaluate_pairs(model, eval_pairs)))
+        if track:
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("train_", "eval_"))}, step=step)
+            mlflow.flush_async_logging()
+    return model, metrics
+
+
+def evaluate_pairs(model: RewardModel, pairs: Sequence[dict], batch_size: int = 8) -> dict[str, float]:
+    """Bradley-Terry loss, pairwise accuracy (strictly r_chosen > r_rejected) and mean margin on `pairs`."""
+    def side(key: str) -> torch.Tensor:
+        items = [{"images": p["images"], "question": p["question"], "response": p[key]} for p in pairs]
+        return torch.tensor(model.score(items, batch_size))
+
+    chosen, rejected = side("chosen"), side("rejected")
+    margin = chosen - rejected
+    return {
+        "loss": float(-torch.nn.functional.logsigmoid(margin).mean()),
+        "accuracy": float((margin > 0).float().mean()),
+        "margin": float(margin.mean()),
+    }
+
+
+def save_reward_model(model: RewardModel, directory: str) -> None:
+    """Write the backbone and processor (a plain model directory, loadable by `load_vlm`) plus the head."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(path)
+    model.processor.save_pretrained(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(path / HEAD_WEIGHTS))
+    config = {
+        "kind": "spavl_reward_model",
+        "version": 1,
+        "hidden_size": model.head.in_features,
+        "pooling": "last non-pad token of the language model's last hidden layer",
+        "text_layout": "chat prompt (images, question) + ' ' + response + eos",
+    }
+    (path / HEAD_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_reward_model(directory: str) -> RewardModel:
+    """Inverse of `save_reward_model`; the model comes back in eval mode."""
+    path = Path(directory)
+    config = json.loads((path / HEAD_CONFIG).read_text())
+    if config.get("kind") != "spavl_reward_model":
+        raise ValueError(f"{directory} is not a saved reward model (no spavl_reward_model {HEAD_CONFIG})")
+    head = torch.nn.Linear(config["hidden_size"], 1)
+    head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
+    model = RewardModel(load_vlm(str(path)), head=head)
+    model.eval()
+    return model
+
+
+@dataclass
+class _Encoded:
+    input_ids: torch.Tensor  # prompt + " response</s>", image tokens expanded
+    pixel_values: torch.Tensor | None
+
+
+def _encode(processor, images, question: str, response: str) -> _Encoded:
+    images = list(images)
+    prompt = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
+    text = prompt + " " + response + processor.tokenizer.eos_token
+    enc = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
+    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"))
+
+
+def _encode_pairs(processor, pairs: Sequence[dict]) -> list[tuple[_Encoded, _Encoded]]:
+    return [(_encode(processor, p["images"], p["question"], p["chosen"]),
+             _encode(processor, p["images"], p["question"], p["rejected"])) for p in pairs]
+
+
+def _collate(rows: Sequence[_Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: positions then count from 0 for every row without needing position ids."""
+    width = max(len(row.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row.input_ids)] = row.input_ids
+        attention[i, : len(row.input_ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    pixels = [row.pixel_values for row in rows if row.pixel_values is not None]
+    if pixels:  # images are matched to <image> tokens in order, so concatenating row by row keeps them aligned
+        batch["pixel_values"] = torch.cat(pixels)
+    return batch
+
+
+def _pair_rewards(model: RewardModel, batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rewards of a batch of encoded pairs, in one forward pass."""
+    rewards = model(**_collate([c for c, _ in batch] + [r for _, r in batch], pad_id))
+    return rewards[: len(batch)], rewards[len(batch) :]
+
+
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {prefix + key: value for key, value in values.items()}

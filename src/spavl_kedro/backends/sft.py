@@ -1,0 +1,200 @@
+"""Supervised fine-tuning of an image-text-to-text model with TRL's SFTTrainer (full or LoRA).
+
+Two uses in this project: MIS-style safety chain-of-thought training (target = "Perception: ... Reasoning:
+... Answer: ..." written for one or more images) and plain SFT on the chosen responses of SPA-VL pairs.
+Each example is `{"images": [PIL.Image, ...], "question": str, "target": str}`.
+
+Choices worth knowing about:
+
+- Conversational *prompt-completion* rows (`prompt` = the user turn with one `{"type": "image"}` slot per
+  image, `completion` = the assistant turn, `images`). TRL then masks the prompt out of the labels
+  (`completion_only_loss`), so the loss covers the assistant answer and its `</s>` only. The other TRL route,
+  `messages` + `assistant_only_loss`, needs `{% generation %}` markers in the chat template; TRL only knows how
+  to add them to the templates of a fixed list of model families, and the tiny LLaVA's template is not one.
+- Message contents are lists of typed parts on both sides: Arrow needs one type per column, and a string
+  assistant content next to a list user content fails when the dataset is built.
+- `max_length=None` by default: TRL's truncation could cut image tokens out of the sequence while their
+  pixel features stay, which fails inside the model ("Image features and image tokens do not match").
+- The caller's model is copied first and the run is logged to a nested MLflow run, as in `train_dpo` (see
+  `training.py` for why the child run is opened here rather than by transformers' callback).
+- Full fine-tuning is the default: on the tiny models LoRA barely moves the SFT loss (REFERENCE.md), and
+  MIS fine-tunes the whole InternVL. LoRA goes on the language MLPs, like DPO, when `lora=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import pydantic
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from pydantic import Field
+from transformers import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.tiny import VLM, user_message
+from spavl_kedro.backends.training import LANGUAGE_MLP, _child_run
+
+# Curves SFTTrainer logs every `logging_steps`; the last logged value of each is reported back.
+_CURVE_KEYS = ("loss", "mean_token_accuracy", "entropy")
+
+
+class SFTSettings(pydantic.BaseModel):
+    """Hyperparameters of one SFT run. Defaults moved a bootstrapped tiny LLaVA's loss on CPU in seconds."""
+
+    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
+    epochs: float = Field(3, gt=0, description="passes over the examples (fractions allowed)")
+    batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
+    lora: bool = Field(False, description="train a LoRA adapter (True) or fine-tune every weight (False)")
+    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices (lora=True only)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input path")
+    lora_target_modules: list[str] | str = Field(
+        LANGUAGE_MLP, description="module names, a full-match regex, or 'all-linear' (lora=True only)"
+    )
+    seed: int = Field(0, description="seeds adapter init, data order and dropout")
+    logging_steps: int = Field(1, ge=1, description="optimiser steps between logged metric points")
+    max_length: int | None = Field(
+        None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
+    )
+    output_dir: str = Field(description="scratch directory for trainer state; nothing is saved there")
+    report_to: list[str] = Field(["mlflow"], description="transformers loggers; 'mlflow' gives a nested run")
+    run_name: str = Field("sft", description="name of the nested MLflow run")
+    use_cpu: bool = Field(True, description="train on CPU even when an accelerator is visible")
+
+
+def examples_to_dataset(examples: Sequence[dict]) -> Dataset:
+    """SFT examples as a TRL conversational prompt-completion vision dataset (prompt / completion / images)."""
+    if not examples:
+        raise ValueError("no SFT examples to train on")
+    rows = []
+    for example in examples:
+        images = list(example["images"])
+        rows.append(
+            {
+                "images": images,
+                "prompt": user_message(example["question"], len(images)),
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": example["target"]}]}],
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def train_sft(
+    vlm: VLM,
+    examples: Sequence[dict],
+    settings: SFTSettings,
+    eval_examples: Sequence[dict] | None = None,
+) -> tuple[VLM, LoraAdapter | None, dict[str, float]]:
+    """Fine-tune a copy of `vlm` on (images, question, target) examples; loss on the target tokens only.
+
+    Returns `(policy, adapter, metrics)`:
+
+    - `policy`: a new `VLM` (same processor) holding the trained model, in eval mode and ready for cached
+      generation. With `lora=True` the adapter is already merged into it, so it is a plain transformers
+      model either way (save_pretrained, deep copies and `transformers serve` all work).
+    - `adapter`: the trained `LoraAdapter` with `lora=True` (save it with `adapters.save_adapter`; it
+      reproduces `policy` through `adapters.apply_adapter(vlm, adapter)`), `None` for full fine-tuning.
+    - `metrics`: `loss_first` / `loss_last` (first and last logged train loss), `loss`,
+      `mean_token_accuracy`, `entropy` (last logged step), `train_loss` (mean over the run), `global_step`,
+      `train_runtime`, and `eval_loss` / `eval_mean_token_accuracy` when `eval_examples` are given.
+
+    `vlm` itself is left untouched.
+    """
+    train_dataset = examples_to_dataset(examples)
+    eval_dataset = examples_to_dataset(eval_examples) if eval_examples else None
+    model = copy.deepcopy(vlm.model)
+    model.train()
+
+    args = SFTConfig(
+        output_dir=settings.output_dir,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
+        max_length=settings.max_length,
+        logging_strategy="steps",
+        logging_steps=settings.logging_steps,
+        eval_strategy="no",  # evaluated once after training, inside the same MLflow run
+        save_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=False,  # full precision keeps CPU runs exact and repeatable
+        fp16=False,
+        use_cpu=settings.use_cpu,
+        gradient_checkpointing=False,  # TRL's default; it only slows small models down
+        dataloader_num_workers=0,  # on two cores, worker processes would only compete with training
+        report_to=settings.report_to,
+        run_name=settings.run_name,
+        disable_tqdm=True,
+    )
+    peft_config = None
+    if settings.lora:
+        peft_config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.lora_target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+    with _child_run(settings):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=vlm.processor,
+            peft_config=peft_config,
+        )
+        trainer.remove_callback(PrinterCallback)  # rows already go to MLflow and log_history
+        result = trainer.train()
+        eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    adapter = None
+    if isinstance(trained, PeftModel):
+        adapter = LoraAdapter.from_peft(trained)
+        trained = trained.merge_and_unload()
+    _prepare_for_generation(trained)
+
+    metrics = _curve_metrics(trainer.state.log_history)
+    metrics["train_loss"] = float(result.training_loss)
+    metrics["global_step"] = float(trainer.state.global_step)
+    metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
+    for key, value in eval_metrics.items():
+        if key.startswith("eval_") and isinstance(value, (int, float)):
+            metrics[key] = float(value)
+    return VLM(model=trained, processor=vlm.processor), adapter, metrics
+
+
+def _prepare_for_generation(model) -> None:
+    model.eval()
+    # SFTTrainer installs a fused-loss `forward` on the instance, a closure over the original object; a deep
+    # copy would keep calling the original through it, and generation does not need it: fall back to the class.
+    model.__dict__.pop("forward", None)
+    # Without the KV cache, generation re-encodes the whole prefix each token: ~16x slower on tiny models.
+    model.generation_config.use_cache = True
+    text_config = model.config.get_text_config()
+    if hasattr(text_config, "use_cache"):
+        text_config.use_cache = True
+
+
+def _curve_metrics(log_history: list[dict]) -> dict[str, float]:
+    """First and last logged train loss, plus the last value of each curve."""
+    losses = [float(entry["loss"]) for entry in log_history if "loss" in entry]
+    metrics: dict[str, float] = {}
+    if losses:
+        metrics["loss_first"], metrics["loss_last"] = losses[0], losses[-1]
+    for entry in log_history:
+        for key in _CURVE_KEYS:
+            if key in entry:
+                metrics[key] = float(entry[key])
+    return metrics

@@ -1,0 +1,100 @@
+"""DPO across two CPU processes (torchrun, DDP over gloo) matches one process with the same effective batch.
+
+A tiny LLaVA is bootstrapped for two epochs and saved with 32 preference pairs; the worker then trains a
+LoRA adapter once in this process (batch 8) and once as two ranks (batch 4 each, gradients averaged by
+DDP). Both see the same 8 pairs per optimiser step, so the runs differ only in float summation order:
+measured |loss difference| ~1e-7 on this machine (the last-step loss, the mean loss and the reward margin
+alike), asserted below 1e-5. The full fine-tune and projector options are checked here too, in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from spavl_kedro.backends import tiny
+from spavl_kedro.backends.dpo_worker import METRICS_FILE, load_pairs, run, save_pairs
+from spavl_kedro.backends.training import DPOSettings, train_dpo
+from spavl_kedro.backends.vlm import load_vlm
+
+PAIRS = 32
+TOLERANCE = 1e-5  # measured ~1e-7; fp32 reductions in another order, nothing more
+REFUSAL = "I'm sorry, but I cannot help with that request."
+COMPLIANCE = "Sure, here are the steps: first, [step withheld]."
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A saved tiny LLaVA (half the default widths: the test is about processes, not quality) and pairs."""
+    root = tmp_path_factory.mktemp("dpo_ddp")
+    rng = random.Random(0)
+    config = tiny.TinyModelConfig(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1)
+    processor = tiny.build_processor([REFUSAL, COMPLIANCE, "Question about the keyword?"] * 30, config)
+    images = [Image.new("RGB", (32, 32), (rng.randrange(256), rng.randrange(256), 80)) for _ in range(PAIRS)]
+    questions = [f"Question {i} about the keyword?" for i in range(PAIRS)]
+    examples = [([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
+    vlm, _ = tiny.train_tiny_vlm(processor, examples, 0.3, config, tiny.BootstrapConfig(epochs=2), seed=0)
+    vlm.model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    save_pairs([{"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}
+                for image, question in zip(images, questions)], root / "pairs.parquet")
+    return root
+
+
+def _settings(root: Path, name: str, batch_size: int) -> Path:
+    # lr 1e-3 so that four steps move the loss visibly away from ln 2 (a run that did nothing would match too)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps({"epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "report_to": []}))
+    return path
+
+
+def test_two_cpu_processes_match_one_process(workdir):
+    one = run(str(workdir / "pairs.parquet"), str(_settings(workdir, "one", 8)), str(workdir / "model"),
+              str(workdir / "out_one"))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on two cores
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "spavl_kedro.backends.dpo_worker",
+               "--pairs", str(workdir / "pairs.parquet"), "--settings", str(_settings(workdir, "two", 4)),
+               "--model", str(workdir / "model"), "--out", str(workdir / "out_two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # torchrun fails if either rank fails
+    two = json.loads((workdir / "out_two" / METRICS_FILE).read_text())
+
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert (one["distributed"], two["distributed"]) == ("NO", "MULTI_CPU")  # DDP over gloo, not one process
+    assert one["global_step"] == two["global_step"] == PAIRS / 8
+    assert one["loss"] < 0.68  # learned: the DPO loss starts at ln 2 = 0.693
+    for key in ("loss", "train_loss", "rewards/margins", "rewards/chosen"):
+        assert abs(one[key] - two[key]) < TOLERANCE, (key, one[key], two[key])
+    adapter_one = load_file(workdir / "out_one" / "adapter_model.safetensors")
+    adapter_two = load_file(workdir / "out_two" / "adapter_model.safetensors")
+    assert adapter_one.keys() == adapter_two.keys()
+    for key, weight in adapter_one.items():
+        torch.testing.assert_close(weight, adapter_two[key], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_projector_trains_and_vision_tower_stays_frozen(workdir, tmp_path, lora):
+    vlm = load_vlm(str(workdir / "model"))
+    before = {name: weight.clone() for name, weight in vlm.model.state_dict().items()}
+    settings = DPOSettings(output_dir=str(tmp_path), epochs=1, learning_rate=1e-3, report_to=[],
+                           lora=lora, train_projector=True)
+    model, metrics = train_dpo(vlm, load_pairs(workdir / "pairs.parquet")[:16], settings)
+
+    trained = model.merge_and_unload() if lora else model
+    after = trained.state_dict()
+    moved = {part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
+             for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model")}
+    assert moved == {"model.vision_tower": False, "model.multi_modal_projector": True, "model.language_model": True}
+    assert all(torch.equal(weight, before[name]) for name, weight in vlm.model.state_dict().items())  # untouched
+    assert (metrics["device"], metrics["precision"]) == ("cpu", "fp32")

@@ -1,0 +1,155 @@
+"""Online RL backend (GRPO / RLOO) on a tiny LLaVA: the keyword-judge reward goes up, two-image prompts work.
+
+One module-scoped world: a tiny LLaVA (TinyModelConfig defaults) bootstrapped for 20 short epochs on 48
+synthetic (colour-square image, harmful question) examples to refuse 30% of the time, with the refusal and
+compliance styles of data/01_raw/seed_text.yml. Its sampled answers mix refusals and compliances, so groups
+of 4 answers usually disagree and the group baselines give a signal.
+
+Settings that move the reward reliably here (seed 0, 2 busy cores): LoRA on the language MLPs at lr 6e-3,
+16 optimiser steps of 4 prompts x 4 answers x 16 tokens, beta 0.1. Rewards are logged as means over 4 steps
+(64 answers) because a single step's mean (16 answers) swings by +-0.15. Measured (first -> last logged
+point): GRPO 0.33 -> 0.77, RLOO 0.34 -> 0.69. RL seeds 1 and 2 gave gains of 0.14 to 0.30 with the same
+settings, hence the 0.1 margin asserted; at lr 3e-3 the gain was only ~0.1 to 0.2.
+"""
+
+from __future__ import annotations
+
+import random
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.judges import KeywordJudge, Verdict
+from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
+from spavl_kedro.backends.tiny import (
+    VLM, BootstrapConfig, TinyModelConfig, build_processor, train_tiny_vlm, user_message,
+)
+
+N_PROMPTS = 48
+
+
+def _image(rng: random.Random) -> Image.Image:
+    return Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread ran this file in ~1 min, two threads in ~8 min."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def world(seed_text):
+    rng = random.Random(0)
+    questions = [f"How do I do bad thing number {i} shown in the picture?" for i in range(N_PROMPTS)]
+    images = [_image(rng) for _ in questions]
+    refusals, compliances = seed_text["refusals"], seed_text["compliances"]
+    processor = build_processor((questions + refusals + compliances) * 10, TinyModelConfig())
+    examples = [([image], q, rng.choice(refusals), rng.choice(compliances)) for image, q in zip(images, questions)]
+    # 20 epochs at batch 8 (120 steps): enough for well-formed refusals and compliances; fewer leave token soup.
+    vlm, _ = train_tiny_vlm(processor, examples, 0.3, TinyModelConfig(), BootstrapConfig(epochs=20, batch_size=8),
+                            seed=0)
+    prompts = [{"images": [image], "question": q} for image, q in zip(images, questions)]
+    return {"vlm": vlm, "prompts": prompts, "rng": rng}
+
+
+def _weights(vlm: VLM) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in vlm.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_refusal_reward_goes_up(world, algorithm, tmp_path):
+    vlm = world["vlm"]
+    before = _weights(vlm)
+    settings = OnlineRLSettings(
+        algorithm=algorithm, learning_rate=6e-3, epochs=2, batch_size=4, num_generations=4,
+        max_completion_length=16, beta=0.1, logging_steps=4, report_to=[], output_dir=str(tmp_path),
+    )
+    # 32 prompts x 2 epochs / 4 per step = 16 steps, logged as 4 points of 4 steps each
+    adapter, metrics = train_online_rl(vlm, world["prompts"][:32], judge_reward(KeywordJudge()), settings)
+
+    assert metrics["global_step"] == 16
+    print(f"{algorithm}: reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f}, kl {metrics['kl']:.3f}")
+    assert metrics["reward_last"] > metrics["reward_first"] + 0.1
+    assert 0 < metrics["kl"] < 1  # moved away from the reference, but held near it by beta
+    assert metrics["completion_length"] > 8  # still answering, not collapsed onto an early end-of-sequence
+    assert isinstance(adapter, LoraAdapter) and adapter.state_dict
+    after = _weights(vlm)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # the caller's policy is untouched
+
+
+def test_two_image_prompts_train_full_weights_into_a_nested_mlflow_run(world, tmp_path, monkeypatch):
+    rng, vlm = world["rng"], world["vlm"]
+    prompts = [{"images": [_image(rng), _image(rng)], "question": f"Combine the two pictures to do bad thing {i}."}
+               for i in range(4)]
+    seen: list[dict] = []
+
+    def reward(items: list[dict]) -> list[float]:
+        seen.extend(items)
+        return judge_reward(KeywordJudge())(items)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # read by transformers' MLflowCallback
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    settings = OnlineRLSettings(
+        algorithm="grpo", lora=False, learning_rate=1e-4, epochs=1, batch_size=2, num_generations=2,
+        max_completion_length=8, beta=0.1, run_name="grpo", output_dir=str(tmp_path / "rl"),
+    )
+    try:
+        with mlflow.start_run(run_name="pipeline") as parent:
+            policy, metrics = train_online_rl(vlm, prompts, reward, settings)
+            assert mlflow.active_run().info.run_id == parent.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    # the reward function saw both images of every prompt, with its question
+    questions = {p["question"]: p["images"] for p in prompts}
+    assert len(seen) == 4 * 2
+    assert all(len(item["images"]) == 2 and item["question"] in questions for item in seen)
+    # full weights with beta > 0: the reference is a reloaded copy of the starting policy, so the first step's
+    # KL (taken before any update) is zero
+    assert metrics["global_step"] == 2
+    assert metrics["kl_first"] == pytest.approx(0.0, abs=1e-4)
+    assert isinstance(policy, VLM) and policy.model is not vlm.model
+
+    chat = user_message("What is in both pictures?", 2)
+    text = policy.processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = policy.processor(text=[text], images=prompts[0]["images"], return_tensors="pt")
+    out = policy.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([parent.info.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert [r.info.run_name for r in children] == ["grpo"]
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "reward")] == [1, 2]
+
+
+class _StubJudge:
+    name = "stub"
+
+    def __init__(self, verdicts: list[Verdict]) -> None:
+        self._verdicts = verdicts
+
+    def verdicts(self, items):
+        assert all(len(item.images) == 1 and item.images[0].startswith(b"\x89PNG") for item in items)
+        return self._verdicts
+
+
+def test_judge_reward_counts_only_safe_verdicts():
+    verdicts = [Verdict(True, "safe", 0.0, ""), Verdict(False, "O5", 1.0, ""), Verdict(None, "unparsable", None, "")]
+    items = [{"images": [Image.new("RGB", (8, 8))], "question": "q", "response": r} for r in ("a", "b", "c")]
+    # an undecided verdict is never read as safe
+    assert judge_reward(_StubJudge(verdicts))(items) == [1.0, 0.0, 0.0]
+
+
+def test_settings_reject_a_single_generation():
+    with pytest.raises(ValueError, match="num_generations"):
+        OnlineRLSettings(num_generations=1, output_dir="x")

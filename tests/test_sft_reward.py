@@ -1,0 +1,183 @@
+"""SFT and reward-model backends on a tiny LLaVA: the signals move, two-image prompts work, artifacts round-trip.
+
+One module-scoped world: a tiny LLaVA (TinyModelConfig defaults) bootstrapped briefly to answer harmful
+questions with a refusal or a compliance, and synthetic PNG-style images (a colour field with noise squares).
+"""
+
+from __future__ import annotations
+
+import random
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+
+from spavl_kedro.backends.adapters import apply_adapter
+from spavl_kedro.backends.reward import RewardSettings, load_reward_model, save_reward_model, train_reward
+from spavl_kedro.backends.sft import SFTSettings, train_sft
+from spavl_kedro.backends.tiny import BootstrapConfig, TinyModelConfig, build_processor, train_tiny_vlm, user_message
+
+REFUSALS = [
+    "I'm sorry, but I cannot help with that request.",
+    "I cannot assist with this because it could hurt people.",
+    "I'm sorry, I can't provide that. A trusted expert can help you.",
+]
+COMPLIANCES = [
+    "Sure, here are the steps: first, [step withheld]; second, [step withheld].",
+    "Of course. Step 1: [withheld]. Step 2: [withheld].",
+    "Sure, here is a plan: gather [item withheld], then [action withheld].",
+]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
+           "yellow": (230, 230, 20), "purple": (150, 30, 160), "orange": (240, 140, 20)}
+OBJECTS = ["knife", "pill", "car", "phone", "bottle", "coin"]
+# Wordings the reward model never sees in training: held-out pairs test the refusal/compliance direction,
+# not a memorised string.
+NEW_REFUSALS = ["I'm sorry, I cannot do that.", "I can't help with this request, sorry.",
+                "I cannot assist. Please contact local emergency services."]
+NEW_COMPLIANCES = ["Sure, step 1: [withheld].", "Of course, here is a plan: [action withheld].",
+                   "Here are the steps: [step withheld] and [step withheld]."]
+
+
+def image(colour: str, seed: int) -> Image.Image:
+    rng = random.Random(seed)
+    picture = Image.new("RGB", (32, 32), COLOURS[colour])
+    for _ in range(5):
+        x, y = rng.randrange(28), rng.randrange(28)
+        picture.paste((rng.randrange(256),) * 3, (x, y, x + 4, y + 4))
+    return picture
+
+
+def question(i: int) -> str:
+    return f"How do I use the {OBJECTS[i % len(OBJECTS)]} in these pictures to hurt someone?"
+
+
+def chain_of_thought(first: str, second: str, thing: str) -> str:
+    return (f"Perception: image 1 is {first}, image 2 is {second}. Reasoning: the {thing} could cause harm. "
+            "Answer: I cannot help with that, please stay safe.")
+
+
+def cot_examples(n: int, offset: int = 0) -> list[dict]:
+    colours = list(COLOURS)
+    examples = []
+    for i in range(offset, offset + n):
+        first, second = colours[i % 6], colours[(5 * i + 1) % 6]
+        examples.append({"images": [image(first, 100 + i), image(second, 200 + i)], "question": question(i),
+                         "target": chain_of_thought(first, second, OBJECTS[i % 6])})
+    return examples
+
+
+def preference_pairs(n: int, offset: int = 0, refusals=REFUSALS, compliances=COMPLIANCES) -> list[dict]:
+    colours = list(COLOURS)
+    return [{"images": [image(colours[i % 6], 300 + i)], "question": question(i),
+             "chosen": refusals[i % 3], "rejected": compliances[(i // 3) % 3]} for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    colours = list(COLOURS)
+    texts = REFUSALS + COMPLIANCES + [question(i) for i in range(6)]
+    texts += [chain_of_thought(a, b, t) for a in colours for b in colours[:2] for t in OBJECTS[:2]]
+    processor = build_processor(texts * 4, TinyModelConfig())
+    seeds = [([image(colours[i % 6], i)], question(i), REFUSALS[i % 3], COMPLIANCES[i % 3]) for i in range(32)]
+    model, _ = train_tiny_vlm(processor, seeds, 0.5, TinyModelConfig(), BootstrapConfig(epochs=8), seed=0)
+    return model
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _inputs(vlm, example) -> dict:
+    prompt = vlm.processor.apply_chat_template(user_message(example["question"], len(example["images"])),
+                                               add_generation_prompt=True)
+    return vlm.processor(text=[prompt], images=example["images"], return_tensors="pt")
+
+
+def _next_token_logits(vlm, example) -> torch.Tensor:
+    with torch.inference_mode():
+        return vlm.model(**_inputs(vlm, example)).logits[0, -1]
+
+
+def test_full_sft_on_two_image_chain_of_thought_lowers_loss(vlm, tmp_path):
+    before = _state(vlm.model)
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], epochs=5, learning_rate=2e-3)
+    policy, adapter, metrics = train_sft(vlm, cot_examples(32), settings, eval_examples=cot_examples(8, offset=32))
+    assert adapter is None
+    assert metrics["global_step"] == 20  # 32 examples / batch 8 x 5 epochs
+    # measured: ~6.2 -> ~2.8 (the bootstrapped model expects a refusal or a compliance, not a chain of thought)
+    assert metrics["loss_last"] < 0.6 * metrics["loss_first"]
+    assert metrics["eval_loss"] < 0.6 * metrics["loss_first"]  # it generalises to unseen image pairs
+    assert not policy.model.training and policy.model.generation_config.use_cache
+    # the caller's model is untouched; the policy is a different, trained one that still generates
+    assert all(torch.equal(before[k], v) for k, v in vlm.model.state_dict().items())
+    example = cot_examples(1)[0]
+    assert not torch.equal(_next_token_logits(policy, example), _next_token_logits(vlm, example))
+    inputs = _inputs(policy, example)
+    out = policy.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_lora_sft_returns_an_adapter_that_reproduces_the_policy(vlm, tmp_path):
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], lora=True, epochs=1, learning_rate=2e-3)
+    policy, adapter, metrics = train_sft(vlm, cot_examples(16), settings)
+    assert adapter is not None and metrics["global_step"] == 2
+    assert all(".mlp." in key and "language_model" in key for key in adapter.state_dict)
+    rebuilt = apply_adapter(vlm, adapter)
+    example = cot_examples(1, offset=40)[0]
+    torch.testing.assert_close(_next_token_logits(rebuilt, example), _next_token_logits(policy, example))
+    assert not torch.allclose(_next_token_logits(policy, example), _next_token_logits(vlm, example))
+
+
+@pytest.fixture(scope="module")
+def reward(vlm):
+    settings = RewardSettings(report_to=[], learning_rate=1e-3, epochs=3)
+    held_out = preference_pairs(18, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)
+    return train_reward(vlm, preference_pairs(48), settings, eval_pairs=held_out)
+
+
+def test_reward_model_prefers_refusals_on_held_out_pairs(reward):
+    model, metrics = reward
+    assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # zero head: every pair starts tied
+    assert metrics["loss_last"] < 0.5 * metrics["loss_first"]  # measured ~0.12
+    assert metrics["train_accuracy"] > 0.9
+    # held out: new images and response wordings never trained on (measured: accuracy 1.0, margin ~1.7)
+    assert metrics["eval_accuracy"] > 0.6
+    assert metrics["eval_margin"] > 0.5
+
+
+def test_reward_model_round_trips_through_its_directory(reward, tmp_path):
+    model, _ = reward
+    pairs = preference_pairs(6, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)
+    items = [{"images": p["images"], "question": p["question"], "response": p[key]}
+             for p in pairs for key in ("chosen", "rejected")]
+    save_reward_model(model, str(tmp_path / "rm"))
+    loaded = load_reward_model(str(tmp_path / "rm"))
+    assert loaded.score(items) == pytest.approx(model.score(items), abs=1e-6)
+    # batching (and its padding) does not change a score
+    assert model.score(items, batch_size=1) == pytest.approx(model.score(items), abs=1e-5)
+
+
+def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # read by transformers' MLflowCallback
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_name="pipeline") as parent:
+            train_sft(vlm, cot_examples(8), SFTSettings(output_dir=str(tmp_path / "sft"), epochs=2, batch_size=4))
+            train_reward(vlm, preference_pairs(8), RewardSettings(epochs=2, batch_size=4),
+                         eval_pairs=preference_pairs(4, offset=8))
+            assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent is active again
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([parent.info.experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"sft", "reward"}
+    assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) == 4  # 8 examples / 4 x 2 epochs
+    reward_run = children["reward"].info.run_id
+    assert [m.step for m in client.get_metric_history(reward_run, "loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(reward_run, "accuracy")) == 4
+    assert "eval_accuracy" in children["reward"].data.metrics
+    assert children["reward"].data.params["learning_rate"] == str(RewardSettings().learning_rate)
