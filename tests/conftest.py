@@ -49,3 +49,16 @@ def copy_project(root: Path) -> Path:
     (root / "src").mkdir()
     shutil.copytree(PROJECT / "data" / "01_raw", root / "data" / "01_raw")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_active_mlflow_run():
+    """Each test starts outside any MLflow run. An in-process KedroSession (the end-to-end tests) can leave
+    kedro-mlflow's run active in the process; a later test's own `mlflow.start_run` would then fail or nest."""
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
