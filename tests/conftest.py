@@ -52,13 +52,18 @@ def copy_project(root: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_active_mlflow_run():
-    """Each test starts outside any MLflow run. An in-process KedroSession (the end-to-end tests) can leave
-    kedro-mlflow's run active in the process; a later test's own `mlflow.start_run` would then fail or nest."""
+def _no_active_mlflow_run(monkeypatch):
+    """Each test starts outside any MLflow run and experiment. An in-process KedroSession (the end-to-end
+    tests) leaves kedro-mlflow's experiment selected, and can leave its run active, in the process; a later
+    test's own `mlflow.start_run` against another store would then fail or nest."""
     import mlflow
+    import mlflow.tracking.fluent as fluent
 
     while mlflow.active_run() is not None:
         mlflow.end_run()
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)  # no public way to unselect an experiment
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
