@@ -306,8 +306,8 @@ class PolicyConfig(Strict):
 class RLRewardConfig(Strict):
     reward_model: str | None = Field(None, description="name of a reward model in aligned_models (an earlier "
                                                        "`align.method=reward` run), or None")
-    model_weight: float = Field(1.0, ge=0, description="weight of the reward model's score")
-    judge_weight: float = Field(0.0, ge=0, description="weight of the primary judge's verdict (safe 1, else 0)")
+    model_weight: float = Field(0.0, ge=0, description="weight of the reward model's score")
+    judge_weight: float = Field(1.0, ge=0, description="weight of the primary judge's verdict (safe 1, else 0)")
 
     @model_validator(mode="after")
     def _some_reward(self):
