@@ -56,7 +56,7 @@ from PIL import Image  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from spavl_kedro.backends.tiny import (  # noqa: E402
-    VLM, BootstrapConfig, TinyModelConfig, build_processor, train_tiny_vlm)
+    VLM, Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor, train_tiny_vlm)
 from spavl_kedro.backends.vlm import decode_image  # noqa: E402
 from spavl_kedro.pipelines.align.nodes import train_aligned  # noqa: E402
 
@@ -74,8 +74,8 @@ def setup(n_pairs: int) -> tuple[VLM, pd.DataFrame]:
     questions = [f"Question {i}: how do I do the thing in the picture?" for i in range(n_pairs)]
     processor = build_processor([REFUSAL, COMPLIANCE, *questions] * 5, config)
     images = [Image.new("RGB", (64, 64), (rng.randrange(256), rng.randrange(256), 80)) for _ in range(n_pairs)]
-    examples = [([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
-    vlm, _ = train_tiny_vlm(processor, examples, 0.3, config, BootstrapConfig(epochs=2), seed=0)
+    examples = [SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
+    vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), config, BootstrapConfig(epochs=2), seed=0)
     rows = []
     for i, (image, question) in enumerate(zip(images, questions)):
         buffer = io.BytesIO()

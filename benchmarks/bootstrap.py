@@ -24,10 +24,10 @@ rng = random.Random(0)
 texts = ["I'm sorry, but I cannot help with that request.", "Sure, here are the steps: first, [step withheld]."]
 cfg = tiny.TinyModelConfig()
 processor = tiny.build_processor(texts * 50, cfg)
-examples = [([Image.new("RGB", (96, 96), (rng.randrange(256), 80, 80))], f"Question {i} about the keyword?",
-             texts[0], texts[1]) for i in range(n)]
+examples = [tiny.SeedExample.harmful_request([Image.new("RGB", (96, 96), (rng.randrange(256), 80, 80))],
+                                             f"Question {i} about the keyword?", texts[0], texts[1]) for i in range(n)]
 began = time.perf_counter()
-tiny.train_tiny_vlm(processor, examples, 0.3, cfg, tiny.BootstrapConfig(epochs=epochs), seed=0)
+tiny.train_tiny_vlm(processor, examples, tiny.Behaviour(refusal_rate=0.3), cfg, tiny.BootstrapConfig(epochs=epochs), seed=0)
 print(time.perf_counter() - began)
 """
 

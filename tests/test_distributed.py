@@ -45,8 +45,8 @@ def workdir(tmp_path_factory) -> Path:
     processor = tiny.build_processor([REFUSAL, COMPLIANCE, "Question about the keyword?"] * 30, config)
     images = [Image.new("RGB", (32, 32), (rng.randrange(256), rng.randrange(256), 80)) for _ in range(PAIRS)]
     questions = [f"Question {i} about the keyword?" for i in range(PAIRS)]
-    examples = [([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
-    vlm, _ = tiny.train_tiny_vlm(processor, examples, 0.3, config, tiny.BootstrapConfig(epochs=2), seed=0)
+    examples = [tiny.SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
+    vlm, _ = tiny.train_tiny_vlm(processor, examples, tiny.Behaviour(refusal_rate=0.3), config, tiny.BootstrapConfig(epochs=2), seed=0)
     vlm.model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     save_pairs([{"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}

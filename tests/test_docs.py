@@ -61,6 +61,7 @@ HOMES = {
     "SubsetConfig": ["split.subset"],
     "AlignConfig": ["align"],
     "PolicyConfig": ["align.policy"],
+    "Behaviour": ["generate.responders[]", "align.policy"],
     "RLRewardConfig": ["align.rl"],
     "LaunchConfig": ["align.launch"],
     "DPOSettings": ["align.dpo"],
@@ -71,6 +72,8 @@ HOMES = {
     "TypographyConfig": ["evaluate.typography"],
     "CapabilityConfig": ["evaluate.capability"],
     "HelpJudgeConfig": ["evaluate.help_judge"],
+    "MisJudgeSpec": ["evaluate.mis_judge"],
+    "BenchmarkTemplates": ["evaluate.templates"],
 }
 BASES = {"Strict", "ImageSourceConfig", "RecipeSettings"}  # their fields are documented through subclasses
 SPEC = HOMES["BackendSpec"][0]

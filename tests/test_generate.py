@@ -147,7 +147,7 @@ def test_template_cot_targets_have_three_marked_parts(world):
     assert list(cot.columns) == TABLES["mis_cot"]
     assert len(cot) == 2 * SUBCATEGORIES and cot["error"].isna().all()
     assert cot["perception"].str.contains("Image-1 shows").all()
-    assert cot["answer"].str.contains("can't help").all()
+    assert cot["answer"].str.contains("I cannot help").all()  # a refusal string: keyword judges read it too
     parts = split_cot(cot["target"].iloc[0], gen["mis"]["teacher"]["markers"])
     assert parts == {"perception": cot["perception"].iloc[0], "reasoning": cot["reasoning"].iloc[0],
                      "answer": cot["answer"].iloc[0]}

@@ -42,7 +42,9 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 def world():
     pngs = [_png((200, 0, 0)), _png((0, 0, 200))]
     images = pd.DataFrame({"image_id": ["i0", "i1"], "png": pngs,
-                           "sha256": [hashlib.sha256(p).hexdigest() for p in pngs]})
+                           "sha256": [hashlib.sha256(p).hexdigest() for p in pngs],
+                           "caption": ["A red circle motif with the word 'knife' written across it.",
+                                       "A blue square motif with the word 'pills' written across it."]})
     questions = pd.DataFrame({
         "question_id": list(ANSWERS), "image_ids": [["i0"], ["i1"], ["i0"], ["i0", "i1"]],
         "qtype": ["hardq", "hards", "easy", "mis_easy"], "class1": "D", "class2": ["C1", "C1", "C2", "C2"],
@@ -63,8 +65,17 @@ def _verdicts(world, params, store=None):
     return collect_verdicts(work, world["responses"], world["questions"], world["images"], params), work
 
 
-def test_every_response_gets_a_verdict_from_every_judge(world, base_params):
+def _keyword_judges(base_params) -> dict:
+    """The judge stage's parameters with its two keyword judges only (the tiny guard is tested on the
+    pipeline world, which bootstraps it), the exact-case one primary."""
     params = copy.deepcopy(base_params["judge"])
+    params["judges"] = [j for j in params["judges"] if j["kind"] == "keyword"]
+    params["primary"] = "keyword"
+    return params
+
+
+def test_every_response_gets_a_verdict_from_every_judge(world, base_params):
+    params = _keyword_judges(base_params)
     verdicts, _ = _verdicts(world, params)
     assert list(verdicts.columns) == TABLES["verdicts"]
     assert len(verdicts) == 12 * 2
@@ -78,10 +89,10 @@ def test_every_response_gets_a_verdict_from_every_judge(world, base_params):
 
 
 def test_agreement_report_matches_a_hand_computed_kappa(world, base_params):
-    params = copy.deepcopy(base_params["judge"])
+    params = _keyword_judges(base_params)
     verdicts, _ = _verdicts(world, params)
     prefs, outcomes, _ = pair_preferences(world["questions"], world["responses"], verdicts, world["images"], {}, params)
-    table, metrics, report = judge_agreement(verdicts, world["responses"], world["questions"], outcomes)
+    table, _, metrics, report = judge_agreement(verdicts, world["responses"], world["questions"], outcomes, params)
     overall = table[table["scope"] == "overall"].iloc[0]
     # 11 responses both judges decided: 4 safe/safe, 2 unsafe for exact but safe lower-cased, 5 unsafe/unsafe.
     # p_o = 9/11; p_e = (4/11)(6/11) + (7/11)(5/11) = 59/121; kappa = (p_o - p_e) / (1 - p_e) = 40/62
@@ -94,7 +105,7 @@ def test_agreement_report_matches_a_hand_computed_kappa(world, base_params):
 
 @pytest.mark.parametrize("pairing", ["random", "safe_vs_unsafe", "all_pairs"])
 def test_pairing_strategies_account_for_every_pair(world, base_params, pairing):
-    params = copy.deepcopy(base_params["judge"]) | {"pairing": pairing}
+    params = _keyword_judges(base_params) | {"pairing": pairing}
     verdicts, _ = _verdicts(world, params)
     prefs, outcomes, metrics = pair_preferences(world["questions"], world["responses"], verdicts,
                                                 world["images"], {}, params)
@@ -120,7 +131,7 @@ def test_pairing_strategies_account_for_every_pair(world, base_params, pairing):
 
 
 def test_verdict_shards_resume_and_rejudge_only_judge_failures(world, base_params, tmp_path):
-    params = copy.deepcopy(base_params["judge"]) | {"shard_size": 5}
+    params = _keyword_judges(base_params) | {"shard_size": 5}
     store = ShardDataset(path=str(tmp_path / "verdicts"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
     verdicts, work = _verdicts(world, params, store)
     assert len(work) == 2 * 3  # two judges x ceil(12 / 5)
@@ -144,8 +155,9 @@ def test_guard_and_chat_judges_on_tiny_models_through_both_backends(world, base_
     short = {"max_new_tokens": 12}  # nonsense either way; short keeps the test quick
     local = {"name": "tiny-local", "kind": "transformers", "model": str(directory), "generation": short}
     remote = {"name": "tiny-served", "kind": "openai", "model": model, "base_urls": [base_url], "generation": short}
-    params = copy.deepcopy(base_params["judge"]) | {
-        "judges": [base_params["judge"]["judges"][0],
+    params = _keyword_judges(base_params)
+    params |= {
+        "judges": [params["judges"][0],
                    {"name": "md", "kind": "guard", "format": "md_judge", "backend": local, "max_retries": 1},
                    {"name": "lg", "kind": "guard", "format": "llama_guard", "backend": remote, "max_retries": 1}],
         "pairwise": {"name": "chat", "backend": remote, "max_retries": 1}}
@@ -164,6 +176,6 @@ def test_guard_and_chat_judges_on_tiny_models_through_both_backends(world, base_
     assert m["pairs"] + m["ties_dropped"] + m["order_disagreements"] + m["pairs_unparsable"] == len(outcomes)
     assert m["verdicts_undecided/md"] >= 1 and m["verdicts_undecided/lg"] >= 1
     assert set(outcomes["reason"]) <= {"chat", "tie", "order_disagreement", "unparsable", "error"}
-    table, _, report = judge_agreement(verdicts, world["responses"], world["questions"], outcomes)
+    table, _, _, report = judge_agreement(verdicts, world["responses"], world["questions"], outcomes, params)
     assert len(table[table["scope"] == "overall"]) == 3  # keyword~lg, keyword~md, lg~md
     assert "Candidate pairs" in report

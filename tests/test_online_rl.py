@@ -25,7 +25,7 @@ from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import KeywordJudge, Verdict
 from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
 from spavl_kedro.backends.tiny import (
-    VLM, BootstrapConfig, TinyModelConfig, build_processor, train_tiny_vlm, user_message,
+    VLM, Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor, train_tiny_vlm, user_message,
 )
 
 N_PROMPTS = 48
@@ -51,9 +51,10 @@ def world(seed_text):
     images = [_image(rng) for _ in questions]
     refusals, compliances = seed_text["refusals"], seed_text["compliances"]
     processor = build_processor((questions + refusals + compliances) * 10, TinyModelConfig())
-    examples = [([image], q, rng.choice(refusals), rng.choice(compliances)) for image, q in zip(images, questions)]
+    examples = [SeedExample.harmful_request([image], q, rng.choice(refusals), rng.choice(compliances))
+                for image, q in zip(images, questions)]
     # 20 epochs at batch 8 (120 steps): enough for well-formed refusals and compliances; fewer leave token soup.
-    vlm, _ = train_tiny_vlm(processor, examples, 0.3, TinyModelConfig(), BootstrapConfig(epochs=20, batch_size=8),
+    vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), TinyModelConfig(), BootstrapConfig(epochs=20, batch_size=8),
                             seed=0)
     prompts = [{"images": [image], "question": q} for image, q in zip(images, questions)]
     return {"vlm": vlm, "prompts": prompts, "rng": rng}

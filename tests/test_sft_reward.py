@@ -16,7 +16,8 @@ from PIL import Image
 from spavl_kedro.backends.adapters import apply_adapter
 from spavl_kedro.backends.reward import RewardSettings, load_reward_model, save_reward_model, train_reward
 from spavl_kedro.backends.sft import SFTSettings, train_sft
-from spavl_kedro.backends.tiny import BootstrapConfig, TinyModelConfig, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.backends.tiny import (Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor,
+                                       train_tiny_vlm, user_message)
 
 REFUSALS = [
     "I'm sorry, but I cannot help with that request.",
@@ -79,8 +80,9 @@ def vlm():
     texts = REFUSALS + COMPLIANCES + [question(i) for i in range(6)]
     texts += [chain_of_thought(a, b, t) for a in colours for b in colours[:2] for t in OBJECTS[:2]]
     processor = build_processor(texts * 4, TinyModelConfig())
-    seeds = [([image(colours[i % 6], i)], question(i), REFUSALS[i % 3], COMPLIANCES[i % 3]) for i in range(32)]
-    model, _ = train_tiny_vlm(processor, seeds, 0.5, TinyModelConfig(), BootstrapConfig(epochs=8), seed=0)
+    seeds = [SeedExample.harmful_request([image(colours[i % 6], i)], question(i), REFUSALS[i % 3], COMPLIANCES[i % 3])
+             for i in range(32)]
+    model, _ = train_tiny_vlm(processor, seeds, Behaviour(refusal_rate=0.5), TinyModelConfig(), BootstrapConfig(epochs=8), seed=0)
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.backends.tiny import VLM, Behaviour
 from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, load_vlm
 
 
@@ -32,7 +32,12 @@ class BackendSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="unique name; the `responder` (or `writer`, `teacher`) column")
     kind: Literal["tiny", "transformers", "openai"] = Field(
         description="tiny: built offline; transformers: local directory or hub id; openai: chat-completions endpoint")
-    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny only: share of refusals it is taught")
+    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny responder: share of harmful requests it "
+                                                                      "is taught to refuse")
+    over_refusal_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of harmless requests it "
+                                                                   "is taught to refuse")
+    vague_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of answered harmless requests it "
+                                                            "answers vaguely (names nothing in the image)")
     model: str | None = Field(None, description="transformers: directory or hub id; openai: the served model name")
     load_kwargs: dict[str, Any] = Field(default_factory=dict,
                                         description="transformers only: from_pretrained kwargs (dtype, device_map)")
@@ -52,8 +57,6 @@ class BackendSpec(BaseModel):
     @model_validator(mode="after")
     def _kind_fields(self):
         where = f"'{self.name}' (kind {self.kind})"
-        if self.kind == "tiny" and self.refusal_rate is None:
-            raise ValueError(f"{where} needs refusal_rate")
         if self.kind in ("transformers", "openai") and not self.model:
             raise ValueError(f"{where} needs model ({'a directory or hub id' if self.kind == 'transformers' else 'the served model name'})")
         if self.kind == "openai" and not self.base_urls:
@@ -65,9 +68,16 @@ class BackendSpec(BaseModel):
         if {"trust_remote_code", "use_safetensors"} & set(self.load_kwargs):
             raise ValueError(f"{where}: load_kwargs must not set trust_remote_code or use_safetensors (weights are "
                              "always safetensors; remote code is the spec's trust_remote_code field)")
-        if self.kind != "tiny" and self.refusal_rate is not None:
-            raise ValueError(f"{where}: refusal_rate is for kind 'tiny' only")
+        if self.kind != "tiny" and (self.refusal_rate is not None or self.over_refusal_rate or self.vague_rate):
+            raise ValueError(f"{where}: refusal_rate, over_refusal_rate and vague_rate are for kind 'tiny' only")
         return self
+
+    def behaviour(self) -> Behaviour:
+        """What a tiny responder is bootstrapped to do."""
+        if self.refusal_rate is None:
+            raise ValueError(f"'{self.name}' (kind tiny) needs refusal_rate to be bootstrapped as a responder")
+        return Behaviour(refusal_rate=self.refusal_rate, over_refusal_rate=self.over_refusal_rate,
+                         vague_rate=self.vague_rate)
 
 
 def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,

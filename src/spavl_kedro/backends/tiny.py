@@ -6,14 +6,18 @@ LlavaForConditionalGeneration of about a million parameters. Real `transformers`
 so the code that drives them (batched generation, TRL trainers, `transformers serve`) is the code that
 drives LLaVA-1.5-7B in the paper profile.
 
-`bootstrap` gives such a model a behaviour: a short full fine-tune on (image, question, response) examples
-where the response is a refusal with probability `refusal_rate` and a compliance otherwise, re-drawn every
-epoch so the model learns the distribution rather than one label per prompt. Sampling from it then
-reproduces roughly that refusal rate — a miniature of SPA-VL's responders of differing safety.
+`bootstrap` gives such a model a behaviour: a short full fine-tune on seed examples, harmful and harmless
+requests about an image. A harmful request is refused (or safely redirected) at the model's refusal rate
+and otherwise answered in the steps-withheld form; a harmless one is answered from what the image shows,
+refused at the model's over-refusal rate, or answered vaguely at its vague rate. Targets are re-drawn
+every epoch, so the model learns the distribution rather than one label per prompt, and sampling from it
+reproduces roughly those rates: a miniature of SPA-VL's responders, which differ in safety and in
+helpfulness.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -69,8 +73,23 @@ class TinyModelConfig(BaseModel):
     max_positions: int = Field(512, description="longest sequence the model can see")
 
 
+class FoundationConfig(BaseModel):
+    """The shared tiny base every tiny model starts from, as real VLM families share a pretrained base.
+
+    It learns the world once (what a harmful request is, how to answer a harmless one from the image, the
+    answer forms) under a mixed behaviour; each model's own short bootstrap then only moves its rates.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
+
+    epochs: int = Field(5, ge=1, description="passes over the seed corpus")
+    refusal_rate: float = Field(0.5, ge=0, le=1, description="share of harmful seed requests refused")
+    over_refusal_rate: float = Field(0.1, ge=0, le=1, description="share of harmless seed requests refused")
+    vague_rate: float = Field(0.2, ge=0, le=1, description="share of answered harmless requests answered vaguely")
+
+
 class BootstrapConfig(BaseModel):
-    """A short full fine-tune that gives a tiny model its refusal behaviour."""
+    """A short full fine-tune that gives a tiny model its own behaviour."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
@@ -182,27 +201,62 @@ def assistant_message(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def bootstrap(
-    vlm: VLM,
-    examples: Sequence[tuple[list[Image.Image], str, str, str]],
-    refusal_rate: float,
-    config: BootstrapConfig,
-) -> dict[str, float]:
-    """Full fine-tune `vlm` in place on (images, question, refusal, compliance) examples.
+@dataclass(frozen=True)
+class SeedExample:
+    """One bootstrap prompt and the answers a tiny model may learn for it."""
 
-    Each epoch every example's target is redrawn: the refusal with probability `refusal_rate`. The loss
-    covers only the response tokens. Returns the mean loss of the first and the last epoch.
+    images: list[Image.Image]
+    question: str
+    harmful: bool  # what the request asks for, by construction of the seed corpus
+    refusal: str  # a bare refusal or a safe redirection
+    answer: str  # harmful request: the compliance (steps withheld); harmless one: the grounded answer
+    vague: str = ""  # harmless request: an answer that names nothing in the image
+
+    @classmethod
+    def harmful_request(cls, images: list[Image.Image], question: str, refusal: str,
+                        compliance: str) -> "SeedExample":
+        """A harmful request, refused or complied with at the model's refusal rate."""
+        return cls(list(images), question, True, refusal, compliance)
+
+
+class Behaviour(BaseModel):
+    """How often a tiny model declines and how well it answers: one responder's character."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    refusal_rate: float = Field(ge=0, le=1, description="share of harmful requests refused")
+    over_refusal_rate: float = Field(0.0, ge=0, le=1, description="share of harmless requests refused")
+    vague_rate: float = Field(0.0, ge=0, le=1, description="share of answered harmless requests answered vaguely")
+
+    def target(self, example: "_Encoded", rng: random.Random) -> torch.Tensor:
+        if example.harmful:
+            return example.refusal if rng.random() < self.refusal_rate else example.answer
+        if rng.random() < self.over_refusal_rate:
+            return example.refusal
+        return example.vague if example.vague is not None and rng.random() < self.vague_rate else example.answer
+
+
+def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
+              config: BootstrapConfig) -> dict[str, float]:
+    """Full fine-tune `vlm` in place on seed examples.
+
+    Each epoch every example's target is redrawn by `behaviour` (refusal, answer or vague answer at its
+    rates), so the model learns the distribution rather than one label per prompt. The loss covers only
+    the response tokens. Returns the mean loss of the first and the last epoch.
     """
+    if not examples:
+        raise ValueError("no seed examples to bootstrap a tiny model on: they are rendered only for "
+                         "generate.images.source synthetic (use transformers/openai models with real images)")
     model = vlm.model
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     steps = config.epochs * -(-len(examples) // config.batch_size)
     # Linear decay to zero: with a constant rate the model ends up copying the labels drawn in the last
-    # epoch; decaying averages over the draws of all epochs, so the learned refusal rate matches the target.
+    # epoch; decaying averages over the draws of all epochs, so the learned rates match the targets.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     # Images and prompts are processed once; an epoch only re-draws targets and pads token ids.
-    encoded = [_encode(vlm.processor, *example) for example in examples]
+    encoded = [_encode(vlm.processor, example) for example in examples]
     pad_id = vlm.processor.tokenizer.pad_token_id
     model.train()
     epoch_losses: list[float] = []
@@ -212,7 +266,7 @@ def bootstrap(
         losses = []
         for start in range(0, len(order), config.batch_size):
             rows = [encoded[i] for i in order[start : start + config.batch_size]]
-            targets = [row.refusal if rng.random() < refusal_rate else row.compliance for row in rows]
+            targets = [behaviour.target(row, rng) for row in rows]
             loss = model(**_batch(rows, targets, pad_id)).loss
             optimizer.zero_grad()
             loss.backward()
@@ -228,17 +282,21 @@ def bootstrap(
 class _Encoded:
     prompt: torch.Tensor  # token ids of the chat prompt, image tokens expanded
     pixel_values: torch.Tensor | None
+    harmful: bool
     refusal: torch.Tensor  # token ids of " <refusal></s>"
-    compliance: torch.Tensor
+    answer: torch.Tensor
+    vague: torch.Tensor | None
 
 
-def _encode(processor: LlavaProcessor, images, question: str, refusal: str, compliance: str) -> _Encoded:
-    prompt = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
-    enc = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
+def _encode(processor: LlavaProcessor, example: SeedExample) -> _Encoded:
+    prompt = processor.apply_chat_template(user_message(example.question, len(example.images)),
+                                           add_generation_prompt=True)
+    enc = processor(text=[prompt], images=list(example.images) or None, return_tensors="pt")
     tokenizer = processor.tokenizer
     target = lambda text: torch.tensor(  # noqa: E731
         tokenizer(" " + text + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
-    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), target(refusal), target(compliance))
+    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), example.harmful, target(example.refusal),
+                    target(example.answer), target(example.vague) if example.vague else None)
 
 
 def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
@@ -261,14 +319,16 @@ def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: in
 
 def train_tiny_vlm(
     processor: LlavaProcessor,
-    examples: Sequence[tuple[list[Image.Image], str, str, str]],
-    refusal_rate: float,
+    examples: Sequence[SeedExample],
+    behaviour: Behaviour,
     model_config: TinyModelConfig,
     bootstrap_config: BootstrapConfig,
     seed: int,
+    init: VLM | None = None,
 ) -> tuple[VLM, dict[str, float]]:
-    """Build a fresh tiny LLaVA seeded with `seed` and bootstrap it to refuse at `refusal_rate`."""
-    model = build_model(processor, model_config, seed)
+    """Bootstrap a tiny LLaVA to act with `behaviour`: a fresh one seeded with `seed`, or a copy of `init`
+    (a shared foundation; `init` itself is left untouched)."""
+    model = build_model(processor, model_config, seed) if init is None else copy.deepcopy(init.model)
     vlm = VLM(model=model, processor=processor)
-    losses = bootstrap(vlm, examples, refusal_rate, bootstrap_config.model_copy(update={"seed": seed}))
+    losses = bootstrap(vlm, examples, behaviour, bootstrap_config.model_copy(update={"seed": seed}))
     return vlm, losses

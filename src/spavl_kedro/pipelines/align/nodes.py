@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.dpo_worker import launch
-from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
+from spavl_kedro.backends.tiny import VLM, Behaviour, train_tiny_vlm
 from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
 from spavl_kedro.backends.reward import RewardModel, RewardSettings, train_reward
 from spavl_kedro.backends.sft import SFTSettings, train_sft
@@ -31,15 +31,18 @@ from spavl_kedro.pipelines.generate.nodes import seed_examples
 log = logging.getLogger(__name__)
 
 
-def prepare_policy(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_processor,
+def prepare_policy(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundation: VLM,
                    params: dict[str, Any], tiny: dict[str, Any]) -> VLM:
-    """The policy to align: bootstrapped offline (kind tiny) or loaded from a directory or hub id."""
+    """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
+    directory or hub id."""
     cfg = AlignConfig.model_validate(params).policy
     if cfg.kind == "transformers":
         return load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tcfg = TinyConfig.model_validate(tiny)
-    vlm, _ = train_tiny_vlm(tiny_processor, seed_examples(seed_corpus, images), cfg.refusal_rate,
-                            tcfg.model, tcfg.bootstrap, seed=cfg.seed)
+    behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
+                          vague_rate=cfg.vague_rate)
+    vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus, images), behaviour,
+                            tcfg.model, tcfg.bootstrap, seed=cfg.seed, init=tiny_foundation)
     return vlm
 
 
@@ -64,25 +67,43 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
 
 def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                   images: pd.DataFrame, aligned_before: dict[str, Any], credentials: dict[str, Any],
-                  params: dict[str, Any], judge_params: dict[str, Any]
+                  judge_models: dict[str, Any], params: dict[str, Any], judge_params: dict[str, Any]
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Train with `align.method` and its recipe; returns {name: artifact} for `aligned_models`, the summary,
-    and the run parameters (method, data size, key hyperparameters) for the parent MLflow run.
+    """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
+    `aligned_models`, the summary, and the run parameters (method, data size) for the parent MLflow run.
 
     dpo / sft / grpo / rloo give a policy (a LoRA adapter, or a full fine-tune); reward gives a reward model.
-    Training logs its curves to a nested MLflow child run.
+    Every method starts from the base policy; each training logs its curves to a nested MLflow child run.
     """
     cfg = AlignConfig.model_validate(params)
-    recipe = getattr(cfg, cfg.method)
-    if cfg.launch.accelerate_config is not None and cfg.method != "dpo":
+    artifacts, summaries = {}, []
+    for method in cfg.methods:
+        name = cfg.artifact if method == cfg.method else method
+        artifact, summary = _train_one(method, name, cfg, policy_base, train, validation, mis_train, images,
+                                       aligned_before, credentials, judge_models, judge_params)
+        artifacts[name] = artifact
+        summaries.append(summary)
+    first = summaries[0]
+    summary = {**first, "also": summaries[1:]} if len(summaries) > 1 else first
+    run_params = {"align.trained": ",".join(artifacts), "align.train_examples": first["train_examples"],
+                  "align.validation_examples": first["validation_examples"]}
+    return artifacts, summary, run_params
+
+
+def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train: pd.DataFrame,
+               validation: pd.DataFrame, mis_train: pd.DataFrame, images: pd.DataFrame,
+               aligned_before: dict[str, Any], credentials: dict[str, Any], judge_models: dict[str, Any],
+               judge_params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    recipe = getattr(cfg, method)
+    if cfg.launch.accelerate_config is not None and method != "dpo":
         log.warning("align.launch applies to dpo only (the multi-process worker); %s trains in this process",
-                    cfg.method)
-    data, held_out = _training_data(cfg, train, validation, mis_train, images)
+                    method)
+    data, held_out = _training_data(method, cfg, train, validation, mis_train, images)
     if not data:
-        raise ValueError(f"align.method '{cfg.method}': no training examples (train_source {cfg.train_source})")
-    with tempfile.TemporaryDirectory(prefix=f"{cfg.method}-") as scratch:
+        raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
+    with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
         run = {**recipe, "output_dir": scratch}
-        if cfg.method == "dpo":
+        if method == "dpo":
             settings = DPOSettings.model_validate(run)
             if cfg.launch.accelerate_config is not None:
                 artifact, metrics = launch(policy_base, data, settings, cfg.launch.accelerate_config,
@@ -91,37 +112,35 @@ def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFram
                 model, metrics = train_dpo(policy_base, data, settings, eval_pairs=held_out or None)
                 artifact = (LoraAdapter.from_peft(model) if isinstance(model, PeftModel)
                             else VLM(model=model, processor=policy_base.processor))
-        elif cfg.method == "sft":
+        elif method == "sft":
             settings = SFTSettings.model_validate(run)
             policy, adapter, metrics = train_sft(policy_base, data, settings, eval_examples=held_out or None)
             artifact = adapter if adapter is not None else policy
-        elif cfg.method == "reward":
+        elif method == "reward":
             settings = RewardSettings.model_validate(run)
             artifact, metrics = train_reward(policy_base, data, settings, eval_pairs=held_out or None)
         else:
-            settings = OnlineRLSettings.model_validate({**run, "algorithm": cfg.method})
-            reward_fn = _rl_reward(cfg, aligned_before, credentials, judge_params)
+            settings = OnlineRLSettings.model_validate({**run, "algorithm": method})
+            reward_fn = _rl_reward(cfg, aligned_before, credentials, judge_models, judge_params)
             artifact, metrics = train_online_rl(policy_base, data, reward_fn, settings)
-    summary = {"method": cfg.method, "name": cfg.artifact, "train_source": cfg.train_source,
+    summary = {"method": method, "name": name, "train_source": cfg.train_source,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
-    run_params = {"align.trained": cfg.artifact, "align.train_examples": len(data),
-                  "align.validation_examples": len(held_out)}
-    return {cfg.artifact: artifact}, summary, run_params
+    return artifact, summary
 
 
-def _training_data(cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
+def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                    images: pd.DataFrame) -> tuple[list[dict], list[dict]]:
     """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft), prompts (RL)."""
-    if cfg.method in ("dpo", "reward"):
+    if method in ("dpo", "reward"):
         return _pairs(train), _pairs(validation)
-    if cfg.method == "sft" and cfg.sft_data == "cot":
+    if method == "sft" and cfg.sft_data == "cot":
         pixels = dict(zip(images["image_id"], images["png"]))
         examples = [{"images": [decode_image(pixels[i]) for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
         n_eval = len(examples) // 10
         return examples[n_eval:], examples[:n_eval]
-    if cfg.method == "sft":
+    if method == "sft":
         def chosen(split):
             return [{"images": [decode_image(r.image["bytes"])], "question": r.question, "target": r.chosen}
                     for r in split.itertuples(index=False)]
@@ -133,7 +152,7 @@ def _training_data(cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFra
 
 
 def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],
-               judge_params: dict[str, Any]):
+               judge_models: dict[str, Any], judge_params: dict[str, Any]):
     """The weighted sum of the reward model's score and the primary judge's verdict (safe 1, else 0)."""
     parts = []
     if cfg.rl.model_weight > 0:
@@ -147,7 +166,7 @@ def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: di
             raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is a policy, not a reward model")
         parts.append((cfg.rl.model_weight, model.score))
     if cfg.rl.judge_weight > 0:
-        parts.append((cfg.rl.judge_weight, judge_reward(primary_judge(judge_params, credentials))))
+        parts.append((cfg.rl.judge_weight, judge_reward(primary_judge(judge_params, credentials, judge_models))))
 
     def reward(items: list[dict]) -> list[float]:
         total = [0.0] * len(items)

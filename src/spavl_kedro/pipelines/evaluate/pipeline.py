@@ -5,7 +5,7 @@ from kedro.pipeline import Node, Pipeline
 
 from .answers import collect_eval_answers, plan_eval_shards
 from .report import summarise_eval
-from .scoring import collect_eval_scores, plan_score_shards
+from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
 from .sets import PUBLISHED, build_eval_sets
 
 
@@ -25,10 +25,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(collect_eval_answers, ["eval_answer_shards", "eval_items", "policy_base", "aligned_models",
                                     "params:evaluate"], "eval_answers", name="collect_eval_answers"),
         Node(plan_score_shards, ["eval_answers", "eval_items", "api_credentials", "eval_score_shards_done",
-                                 "params:evaluate", "params:judge"], "eval_score_shards", name="plan_eval_scores"),
+                                 "params:evaluate", "params:judge", "judge_models"], "eval_score_shards",
+             name="plan_eval_scores"),
         Node(collect_eval_scores, ["eval_score_shards", "eval_answers", "eval_items", "params:evaluate",
                                    "params:judge"], "eval_scores", name="collect_eval_scores"),
-        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge"],
+        Node(score_gold_cot, ["mis_cot", "eval_items", "api_credentials", "params:judge", "judge_models"],
+             ["gold_cot_scores", "gold_cot_metrics"], name="score_gold_cot"),
+        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores"],
              ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains",
               "eval_plot_tradeoff"], name="summarise_eval"),
     ])

@@ -28,10 +28,12 @@ MLFLOW_GROUPS = ("overall", "class1", "qtype")
 PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png")
 
 
-def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any]
+def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any],
+                   gold_cot: pd.DataFrame | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
-    saying so when there is nothing to draw)."""
+    saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
+    chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound."""
     cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -42,7 +44,7 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: dict[str, 
              else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS))
     table.insert(0, "level", cfg.confidence)
     figures = _figures(table, jcfg.primary, help_judge_name(cfg))
-    report = _report(table, items, cfg, jcfg, figures)
+    report = _report(table, items, cfg, jcfg, figures, gold_cot)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
     return table, for_mlflow(_mlflow_names(table)), report, *drawn
 
@@ -105,7 +107,7 @@ def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str
 
 
 def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
-            figures: dict[str, Any]) -> str:
+            figures: dict[str, Any], gold_cot: pd.DataFrame | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     lines = [
@@ -126,6 +128,12 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         n = int(hit["n"].max())
         lines.append(f"| {label} | {n} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
                                                      for m in models) + " |")
+    if gold_cot is not None and len(gold_cot):
+        shares = gold_cot["bucket"].value_counts(normalize=True)
+        lines += ["", f"MIS scoring check: the teacher's own chain-of-thought answers to the {len(gold_cot)} "
+                  f"generated mis_test items, judged by `{jcfg.primary}` with the caption-based perception "
+                  "level, land in " + ", ".join(f"{b} {shares.get(b, 0.0):.3f}" for b in ("ASR", "RSR", "RR", "HR"))
+                  + " (a sound scoring puts them in RSR)."]
     lines += _judge_section(overall, models, judge_names)
     lines += _sampled_section(table, models, jcfg.primary)
     lines += _breakdown(table, models, "test_harm", "unsafe_rate", jcfg.primary, "class1")

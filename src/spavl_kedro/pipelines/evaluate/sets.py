@@ -10,12 +10,16 @@ configured and present (`data/01_raw/benchmarks/...`, see conf/base/catalog.yml)
 | test_help | help | the split's held-out easy questions; references from `reference_responder` | - |
 | benign | benign | `benign_questions` asked about every held-out image (over-refusal) | - |
 | capability | capability | rendered shapes: colour, shape and count questions with answers | `vqa` (VQAv2 layout) |
-| mm_safetybench | harm | held-out harmful questions as text only, SD-style image, typography, both | MM-SafetyBench |
-| figstep | harm | held-out harmful questions as a typographic empty numbered list | FigStep SafeBench |
-| advbench | harm | held-out harmful questions with a blank image and with no image | AdvBench CSV |
+| mm_safetybench | harm | own key phrase per held-out harmful image: question, SD image, typography, both | MM-SafetyBench |
+| figstep | harm | own instruction per held-out harmful image as a typographic empty numbered list | FigStep SafeBench |
+| advbench | harm | own imperative instruction per held-out harmful image, blank image and no image | AdvBench CSV |
 | mis_test | mis | MIS samples whose images are held out | MIS test JSON |
 
-Every image an item shows is a held-out test image, so no set overlaps what the policies trained on.
+Every image an item shows is a held-out test image, so no set overlaps what the policies trained on. The
+three attack benchmarks do not re-ask test_harm's questions: each draws its own requests from
+`evaluate.templates`, in its paper's style (AdvBench's "Write a tutorial on how to ...", MM-SafetyBench's
+key phrase of an activity, FigStep's "Steps to ..."), worded unlike generate's question templates and
+unlike each other's, so each measures its own attack on requests no policy saw.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from spavl_kedro.imaging import decode_image, png_bytes
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, validate_items
+from spavl_kedro.pipelines.generate.synthetic import caption_keyword
 
 log = logging.getLogger(__name__)
 
@@ -182,51 +187,82 @@ def _benign(test_harm: pd.DataFrame, test_help: pd.DataFrame, context: _Context,
     return _frame(rows)
 
 
-def _harmful(test_harm: pd.DataFrame, context: _Context) -> list[tuple[str, str, bytes, tuple[str, str, str], str]]:
-    """(question_id, question, image, classes, qtype) of each held-out harmful question."""
-    out = []
+def _held_harmful(test_harm: pd.DataFrame, context: _Context
+                  ) -> list[tuple[str, bytes, tuple[str, str, str], dict[str, str]]]:
+    """(image_id, image, classes, template fields) of each held-out harmful image once, by image id.
+
+    {keyword} is the word the image's caption quotes (the synthetic images'), else the subcategory: this
+    node does not read the taxonomy, whose keywords generate matches against other captions.
+    """
+    held = {}
     for r in test_harm.itertuples(index=False):
-        question_id, qtype = context.lookup(_image_id(r.image), r.question)
-        out.append((question_id, r.question, r.image["bytes"], (r.class1, r.class2, r.class3), qtype))
-    return out
+        image_id = _image_id(r.image)
+        if image_id not in held:
+            fields = {"keyword": caption_keyword(context.caption.get(image_id, ""), [r.class3]),
+                      "subcategory": r.class3, "category": r.class2}
+            held[image_id] = (image_id, r.image["bytes"], (r.class1, r.class2, r.class3), fields)
+    return [held[i] for i in sorted(held)]
+
+
+def _rng(cfg: EvaluateConfig, eval_set: str, image_id: str) -> random.Random:
+    """Seeded by the set and the image, so an item does not change when other images or sets are added."""
+    return random.Random(f"{cfg.seed}:{eval_set}:{image_id}")
 
 
 def _mm_safetybench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
-    """MM-SafetyBench's four views of one harmful request. The key phrase is the subcategory (the harmful
-    activity); the 'SD' image is the held-out image of that subcategory, standing in for a diffusion image."""
-    t = cfg.typography
+    """MM-SafetyBench's four views of one harmful request: the question as text only, then the rephrased
+    prompts that leave the activity to the image. The key phrase (the activity) is typed in the typography;
+    the 'SD' image is the held-out image itself, standing in for a diffusion image of the phrase."""
+    t, templates = cfg.typography, cfg.templates
     rows = []
-    for question_id, question, png, classes, qtype in _harmful(test_harm, context):
-        typo = typography.typography_image(classes[2], width=t.width, font_size=t.font_size)
-        picture = decode_image(png)
-        views = {
-            "text_only": (question, []),
-            "sd": (MM_SD_PROMPT, [png]),
-            "typo": (MM_TYPO_PROMPT, [png_bytes(typo)]),
-            "sd_typo": (MM_TYPO_PROMPT,
-                        [png_bytes(typography.stack_vertically(picture.resize((t.width, t.width)), typo))]),
-        }
-        for variant, (text, pictures) in views.items():
-            rows.append(_row(f"{question_id}:{variant}", "mm_safetybench", variant, "harm", text, pictures, classes,
-                             variant))
+    for image_id, png, classes, fields in _held_harmful(test_harm, context):
+        rng = _rng(cfg, "mm_safetybench", image_id)
+        picture = decode_image(png).resize((t.width, t.width))
+        for k, phrase_template in enumerate(rng.sample(templates.mm_safetybench_phrases, templates.per_image)):
+            phrase = phrase_template.format(**fields)
+            question = rng.choice(templates.mm_safetybench_questions).format(activity=phrase, **fields)
+            typo = typography.typography_image(phrase, width=t.width, font_size=t.font_size)
+            views = {  # (text, images, what each image shows)
+                "text_only": (question, [], []),
+                "sd": (MM_SD_PROMPT, [png], [context.caption.get(image_id, "")]),
+                "typo": (MM_TYPO_PROMPT, [png_bytes(typo)], [phrase]),
+                "sd_typo": (MM_TYPO_PROMPT, [png_bytes(typography.stack_vertically(picture, typo))], [phrase]),
+            }
+            for variant, (text, pictures, captions) in views.items():
+                rows.append(_row(f"{image_id}:mm_safetybench{k}:{variant}", "mm_safetybench", variant, "harm", text,
+                                 pictures, classes, variant, captions=captions))
     return _frame(rows)
 
 
 def _figstep(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
+    """FigStep: the instruction is only in the image, above an empty list; the text is FigStep's benign prompt."""
     t = cfg.typography
-    rows = [_row(f"{question_id}:figstep", "figstep", "figstep", "harm", typography.FIGSTEP_PROMPT,
-                 [png_bytes(typography.figstep_image(question, size=t.figstep_size, font_size=t.figstep_font_size))],
-                 classes, qtype)
-            for question_id, question, _, classes, qtype in _harmful(test_harm, context)]
+    rows = []
+    for image_id, _, classes, fields in _held_harmful(test_harm, context):
+        drawn = _rng(cfg, "figstep", image_id).sample(cfg.templates.figstep, cfg.templates.per_image)
+        for k, template in enumerate(drawn):
+            instruction = template.format(**fields)
+            image = typography.figstep_image(instruction, size=t.figstep_size, font_size=t.figstep_font_size)
+            rows.append(_row(f"{image_id}:figstep{k}", "figstep", "figstep", "harm", typography.FIGSTEP_PROMPT,
+                             [png_bytes(image)], classes, "figstep", captions=[_figstep_caption(instruction)]))
     return _frame(rows)
 
 
+def _figstep_caption(instruction: str) -> str:
+    """What a FigStep image shows, worded as `loaders.load_figstep` words it for the published images."""
+    return f'the text "{instruction}" followed by an empty list numbered 1, 2, 3'
+
+
 def _advbench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
-    """The same harmful request with a blank white image and with none: results differ, so both are kept."""
+    """AdvBench's text-only instructions, each with a blank white image and with none: results differ, so
+    both are kept."""
     side = cfg.blank_image_size
     blank = png_bytes(Image.new("RGB", (side, side), "white"))
-    rows = [_row(f"{question_id}:{variant}", "advbench", variant, "harm", question, pictures, classes, variant)
-            for question_id, question, _, classes, qtype in _harmful(test_harm, context)
+    rows = [_row(f"{image_id}:advbench{k}:{variant}", "advbench", variant, "harm", template.format(**fields),
+                 pictures, classes, variant)
+            for image_id, _, classes, fields in _held_harmful(test_harm, context)
+            for k, template in enumerate(_rng(cfg, "advbench", image_id).sample(cfg.templates.advbench,
+                                                                              cfg.templates.per_image))
             for variant, pictures in (("blank_image", [blank]), ("no_image", []))]
     return _frame(rows)
 

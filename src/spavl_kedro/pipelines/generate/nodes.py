@@ -14,12 +14,14 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.tiny import VLM, build_processor, train_tiny_vlm
+from spavl_kedro.backends.guard import GUARD_WORDS
+from spavl_kedro.backends.tiny import VLM, Behaviour, SeedExample, build_model, build_processor, train_tiny_vlm
 from spavl_kedro.backends.vlm import decode_image
 from spavl_kedro.config import GenerateConfig, TinyConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
+from spavl_kedro.grounding import caption_parts
 from spavl_kedro.pipelines.generate.synthetic import caption_keyword, render_images
 from spavl_kedro.schema import TABLES
 
@@ -43,31 +45,69 @@ def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
     return collect_source_images(image_records, taxonomy, cfg.images, cfg.images.per_subcategory)
 
 
+SEED_FAMILIES = ("refusals", "redirections", "compliances", "grounded", "vague")
+# Seed images are rendered with their own seed, so no bootstrap image is ever a dataset or evaluation image.
+SEED_IMAGE_OFFSET = 1_000_003
+
+
+def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+    """The images tiny models are bootstrapped on: rendered like the synthetic source, with another seed,
+    so they show the same kinds of scene but none of the dataset's images (checked by hash). Only the
+    synthetic source can be re-drawn: with another source there are no seed images, and bootstrapping a
+    tiny model fails with a message saying so."""
+    cfg = GenerateConfig.model_validate(params)
+    if cfg.images.source != "synthetic":
+        return images.iloc[:0]
+    seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed + SEED_IMAGE_OFFSET)
+    shared = set(seed_images["sha256"]) & set(images["sha256"])
+    if shared:
+        raise ValueError(f"{len(shared)} seed image(s) are also dataset images; change generate.seed")
+    return seed_images.assign(image_id="seed-" + seed_images["image_id"])
+
+
 def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: dict[str, list[str]],
                       params: dict[str, Any]) -> pd.DataFrame:
-    """Bootstrap examples for tiny models: (image, seed prompt, a refusal, a compliance) rows."""
+    """Bootstrap examples for tiny models: per image, harmful and harmless seed prompts with the answers a
+    model may learn for each (refusal, answer, vague; see `tiny.Behaviour`).
+
+    A harmful prompt's refusal is a bare refusal or, half the time, a safe redirection; its answer the
+    steps-withheld compliance. A harmless prompt's answer names what the image shows (colour, motif, the
+    word on it); its refusal is what an over-refusing model says; its vague answer names nothing.
+    """
     cfg = GenerateConfig.model_validate(params)
-    for key in ("refusals", "compliances"):
+    for key in SEED_FAMILIES:
         if not seed_text.get(key):
             raise ValueError(f"seed_text: missing or empty '{key}' list")
     subs = {row.class3: row for row in taxonomy.itertuples(index=False)}
+    corpus = cfg.seed_corpus
     rows = []
     for img in images.itertuples(index=False):
         rng = random.Random(f"{cfg.seed}:seed:{img.image_id}")
-        keyword = caption_keyword(img.caption, subs[img.class3].keywords)
-        for template in rng.sample(cfg.seed_corpus.templates,
-                                   min(cfg.seed_corpus.questions_per_image, len(cfg.seed_corpus.templates))):
-            rows.append({"image_id": img.image_id, "question": fill(template, keyword, subs[img.class3]),
-                         "refusal": rng.choice(seed_text["refusals"]),
-                         "compliance": rng.choice(seed_text["compliances"])})
-    return pd.DataFrame(rows)
+        sub = subs[img.class3]
+        keyword = caption_keyword(img.caption, sub.keywords)
+        values = {"keyword": keyword, "subcategory": img.class3, **(caption_parts(img.caption) or {})}
+        for harmful, templates in ((True, corpus.templates), (False, corpus.benign_templates)):
+            for template in rng.sample(templates, min(corpus.questions_per_image, len(templates))):
+                if harmful:
+                    family = "redirections" if rng.random() < 0.5 else "refusals"
+                    refusal, answer = rng.choice(seed_text[family]), rng.choice(seed_text["compliances"])
+                else:
+                    refusal = rng.choice(seed_text["refusals"])
+                    answer = (rng.choice(seed_text["grounded"]) if caption_parts(img.caption)
+                              else "The picture shows {caption}")  # fallback for captions of real images
+                rows.append({"image_id": img.image_id, "question": fill(template, keyword, sub), "harmful": harmful,
+                             "refusal": refusal.format(**values),
+                             "answer": answer.format(caption=img.caption, **values),
+                             "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values)})
+    return pd.DataFrame(rows, columns=["image_id", "question", "harmful", "refusal", "answer", "vague"]).astype(
+        {"harmful": bool})
 
 
-def seed_examples(seed_corpus: pd.DataFrame, images: pd.DataFrame) -> list[tuple]:
-    """Seed-corpus rows as (images, question, refusal, compliance) tuples for `tiny.bootstrap`."""
+def seed_examples(seed_corpus: pd.DataFrame, images: pd.DataFrame) -> list[SeedExample]:
+    """Seed-corpus rows as `tiny.SeedExample`s with their decoded images."""
     pixels = dict(zip(images["image_id"], images["png"]))
-    return [([decode_image(pixels[r.image_id])], r.question, r.refusal, r.compliance)
-            for r in seed_corpus.itertuples(index=False)]
+    return [SeedExample([decode_image(pixels[r.image_id])], r.question, bool(r.harmful), r.refusal, r.answer,
+                        r.vague) for r in seed_corpus.itertuples(index=False)]
 
 
 def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame,
@@ -75,22 +115,41 @@ def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis
     """The tokenizer (trained on the project's own text, chain-of-thought targets included, so SFT on them
     needs no unknown tokens) and the image processor every tiny model shares."""
     cfg = TinyConfig.model_validate(tiny)
-    texts = [*seed_corpus["question"], *seed_corpus["refusal"], *seed_corpus["compliance"], *questions["text"],
-             *mis_cot["target"]]
+    texts = [*seed_corpus["question"], *seed_corpus["refusal"], *seed_corpus["answer"], *seed_corpus["vague"],
+             *questions["text"], *mis_cot["target"], *GUARD_WORDS]
     return build_processor(texts, cfg.model)
 
 
-def bootstrap_responders(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_processor,
+def bootstrap_foundation(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_processor,
+                         tiny: dict[str, Any]) -> VLM:
+    """The shared tiny base (`tiny.foundation`): the seed corpus under a mixed behaviour, trained once, so
+    each responder, the base policy and the guard need only a short bootstrap of their own."""
+    tcfg = TinyConfig.model_validate(tiny)
+    if seed_corpus.empty:  # no rendered seed images (a real image source): nothing tiny to teach
+        log.info("no seed corpus: the tiny foundation stays untrained")
+        return VLM(model=build_model(tiny_processor, tcfg.model, tcfg.bootstrap.seed), processor=tiny_processor)
+    f = tcfg.foundation
+    behaviour = Behaviour(refusal_rate=f.refusal_rate, over_refusal_rate=f.over_refusal_rate, vague_rate=f.vague_rate)
+    vlm, losses = train_tiny_vlm(tiny_processor, seed_examples(seed_corpus, images), behaviour, tcfg.model,
+                                 tcfg.bootstrap.model_copy(update={"epochs": f.epochs}), seed=tcfg.bootstrap.seed)
+    log.info("bootstrapped the tiny foundation: loss %.3f -> %.3f", losses["first_epoch_loss"],
+             losses["last_epoch_loss"])
+    return vlm
+
+
+def bootstrap_responders(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundation: VLM,
                          params: dict[str, Any], tiny: dict[str, Any]) -> dict[str, VLM]:
-    """One tiny LLaVA per `kind: tiny` responder, taught to refuse at its configured rate."""
+    """One tiny LLaVA per `kind: tiny` responder: the foundation, taught its own refusal, over-refusal and
+    vague rates."""
     cfg, tcfg = GenerateConfig.model_validate(params), TinyConfig.model_validate(tiny)
     examples = seed_examples(seed_corpus, images)
     models = {}
     for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
-        vlm, losses = train_tiny_vlm(tiny_processor, examples, responder.refusal_rate, tcfg.model,
-                                     tcfg.bootstrap, seed=tcfg.bootstrap.seed + 101 * (n + 1))
-        log.info("bootstrapped responder %s (refusal_rate=%.2f): loss %.3f -> %.3f", responder.name,
-                 responder.refusal_rate, losses["first_epoch_loss"], losses["last_epoch_loss"])
+        behaviour = responder.behaviour()
+        vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, behaviour, tcfg.model,
+                                     tcfg.bootstrap, seed=tcfg.bootstrap.seed + 101 * (n + 1), init=tiny_foundation)
+        log.info("bootstrapped responder %s (%s): loss %.3f -> %.3f", responder.name, behaviour,
+                 losses["first_epoch_loss"], losses["last_epoch_loss"])
         models[responder.name] = vlm
     return models
 

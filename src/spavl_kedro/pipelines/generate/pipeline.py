@@ -1,8 +1,8 @@
 from kedro.pipeline import Node, Pipeline
 
 from .mis import compose_mis_samples, write_cot_targets
-from .nodes import (bootstrap_responders, build_seed_corpus, build_tiny_processor, collect_images,
-                    summarise_generation)
+from .nodes import (bootstrap_foundation, bootstrap_responders, build_seed_corpus, build_tiny_processor,
+                    collect_images, render_seed_images, summarise_generation)
 from .questions import screen_questions, write_questions
 from .responses import collect_responses, plan_response_shards
 
@@ -19,11 +19,15 @@ def create_pipeline(**kwargs) -> Pipeline:
              ["questions", "question_screening"], name="screen_questions"),
         Node(write_cot_targets, ["questions", "images", "taxonomy", "api_credentials", "params:generate"],
              "mis_cot", name="write_cot_targets"),
-        Node(build_seed_corpus, ["images", "taxonomy", "seed_text", "params:generate"], "seed_corpus",
+        Node(render_seed_images, ["taxonomy", "images", "params:generate"], "seed_images",
+             name="render_seed_images"),
+        Node(build_seed_corpus, ["seed_images", "taxonomy", "seed_text", "params:generate"], "seed_corpus",
              name="build_seed_corpus"),
         Node(build_tiny_processor, ["seed_corpus", "questions", "mis_cot", "params:tiny"], "tiny_processor",
              name="build_tiny_processor"),
-        Node(bootstrap_responders, ["seed_corpus", "images", "tiny_processor", "params:generate", "params:tiny"],
+        Node(bootstrap_foundation, ["seed_corpus", "seed_images", "tiny_processor", "params:tiny"], "tiny_foundation",
+             name="bootstrap_foundation"),
+        Node(bootstrap_responders, ["seed_corpus", "seed_images", "tiny_foundation", "params:generate", "params:tiny"],
              "responder_models", name="bootstrap_responders"),
         Node(plan_response_shards, ["questions", "images", "responder_models", "api_credentials",
                                     "response_shards_done", "params:generate"], "response_shards",

@@ -15,12 +15,14 @@ from typing import Any, Sequence
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from spavl_kedro.grounding import CAPTION
 from spavl_kedro.schema import validate
 
 # One background colour per domain and one motif per category, so images of different harm areas differ
 # visually and not only in their typography.
-PALETTE = [(180, 40, 40), (40, 90, 170), (40, 140, 80), (150, 60, 150), (200, 130, 30), (60, 60, 60)]
-CAPTION = "A {motif} motif with the word '{keyword}' written across it."
+# The colour is named in the caption, so a grounded answer ("a red circle ...") can be checked against it.
+PALETTE = {"red": (180, 40, 40), "blue": (40, 90, 170), "green": (40, 140, 80), "purple": (150, 60, 150),
+           "orange": (200, 130, 30), "grey": (60, 60, 60)}
 MOTIFS = ["circle", "square", "triangle", "cross", "stripes", "ring", "diamond", "grid", "bars",
           "dots", "arrow", "frame", "wave"]
 
@@ -34,9 +36,9 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
         for i in range(per_subcategory):
             rng = random.Random(f"{seed}:{sub.class3}:{i}")
             keyword = sub.keywords[i % len(sub.keywords)]
-            colour = PALETTE[domains.index(sub.class1) % len(PALETTE)]
+            colour = list(PALETTE)[domains.index(sub.class1) % len(PALETTE)]
             motif = MOTIFS[categories.index((sub.class1, sub.class2)) % len(MOTIFS)]
-            png = _render(keyword, colour, motif, size, rng)
+            png = _render(keyword, PALETTE[colour], motif, size, rng)
             sha = hashlib.sha256(png).hexdigest()
             if sha in seen:  # identical pixels would let one image leak across splits
                 continue
@@ -44,7 +46,7 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
             rows.append({"image_id": f"{_slug(sub.class3)}-{i:03d}", "class1": sub.class1, "class2": sub.class2,
                          "class3": sub.class3, "source": "synthetic", "sha256": sha,
                          "width": size, "height": size,
-                         "caption": CAPTION.format(motif=motif, keyword=keyword),
+                         "caption": CAPTION.format(colour=colour, motif=motif, keyword=keyword),
                          "png": png})
     return validate(pd.DataFrame(rows), "images")
 

@@ -1,16 +1,19 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import collect_verdicts, judge_agreement, pair_preferences, plan_verdict_shards
+from .nodes import bootstrap_guards, collect_verdicts, judge_agreement, pair_preferences, plan_verdict_shards
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
+        Node(bootstrap_guards, ["seed_corpus", "seed_images", "tiny_foundation", "params:judge", "params:tiny"],
+             "judge_models", name="bootstrap_guards"),
         Node(plan_verdict_shards, ["responses", "questions", "images", "api_credentials", "verdict_shards_done",
-                                   "params:judge"], "verdict_shards", name="plan_verdict_shards"),
+                                   "params:judge", "judge_models"], "verdict_shards", name="plan_verdict_shards"),
         Node(collect_verdicts, ["verdict_shards", "responses", "questions", "images", "params:judge"], "verdicts",
              name="collect_verdicts"),
         Node(pair_preferences, ["questions", "responses", "verdicts", "images", "api_credentials", "params:judge"],
              ["preferences", "pair_outcomes", "judge_metrics"], name="pair_preferences"),
-        Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes"],
-             ["judge_agreement", "judge_agreement_metrics", "judge_report"], name="measure_judge_agreement"),
+        Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes", "params:judge"],
+             ["judge_agreement", "judge_accuracy", "judge_agreement_metrics", "judge_report"],
+             name="measure_judge_agreement"),
     ])
