@@ -54,6 +54,7 @@ HOMES = {
     "TinyConfig": ["tiny"],
     "TinyModelConfig": ["tiny.model"],
     "BootstrapConfig": ["tiny.bootstrap"],
+    "FoundationConfig": ["tiny.foundation"],
     "JudgeConfig": ["judge"],
     "VerdictJudgeSpec": ["judge.judges[]"],
     "PairwiseJudgeSpec": ["judge.pairwise", "evaluate.help_judge.pairwise"],

@@ -17,7 +17,7 @@ from conftest import PROJECT, copy_project
 
 SMALLEST = {
     "generate": {"images": {"per_subcategory": 3}, "seed_corpus": {"questions_per_image": 1}},
-    "tiny": {"bootstrap": {"epochs": 2}},
+    "tiny": {"foundation": {"epochs": 2}, "bootstrap": {"epochs": 1}},
     "align": {"dpo": {"epochs": 1}},
     "evaluate": {"samples": 1, "max_items": 20},  # 20 items per set and variant: every set, quickly
 }
@@ -61,12 +61,13 @@ def test_mlflow_parent_and_child_runs(project):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 1
-    parent, child = parents[0], children[0]
+    assert len(parents) == 1 and len(children) == 2  # one training run each: DPO and SFT
+    parent = parents[0]
+    child = next(r for r in children if "rewards/accuracies" in r.data.metrics)  # the DPO run
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["generate.images.per_subcategory"] == "3"
     assert parent.data.params["align.dpo.beta"] == "0.1"
-    assert parent.data.params["align.trained"] == "dpo"  # method and data size, logged by the align node
+    assert parent.data.params["align.trained"] == "dpo,sft"  # both papers' methods, logged by the align node
     assert int(parent.data.params["align.train_examples"]) > 0
     for model in ("base", "dpo"):
         assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate.keyword"] <= 1.0
