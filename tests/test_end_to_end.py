@@ -49,11 +49,11 @@ def test_tables_are_written(project):
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
     assert (data / "06_models/aligned/dpo/adapter_model.safetensors").exists()
-    assert "| metric | n | base | dpo |" in (data / "08_reporting/eval_report.md").read_text()
+    assert "| metric | n | base | dpo | sft |" in (data / "08_reporting/eval_report.md").read_text()
     assert sorted(p.name for p in (data / "08_reporting/eval_plots").iterdir()) == \
         ["harmlessness_vs_helpfulness.png", "test_harm_unsafe_rate_by_class1.png"]
     scores = pd.read_parquet(data / "08_reporting/eval_scores.parquet")
-    assert set(scores["model"]) == {"base", "dpo"} and scores["value"].between(0, 1).all()
+    assert set(scores["model"]) == {"base", "dpo", "sft"} and scores["value"].between(0, 1).all()
 
 
 def test_mlflow_parent_and_child_runs(project):
@@ -69,7 +69,7 @@ def test_mlflow_parent_and_child_runs(project):
     assert parent.data.params["align.dpo.beta"] == "0.1"
     assert parent.data.params["align.trained"] == "dpo,sft"  # both papers' methods, logged by the align node
     assert int(parent.data.params["align.train_examples"]) > 0
-    for model in ("base", "dpo"):
+    for model in ("base", "dpo", "sft"):
         assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate.keyword"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"eval_report.md", "eval_metrics_table.parquet"} <= artifacts, artifacts

@@ -53,8 +53,9 @@ def world(seed_text):
     processor = build_processor((questions + refusals + compliances) * 10, TinyModelConfig())
     examples = [SeedExample.harmful_request([image], q, rng.choice(refusals), rng.choice(compliances))
                 for image, q in zip(images, questions)]
-    # 20 epochs at batch 8 (120 steps): enough for well-formed refusals and compliances; fewer leave token soup.
-    vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), TinyModelConfig(), BootstrapConfig(epochs=20, batch_size=8),
+    # 30 epochs at batch 8 (180 steps): enough for well-formed refusals and compliances; 20 left token soup with
+    # the seed text's current refusals (loss 1.24; 0.25 after 30).
+    vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), TinyModelConfig(), BootstrapConfig(epochs=30, batch_size=8),
                             seed=0)
     prompts = [{"images": [image], "question": q} for image, q in zip(images, questions)]
     return {"vlm": vlm, "prompts": prompts, "rng": rng}

@@ -33,7 +33,8 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     assert status[("generate.responders[11].api_key", "gemini")] == "ok"
     assert status[("judge.pairwise.backend.api_key", "openai")] == "missing"
     endpoints = checks[checks["check"] == "endpoint"]
-    assert len(endpoints) == 17 and set(endpoints["status"]) == {"unreachable"}  # 17 base_urls in the profile
+    # 18 base_urls in the profile: 17 for responders, judges and the teacher, and the GPT-4o MIS judge
+    assert len(endpoints) == 18 and set(endpoints["status"]) == {"unreachable"}
     assert status[("align.launch.accelerate_config", "conf/paper/accelerate/ddp.yaml")] == "missing"
     assert "g-123" not in report and "g-123" not in checks.to_csv()
     assert "SPAVL_KEY_OPENAI" in report and "asks for 8 GPU process(es); 0 GPU(s) visible" in report

@@ -10,7 +10,7 @@ import hashlib
 import io
 import random
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
