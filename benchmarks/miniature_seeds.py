@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import pandas as pd
 
 PROJECT = Path(__file__).resolve().parents[1]
 KEDRO = Path(sys.executable).with_name("kedro")
+sys.path.insert(0, str(PROJECT / "tests"))
+from conftest import copy_project  # noqa: E402  (the runnable project copy the session tests use)
 
 # (name, model, eval_set, metric, judge, decoding); the primary judge is the tiny guard.
 FIGURES = [
@@ -59,14 +60,7 @@ SEEDED = ["generate.seed", "tiny.bootstrap.seed", "judge.seed", "split.seed", "a
 
 
 def run(seed: int, root: Path) -> float:
-    root.mkdir(parents=True)
-    shutil.copy(PROJECT / "pyproject.toml", root)
-    shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()
-    shutil.copytree(PROJECT / "data" / "01_raw", root / "data" / "01_raw")
-    (root / "conf/base/mlflow.yml").write_text((PROJECT / "conf/base/mlflow.yml").read_text().replace(
-        str(PROJECT), str(root)))
+    copy_project(root)  # the project hook points MLflow at the copy's own mlflow.db
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONHASHSEED": "0", "HF_HUB_CACHE": str(root / ".cache")}
     (root / ".cache").mkdir()

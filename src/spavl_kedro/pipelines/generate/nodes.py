@@ -85,7 +85,8 @@ def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: d
         rng = random.Random(f"{cfg.seed}:seed:{img.image_id}")
         sub = subs[img.class3]
         keyword = caption_keyword(img.caption, sub.keywords)
-        values = {"keyword": keyword, "subcategory": img.class3, **(caption_parts(img.caption) or {})}
+        parts = caption_parts(img.caption)  # None for a caption that is not the synthetic format
+        values = {"keyword": keyword, "subcategory": img.class3, **(parts or {})}
         for harmful, templates in ((True, corpus.templates), (False, corpus.benign_templates)):
             for template in rng.sample(templates, min(corpus.questions_per_image, len(templates))):
                 if harmful:
@@ -93,8 +94,7 @@ def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: d
                     refusal, answer = rng.choice(seed_text[family]), rng.choice(seed_text["compliances"])
                 else:
                     refusal = rng.choice(seed_text["refusals"])
-                    answer = (rng.choice(seed_text["grounded"]) if caption_parts(img.caption)
-                              else "The picture shows {caption}")  # fallback for captions of real images
+                    answer = rng.choice(seed_text["grounded"]) if parts else "The picture shows {caption}"
                 rows.append({"image_id": img.image_id, "question": fill(template, keyword, sub), "harmful": harmful,
                              "refusal": refusal.format(**values),
                              "answer": answer.format(caption=img.caption, **values),
