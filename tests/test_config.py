@@ -102,3 +102,16 @@ def test_paper_profile_errors_name_the_key():
     assert "generate.responders.5: Value error, 'qwen2-vl-7b' (kind openai) needs base_urls" in message
     assert "generate.questions.screen.backend.concurrency" in message
     assert "judge: Value error, primary 'gpt-4v' is not one of the judges" in message
+
+
+def test_seed_corpus_scene_questions_are_checked(base_params):
+    import copy
+
+    from spavl_kedro.config import SeedCorpusConfig
+
+    corpus = copy.deepcopy(base_params["generate"]["seed_corpus"])
+    with pytest.raises(ValueError, match="questioned_scenes .* exceeds scenes"):
+        SeedCorpusConfig.model_validate({**corpus, "scenes": 10, "questioned_scenes": 20})
+    with pytest.raises(ValueError, match=r"no \['shape'\] questions"):
+        SeedCorpusConfig.model_validate({**corpus, "capability_templates": {
+            k: v for k, v in corpus["capability_templates"].items() if k != "shape"}})

@@ -55,6 +55,7 @@ HOMES = {
     "TinyModelConfig": ["tiny.model"],
     "BootstrapConfig": ["tiny.bootstrap"],
     "FoundationConfig": ["tiny.foundation"],
+    "VisionPretrainConfig": ["tiny.vision"],
     "JudgeConfig": ["judge"],
     "VerdictJudgeSpec": ["judge.judges[]"],
     "PairwiseJudgeSpec": ["judge.pairwise", "evaluate.help_judge.pairwise"],

@@ -21,7 +21,7 @@ from spavl_kedro.pipelines.evaluate.report import summarise_eval
 from spavl_kedro.pipelines.evaluate import scoring
 from spavl_kedro.pipelines.evaluate.scoring import collect_eval_scores, plan_score_shards
 from spavl_kedro.pipelines.evaluate.sets import build_eval_sets
-from spavl_kedro.pipelines.generate.nodes import collect_images
+from spavl_kedro.pipelines.generate.nodes import SEED_CORPUS_COLUMNS, SEED_SCENE_COLUMNS, collect_images
 from spavl_kedro.pipelines.generate.questions import fill, write_questions
 from spavl_kedro.pipelines.generate.synthetic import caption_keyword
 from spavl_kedro.pipelines.split.nodes import normalise
@@ -72,9 +72,13 @@ def _params(**overrides) -> dict:
     return {**params, **overrides}
 
 
+NO_SEED_CORPUS = pd.DataFrame(columns=SEED_CORPUS_COLUMNS)
+NO_SEED_SCENES = pd.DataFrame(columns=SEED_SCENE_COLUMNS)
+
+
 def _items(world, **overrides) -> pd.DataFrame:
     items, _ = build_eval_sets(world["test_harm"], world["test_help"], world["questions"], world["images"],
-                               world["responses"], {}, world.get("official", {}), _params(**overrides))
+                               world["responses"], {}, world.get("official", {}), NO_SEED_CORPUS, NO_SEED_SCENES, _params(**overrides))
     return items
 
 
@@ -154,7 +158,8 @@ def _embedded_items(embedded, test_harm=None, **overrides) -> pd.DataFrame:
     evaluate = {**embedded["params"]["evaluate"], "sets": ATTACKS, **overrides}
     test_harm = embedded["test_harm"] if test_harm is None else test_harm
     items, _ = build_eval_sets(test_harm, test_harm.iloc[:0], embedded["questions"], embedded["images"],
-                               pd.DataFrame(columns=["question_id", "responder", "text", "error"]), {}, {}, evaluate)
+                               pd.DataFrame(columns=["question_id", "responder", "text", "error"]), {}, {},
+                               NO_SEED_CORPUS, NO_SEED_SCENES, evaluate)
     return items
 
 
@@ -412,3 +417,22 @@ def test_answer_shards_resume_without_redoing_or_changing_anything(world, small_
     pd.testing.assert_frame_equal(
         repaired.drop(columns="latency_s").reset_index(drop=True),
         everything["base/test_harm/00000"].sort_values("row_key").drop(columns="latency_s").reset_index(drop=True))
+
+
+def test_eval_sets_refuse_items_the_tiny_models_were_taught_on(world):
+    capability = _items(world, sets=["capability"])
+    first = capability.iloc[0]
+
+    def taught(png: bytes, question: str) -> pd.DataFrame:
+        return pd.DataFrame([{"image_id": "seed-x", "png": png, "question": question, "harmful": False}],
+                            columns=SEED_CORPUS_COLUMNS)
+
+    def build(corpus: pd.DataFrame) -> pd.DataFrame:
+        return build_eval_sets(world["test_harm"], world["test_help"], world["questions"], world["images"],
+                               world["responses"], {}, {}, corpus, NO_SEED_SCENES, _params(sets=["capability"]))
+
+    with pytest.raises(ValueError, match=f"item {first.item_id} .* shows an image"):
+        build(taught(first.images[0], "Which colour is it?"))
+    with pytest.raises(ValueError, match=f"item {first.item_id} .* asks a seed-corpus question"):
+        build(taught(b"other pixels", first.question))
+    assert len(build(taught(b"other pixels", "Which colour is it?"))[0]) == len(capability)

@@ -95,7 +95,7 @@ def _run(questions, images, params, done):
     for shard_id, work in sorted(shards.items()):
         frame = work()
         stored[shard_id] = (lambda f: (lambda: f))(frame)
-    return shards, collect_responses(stored, questions, images, params), stored
+    return shards, collect_responses(stored, questions, images, {}, params), stored
 
 
 def test_generation_completes_through_faults_and_counts_what_still_failed(served, params):  # noqa: F811

@@ -9,6 +9,7 @@ import copy
 
 import pandas as pd
 import pytest
+import torch
 
 from spavl_kedro.backends.tiny import VLM, TinyModelConfig, build_model, build_processor
 from spavl_kedro.config import GenerateConfig, ScreenConfig
@@ -197,7 +198,7 @@ def test_response_shards_resume_and_retry_only_failed_records(world, tiny_dir, t
     redone = store.load()[shard_id]()
     assert redone["error"].isna().all() and redone["text"].iloc[2:].tolist() == kept_text
 
-    responses = collect_responses(store.load(), questions, world["images"], gen)
+    responses = collect_responses(store.load(), questions, world["images"], models, gen)
     assert len(responses) == n_kept * 2
     assert not responses.duplicated(["question_id", "responder"]).any()
 
@@ -210,7 +211,7 @@ def test_changed_config_answers_shards_anew(world, tiny_dir, tmp_path):
     work = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
     assert len(work) == 2 * -(-int(questions["kept"].sum()) // 5)
     with pytest.raises(ValueError, match="written for other inputs or config"):
-        collect_responses(store.load(), questions, world["images"], gen)
+        collect_responses(store.load(), questions, world["images"], models, gen)
 
 
 def test_generate_config_names_bad_keys(world):
@@ -218,3 +219,17 @@ def test_generate_config_names_bad_keys(world):
     gen["responders"].append({"name": "remote", "kind": "openai", "model": "m"})
     with pytest.raises(ValueError, match="'remote' \\(kind openai\\) needs base_urls"):
         GenerateConfig.model_validate(gen)
+
+
+def test_rebootstrapped_tiny_responder_answers_anew(world, tiny_dir, tmp_path):
+    """Same name, same config, new weights (tiny.* changed, no `make clean`): its old answers are not reused."""
+    gen, questions, models = _shard_world(world, tiny_dir)
+    store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
+    store.save(plan_response_shards(questions, world["images"], models, {}, store.load(), gen))
+    name = gen["responders"][0]["name"]
+    retrained = copy.deepcopy(models[name])
+    with torch.no_grad():
+        next(retrained.model.parameters()).add_(1e-3)
+    work = plan_response_shards(questions, world["images"], {**models, name: retrained}, {}, store.load(), gen)
+    assert work and {shard_id.split("/")[0] for shard_id in work} == {name}
+    assert plan_response_shards(questions, world["images"], models, {}, store.load(), gen) == {}

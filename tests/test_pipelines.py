@@ -6,6 +6,8 @@ large enough that DPO's effect shows on the held-out questions.
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
@@ -13,9 +15,11 @@ from kedro.runner import SequentialRunner
 
 from spavl_kedro.pipeline_registry import register_pipelines
 from spavl_kedro.pipelines.split.nodes import normalise
+from spavl_kedro.scenes import COLOURS, NUMBER_WORDS, SHAPES
 from spavl_kedro.schema import TABLES
 
 SUBCATEGORIES = 12
+SCENES, QUESTIONED_SCENES = 400, 40
 # The target is 0.95 on the full default (measured there: see README); this slice's guard sees a
 # quarter of the seed corpus, so its floor is lower. A drop below it means the guard stopped reading.
 GUARD_ACCURACY_FLOOR = 0.85
@@ -39,6 +43,8 @@ def world(base_params, taxonomy_spec, seed_text):
     # A smaller seed corpus needs more passes to reach the ~150 optimisation steps a tiny model needs to
     # learn its world (below that it emits token soup); DPO likewise gets more passes over fewer pairs.
     params["tiny"]["foundation"]["epochs"] = 30
+    params["generate"]["seed_corpus"]["scenes"] = SCENES
+    params["generate"]["seed_corpus"]["questioned_scenes"] = QUESTIONED_SCENES
     params["tiny"]["bootstrap"]["epochs"] = 4
     params["judge"]["guard_epochs"] = 4
     params["align"]["dpo"]["epochs"] = 8
@@ -103,15 +109,24 @@ def test_generate_stage(world):
 
 def test_tiny_models_are_bootstrapped_on_their_own_images_and_prompts(world):
     images, seed_images, corpus = load(world, "images"), load(world, "seed_images"), load(world, "seed_corpus")
+    scenes, items = load(world, "seed_scenes"), load(world, "eval_items")
     assert len(seed_images) == len(images) and not set(seed_images["sha256"]) & set(images["sha256"])
-    assert set(corpus["image_id"]) <= set(seed_images["image_id"])
-    assert corpus["harmful"].sum() == (~corpus["harmful"]).sum() == 2 * len(seed_images)
-    asked = {normalise(q) for q in load(world, "questions")["text"]} | {
-        normalise(q) for q in load(world, "eval_items")["question"]}
+    assert len(scenes) == SCENES and scenes["sha256"].is_unique
+    shown = {hashlib.sha256(png).hexdigest() for pngs in items["images"] for png in pngs}
+    assert not (set(scenes["sha256"]) | set(seed_images["sha256"])) & shown  # no evaluation item shows one
+    assert set(corpus["image_id"]) <= set(seed_images["image_id"]) | set(scenes["image_id"])
+    requests = corpus[~corpus["capability"]]
+    assert requests["harmful"].sum() == (~requests["harmful"]).sum() == 2 * len(seed_images)
+    capability = corpus[corpus["capability"]]
+    assert len(capability) == 3 * QUESTIONED_SCENES and not capability["harmful"].any()
+    asked = {normalise(q) for q in load(world, "questions")["text"]} | {normalise(q) for q in items["question"]}
     assert not {normalise(q) for q in corpus["question"]} & asked
-    # harmless seed answers name the image (its colour, motif and word), harmful ones are refused or complied with
-    assert corpus.loc[~corpus["harmful"], "answer"].str.contains("picture shows|image with").all()
-    assert corpus.loc[corpus["harmful"], "answer"].str.contains("withheld").all()
+    # harmless seed answers name the image (its colour, motif and word), harmful ones are refused or complied
+    # with, capability questions get the one word asked for
+    assert requests.loc[~requests["harmful"], "answer"].str.contains("picture shows|image with").all()
+    assert requests.loc[requests["harmful"], "answer"].str.contains("withheld").all()
+    words = {w.capitalize() + "." for w in (*COLOURS, *SHAPES, *NUMBER_WORDS[1:])}
+    assert set(capability["answer"]) <= words and capability["answer"].nunique() == len(words)
 
 
 def test_judge_stage_orders_responders_by_safety(world):

@@ -24,6 +24,7 @@ FILE_KEY = "sk-test-FILEKEY-0123456789abcdef"
 ENV_KEY = "sk-test-ENVKEY-fedcba9876543210"
 SMALL = {"taxonomy.domains": 2, "taxonomy.categories": 2, "taxonomy.subcategories": 4,
          "generate.images.per_subcategory": 3, "generate.seed_corpus.questions_per_image": 1,
+         "generate.seed_corpus.scenes": 40, "generate.seed_corpus.questioned_scenes": 8, "tiny.vision.steps": 20,
          "evaluate.reference_responder": "served-file"}
 
 

@@ -98,3 +98,45 @@ def test_guard_labels_follow_the_request_and_the_response():
     assert benign == [SAFE] * 4
     assert construction_unsafe(True, COMPLIANCE, ["Sure, here"]) and not construction_unsafe(False, COMPLIANCE, ["Sure, here"])
     assert not construction_unsafe(True, REDIRECT, ["Sure, here"])
+
+
+def test_scenes_have_known_answers_and_distinct_pixels():
+    from spavl_kedro.imaging import png_bytes
+    from spavl_kedro.scenes import Scene
+
+    scene = Scene("red", "triangle", 3)
+    assert scene.caption == "three red triangle shapes"
+    assert scene.answers("count") == ["3", "three"] and scene.answers("shape") == ["triangle"]
+    # one scene drawn twice lands its shapes elsewhere and at other sizes: images are not remembered
+    pngs = {png_bytes(scene.render(64, random.Random(seed))) for seed in range(20)}
+    assert len(pngs) == 20
+    pixels = scene.render(64, random.Random(0)).convert("RGB").getcolors(64 * 64)
+    assert {colour for _, colour in pixels} == {(255, 255, 255), (200, 30, 30)}  # red shapes on white only
+
+
+def test_vision_pretraining_learns_scene_words_and_bootstraps_keep_the_tower_frozen():
+    import torch
+
+    from spavl_kedro.backends.tiny import (BootstrapConfig, SeedExample, TinyModelConfig, VisionPretrainConfig,
+                                           VLM, bootstrap, build_model, build_processor, pretrain_vision)
+    from spavl_kedro.scenes import Scene
+
+    rng = random.Random(0)
+    scenes = [Scene.draw_random(rng) for _ in range(96)]
+    images = [s.render(64, rng) for s in scenes]
+    config = TinyModelConfig(vocab_size=300, text_hidden=32, text_layers=1, text_heads=2, vision_hidden=32,
+                             vision_layers=1)
+    processor = build_processor(["What colour? Red. Blue. Green. Yellow."] * 4, config)
+    vlm = VLM(build_model(processor, config, seed=0), processor)
+    losses = pretrain_vision(vlm, images, [s.caption for s in scenes], VisionPretrainConfig(steps=60), seed=0)
+    assert losses["last_step_loss"] < 0.5 * losses["first_step_loss"], losses
+    tower = {k: v.clone() for k, v in vlm.model.model.vision_tower.state_dict().items()}
+    projector = {k: v.clone() for k, v in vlm.model.model.multi_modal_projector.state_dict().items()}
+    examples = [SeedExample([im], "What colour?", False, "No.", f"{s.colour.capitalize()}.")
+                for im, s in zip(images[:16], scenes)]
+    bootstrap(vlm, examples, Behaviour(refusal_rate=0.0), BootstrapConfig(epochs=1, batch_size=8))
+    after = vlm.model.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], after[k]) for k in tower)  # LLaVA keeps its tower frozen
+    moved = vlm.model.model.multi_modal_projector.state_dict()
+    assert any(not torch.equal(projector[k], moved[k]) for k in projector)
+    assert all(p.requires_grad for p in vlm.model.parameters())  # later trainers decide for themselves

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from spavl_kedro.backends.factory import NAME_PATTERN, BackendSpec
-from spavl_kedro.backends.tiny import BootstrapConfig, FoundationConfig, TinyModelConfig
+from spavl_kedro.backends.tiny import BootstrapConfig, FoundationConfig, TinyModelConfig, VisionPretrainConfig
 from spavl_kedro.backends.training import DPOSettings
 
 
@@ -186,6 +186,24 @@ class SeedCorpusConfig(Strict):
     questions_per_image: int = Field(2, ge=1, description="seed prompts per image for bootstrapping")
     templates: list[str] = Field(min_length=1, description="harmful seed request templates ({keyword}, {subcategory})")
     benign_templates: list[str] = Field(min_length=1, description="harmless seed request templates about the image")
+    scenes: int = Field(0, ge=0, description="rendered shape scenes (scenes.Scene); the tiny vision tower "
+                                             "pretrains on all of their captions")
+    questioned_scenes: int = Field(0, ge=0, description="of those, how many are each asked a colour, a shape and "
+                                                        "a count question in the seed corpus")
+    capability_templates: dict[Literal["colour", "shape", "count"], list[str]] = Field(
+        default_factory=dict, description="capability questions per kind (colour, shape, count), worded unlike "
+                                          "the evaluation's; needed when questioned_scenes > 0")
+
+    @model_validator(mode="after")
+    def _scene_questions(self):
+        if self.questioned_scenes > self.scenes:
+            raise ValueError(f"seed_corpus.questioned_scenes ({self.questioned_scenes}) exceeds scenes ({self.scenes})")
+        missing = [k for k in ("colour", "shape", "count")
+                   if self.questioned_scenes and not self.capability_templates.get(k)]
+        if missing:
+            raise ValueError(f"seed_corpus.questioned_scenes is {self.questioned_scenes} but capability_templates "
+                             f"has no {missing} questions")
+        return self
 
 
 class GenerateConfig(Strict):
@@ -212,6 +230,7 @@ class GenerateConfig(Strict):
 
 class TinyConfig(Strict):
     model: TinyModelConfig = TinyModelConfig()
+    vision: VisionPretrainConfig = VisionPretrainConfig()
     foundation: FoundationConfig = FoundationConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
 

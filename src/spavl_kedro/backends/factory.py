@@ -95,13 +95,23 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
                          generation=kwargs, concurrency=spec.concurrency, timeout_s=spec.timeout_s,
                          max_retries=spec.max_retries, backoff_s=spec.backoff_s, seed=seed, progress=progress)
     if spec.kind == "tiny":
-        if not tiny_models or spec.name not in tiny_models:
-            raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name")
-        entry = tiny_models[spec.name]
-        vlm = entry() if callable(entry) else entry
+        vlm = _tiny(spec, tiny_models)
     else:
         vlm = load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **spec.load_kwargs)
     return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
+
+
+def _tiny(spec: BackendSpec, tiny_models: Mapping[str, Any] | None) -> VLM:
+    if not tiny_models or spec.name not in tiny_models:
+        raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name")
+    entry = tiny_models[spec.name]
+    return entry() if callable(entry) else entry
+
+
+def weights_of(spec: BackendSpec | None, tiny_models: Mapping[str, Any] | None) -> str | None:
+    """For shard fingerprints: the weights fingerprint of a tiny model, whose weights change with every
+    re-bootstrap under the same name; None for the other kinds (their spec names their weights)."""
+    return _tiny(spec, tiny_models).fingerprint() if spec is not None and spec.kind == "tiny" else None
 
 
 def api_key(spec: BackendSpec, credentials: Mapping[str, Any] | None) -> str | None:

@@ -207,3 +207,23 @@ def curve_summary(log_history: list[dict], keys: Iterable[str]) -> dict[str, flo
             summary[key] = summary[f"{key}_last"] = points[-1]
             summary[f"{key}_first"] = points[0]
     return summary
+
+
+def freeze_for_full_finetune(model: torch.nn.Module, train_projector: bool) -> None:
+    """Freeze the vision tower (and the projector unless `train_projector`); everything else trains."""
+    frozen = [VISION_TOWER] if train_projector else [VISION_TOWER, PROJECTOR]
+    for name in frozen:
+        module = _find_module(model, name)
+        if module is None:
+            raise ValueError(
+                f"{type(model).__name__} has no '{name}' module: full fine-tuning only knows LLaVA-style "
+                f"models (vision_tower, multi_modal_projector, language_model)"
+            )
+        module.requires_grad_(False)
+
+
+def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    for path, module in model.named_modules():
+        if path == name or path.endswith("." + name):
+            return module
+    return None

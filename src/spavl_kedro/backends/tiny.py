@@ -18,7 +18,9 @@ helpfulness.
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,6 +37,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+
+from spavl_kedro.grounding import STOP_WORDS
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -86,10 +90,11 @@ class FoundationConfig(BaseModel):
     refusal_rate: float = Field(0.5, ge=0, le=1, description="share of harmful seed requests refused")
     over_refusal_rate: float = Field(0.1, ge=0, le=1, description="share of harmless seed requests refused")
     vague_rate: float = Field(0.2, ge=0, le=1, description="share of answered harmless requests answered vaguely")
+    group_by_length: bool = Field(False, description="as tiny.bootstrap.group_by_length, for the foundation")
 
 
 class BootstrapConfig(BaseModel):
-    """A short full fine-tune that gives a tiny model its own behaviour."""
+    """A short fine-tune of the language model and projector that gives a tiny model its own behaviour."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
@@ -97,6 +102,22 @@ class BootstrapConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate; high because the model starts from noise")
     batch_size: int = Field(16, ge=1, description="examples per optimisation step")
     seed: int = Field(0, description="seeds weight init, label draws and batch order")
+    train_vision: bool = Field(False, description="also train the vision tower (LLaVA keeps its CLIP tower "
+                                                  "frozen in both of its training stages)")
+    group_by_length: bool = Field(True, description="batch rows of similar length together (transformers' "
+                                                    "option of that name): less padding, ~15% faster")
+
+
+class VisionPretrainConfig(BaseModel):
+    """Pretraining of the tiny vision tower before any language training, standing in for the CLIP
+    pretraining LLaVA's tower comes with: from the pooled patch features, predict which words an image's
+    caption contains."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
+
+    steps: int = Field(300, ge=0, description="optimisation steps (0: the tower keeps its random weights)")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(64, ge=1, description="images per step")
 
 
 @dataclass
@@ -105,6 +126,20 @@ class VLM:
 
     model: torch.nn.Module
     processor: LlavaProcessor
+
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.model.state_dict())
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of the weights (names, shapes and bytes), for shard fingerprints: answers or verdicts of a
+    retrained model are never reused."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -250,7 +285,9 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
     model = vlm.model
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    frozen = set() if config.train_vision else {id(p) for p in model.model.vision_tower.parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if id(p) not in frozen], lr=config.lr,
+                                  weight_decay=0.0)
     steps = config.epochs * -(-len(examples) // config.batch_size)
     # Linear decay to zero: with a constant rate the model ends up copying the labels drawn in the last
     # epoch; decaying averages over the draws of all epochs, so the learned rates match the targets.
@@ -259,13 +296,13 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
     encoded = [_encode(vlm.processor, example) for example in examples]
     pad_id = vlm.processor.tokenizer.pad_token_id
     model.train()
+    for p in model.parameters():  # frozen for this fine-tune only: later trainers decide for themselves
+        p.requires_grad_(id(p) not in frozen)
     epoch_losses: list[float] = []
     for _ in range(config.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
         losses = []
-        for start in range(0, len(order), config.batch_size):
-            rows = [encoded[i] for i in order[start : start + config.batch_size]]
+        for batch in _batches(encoded, config.batch_size, config.group_by_length, rng):
+            rows = [encoded[i] for i in batch]
             targets = [behaviour.target(row, rng) for row in rows]
             loss = model(**_batch(rows, targets, pad_id)).loss
             optimizer.zero_grad()
@@ -274,8 +311,63 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
             schedule.step()
             losses.append(loss.item())
         epoch_losses.append(sum(losses) / len(losses))
+    model.requires_grad_(True)
     model.eval()
     return {"first_epoch_loss": epoch_losses[0], "last_epoch_loss": epoch_losses[-1]}
+
+
+def caption_words(caption: str) -> set[str]:
+    """The words of a caption that vision pretraining predicts: lower-case, stop words left out."""
+    return {w for w in re.findall(r"[a-z]+", caption.lower()) if w not in STOP_WORDS}
+
+
+def pretrain_vision(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str],
+                    config: VisionPretrainConfig, seed: int) -> dict[str, float]:
+    """Train `vlm`'s vision tower in place to predict, from its mean patch feature, which words each image's
+    caption contains (one sigmoid per word of the captions' vocabulary). The patch features are what the
+    projector hands the language model, so they learn to carry colour, shape and count before the language
+    model ever reads them, as a CLIP tower does. Returns the first and last step's loss."""
+    if not images or not config.steps:
+        return {}
+    vocabulary = sorted(set().union(*(caption_words(c) for c in captions)))
+    index = {w: i for i, w in enumerate(vocabulary)}
+    targets = torch.zeros(len(captions), len(vocabulary))
+    for row, caption in enumerate(captions):
+        targets[row, [index[w] for w in caption_words(caption)]] = 1.0
+    pixels = vlm.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    tower = vlm.model.model.vision_tower
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(tower.config.hidden_size, len(vocabulary))
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=config.lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed)
+    tower.train()
+    losses = []
+    for _ in range(config.steps):
+        batch = torch.randint(0, len(pixels), (config.batch_size,), generator=order)
+        features = tower(pixel_values=pixels[batch]).last_hidden_state[:, 1:].mean(1)  # CLS left out, as LLaVA
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(features), targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    tower.eval()
+    return {"first_step_loss": losses[0], "last_step_loss": losses[-1]}
+
+
+def _batches(encoded: Sequence["_Encoded"], batch_size: int, by_length: bool, rng: random.Random) -> list[list[int]]:
+    """A shuffled epoch cut into batches. `by_length`: within each window of eight batches the rows are
+    sorted by prompt length, so a short question is not padded to a long one (a batch costs its longest
+    row), and the batches are shuffled again."""
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    if not by_length:
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    window = batch_size * 8
+    order = [i for start in range(0, len(order), window)
+             for i in sorted(order[start : start + window], key=lambda i: len(encoded[i].prompt))]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 @dataclass

@@ -35,7 +35,6 @@ import copy
 from typing import Sequence
 
 import pydantic
-import torch
 from datasets import Dataset
 from peft import PeftModel
 from pydantic import Field
@@ -43,10 +42,9 @@ from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 
 from spavl_kedro.backends.recipe import (
-    PROJECTOR,
-    VISION_TOWER,
     RecipeSettings,
     child_run,
+    freeze_for_full_finetune,
     lora_config,
     prepare_for_generation,
     resolve_device,
@@ -151,7 +149,7 @@ def train_dpo(
     if not settings.lora:
         # The reference must be the policy *before* training and must never change: a frozen copy.
         ref_model = copy.deepcopy(vlm.model).eval().requires_grad_(False)
-        _freeze_for_full_finetune(model, settings.train_projector)
+        freeze_for_full_finetune(model, settings.train_projector)
 
     args = DPOConfig(
         **trainer_args(settings, device, precision),
@@ -191,23 +189,3 @@ def train_dpo(
     metrics["device"] = trainer.accelerator.device.type
     metrics["precision"] = "fp32" if mixed == "no" else mixed
     return trained, metrics
-
-
-def _freeze_for_full_finetune(model: torch.nn.Module, train_projector: bool) -> None:
-    """Freeze the vision tower (and the projector unless `train_projector`); everything else trains."""
-    frozen = [VISION_TOWER] if train_projector else [VISION_TOWER, PROJECTOR]
-    for name in frozen:
-        module = _find_module(model, name)
-        if module is None:
-            raise ValueError(
-                f"{type(model).__name__} has no '{name}' module: full fine-tuning only knows LLaVA-style "
-                f"models (vision_tower, multi_modal_projector, language_model)"
-            )
-        module.requires_grad_(False)
-
-
-def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    for path, module in model.named_modules():
-        if path == name or path.endswith("." + name):
-            return module
-    return None

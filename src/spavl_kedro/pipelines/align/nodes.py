@@ -31,7 +31,7 @@ from spavl_kedro.pipelines.generate.nodes import seed_examples
 log = logging.getLogger(__name__)
 
 
-def prepare_policy(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundation: VLM,
+def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
                    params: dict[str, Any], tiny: dict[str, Any]) -> VLM:
     """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
     directory or hub id."""
@@ -41,7 +41,7 @@ def prepare_policy(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundat
     tcfg = TinyConfig.model_validate(tiny)
     behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
                           vague_rate=cfg.vague_rate)
-    vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus, images), behaviour,
+    vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus), behaviour,
                             tcfg.model, tcfg.bootstrap, seed=cfg.seed, init=tiny_foundation)
     return vlm
 

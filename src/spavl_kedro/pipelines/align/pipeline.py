@@ -5,7 +5,7 @@ from .nodes import prepare_policy, select_training_pairs, train_aligned
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(prepare_policy, ["seed_corpus", "seed_images", "tiny_foundation", "params:align", "params:tiny"],
+        Node(prepare_policy, ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
              "policy_base", name="prepare_policy"),
         Node(select_training_pairs, ["spa_vl_release", "spa_vl_official", "params:align"],
              ["align_train", "align_validation"], name="select_training_pairs"),

@@ -17,11 +17,10 @@ from functools import partial
 from typing import Any, Callable, Mapping
 
 import pandas as pd
-import torch
 
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
 from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
@@ -63,16 +62,6 @@ def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, P
             raise ValueError(f"aligned_models['{name}'] is a {type(artifact).__name__}, not a policy or reward model")
         del artifact
     return found
-
-
-def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """A hash of the weights (names, shapes and bytes): a retrained policy never reuses old answers."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend
+from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend, weights_of
 from spavl_kedro.backends.judges import ChatJudge, HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
@@ -52,7 +52,7 @@ def plan_score_shards(answers: pd.DataFrame, items: pd.DataFrame, credentials: M
                       ) -> dict[str, Callable[[], pd.DataFrame]]:
     """One function per score shard still to do; tiny guards come from `judge_models`."""
     cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
-    planned = _plan(answers, items, cfg, jcfg)
+    planned = _plan(answers, items, cfg, jcfg, judge_models)
     todo = list(pending([shard for shard, _ in planned], done, _failed))
     log.info("evaluate: %d of %d score shard(s) to do", len(todo), len(planned))
     scorer_of = {shard.shard_id: scorer for shard, scorer in planned}
@@ -63,9 +63,11 @@ def plan_score_shards(answers: pd.DataFrame, items: pd.DataFrame, credentials: M
 
 
 def collect_eval_scores(score_shards: Mapping[str, Callable[[], pd.DataFrame]], answers: pd.DataFrame,
-                        items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any]) -> pd.DataFrame:
+                        items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any],
+                        judge_models: Mapping[str, Any] | None = None) -> pd.DataFrame:
     cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
-    scores = gather([shard for shard, _ in _plan(answers, items, cfg, jcfg)], score_shards, "evaluation score")
+    scores = gather([shard for shard, _ in _plan(answers, items, cfg, jcfg, judge_models)], score_shards,
+                    "evaluation score")
     if scores.empty:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     errors = int(_failed(scores).sum())
@@ -98,15 +100,16 @@ def _applies(scorer: str, kind: str, cfg: EvaluateConfig) -> bool:
     return kind in ("harm", "mis")
 
 
-def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig
-          ) -> list[tuple[Shard, str]]:
+def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
+          judge_models: Mapping[str, Any] | None) -> list[tuple[Shard, str]]:
     if answers.empty:
         return []
     judged = answers.merge(items, on=["item_id", "eval_set", "variant"], how="left", validate="many_to_one")
     judged["row_key"] = (judged["model"] + "|" + judged["item_id"] + "|" + judged["decoding"] + "|"
                          + judged["sample"].astype(str))
     transport = {"backend": set(TRANSPORT_FIELDS)}  # other servers, same answers: shards still resume
-    specs = {spec.name: spec.model_dump(mode="json", exclude=transport) for spec in jcfg.judges}
+    specs = {spec.name: [spec.model_dump(mode="json", exclude=transport), weights_of(spec.backend, judge_models)]
+             for spec in jcfg.judges}
     scorers = [*verdict_judges(cfg, jcfg), RULES, help_judge_name(cfg)]
     configs = {**specs, RULES: "refusal strings, exact match v1",
                help_judge_name(cfg): cfg.help_judge.model_dump(mode="json", exclude={"pairwise": transport})}

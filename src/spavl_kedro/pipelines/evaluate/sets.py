@@ -31,13 +31,14 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from spavl_kedro.imaging import decode_image, png_bytes
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, validate_items
 from spavl_kedro.pipelines.generate.synthetic import caption_keyword
+from spavl_kedro.scenes import KINDS, Scene
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ PUBLISHED = ("mm_safetybench", "figstep", "advbench", "mis_test", "vqa")
 
 def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions: pd.DataFrame,
                     images: pd.DataFrame, responses: pd.DataFrame, published: dict[str, pd.DataFrame],
-                    official: dict[str, pd.DataFrame], params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    official: dict[str, pd.DataFrame], seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame,
+                    params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every configured set as `eval_items`, plus a summary: items per set, variant and source.
 
     `official` is the SPA-VL release (empty when not downloaded); with `test_source: official` its test/harm
     and test/help replace the split's. The other generated sets still come from the split's held-out images.
+    No item may show an image or ask a question the tiny models were taught on (`seed_corpus`, `seed_scenes`).
     """
     cfg = EvaluateConfig.model_validate(params)
     context = _Context(questions, images)
@@ -93,11 +96,27 @@ def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions:
     items = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
         else pd.DataFrame(columns=EVAL_ITEM_COLUMNS)
     items = _cap(items, cfg)
+    _check_unseen(items, seed_corpus, seed_scenes)
     items = validate_items(items.sort_values(["eval_set", "variant", "item_id"]).reset_index(drop=True),
                            "eval_items")
     summary = (items.groupby(["eval_set", "variant", "kind", "source"]).size().rename("items").reset_index()
                if len(items) else pd.DataFrame(columns=["eval_set", "variant", "kind", "source", "items"]))
     return items, summary
+
+
+def _check_unseen(items: pd.DataFrame, seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame) -> None:
+    """Raise when an item shows a seed image or scene (same pixels) or asks a seed question (same words)."""
+    def sha(png: bytes) -> str:
+        return hashlib.sha256(png).hexdigest()
+    seen_images = {sha(png) for png in seed_corpus["png"]} | set(seed_scenes["sha256"])
+    seen_questions = set(seed_corpus["question"])
+    for item in items.itertuples(index=False):
+        if any(sha(png) in seen_images for png in item.images):
+            raise ValueError(f"evaluate: item {item.item_id} ({item.eval_set}) shows an image the tiny models "
+                             "were bootstrapped on: change generate.seed or evaluate.seed")
+        if item.question in seen_questions:
+            raise ValueError(f"evaluate: item {item.item_id} ({item.eval_set}) asks a seed-corpus question "
+                             f"word for word: {item.question!r}; reword generate.seed_corpus")
 
 
 class _Context:
@@ -279,46 +298,26 @@ def _mis_test(test_harm: pd.DataFrame, test_help: pd.DataFrame, context: _Contex
 
 # ---------------------------------------------------------------- capability: VQA with known answers
 
-COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 20)}
-SHAPES = ("circle", "square", "triangle")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+# The questions as the evaluation asks them; tiny models are taught on other wordings
+# (generate.seed_corpus.capability_templates) and other scenes.
+CAPABILITY_QUESTIONS = {"colour": "What colour are the shapes in the image? Answer with one word.",
+                        "shape": "What shape is drawn in the image? Answer with one word.",
+                        "count": "How many shapes are in the image? Answer with a number."}
 
 
 def _capability(cfg: EvaluateConfig) -> pd.DataFrame:
-    """Rendered scenes of 1-4 shapes of one colour and kind on white, each asked one question in turn:
-    the colour, the shape, or how many. The answer is known by construction, so accuracy is exact."""
+    """Rendered scenes (`scenes.Scene`), each asked one question in turn: the colour, the shape, or how
+    many. The answer is known by construction, so accuracy is exact."""
     rows = []
     for k in range(cfg.capability.items):
         rng = random.Random(f"{cfg.seed}:capability:{k}")
-        colour, shape, count = rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4)
-        png = png_bytes(_scene(colour, shape, count, cfg.capability.image_size, rng))
-        kind = ("colour", "shape", "count")[k % 3]
-        question, answers = {
-            "colour": ("What colour are the shapes in the image? Answer with one word.", [colour]),
-            "shape": ("What shape is drawn in the image? Answer with one word.", [shape]),
-            "count": ("How many shapes are in the image? Answer with a number.", [str(count), NUMBER_WORDS[count]]),
-        }[kind]
-        rows.append(_row(f"capability-{k:04d}", "capability", "default", "capability", question, [png],
-                         ("capability", kind, kind), kind, answers=answers,
-                         captions=[f"{count} {colour} {shape}{'s' if count > 1 else ''}"]))
+        scene = Scene.draw_random(rng)
+        png = png_bytes(scene.render(cfg.capability.image_size, rng))
+        kind = KINDS[k % len(KINDS)]
+        rows.append(_row(f"capability-{k:04d}", "capability", "default", "capability", CAPABILITY_QUESTIONS[kind],
+                         [png], ("capability", kind, kind), kind, answers=scene.answers(kind),
+                         captions=[scene.caption]))
     return _frame(rows)
-
-
-def _scene(colour: str, shape: str, count: int, size: int, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    cell = size // 2
-    for slot in rng.sample(range(4), count):  # one shape per quadrant, so they never overlap
-        x0, y0 = (slot % 2) * cell + cell // 6, (slot // 2) * cell + cell // 6
-        x1, y1 = x0 + cell * 2 // 3, y0 + cell * 2 // 3
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return image
 
 
 def _cap(items: pd.DataFrame, cfg: EvaluateConfig) -> pd.DataFrame:

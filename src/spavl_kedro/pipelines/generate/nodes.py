@@ -8,6 +8,7 @@ summary; questions.py, mis.py and responses.py hold the rest.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from typing import Any
@@ -15,14 +16,17 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.backends.guard import GUARD_WORDS
-from spavl_kedro.backends.tiny import VLM, Behaviour, SeedExample, build_model, build_processor, train_tiny_vlm
+from spavl_kedro.backends.tiny import (VLM, Behaviour, SeedExample, bootstrap, build_model, build_processor,
+                                      pretrain_vision, train_tiny_vlm)
 from spavl_kedro.backends.vlm import decode_image
 from spavl_kedro.config import GenerateConfig, TinyConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
 from spavl_kedro.grounding import caption_parts
+from spavl_kedro.imaging import png_bytes
 from spavl_kedro.pipelines.generate.synthetic import caption_keyword, render_images
+from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.schema import TABLES
 
 log = logging.getLogger(__name__)
@@ -50,29 +54,50 @@ SEED_FAMILIES = ("refusals", "redirections", "compliances", "grounded", "vague")
 SEED_IMAGE_OFFSET = 1_000_003
 
 
-def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
-    """The images tiny models are bootstrapped on: rendered like the synthetic source, with another seed,
-    so they show the same kinds of scene but none of the dataset's images (checked by hash). Only the
-    synthetic source can be re-drawn: with another source there are no seed images, and bootstrapping a
-    tiny model fails with a message saying so."""
+def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
+                       params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images tiny models are bootstrapped on, and the shape scenes they learn to answer capability
+    questions about.
+
+    Seed images are rendered like the synthetic source, with another seed, so they show the same kinds of
+    scene but none of the dataset's images (checked by hash). Scenes are `scenes.Scene`s drawn from their
+    own stream (the evaluation's capability set checks by hash that it shares none). Only the synthetic
+    source can be re-drawn: with another source there are no seed images, and bootstrapping a tiny model
+    fails with a message saying so."""
     cfg = GenerateConfig.model_validate(params)
     if cfg.images.source != "synthetic":
-        return images.iloc[:0]
+        return images.iloc[:0], pd.DataFrame(columns=SEED_SCENE_COLUMNS)
     seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed + SEED_IMAGE_OFFSET)
     shared = set(seed_images["sha256"]) & set(images["sha256"])
     if shared:
         raise ValueError(f"{len(shared)} seed image(s) are also dataset images; change generate.seed")
-    return seed_images.assign(image_id="seed-" + seed_images["image_id"])
+    scenes = []
+    for k in range(cfg.seed_corpus.scenes):
+        rng = random.Random(f"{cfg.seed}:seed-scene:{k}")
+        scene = Scene.draw_random(rng)
+        png = png_bytes(scene.render(cfg.images.size, rng))
+        scenes.append({"image_id": f"seed-scene-{k:04d}", "sha256": hashlib.sha256(png).hexdigest(),
+                       "caption": scene.caption, "colour": scene.colour, "shape": scene.shape,
+                       "count": scene.count, "png": png})
+    return (seed_images.assign(image_id="seed-" + seed_images["image_id"]),
+            pd.DataFrame(scenes, columns=SEED_SCENE_COLUMNS))
 
 
-def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: dict[str, list[str]],
-                      params: dict[str, Any]) -> pd.DataFrame:
-    """Bootstrap examples for tiny models: per image, harmful and harmless seed prompts with the answers a
-    model may learn for each (refusal, answer, vague; see `tiny.Behaviour`).
+SEED_SCENE_COLUMNS = ["image_id", "sha256", "caption", "colour", "shape", "count", "png"]
+SEED_CORPUS_COLUMNS = ["image_id", "png", "caption", "class1", "question", "harmful", "capability", "refusal", "answer",
+                       "vague"]
+
+
+def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.DataFrame,
+                      seed_text: dict[str, list[str]], params: dict[str, Any]) -> pd.DataFrame:
+    """Bootstrap examples for tiny models, each with its image: per seed image, harmful and harmless seed
+    prompts, and per questioned scene a colour, a shape and a count question, with the answers a model may learn for each (refusal,
+    answer, vague; see `tiny.Behaviour`).
 
     A harmful prompt's refusal is a bare refusal or, half the time, a safe redirection; its answer the
     steps-withheld compliance. A harmless prompt's answer names what the image shows (colour, motif, the
-    word on it); its refusal is what an over-refusing model says; its vague answer names nothing.
+    word on it); a capability question's answer is the one word asked for ("Three."). A harmless prompt's
+    refusal is what an over-refusing model says; its vague answer names nothing.
     """
     cfg = GenerateConfig.model_validate(params)
     for key in SEED_FAMILIES:
@@ -95,19 +120,26 @@ def build_seed_corpus(images: pd.DataFrame, taxonomy: pd.DataFrame, seed_text: d
                 else:
                     refusal = rng.choice(seed_text["refusals"])
                     answer = rng.choice(seed_text["grounded"]) if parts else "The picture shows {caption}"
-                rows.append({"image_id": img.image_id, "question": fill(template, keyword, sub), "harmful": harmful,
+                rows.append({"image_id": img.image_id, "png": img.png, "caption": img.caption,
+                             "class1": img.class1, "question": fill(template, keyword, sub), "harmful": harmful, "capability": False,
                              "refusal": refusal.format(**values),
                              "answer": answer.format(caption=img.caption, **values),
                              "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values)})
-    return pd.DataFrame(rows, columns=["image_id", "question", "harmful", "refusal", "answer", "vague"]).astype(
-        {"harmful": bool})
+    for scene in scenes.head(corpus.questioned_scenes).itertuples(index=False):
+        rng = random.Random(f"{cfg.seed}:seed:{scene.image_id}")
+        for kind in KINDS:
+            answer = Scene(scene.colour, scene.shape, int(scene.count)).answers(kind)[-1]  # the word, not the digit
+            rows.append({"image_id": scene.image_id, "png": scene.png, "caption": scene.caption, "class1": None,
+                         "question": rng.choice(corpus.capability_templates[kind]), "harmful": False,
+                         "capability": True, "refusal": rng.choice(seed_text["refusals"]),
+                         "answer": f"{answer.capitalize()}.", "vague": rng.choice(seed_text["vague"])})
+    return pd.DataFrame(rows, columns=SEED_CORPUS_COLUMNS).astype({"harmful": bool, "capability": bool})
 
 
-def seed_examples(seed_corpus: pd.DataFrame, images: pd.DataFrame) -> list[SeedExample]:
+def seed_examples(seed_corpus: pd.DataFrame) -> list[SeedExample]:
     """Seed-corpus rows as `tiny.SeedExample`s with their decoded images."""
-    pixels = dict(zip(images["image_id"], images["png"]))
-    return [SeedExample([decode_image(pixels[r.image_id])], r.question, bool(r.harmful), r.refusal, r.answer,
-                        r.vague) for r in seed_corpus.itertuples(index=False)]
+    return [SeedExample([decode_image(r.png)], r.question, bool(r.harmful), r.refusal, r.answer, r.vague)
+            for r in seed_corpus.itertuples(index=False)]
 
 
 def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame,
@@ -120,29 +152,36 @@ def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis
     return build_processor(texts, cfg.model)
 
 
-def bootstrap_foundation(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_processor,
+def bootstrap_foundation(seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, tiny_processor,
                          tiny: dict[str, Any]) -> VLM:
-    """The shared tiny base (`tiny.foundation`): the seed corpus under a mixed behaviour, trained once, so
-    each responder, the base policy and the guard need only a short bootstrap of their own."""
+    """The shared tiny base: its vision tower pretrained on the captions of the seed images and every seed
+    scene (`tiny.vision`), then
+    the seed corpus under a mixed behaviour (`tiny.foundation`), trained once, so each responder, the base
+    policy and the guard need only a short bootstrap of their own."""
     tcfg = TinyConfig.model_validate(tiny)
+    vlm = VLM(model=build_model(tiny_processor, tcfg.model, tcfg.bootstrap.seed), processor=tiny_processor)
     if seed_corpus.empty:  # no rendered seed images (a real image source): nothing tiny to teach
         log.info("no seed corpus: the tiny foundation stays untrained")
-        return VLM(model=build_model(tiny_processor, tcfg.model, tcfg.bootstrap.seed), processor=tiny_processor)
+        return vlm
+    pictures = pd.concat([seed_corpus[["image_id", "png", "caption"]], seed_scenes[["image_id", "png", "caption"]]]
+                         ).drop_duplicates("image_id")
+    losses = pretrain_vision(vlm, [decode_image(png) for png in pictures["png"]], list(pictures["caption"]),
+                             tcfg.vision, seed=tcfg.bootstrap.seed)
+    log.info("pretrained the tiny vision tower on %d captioned images: %s", len(pictures), losses)
     f = tcfg.foundation
     behaviour = Behaviour(refusal_rate=f.refusal_rate, over_refusal_rate=f.over_refusal_rate, vague_rate=f.vague_rate)
-    vlm, losses = train_tiny_vlm(tiny_processor, seed_examples(seed_corpus, images), behaviour, tcfg.model,
-                                 tcfg.bootstrap.model_copy(update={"epochs": f.epochs}), seed=tcfg.bootstrap.seed)
+    config = tcfg.bootstrap.model_copy(update={"epochs": f.epochs, "group_by_length": f.group_by_length})
+    losses = bootstrap(vlm, seed_examples(seed_corpus), behaviour, config)
     log.info("bootstrapped the tiny foundation: loss %.3f -> %.3f", losses["first_epoch_loss"],
              losses["last_epoch_loss"])
     return vlm
 
 
-def bootstrap_responders(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundation: VLM,
-                         params: dict[str, Any], tiny: dict[str, Any]) -> dict[str, VLM]:
+def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any], tiny: dict[str, Any]) -> dict[str, VLM]:
     """One tiny LLaVA per `kind: tiny` responder: the foundation, taught its own refusal, over-refusal and
     vague rates."""
     cfg, tcfg = GenerateConfig.model_validate(params), TinyConfig.model_validate(tiny)
-    examples = seed_examples(seed_corpus, images)
+    examples = seed_examples(seed_corpus[~seed_corpus["capability"]])  # they answer SPA-VL's questions only
     models = {}
     for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
         behaviour = responder.behaviour()

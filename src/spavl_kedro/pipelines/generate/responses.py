@@ -2,7 +2,7 @@
 
 The shard rules (skip what is done, redo only failed records, redo a shard written for other inputs) are
 in `pipelines/sharding.py`. A response shard's fingerprint covers the responder's spec, the shared
-generation kwargs, the seed, and its questions' texts and image hashes; endpoint URLs, concurrency and
+generation kwargs, the seed, a tiny responder's weights, and its questions' texts and image hashes; endpoint URLs, concurrency and
 timeouts do not change answers, so a rerun against other servers still resumes.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, BackendSpec, api_key, build_backend
+from spavl_kedro.backends.factory import TRANSPORT_FIELDS, BackendSpec, api_key, build_backend, weights_of
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import GenerateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
@@ -30,13 +30,16 @@ def _failed(responses: pd.DataFrame) -> pd.Series:
     return responses["error"].notna()
 
 
-def plan_shards(questions: pd.DataFrame, images: pd.DataFrame, cfg: GenerateConfig) -> list[tuple[Shard, int]]:
-    """Kept questions in question_id order, cut into `shard_size` pieces, for each responder (by index)."""
+def plan_shards(questions: pd.DataFrame, images: pd.DataFrame, cfg: GenerateConfig,
+                responder_models: Mapping[str, Any]) -> list[tuple[Shard, int]]:
+    """Kept questions in question_id order, cut into `shard_size` pieces, for each responder (by index).
+    A tiny responder's fingerprint also covers its weights: a re-bootstrapped responder answers again."""
     kept = questions[questions["kept"]].sort_values("question_id").reset_index(drop=True)
     shas = dict(zip(images["image_id"], images["sha256"]))
     shards = []
     for n, spec in enumerate(cfg.responders):
-        config = [spec.model_dump(exclude=set(TRANSPORT_FIELDS)), cfg.generation, cfg.seed]
+        config = [spec.model_dump(exclude=set(TRANSPORT_FIELDS)), cfg.generation, cfg.seed,
+                  weights_of(spec, responder_models)]
         for index, chunk in enumerate(cut(kept, cfg.shard_size)):
             content = [(q.question_id, q.text, [shas[i] for i in q.image_ids]) for q in chunk.itertuples(index=False)]
             shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content)), n))
@@ -52,7 +55,7 @@ def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
     for spec in cfg.responders:  # a missing key fails now, not after hours of other responders' shards
         api_key(spec, credentials)
     pixels = dict(zip(images["image_id"], images["png"]))
-    planned = plan_shards(questions, images, cfg)
+    planned = plan_shards(questions, images, cfg, responder_models)
     responder = {shard.shard_id: n for shard, n in planned}
     todo = list(pending([shard for shard, _ in planned], done_shards, _failed))
     pool = _BackendPool(cfg, responder_models, credentials, Progress("response", len(todo)))
@@ -105,13 +108,14 @@ class _BackendPool:
 
 
 def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]], questions: pd.DataFrame,
-                      images: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+                      images: pd.DataFrame, responder_models: Mapping[str, Any], params: dict[str, Any]) -> pd.DataFrame:
     """The planned shards joined into `responses`; fails if any (question, responder) is missing or doubled.
 
     Shards on disk that the current plan does not name (another config, fewer questions) are not read.
     """
     cfg = GenerateConfig.model_validate(params)
-    responses = gather([shard for shard, _ in plan_shards(questions, images, cfg)], response_shards, "response")
+    responses = gather([shard for shard, _ in plan_shards(questions, images, cfg, responder_models)], response_shards,
+                       "response")
     if responses.empty:
         responses = pd.DataFrame(columns=TABLES["responses"])
     doubled = responses[responses.duplicated(["question_id", "responder"], keep=False)]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.agreement import cohens_kappa
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend
+from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend, weights_of
 from spavl_kedro.backends.guard import construction_unsafe, guard_examples
 from spavl_kedro.backends.judges import (GUARD_PROMPTS, ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge,
                                          PairItem)
@@ -57,15 +57,13 @@ def primary_judge(params: dict[str, Any], credentials: Mapping[str, Any] | None 
     return build_verdict_judge(spec, credentials or {}, cfg, tiny_models)
 
 
-def bootstrap_guards(seed_corpus: pd.DataFrame, images: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any],
+def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any],
                      tiny: dict[str, Any]) -> dict[str, VLM]:
     """One tiny guard per guard judge whose backend is `kind: tiny`: the tiny foundation (which already
     tells harmful requests from harmless ones) taught MD-Judge's answers on the seed corpus through the
     judge's own prompt template (backends/guard.py)."""
     cfg, tcfg = JudgeConfig.model_validate(params), TinyConfig.model_validate(tiny)
-    meta = images.set_index("image_id")
-    rows = [{**r._asdict(), "caption": meta.at[r.image_id, "caption"], "class1": meta.at[r.image_id, "class1"]}
-            for r in seed_corpus.itertuples(index=False)]
+    rows = seed_corpus[~seed_corpus["capability"]].drop(columns="png").to_dict("records")  # SPA-VL-style requests
     models = {}
     for n, spec in enumerate(j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"):
         examples = guard_examples(rows, spec.prompt or GUARD_PROMPTS[spec.format], seed=cfg.seed + n)
@@ -90,10 +88,11 @@ def _judged(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFra
                        image_shas=[[shas[i] for i in image_ids] for image_ids in ids])
 
 
-def _verdict_shards(judged: pd.DataFrame, cfg: JudgeConfig) -> list[tuple[Shard, VerdictJudgeSpec]]:
+def _verdict_shards(judged: pd.DataFrame, cfg: JudgeConfig, judge_models: Mapping[str, Any] | None
+                    ) -> list[tuple[Shard, VerdictJudgeSpec]]:
     shards = []
     for spec in sorted(cfg.judges, key=lambda j: j.name):
-        config = spec.model_dump(exclude={"backend": set(TRANSPORT_FIELDS)})
+        config = [spec.model_dump(exclude={"backend": set(TRANSPORT_FIELDS)}), weights_of(spec.backend, judge_models)]
         for index, chunk in enumerate(cut(judged, cfg.shard_size)):
             content = chunk[["response_id", "question", "text", "error", "image_shas"]].to_numpy().tolist()
             shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content)), spec))
@@ -113,8 +112,9 @@ def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images
     """One function per verdict shard still to judge; resumable like the response shards."""
     cfg = JudgeConfig.model_validate(params)
     judged = _judged(responses, questions, images)
-    todo = list(pending([s for s, _ in _verdict_shards(judged, cfg)], done_shards, _judge_failed))
-    specs = {s.shard_id: spec for s, spec in _verdict_shards(judged, cfg)}
+    planned = _verdict_shards(judged, cfg, judge_models)
+    todo = list(pending([s for s, _ in planned], done_shards, _judge_failed))
+    specs = {s.shard_id: spec for s, spec in planned}
     progress, judges = Progress("verdict", len(todo)), _OneAtATime(partial(build_verdict_judge, credentials=credentials, cfg=cfg,
                                                                                     tiny_models=judge_models))
     return {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
@@ -156,10 +156,11 @@ class _OneAtATime:
 
 
 def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], responses: pd.DataFrame,
-                     questions: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+                     questions: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any],
+                     judge_models: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The planned verdict shards joined: one verdict per (response, judge), or a clear error."""
     cfg = JudgeConfig.model_validate(params)
-    shards = [s for s, _ in _verdict_shards(_judged(responses, questions, images), cfg)]
+    shards = [s for s, _ in _verdict_shards(_judged(responses, questions, images), cfg, judge_models)]
     verdicts = gather(shards, verdict_shards, "verdict")
     if verdicts.empty:
         verdicts = pd.DataFrame(columns=TABLES["verdicts"])

@@ -5,11 +5,12 @@ from .nodes import bootstrap_guards, collect_verdicts, judge_agreement, pair_pre
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(bootstrap_guards, ["seed_corpus", "seed_images", "tiny_foundation", "params:judge", "params:tiny"],
+        Node(bootstrap_guards, ["seed_corpus", "tiny_foundation", "params:judge", "params:tiny"],
              "judge_models", name="bootstrap_guards"),
         Node(plan_verdict_shards, ["responses", "questions", "images", "api_credentials", "verdict_shards_done",
                                    "params:judge", "judge_models"], "verdict_shards", name="plan_verdict_shards"),
-        Node(collect_verdicts, ["verdict_shards", "responses", "questions", "images", "params:judge"], "verdicts",
+        Node(collect_verdicts, ["verdict_shards", "responses", "questions", "images", "params:judge", "judge_models"],
+             "verdicts",
              name="collect_verdicts"),
         Node(pair_preferences, ["questions", "responses", "verdicts", "images", "api_credentials", "params:judge"],
              ["preferences", "pair_outcomes", "judge_metrics"], name="pair_preferences"),
