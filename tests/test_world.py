@@ -128,8 +128,8 @@ def test_vision_pretraining_learns_scene_words_and_bootstraps_keep_the_tower_fro
                              vision_layers=1)
     processor = build_processor(["What colour? Red. Blue. Green. Yellow."] * 4, config)
     vlm = VLM(build_model(processor, config, seed=0), processor)
-    losses = pretrain_vision(vlm, images, [s.caption for s in scenes], VisionPretrainConfig(steps=60), seed=0)
-    assert losses["last_step_loss"] < 0.5 * losses["first_step_loss"], losses
+    losses = pretrain_vision(vlm, images, [s.caption for s in scenes], VisionPretrainConfig(steps=150), seed=0)
+    assert losses["last_step_loss"] < 0.4 * losses["first_step_loss"], losses
     tower = {k: v.clone() for k, v in vlm.model.model.vision_tower.state_dict().items()}
     projector = {k: v.clone() for k, v in vlm.model.model.multi_modal_projector.state_dict().items()}
     examples = [SeedExample([im], "What colour?", False, "No.", f"{s.colour.capitalize()}.")
