@@ -19,7 +19,9 @@ from spavl_kedro.scenes import COLOURS, NUMBER_WORDS, SHAPES
 from spavl_kedro.schema import TABLES
 
 SUBCATEGORIES = 12
-SCENES, QUESTIONED_SCENES = 400, 40
+# Capability (scenes, vision pretraining) is measured on the full default (README, benchmarks/); this slice
+# keeps its budget for the safety dynamics, with a few scenes so the corpus and its checks are exercised.
+SCENES, QUESTIONED_SCENES = 100, 8
 # The target is 0.95 on the full default (measured there: see README); this slice's guard sees a
 # quarter of the seed corpus, so its floor is lower. A drop below it means the guard stopped reading.
 GUARD_ACCURACY_FLOOR = 0.85
