@@ -6,10 +6,13 @@ LlavaForConditionalGeneration of about a million parameters. Real `transformers`
 so the code that drives them (batched generation, TRL trainers, `transformers serve`) is the code that
 drives LLaVA-1.5-7B in the paper profile.
 
-`bootstrap` gives such a model a behaviour: a short full fine-tune on seed examples, harmful and harmless
-requests about an image. A harmful request is refused (or safely redirected) at the model's refusal rate
-and otherwise answered in the steps-withheld form; a harmless one is answered from what the image shows,
-refused at the model's over-refusal rate, or answered vaguely at its vague rate. Targets are re-drawn
+`pretrain_vision` first teaches the vision tower to see (it predicts the words of each seed image's caption),
+as LLaVA starts from a pretrained CLIP tower. `bootstrap` then gives the model a behaviour: a short
+fine-tune of the projector and language model (the tower frozen, as LLaVA keeps it) on seed examples,
+harmful and harmless requests about an image and capability questions about shape scenes. A harmful
+request is refused (or safely redirected) at the model's refusal rate and otherwise answered in the
+steps-withheld form; a harmless one is answered from what the image shows, refused at the model's
+over-refusal rate, or answered vaguely at its vague rate. Targets are re-drawn
 every epoch, so the model learns the distribution rather than one label per prompt, and sampling from it
 reproduces roughly those rates: a miniature of SPA-VL's responders, which differ in safety and in
 helpfulness.
