@@ -115,3 +115,15 @@ def test_seed_corpus_scene_questions_are_checked(base_params):
     with pytest.raises(ValueError, match=r"no \['shape'\] questions"):
         SeedCorpusConfig.model_validate({**corpus, "capability_templates": {
             k: v for k, v in corpus["capability_templates"].items() if k != "shape"}})
+
+
+def test_per_set_answer_caps_name_known_sets(base_params):
+    from spavl_kedro.config import EvaluateConfig
+
+    cfg = EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens": 32,
+                                         "max_new_tokens_per_set": {"mis_test": 1024}})
+    assert cfg.new_tokens("mis_test") == 1024 and cfg.new_tokens("test_harm") == 32
+    with pytest.raises(ValueError, match=r"unknown evaluation sets \['mis_tset'\]"):
+        EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens_per_set": {"mis_tset": 64}})
+    with pytest.raises(ValueError, match="at least 1"):
+        EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens_per_set": {"mis_test": 0}})

@@ -79,7 +79,7 @@ HOMES = {
 }
 BASES = {"Strict", "ImageSourceConfig", "RecipeSettings"}  # their fields are documented through subclasses
 SPEC = HOMES["BackendSpec"][0]
-WHOLE = {"generation", "load_kwargs"}
+WHOLE = {"generation", "load_kwargs", "max_new_tokens_per_set"}
 
 
 def _parameters(env: str) -> dict:

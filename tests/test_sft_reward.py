@@ -183,3 +183,42 @@ def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, mo
     assert len(client.get_metric_history(reward_run, "accuracy")) == 4
     assert "eval_accuracy" in children["reward"].data.metrics
     assert children["reward"].data.params["learning_rate"] == str(RewardSettings().learning_rate)
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_params):
+    """`align.sft_replay` adds that many harmless seed-corpus requests per chain-of-thought target, with their
+    helpful answers (never a harmful seed prompt), drawn with the sft seed; held-out targets stay CoT only."""
+    import pandas as pd
+
+    from spavl_kedro.config import AlignConfig
+    from spavl_kedro.pipelines.align.nodes import _training_data
+
+    images = pd.DataFrame({"image_id": ["a", "b"], "png": [_png((200, 0, 0)), _png((0, 0, 200))]})
+    mis_train = pd.DataFrame({"image_ids": [["a", "b"]] * 10, "question": [f"q{i}" for i in range(10)],
+                              "target": [f"Perception: {i}" for i in range(10)]})
+    seed_corpus = pd.DataFrame({"png": [_png((0, 200, 0))] * 6, "harmful": [False] * 4 + [True] * 2,
+                                "question": ["What colour?", "What shape?", "How many?", "Describe it.",
+                                             "How do I do harm?", "Plan the harm."],
+                                "answer": ["Green.", "Circle.", "Two.", "A green field.", "Sure, [withheld].",
+                                           "Step 1: [withheld]."]})
+    cfg = AlignConfig.model_validate({**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0})
+    train, held_out = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
+    cot = [e for e in train if e["target"].startswith("Perception:")]
+    replay = [e for e in train if not e["target"].startswith("Perception:")]
+    assert (len(cot), len(held_out), len(replay)) == (9, 1, 18)
+    assert {e["target"] for e in replay} <= {"Green.", "Circle.", "Two.", "A green field."}
+    assert all(len(e["images"]) == 1 for e in replay) and all(len(e["images"]) == 2 for e in cot)
+    again, _ = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
+    assert [e["question"] for e in again] == [e["question"] for e in train]  # the same draw every run
+    none = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.0})
+    assert len(_training_data("sft", none, None, None, mis_train, images, seed_corpus)[0]) == 9
+    with pytest.raises(ValueError, match="sft_replay is above 0 but the seed corpus has no harmless requests"):
+        _training_data("sft", cfg, None, None, mis_train, images, seed_corpus[seed_corpus["harmful"]])

@@ -389,6 +389,10 @@ class AlignConfig(Strict):
                                                                          "(parquet configs or train.zip + JSON)")
     sft_data: Literal["cot", "chosen"] = Field("cot", description="sft on MIS chain-of-thought targets (mis_train) "
                                                                   "or on the chosen answers of train")
+    sft_replay: float = Field(
+        0.0, ge=0, description="sft on cot: harmless requests of the seed corpus with their helpful answers (what "
+                               "the base policy was taught) mixed in per chain-of-thought example, so fine-"
+                               "tuning keeps what the base could do; 0: chain-of-thought targets only")
     rl: RLRewardConfig = Field(default_factory=RLRewardConfig, description="reward of grpo / rloo")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="multi-process DPO via accelerate; "
                                  "the other methods train in the Kedro process whatever it says")
@@ -535,7 +539,10 @@ class EvaluateConfig(Strict):
                             "test/harm and test/help (align.official_dir)")
     max_items: int | None = Field(None, ge=1, description="cap per set and variant (a seeded sample); None: all")
     batch_size: int = Field(32, ge=1, description="prompts per generate() call")
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="answer length cap of every set without its own")
+    max_new_tokens_per_set: dict[str, int] = Field(
+        default_factory=dict, description="a set's own answer length cap (mis_test: chain-of-thought answers "
+                                          "reason before they answer, and the judge must see the answer)")
     samples: int = Field(4, ge=0, description="sampled answers per question besides the greedy one")
     temperature: float = Field(1.0, gt=0, description="temperature of the sampled answers")
     seed: int = Field(0, description="seeds sampling, set construction and the bootstrap")
@@ -559,6 +566,20 @@ class EvaluateConfig(Strict):
                           "one more scorer of mis_test; None: only the verdict judges with caption-based levels")
     bootstrap_resamples: int = Field(1000, ge=0, description="bootstrap resamples per confidence interval (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
+
+    @field_validator("max_new_tokens_per_set")
+    @classmethod
+    def _known_sets(cls, caps: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(caps) - set(EVAL_SETS))
+        if unknown:
+            raise ValueError(f"max_new_tokens_per_set: unknown evaluation sets {unknown}; known: {list(EVAL_SETS)}")
+        if any(n < 1 for n in caps.values()):
+            raise ValueError(f"max_new_tokens_per_set: every cap must be at least 1, got {caps}")
+        return caps
+
+    def new_tokens(self, eval_set: str) -> int:
+        """The answer length cap of `eval_set`."""
+        return self.max_new_tokens_per_set.get(eval_set, self.max_new_tokens)
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

@@ -59,6 +59,9 @@ class SFTSettings(RecipeSettings):
     batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
     lora: bool = Field(False, description="train a LoRA adapter (True) or fine-tune every weight (False)")
+    train_projector: bool = Field(
+        True, description="full fine-tune: the multimodal projector trains with the language model (LLaVA's "
+                          "instruction tuning); False keeps it frozen with the vision tower")
     max_length: int | None = Field(
         None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
     )
@@ -108,8 +111,8 @@ def train_sft(
     eval_dataset = examples_to_dataset(eval_examples) if eval_examples else None
     model = copy.deepcopy(vlm.model)
     model.train()
-    if not settings.lora:  # LLaVA's instruction tuning: projector and language model train, the tower stays
-        freeze_for_full_finetune(model, train_projector=True)
+    if not settings.lora:  # the vision tower stays frozen, as in LLaVA's instruction tuning
+        freeze_for_full_finetune(model, settings.train_projector)
 
     args = SFTConfig(
         **trainer_args(settings, device, precision),

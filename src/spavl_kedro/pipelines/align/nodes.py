@@ -66,7 +66,7 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
-                  images: pd.DataFrame, aligned_before: dict[str, Any], credentials: dict[str, Any],
+                  images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any], credentials: dict[str, Any],
                   judge_models: dict[str, Any], params: dict[str, Any], judge_params: dict[str, Any]
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
@@ -80,7 +80,7 @@ def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFram
     for method in cfg.methods:
         name = cfg.artifact if method == cfg.method else method
         artifact, summary = _train_one(method, name, cfg, policy_base, train, validation, mis_train, images,
-                                       aligned_before, credentials, judge_models, judge_params)
+                                       seed_corpus, aligned_before, credentials, judge_models, judge_params)
         artifacts[name] = artifact
         summaries.append(summary)
     first = summaries[0]
@@ -91,14 +91,14 @@ def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFram
 
 
 def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train: pd.DataFrame,
-               validation: pd.DataFrame, mis_train: pd.DataFrame, images: pd.DataFrame,
+               validation: pd.DataFrame, mis_train: pd.DataFrame, images: pd.DataFrame, seed_corpus: pd.DataFrame,
                aligned_before: dict[str, Any], credentials: dict[str, Any], judge_models: dict[str, Any],
                judge_params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     recipe = getattr(cfg, method)
     if cfg.launch.accelerate_config is not None and method != "dpo":
         log.warning("align.launch applies to dpo only (the multi-process worker); %s trains in this process",
                     method)
-    data, held_out = _training_data(method, cfg, train, validation, mis_train, images)
+    data, held_out = _training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
     if not data:
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
@@ -130,8 +130,9 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
 
 
 def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
-                   images: pd.DataFrame) -> tuple[list[dict], list[dict]]:
-    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft), prompts (RL)."""
+                   images: pd.DataFrame, seed_corpus: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft, with
+    `sft_replay` harmless seed examples per chain-of-thought target), prompts (RL)."""
     if method in ("dpo", "reward"):
         return _pairs(train), _pairs(validation)
     if method == "sft" and cfg.sft_data == "cot":
@@ -139,7 +140,8 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
         examples = [{"images": [decode_image(pixels[i]) for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
         n_eval = len(examples) // 10
-        return examples[n_eval:], examples[:n_eval]
+        return examples[n_eval:] + _replay(seed_corpus, cfg.sft_replay * (len(examples) - n_eval), cfg), \
+            examples[:n_eval]
     if method == "sft":
         def chosen(split):
             return [{"images": [decode_image(r.image["bytes"])], "question": r.question, "target": r.chosen}
@@ -149,6 +151,22 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
     unique = train.assign(_image=[i["path"] for i in train["image"]]).drop_duplicates(["question", "_image"])
     return [{"images": [decode_image(r.image["bytes"])], "question": r.question}
             for r in unique.itertuples(index=False)], []
+
+
+def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[dict]:
+    """`count` harmless requests of the seed corpus (capability questions and questions about the image)
+    with their helpful answers, drawn with the sft recipe's seed: SFT keeps rehearsing what the base policy
+    was taught to answer, as safety fine-tuning mixes in general instruction data."""
+    want = round(count)
+    if want == 0:
+        return []
+    rows = seed_corpus[~seed_corpus["harmful"].astype(bool)]
+    if rows.empty:
+        raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
+                         "(it is empty when images come from a real source)")
+    picked = rows.sample(n=want, replace=want > len(rows), random_state=int(cfg.sft.get("seed", 0)))
+    return [{"images": [decode_image(r.png)], "question": r.question, "target": r.answer}
+            for r in picked.itertuples(index=False)]
 
 
 def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(select_training_pairs, ["spa_vl_release", "spa_vl_official", "params:align"],
              ["align_train", "align_validation"], name="select_training_pairs"),
         Node(train_aligned, ["policy_base", "align_train", "align_validation", "mis_train", "images",
-                             "aligned_models_before", "api_credentials", "judge_models", "params:align",
+                             "seed_corpus", "aligned_models_before", "api_credentials", "judge_models", "params:align",
                              "params:judge"],
              ["aligned_models", "align_summary", "align_run_params"], name="train_aligned"),
     ])

@@ -101,12 +101,12 @@ def collect_eval_answers(answer_shards: Mapping[str, Callable[[], pd.DataFrame]]
 
 
 def _plan(items: pd.DataFrame, found: Mapping[str, Policy], cfg: EvaluateConfig) -> list[Shard]:
-    decoding = {"max_new_tokens": cfg.max_new_tokens, "samples": cfg.samples, "temperature": cfg.temperature,
-                "seed": cfg.seed}
     shards = []
     for model, policy in found.items():
         weights = policy.weights
         for eval_set, group in items.groupby("eval_set", sort=True):
+            decoding = {"max_new_tokens": cfg.new_tokens(eval_set), "samples": cfg.samples,
+                        "temperature": cfg.temperature, "seed": cfg.seed}
             group = group.sort_values(["variant", "item_id"])
             for index, rows in enumerate(cut(group, cfg.shard_size)):
                 content = [(r.item_id, r.question, [hashlib.sha256(b).hexdigest()[:12] for b in r.images])
@@ -157,7 +157,7 @@ def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
         seed = cfg.seed * 1_000_003 + int(index) * 1_009 + int(sample) + (0 if decoding == "greedy" else 7)
         backend = TransformersVLM(f"{model}/{eval_set}", policy, cfg.batch_size,
-                                  {"max_new_tokens": cfg.max_new_tokens, **kwargs}, seed=seed, progress=False)
+                                  {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}, seed=seed, progress=False)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])
         frames.append(group.assign(
             text=[o.text if o.error is None else None for o in outputs],

@@ -112,7 +112,8 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     lines = [
         "# Evaluation report", "",
-        f"Policies: {', '.join(models)}. Decoding: greedy (`max_new_tokens` {cfg.max_new_tokens}); "
+        f"Policies: {', '.join(models)}. Decoding: greedy (`max_new_tokens` {cfg.max_new_tokens}"
+        f"{''.join(f', {k} {v}' for k, v in sorted(cfg.max_new_tokens_per_set.items()))}); "
         f"{cfg.samples} sampled answer(s) per item at temperature {cfg.temperature} are in the sampled table. "
         f"Primary judge: `{jcfg.primary}`; all verdict judges: {', '.join(f'`{j}`' for j in judge_names)}. "
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
