@@ -66,8 +66,8 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
-                  images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any], credentials: dict[str, Any],
-                  judge_models: dict[str, Any], params: dict[str, Any], judge_params: dict[str, Any]
+                  images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any],
+                  credentials: dict[str, Any], judge_models: dict[str, Any], params: dict[str, Any], judge_params: dict[str, Any]
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
     `aligned_models`, the summary, and the run parameters (method, data size) for the parent MLflow run.
