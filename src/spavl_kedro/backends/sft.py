@@ -20,7 +20,8 @@ Choices worth knowing about:
 - Full fine-tuning is the default: on the tiny models LoRA barely moves the SFT loss (REFERENCE.md), and
   MIS fine-tunes the whole InternVL. The vision tower stays frozen, as in LLaVA's instruction tuning: left
   to train on a few dozen chain-of-thought samples, the tiny tower lost what it had learned to see (one
-  default run: capability 0.85 -> 0.58 after SFT; with the tower frozen, 0.83 -> 0.77 in another). LoRA goes on the language MLPs, like DPO, when
+  default run: capability 0.85 -> 0.58 after SFT; with the tower frozen, 0.83 -> 0.77 in another).
+  `train_projector=False` freezes the projector too. LoRA goes on the language MLPs, like DPO, when
   `lora=True`.
 """
 
