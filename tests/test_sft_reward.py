@@ -195,7 +195,8 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_params):
     """`align.sft_replay` adds that many harmless seed-corpus requests per chain-of-thought target, with their
-    helpful answers (never a harmful seed prompt), drawn with the sft seed; held-out targets stay CoT only."""
+    helpful answers (never a harmful seed prompt), drawn with the sft seed and without repeats while the
+    corpus lasts; `align.sft_upsample` repeats each target; held-out targets stay CoT only, once each."""
     import pandas as pd
 
     from spavl_kedro.config import AlignConfig
@@ -209,7 +210,8 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
                                              "How do I do harm?", "Plan the harm."],
                                 "answer": ["Green.", "Circle.", "Two.", "A green field.", "Sure, [withheld].",
                                            "Step 1: [withheld]."]})
-    cfg = AlignConfig.model_validate({**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0})
+    cfg = AlignConfig.model_validate({**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0,
+                                      "sft_upsample": 1})
     train, held_out = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
     cot = [e for e in train if e["target"].startswith("Perception:")]
     replay = [e for e in train if not e["target"].startswith("Perception:")]
@@ -218,7 +220,13 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
     assert all(len(e["images"]) == 1 for e in replay) and all(len(e["images"]) == 2 for e in cot)
     again, _ = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
     assert [e["question"] for e in again] == [e["question"] for e in train]  # the same draw every run
-    none = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.0})
+    none = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.0, "sft_upsample": 1})
     assert len(_training_data("sft", none, None, None, mis_train, images, seed_corpus)[0]) == 9
+    mixed = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.4, "sft_upsample": 3})
+    train, held_out = _training_data("sft", mixed, None, None, mis_train, images, seed_corpus)
+    cot = [e["question"] for e in train if e["target"].startswith("Perception:")]
+    replay = [e["question"] for e in train if not e["target"].startswith("Perception:")]
+    assert len(cot) == 27 and all(cot.count(q) == 3 for q in set(cot)) and len(held_out) == 1
+    assert sorted(replay) == sorted(["What colour?", "What shape?", "How many?", "Describe it."])  # 4 distinct
     with pytest.raises(ValueError, match="sft_replay is above 0 but the seed corpus has no harmless requests"):
         _training_data("sft", cfg, None, None, mis_train, images, seed_corpus[seed_corpus["harmful"]])

@@ -393,6 +393,9 @@ class AlignConfig(Strict):
         0.0, ge=0, description="sft on cot: harmless requests of the seed corpus with their helpful answers (what "
                                "the base policy was taught) mixed in per chain-of-thought example, so fine-"
                                "tuning keeps what the base could do; 0: chain-of-thought targets only")
+    sft_upsample: int = Field(
+        1, ge=1, description="sft on cot: copies of each chain-of-thought example in the training data, so a few "
+                             "targets are seen often while each replayed request is seen once per epoch")
     rl: RLRewardConfig = Field(default_factory=RLRewardConfig, description="reward of grpo / rloo")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="multi-process DPO via accelerate; "
                                  "the other methods train in the Kedro process whatever it says")

@@ -131,8 +131,8 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
 
 def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                    images: pd.DataFrame, seed_corpus: pd.DataFrame) -> tuple[list[dict], list[dict]]:
-    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft, with
-    `sft_replay` harmless seed examples per chain-of-thought target), prompts (RL)."""
+    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft; on chain-of-thought
+    each target `sft_upsample` times plus `sft_replay` harmless seed examples per target), prompts (RL)."""
     if method in ("dpo", "reward"):
         return _pairs(train), _pairs(validation)
     if method == "sft" and cfg.sft_data == "cot":
@@ -140,7 +140,8 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
         examples = [{"images": [decode_image(pixels[i]) for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
         n_eval = len(examples) // 10
-        return examples[n_eval:] + _replay(seed_corpus, cfg.sft_replay * (len(examples) - n_eval), cfg), \
+        targets = examples[n_eval:]
+        return targets * cfg.sft_upsample + _replay(seed_corpus, cfg.sft_replay * len(targets), cfg), \
             examples[:n_eval]
     if method == "sft":
         def chosen(split):
@@ -155,8 +156,10 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
 
 def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[dict]:
     """`count` harmless requests of the seed corpus (capability questions and questions about the image)
-    with their helpful answers, drawn with the sft recipe's seed: SFT keeps rehearsing what the base policy
-    was taught to answer, as safety fine-tuning mixes in general instruction data."""
+    with their helpful answers, drawn with the sft recipe's seed and without repeats while the corpus lasts:
+    SFT keeps rehearsing what the base policy was taught to answer, as safety fine-tuning mixes in general
+    instruction data. Distinct rows matter: a few dozen replayed many times were memorised, and the tiny
+    policy lost capability on images it had not seen (see the sft table in conf/base)."""
     want = round(count)
     if want == 0:
         return []
