@@ -195,8 +195,9 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 
 def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_params):
     """`align.sft_replay` adds that many harmless seed-corpus requests per chain-of-thought target, with their
-    helpful answers (never a harmful seed prompt), drawn with the sft seed and without repeats while the
-    corpus lasts; `align.sft_upsample` repeats each target; held-out targets stay CoT only, once each."""
+    helpful answers (never a harmful seed prompt), drawn with the sft seed and without repeats when the
+    corpus has enough rows; `align.sft_upsample` repeats each target; held-out targets stay CoT only, once
+    each."""
     import pandas as pd
 
     from spavl_kedro.config import AlignConfig

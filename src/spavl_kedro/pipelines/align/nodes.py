@@ -156,10 +156,11 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
 
 def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[dict]:
     """`count` harmless requests of the seed corpus (capability questions and questions about the image)
-    with their helpful answers, drawn with the sft recipe's seed and without repeats while the corpus lasts:
-    SFT keeps rehearsing what the base policy was taught to answer, as safety fine-tuning mixes in general
-    instruction data. Distinct rows matter: a few dozen replayed many times were memorised, and the tiny
-    policy lost capability on images it had not seen (see the sft table in conf/base)."""
+    with their helpful answers, drawn with the sft recipe's seed, without repeats unless more are asked for
+    than the corpus holds (then with replacement). SFT keeps rehearsing what the base policy was taught to
+    answer, as safety fine-tuning mixes in general instruction data. Distinct rows matter: a few dozen
+    replayed many times were memorised, and the tiny policy lost capability on images it had not seen (see
+    the sft table in conf/base)."""
     want = round(count)
     if want == 0:
         return []
