@@ -67,8 +67,8 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
 
 def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                   images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any],
-                  credentials: dict[str, Any], judge_models: dict[str, Any], params: dict[str, Any], judge_params: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                  credentials: dict[str, Any], judge_models: dict[str, Any], params: dict[str, Any],
+                  judge_params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
     `aligned_models`, the summary, and the run parameters (method, data size) for the parent MLflow run.
 
@@ -168,7 +168,8 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
     if rows.empty:
         raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
                          "(it is empty when images come from a real source)")
-    picked = rows.sample(n=want, replace=want > len(rows), random_state=int(cfg.sft.get("seed", 0)))
+    seed = int(cfg.sft.get("seed", SFTSettings.model_fields["seed"].default))  # the sft recipe's own seed
+    picked = rows.sample(n=want, replace=want > len(rows), random_state=seed)
     return [{"images": [decode_image(r.png)], "question": r.question, "target": r.answer}
             for r in picked.itertuples(index=False)]
 
