@@ -86,6 +86,9 @@ def test_mm_safetybench_pairs_each_image_type_with_its_question(mm_root):
     assert first.loc["sd", "question"] == record["Rephrased Question(SD)"]
     assert first.loc["typo", "question"] == first.loc["sd_typo", "question"] == record["Rephrased Question"]
     assert first.loc["sd", "captions"] == ["illegal thing 0"] and first.loc["text_only", "captions"] == []
+    # the image views leave the activity to the image: a judge without images is given the plain question
+    assert first.loc["text_only", "request"] is None
+    assert all(first.loc[v, "request"] == record["Question"] for v in ("sd", "typo", "sd_typo"))
     # each variant reads its own folder: SD, SD_TYPO and TYPO were written in different colours
     reds = {v: _decode(first.loc[v, "images"][0]).convert("RGB").getpixel((5, 5))[0] for v in ("sd", "sd_typo", "typo")}
     assert reds["sd"] < reds["sd_typo"] < reds["typo"]
@@ -156,6 +159,7 @@ def test_figstep_reads_safebench_with_the_fixed_prompt(figstep_root):
     assert (items["class1"] == items["class3"]).all() and set(items["variant"]) == {"figstep"}
     assert items["images"].map(len).eq(1).all() and {_decode(i[0]).size for i in items["images"]} == {(16, 12)}
     assert "$50,000 savings" in items.loc[2, "captions"][0]  # the quoted comma survived the CSV
+    assert items["request"].tolist() == [row[4] for row in FIGSTEP_ROWS]  # each row's original question
     assert set(items["source"]) == {"data/question/SafeBench-Tiny.csv"}
 
 
@@ -329,6 +333,13 @@ def test_validate_items_names_the_item_and_field(tmp_path):
     broken = items.copy()
     broken.at[0, "images"] = [b"not a png"]
     with pytest.raises(ValueError, match="field 'images' entry 0 is not PNG bytes"):
+        validate_items(broken, "where")
+    broken = items.copy()
+    broken.at[1, "request"] = "Steps to pick a lock."  # no image to carry it: the question says it all
+    with pytest.raises(ValueError, match="item '000/no_image': field 'request' is set on an item without images"):
+        validate_items(broken, "where")
+    broken.at[1, "request"] = "  "
+    with pytest.raises(ValueError, match="field 'request' must be a non-empty string or None"):
         validate_items(broken, "where")
     with pytest.raises(ValueError, match=r"duplicate item_id\(s\) \['000/blank_image'\]"):
         validate_items(pd.concat([items, items.iloc[:1]]), "where")

@@ -221,6 +221,13 @@ def test_attack_benchmarks_ask_their_own_requests_unlike_every_training_and_test
     for item_id, question in mm.loc[mm["variant"] == "text_only", "question"].items():
         phrase = mm.at[item_id.replace(":text_only", ":typo"), "captions"][0]
         assert phrase in question and mm.at[item_id.replace(":text_only", ":sd_typo"), "captions"] == [phrase]
+        # the views that leave the activity to the image carry the question in words, for text-only judges
+        assert [mm.at[item_id.replace(":text_only", f":{v}"), "request"] for v in ("sd", "typo", "sd_typo")] \
+            == [question] * 3 and mm.at[item_id, "request"] is None
+    figstep = items[items["eval_set"] == "figstep"]
+    assert [f'the text "{r}" followed by an empty list numbered 1, 2, 3' for r in figstep["request"]] \
+        == [c[0] for c in figstep["captions"]]
+    assert items.loc[items["eval_set"].isin(["test_harm", "advbench"]), "request"].isna().all()
     assert set(attack["qtype"]) == {"text_only", "sd", "typo", "sd_typo", "figstep", "blank_image", "no_image"}
 
 

@@ -258,6 +258,19 @@ class VerdictJudgeSpec(Strict):
             raise ValueError(f"judge '{self.name}': format and backend are for kind 'guard'")
         return self
 
+    @property
+    def reads_question(self) -> bool:
+        """Whether the verdict depends on the question at all: a keyword judge reads the response only."""
+        return self.kind == "guard"
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether the guard is shown the items' images: `show_images`, else Llama Guard yes, MD-Judge no. A
+        guard that reads the question without the images is asked about an item's `request` in words."""
+        if self.kind != "guard":
+            return False
+        return self.format == "llama_guard" if self.show_images is None else self.show_images
+
 
 class PairwiseJudgeSpec(Strict):
     name: str = Field(description="becomes the `judge` of the preferences it decides")

@@ -44,11 +44,19 @@ REFUSAL_STRINGS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class JudgeItem:
-    """One response to judge, with the question and image(s) it answered (1 for SPA-VL, 2 for MIS)."""
+    """One response to judge, with the question and image(s) it answered (1 for SPA-VL, 2 for MIS).
+
+    `request` is the request in words when the question leaves it to the images (FigStep, MM-SafetyBench's
+    image views): a judge that does not see the images is asked about it instead of the question."""
 
     question: str
     response: str
     images: tuple[bytes, ...] = ()  # PNG bytes
+    request: str | None = None
+
+    def question_for(self, sees_images: bool) -> str:
+        """What a judge is told was asked: the question beside the images, else the request in words."""
+        return self.question if sees_images or self.request is None else self.request
 
 
 @dataclass(frozen=True)
@@ -414,7 +422,8 @@ class GuardJudge:
 
     `prompt` replaces the built-in template (fields {question} and {response}). `show_images` sends the
     item's images with the prompt; by default on for Llama Guard (3 Vision takes one image per prompt, 4
-    several) and off for MD-Judge, which reads text only.
+    several) and off for MD-Judge, which reads text only. A judge without the images is given the item's
+    `request` in words where it has one (JudgeItem.question_for).
 
     Both built-in prompts are the whole task, as the models were trained on it, sent as one user turn. A
     backend applies the model's chat template around it, so serve the guard with a pass-through template
@@ -437,7 +446,7 @@ class GuardJudge:
         self.parse = GUARD_PARSERS[format]
 
     def prompt_for(self, item: JudgeItem) -> Prompt:
-        text = self.template.format(question=item.question, response=item.response)
+        text = self.template.format(question=item.question_for(self.show_images), response=item.response)
         return Prompt(text, tuple(item.images) if self.show_images else ())
 
     def verdicts(self, items: Sequence[JudgeItem]) -> list[Verdict]:

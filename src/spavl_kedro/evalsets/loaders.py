@@ -45,7 +45,10 @@ from spavl_kedro.imaging import png_bytes
 from spavl_kedro.evalsets.typography import FIGSTEP_PROMPT, figstep_image
 
 EVAL_ITEM_COLUMNS = ["item_id", "eval_set", "variant", "kind", "question", "images", "class1", "class2", "class3",
-                     "qtype", "reference", "answers", "captions", "source"]
+                     "qtype", "reference", "answers", "captions", "source", "request"]
+# `request`: the harmful request in words when the question leaves it to the images (FigStep's typed
+# instruction, MM-SafetyBench's image views), else None. A verdict judge that does not see images is asked
+# about this request instead of the carrier prompt, which on its own reads as benign.
 KINDS = ("harm", "help", "benign", "capability", "mis")
 _TEXT_FIELDS = ("item_id", "eval_set", "variant", "question", "class1", "class2", "class3", "qtype", "source")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,8 +99,12 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
             raise bad("item_id", "is empty")
         if row.kind not in KINDS:
             raise bad("kind", f"must be one of {list(KINDS)}, got {row.kind!r}")
-        if row.reference is not None and not isinstance(row.reference, str):
-            raise bad("reference", f"must be a string or None, got {type(row.reference).__name__}")
+        for field in ("reference", "request"):
+            value = getattr(row, field)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise bad(field, f"must be a non-empty string or None, got {value!r}")
+        if row.request is not None and not row.images:
+            raise bad("request", "is set on an item without images: the question already says it all")
         for field in ("images", "answers", "captions"):
             if not isinstance(getattr(row, field), list):
                 raise bad(field, f"must be a list, got {type(getattr(row, field)).__name__}")
@@ -133,6 +140,7 @@ def _item(**fields: Any) -> dict[str, Any]:
     for name in ("images", "answers", "captions"):
         fields.setdefault(name, [])
     fields.setdefault("reference", None)
+    fields.setdefault("request", None)
     return fields
 
 
@@ -206,7 +214,8 @@ def load_mm_safetybench(root: str | Path, variants: Sequence[str] = ("text_only"
         max_side: downscale images to this longest side.
 
     class1..3 are the scenario (file stem, published spelling); qtype is the variant; captions give the
-    record's "Key Phrase" for the image (what SD drew and/or what is typed) when the record has one.
+    record's "Key Phrase" for the image (what SD drew and/or what is typed) when the record has one; the
+    image views carry the record's plain "Question" as their `request`.
     """
     root = Path(root)
     where = f"MM-SafetyBench ({root})"
@@ -230,14 +239,16 @@ def load_mm_safetybench(root: str | Path, variants: Sequence[str] = ("text_only"
             key_phrase = record.get("Key Phrase")
             for variant in variants:
                 question = _text(record, MM_SAFETYBENCH_QUESTION_FIELDS[variant], str(file), qid)
-                pictures, captions = [], []
+                pictures, captions, request = [], [], None
                 if variant in MM_SAFETYBENCH_IMAGE_DIRS:
                     path = images / scenario / MM_SAFETYBENCH_IMAGE_DIRS[variant] / f"{qid}.jpg"
                     pictures = [read_image(path, f"{file} record '{qid}' ({variant})", max_side)]
                     captions = [key_phrase] if isinstance(key_phrase, str) and key_phrase.strip() else []
+                    request = _text(record, MM_SAFETYBENCH_QUESTION_FIELDS["text_only"], str(file), qid)
                 rows.append(_item(item_id=f"{scenario}/{qid}/{variant}", eval_set="mm_safetybench",
                                   variant=variant, kind="harm", question=question, images=pictures,
-                                  class1=scenario, qtype=variant, captions=captions, source=source))
+                                  class1=scenario, qtype=variant, captions=captions, source=source,
+                                  request=request))
     return _items(rows, where)
 
 
@@ -272,7 +283,7 @@ def load_figstep(root: str | Path, subset: str = "SafeBench", render: bool = Fal
         max_side: downscale images to this longest side.
 
     class1..3 are the category_name; the reference is None (SafeBench has no reference answers); the
-    caption names the instruction the image shows.
+    caption names the instruction the image shows; the request is the row's original `question`.
     """
     root = Path(root)
     where = f"FigStep ({root})"
@@ -296,7 +307,7 @@ def load_figstep(root: str | Path, subset: str = "SafeBench", render: bool = Fal
         rows.append(_item(item_id=key, eval_set="figstep", variant="figstep", kind="harm", question=FIGSTEP_PROMPT,
                           images=[image], class1=record["category_name"], qtype="figstep",
                           captions=[f'the text "{instruction}" followed by an empty list numbered 1, 2, 3'],
-                          source=str(csv_path.relative_to(root))))
+                          source=str(csv_path.relative_to(root)), request=record["question"]))
     return _items(rows, where)
 
 

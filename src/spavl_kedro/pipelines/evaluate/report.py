@@ -18,7 +18,7 @@ import pandas as pd
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
-from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name
+from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, verdict_judges
 
 KEYS = ("model", "eval_set", "variant", "decoding")
 GROUPS = ("class1", "class2", "class3", "qtype")
@@ -119,6 +119,7 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
         f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
+        *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",
         "| metric | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for label, eval_set, variant, metric, scorer in _headline(table, jcfg.primary, help_judge_name(cfg)):
@@ -150,6 +151,25 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     lines += ["", "The full table (every class, question type, scorer and decoding, with intervals) is "
               "`eval_metrics_table` (data/08_reporting/eval_metrics_table.parquet and the MLflow artifact).", ""]
     return "\n".join(lines)
+
+
+def _questions_judged(items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[str]:
+    """Which question each verdict judge was given where an item leaves its request to the image."""
+    carried = items[items["request"].notna()]
+    if carried.empty:
+        return []
+    where = ", ".join(sorted({s if v == "default" else f"{s}.{v}"
+                              for s, v in zip(carried["eval_set"], carried["variant"])}))
+    def names(specs: list) -> str:
+        return ", ".join(f"`{j.name}`" for j in specs) or "none"
+    used = [j for j in jcfg.judges if j.name in verdict_judges(cfg, jcfg)]
+    blind = [j for j in used if j.reads_question and not j.sees_images]
+    seeing = [j for j in used if j.sees_images]
+    keyword = [j for j in used if not j.reads_question]
+    return [f"Questions judged: {len(carried)} items ({where}) leave the request to the image. Judges that do not "
+            f"see images ({names(blind)}) were asked about the request in words (eval_items `request`); judges "
+            f"that see images ({names(seeing)}) got the prompt and the images; keyword judges ({names(keyword)}) "
+            "read the response only.", ""]
 
 
 def _judge_section(overall: pd.DataFrame, models: list[str], judges: list[str]) -> list[str]:

@@ -105,6 +105,8 @@ def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     if answers.empty:
         return []
     judged = answers.merge(items, on=["item_id", "eval_set", "variant"], how="left", validate="many_to_one")
+    # parquet gives a missing request back as NaN; a judge must see None (ask the question as written)
+    judged["request"] = judged["request"].astype(object).where(judged["request"].notna(), None)
     judged["row_key"] = (judged["model"] + "|" + judged["item_id"] + "|" + judged["decoding"] + "|"
                          + judged["sample"].astype(str))
     transport = {"backend": set(TRANSPORT_FIELDS)}  # other servers, same answers: shards still resume
@@ -121,7 +123,7 @@ def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         for (model, eval_set), group in judged.groupby(["model", "eval_set"], sort=True):
             group = group[group["kind"].map(lambda k: _applies(scorer, k, cfg))]
             for index, rows in enumerate(cut(group.sort_values("row_key"), cfg.shard_size * (1 + cfg.samples))):
-                content = rows[["row_key", "text", "error", "reference"]].to_numpy().tolist()
+                content = rows[["row_key", "text", "error", "reference", "request"]].to_numpy().tolist()
                 version = [MIS_SCORING] if scorer != RULES and (rows["kind"] == "mis").any() else []
                 shards.append((Shard(f"{scorer}/{model}/{eval_set}/{index:05d}", rows,
                                      fingerprint(configs[scorer], *version, content)), scorer))
@@ -207,7 +209,7 @@ def _rules(rows: pd.DataFrame) -> list[dict]:
 
 def _verdicts(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
     generated = rows["error"].isna()
-    verdicts = iter(judge.verdicts([JudgeItem(r.question, r.text, tuple(r.images))
+    verdicts = iter(judge.verdicts([JudgeItem(r.question, r.text, tuple(r.images), r.request)
                                     for r in rows[generated].itertuples(index=False)]))
     out = []
     for r, ok in zip(rows.itertuples(index=False), generated):

@@ -146,14 +146,17 @@ def _image_id(image: dict) -> str:
 
 def _row(item_id: str, eval_set: str, variant: str, kind: str, question: str, images: list[bytes],
          classes: tuple[str, str, str], qtype: str, reference: str | None = None,
-         answers: list[str] | None = None, captions: list[str] | None = None, source: str = "generated") -> dict:
+         answers: list[str] | None = None, captions: list[str] | None = None, source: str = "generated",
+         request: str | None = None) -> dict:
     return {"item_id": item_id, "eval_set": eval_set, "variant": variant, "kind": kind, "question": question,
             "images": images, "class1": classes[0], "class2": classes[1], "class3": classes[2], "qtype": qtype,
-            "reference": reference, "answers": answers or [], "captions": captions or [], "source": source}
+            "reference": reference, "answers": answers or [], "captions": captions or [], "source": source,
+            "request": request}
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=EVAL_ITEM_COLUMNS)
+    # object columns: pandas would otherwise infer a string dtype and turn `request=None` into NaN
+    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS})
 
 
 def _spa_vl_test(table: pd.DataFrame, eval_set: str, kind: str, context: _Context) -> pd.DataFrame:
@@ -231,7 +234,8 @@ def _rng(cfg: EvaluateConfig, eval_set: str, image_id: str) -> random.Random:
 def _mm_safetybench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
     """MM-SafetyBench's four views of one harmful request: the question as text only, then the rephrased
     prompts that leave the activity to the image. The key phrase (the activity) is typed in the typography;
-    the 'SD' image is the held-out image itself, standing in for a diffusion image of the phrase."""
+    the 'SD' image is the held-out image itself, standing in for a diffusion image of the phrase. The image
+    views carry the plain question as their `request`, as the published records do."""
     t, templates = cfg.typography, cfg.templates
     rows = []
     for image_id, png, classes, fields in _held_harmful(test_harm, context):
@@ -241,20 +245,22 @@ def _mm_safetybench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateCon
             phrase = phrase_template.format(**fields)
             question = rng.choice(templates.mm_safetybench_questions).format(activity=phrase, **fields)
             typo = typography.typography_image(phrase, width=t.width, font_size=t.font_size)
-            views = {  # (text, images, what each image shows)
-                "text_only": (question, [], []),
-                "sd": (MM_SD_PROMPT, [png], [context.caption.get(image_id, "")]),
-                "typo": (MM_TYPO_PROMPT, [png_bytes(typo)], [phrase]),
-                "sd_typo": (MM_TYPO_PROMPT, [png_bytes(typography.stack_vertically(picture, typo))], [phrase]),
+            views = {  # (text, images, what each image shows, the request in words)
+                "text_only": (question, [], [], None),
+                "sd": (MM_SD_PROMPT, [png], [context.caption.get(image_id, "")], question),
+                "typo": (MM_TYPO_PROMPT, [png_bytes(typo)], [phrase], question),
+                "sd_typo": (MM_TYPO_PROMPT, [png_bytes(typography.stack_vertically(picture, typo))], [phrase],
+                            question),
             }
-            for variant, (text, pictures, captions) in views.items():
+            for variant, (text, pictures, captions, request) in views.items():
                 rows.append(_row(f"{image_id}:mm_safetybench{k}:{variant}", "mm_safetybench", variant, "harm", text,
-                                 pictures, classes, variant, captions=captions))
+                                 pictures, classes, variant, captions=captions, request=request))
     return _frame(rows)
 
 
 def _figstep(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
-    """FigStep: the instruction is only in the image, above an empty list; the text is FigStep's benign prompt."""
+    """FigStep: the instruction is only in the image, above an empty list; the text is FigStep's benign prompt
+    and the instruction is the item's `request`."""
     t = cfg.typography
     rows = []
     for image_id, _, classes, fields in _held_harmful(test_harm, context):
@@ -263,7 +269,8 @@ def _figstep(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) ->
             instruction = template.format(**fields)
             image = typography.figstep_image(instruction, size=t.figstep_size, font_size=t.figstep_font_size)
             rows.append(_row(f"{image_id}:figstep{k}", "figstep", "figstep", "harm", typography.FIGSTEP_PROMPT,
-                             [png_bytes(image)], classes, "figstep", captions=[_figstep_caption(instruction)]))
+                             [png_bytes(image)], classes, "figstep", captions=[_figstep_caption(instruction)],
+                             request=instruction))
     return _frame(rows)
 
 

@@ -46,7 +46,7 @@ def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], 
     backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
                             generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
     return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
-                      show_images=spec.show_images, prompt=spec.prompt)
+                      show_images=spec.sees_images, prompt=spec.prompt)
 
 
 def primary_judge(params: dict[str, Any], credentials: Mapping[str, Any] | None = None,
