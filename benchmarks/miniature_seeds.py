@@ -48,6 +48,11 @@ FIGURES = [
     ("MIS ASR, sampled", "base", "mis_test", "asr", "tiny-guard", "sampled"),
     ("MIS ASR, sampled", "sft", "mis_test", "asr", "tiny-guard", "sampled"),
     ("MIS RSR, sampled", "sft", "mis_test", "rsr", "tiny-guard", "sampled"),
+    # the attack benchmarks (no acceptance target): "<set>.<variant>" names one variant
+    *[(f"{label} ASR, greedy", model, eval_set, "asr", "tiny-guard", "greedy")
+      for label, eval_set in (("FigStep", "figstep"), ("MM-SafetyBench typo", "mm_safetybench.typo"),
+                              ("AdvBench no-image", "advbench.no_image"))
+      for model in ("base", "dpo", "sft")],
 ]
 TARGETS = {
     "HarmEval unsafe, greedy": "dpo <= 0.5 x base", "HarmEval unsafe, sampled": "dpo <= 0.5 x base",
@@ -76,8 +81,10 @@ def figures(root: Path) -> dict[tuple[str, str], float]:
     overall = table[table["group_by"] == "overall"]
     out = {}
     for name, model, eval_set, metric, judge, decoding in FIGURES:
+        eval_set, _, variant = eval_set.partition(".")
         rows = overall[(overall["model"] == model) & (overall["eval_set"] == eval_set) & (overall["metric"] == metric)
-                       & (overall["judge"] == judge) & (overall["decoding"] == decoding)]
+                       & (overall["judge"] == judge) & (overall["decoding"] == decoding)
+                       & ((overall["variant"] == variant) if variant else True)]
         out[(name, model)] = float(rows["value"].iloc[0]) if len(rows) else float("nan")
     accuracy = pd.read_parquet(root / "data/08_reporting/judge_accuracy.parquet").set_index("judge")
     for judge in accuracy.index:
