@@ -6,9 +6,12 @@ questions with a refusal or a compliance, and synthetic PNG-style images (a colo
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 
 import mlflow
+import pydantic
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +19,8 @@ from PIL import Image
 from spavl_kedro.backends.adapters import apply_adapter
 from spavl_kedro.backends.reward import RewardSettings, load_reward_model, save_reward_model, train_reward
 from spavl_kedro.backends.sft import SFTSettings, train_sft
+from spavl_kedro.backends.training import DPOSettings, train_dpo
+from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.backends.tiny import (Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor,
                                        train_tiny_vlm, user_message)
 
@@ -231,3 +236,41 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
     assert sorted(replay) == sorted(["What colour?", "What shape?", "How many?", "Describe it."])  # 4 distinct
     with pytest.raises(ValueError, match="sft_replay is above 0 but the seed corpus has no harmless requests"):
         _training_data("sft", cfg, None, None, mis_train, images, seed_corpus[seed_corpus["harmful"]])
+
+
+@pytest.fixture(scope="module")
+def half_checkpoint(vlm, tmp_path_factory):
+    """The tiny policy saved in float16, as llava-hf records LLaVA-1.5, and loaded back as transformers 5
+    loads any checkpoint: in its own dtype."""
+    path = tmp_path_factory.mktemp("fp16")
+    copy.deepcopy(vlm.model).half().save_pretrained(path)
+    vlm.processor.save_pretrained(path)
+    loaded = load_vlm(str(path))
+    assert next(loaded.model.parameters()).dtype == torch.float16  # otherwise this test proves nothing
+    return loaded
+
+
+@pytest.mark.parametrize("method", ["sft", "sft_lora", "dpo", "dpo_lora", "reward"])
+def test_a_float16_checkpoint_never_trains_in_float16(half_checkpoint, method, tmp_path):
+    """AdamW on fp16 weights drops small updates (lr 1e-6 on a 7B full fine-tune is below fp16's resolution):
+    every trainer casts its copy to `weights_dtype`, float32 by default, and says what the optimiser held."""
+    lora = method.endswith("_lora")
+    common = {"report_to": [], "output_dir": str(tmp_path), "epochs": 1, "lora": lora}
+    if method.startswith("sft"):
+        _, _, metrics = train_sft(half_checkpoint, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))
+    elif method.startswith("dpo"):
+        _, metrics = train_dpo(half_checkpoint, preference_pairs(8),
+                               DPOSettings(**common, batch_size=4))
+    else:
+        _, metrics = train_reward(half_checkpoint, preference_pairs(8), RewardSettings(**common))
+    assert metrics["optimiser_dtypes"] == "float32", metrics
+    assert math.isfinite(metrics["train_loss"])
+    assert next(half_checkpoint.model.parameters()).dtype == torch.float16  # the caller's model is untouched
+
+
+def test_bfloat16_weights_are_a_deliberate_choice_and_float16_is_refused(half_checkpoint, tmp_path):
+    settings = SFTSettings(report_to=[], output_dir=str(tmp_path), epochs=1, weights_dtype="bfloat16")
+    _, _, metrics = train_sft(half_checkpoint, cot_examples(8), settings)
+    assert metrics["optimiser_dtypes"] == "bfloat16"
+    with pytest.raises(pydantic.ValidationError, match="weights_dtype"):
+        SFTSettings(output_dir=str(tmp_path), weights_dtype="float16")

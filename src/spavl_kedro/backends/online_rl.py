@@ -27,7 +27,6 @@ in `training.py`.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -46,6 +45,7 @@ from spavl_kedro.backends.recipe import (
     resolve_device,
     run_trainer,
     trainer_args,
+    training_copy,
 )
 from spavl_kedro.backends.tiny import VLM, user_message
 from spavl_kedro.backends.vlm import png_bytes
@@ -130,7 +130,7 @@ def train_online_rl(
     device, precision = resolve_device(settings)
     dataset = prompts_to_dataset(prompts)
     config_cls, trainer_cls = _TRAINERS[settings.algorithm]
-    model = copy.deepcopy(vlm.model)
+    model = training_copy(vlm.model, settings)
     model.train()
     original_name = model.config._name_or_path
     if not settings.lora and settings.beta > 0:

@@ -3,6 +3,9 @@
 - `RecipeSettings`: the fields every recipe has (LoRA shape and placement, seed, logging, MLflow run name,
   scratch directory). Each trainer's settings class adds its own hyperparameters on top.
 - `resolve_device`: a CUDA GPU when one is visible (bf16 where supported), else the CPU in fp32.
+- `training_copy`: the copy of a model a trainer updates, in the recipe's `weights_dtype` (fp32 master weights
+  by default, whatever dtype the checkpoint recorded: llava-hf's record float16, and transformers 5 loads a
+  checkpoint's own dtype).
 - `lora_config`: where adapters go. The vision tower never gets one, even with target "all-linear"; the
   multi-modal projector is either trained whole (PEFT's `modules_to_save`) or left alone.
 - `child_run`: the nested MLflow run a training is logged to.
@@ -14,16 +17,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import mlflow
 import pydantic
 import torch
 from peft import LoraConfig, PeftModel
 from pydantic import Field
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
 
 # Default LoRA placement: the MLP projections of the language model only (Llama module names, so the same
 # pattern fits LLaVA-1.5). Measured on a tiny LLaVA bootstrapped to refuse 30% of the time, 250 pairs:
@@ -57,6 +61,38 @@ class RecipeSettings(pydantic.BaseModel):
     use_cpu: bool | None = Field(
         None, description="None: a CUDA GPU when visible (bf16 if supported), else CPU fp32; true: always CPU"
     )
+    weights_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the weights the trainer holds and AdamW updates: float32 master weights "
+                               "under bf16 autocast, or bfloat16 chosen deliberately (half the memory, coarser "
+                               "updates). Never float16: a half-precision checkpoint is cast to this first"
+    )
+
+
+# `RecipeSettings.weights_dtype` -> torch dtype
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def training_copy(model: torch.nn.Module, settings: RecipeSettings) -> torch.nn.Module:
+    """A deep copy of `model` for a trainer, every floating-point weight in `settings.weights_dtype`; `model`
+    itself is untouched. LoRA adapters that PEFT adds later are float32 whatever the base holds."""
+    return copy.deepcopy(model).to(WEIGHT_DTYPES[settings.weights_dtype])
+
+
+class OptimiserDtypes(TrainerCallback):
+    """Records the dtypes of the parameters the optimiser updates, once it exists (`dtypes`, e.g. "float32")."""
+
+    def __init__(self) -> None:
+        self.dtypes = ""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            self.dtypes = optimiser_dtypes(optimizer)
+
+
+def optimiser_dtypes(optimizer: torch.optim.Optimizer) -> str:
+    """The dtypes of an optimiser's parameters, sorted and comma-joined ("float32")."""
+    found = {str(p.dtype).removeprefix("torch.") for group in optimizer.param_groups for p in group["params"]}
+    return ",".join(sorted(found))
 
 
 def resolve_device(settings: RecipeSettings) -> tuple[str, str]:
@@ -177,13 +213,16 @@ def prepare_for_generation(model: torch.nn.Module) -> None:
         text_config.use_cache = True
 
 
-def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False) -> dict[str, float]:
+def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False) -> dict[str, float | str]:
     """Train a TRL / transformers trainer (then evaluate it once, when asked) and summarise the run: the
-    curves' first and last points (`curve_summary`), train loss, optimiser steps, runtime, eval_* numbers.
+    curves' first and last points (`curve_summary`), train loss, optimiser steps, runtime, eval_* numbers,
+    and `optimiser_dtypes`: what the optimiser updated ("float32").
     Call it inside `child_run`, so the evaluation lands in the same MLflow run as the curves."""
     # With progress bars off, transformers prints every log row to stdout instead: noise in pipeline logs
     # when the same rows already go to MLflow and `log_history`.
     trainer.remove_callback(PrinterCallback)
+    dtypes = OptimiserDtypes()
+    trainer.add_callback(dtypes)
     result = trainer.train()
     evaluated = trainer.evaluate() if evaluate else {}
     metrics = curve_summary(trainer.state.log_history, curve_keys)
@@ -192,6 +231,7 @@ def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False)
     metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
     metrics.update({key: float(value) for key, value in evaluated.items()
                     if key.startswith("eval_") and isinstance(value, (int, float))})
+    metrics["optimiser_dtypes"] = dtypes.dtypes
     return metrics
 
 

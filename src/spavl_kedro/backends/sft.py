@@ -27,7 +27,6 @@ Choices worth knowing about:
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 from datasets import Dataset
@@ -45,6 +44,7 @@ from spavl_kedro.backends.recipe import (
     resolve_device,
     run_trainer,
     trainer_args,
+    training_copy,
 )
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 
@@ -110,7 +110,7 @@ def train_sft(
     device, precision = resolve_device(settings)
     train_dataset = examples_to_dataset(examples)
     eval_dataset = examples_to_dataset(eval_examples) if eval_examples else None
-    model = copy.deepcopy(vlm.model)
+    model = training_copy(vlm.model, settings)
     model.train()
     if not settings.lora:  # the vision tower stays frozen, as in LLaVA's instruction tuning
         freeze_for_full_finetune(model, settings.train_projector)

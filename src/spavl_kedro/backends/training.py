@@ -20,8 +20,9 @@ Choices worth knowing about:
   trains too with `train_projector=True` (LoRA: a full copy saved through PEFT's `modules_to_save`).
 - Device and precision follow the hardware: a CUDA GPU when one is visible (bf16 mixed precision when it
   supports bf16), otherwise the CPU in fp32. `use_cpu: true` forces the CPU. Under `torchrun` or
-  `accelerate launch` the trainer runs DDP (gloo on CPU); see `dpo_worker.py`.
-- The caller's model is copied before training. PEFT injects adapter layers into whatever module it is
+  `accelerate launch` the trainer runs DDP (gloo on CPU); see `dpo_worker.py`. The weights trained are the
+  copy in `weights_dtype` (`recipe.training_copy`: fp32 by default, never the checkpoint's float16).
+- The caller's model is copied (`training_copy`) before training. PEFT injects adapter layers into whatever module it is
   given and TRL patches that module's `forward`; without the copy the `VLM` passed in would silently become
   the trained policy, and the "before" side of any before/after comparison would be lost.
 - Training curves go to a nested MLflow run under whatever run is active (a Kedro-MLflow pipeline run, a
@@ -31,7 +32,6 @@ Choices worth knowing about:
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import pydantic
@@ -50,6 +50,7 @@ from spavl_kedro.backends.recipe import (
     resolve_device,
     run_trainer,
     trainer_args,
+    training_copy,
 )
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 
@@ -143,12 +144,12 @@ def train_dpo(
     device, precision = resolve_device(settings)
     train_dataset = pairs_to_dataset(pairs)
     eval_dataset = pairs_to_dataset(eval_pairs) if eval_pairs else None
-    model = copy.deepcopy(vlm.model)
+    model = training_copy(vlm.model, settings)
     model.train()
     ref_model = None
     if not settings.lora:
         # The reference must be the policy *before* training and must never change: a frozen copy.
-        ref_model = copy.deepcopy(vlm.model).eval().requires_grad_(False)
+        ref_model = training_copy(vlm.model, settings).eval().requires_grad_(False)
         freeze_for_full_finetune(model, settings.train_projector)
 
     args = DPOConfig(

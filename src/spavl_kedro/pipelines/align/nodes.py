@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
                    params: dict[str, Any], tiny: dict[str, Any]) -> VLM:
     """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
-    directory or hub id."""
+    directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
+    `weights_dtype`, whatever dtype this loads in)."""
     cfg = AlignConfig.model_validate(params).policy
     if cfg.kind == "transformers":
-        return load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
     tcfg = TinyConfig.model_validate(tiny)
     behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
                           vague_rate=cfg.vague_rate)
