@@ -51,3 +51,33 @@ def test_wrong_object_and_missing_directory_are_reported(vlm, tmp_path):
         ModelDirectoryDataset(str(tmp_path / "x"), kind="adapter").save(vlm)
     with pytest.raises(DatasetError, match="does not exist"):
         ModelDirectoryDataset(str(tmp_path / "none")).load()
+
+
+def test_answering_models_follow_one_placement_rule(vlm, tmp_path, monkeypatch):
+    """Responders, judges and evaluated policies: the GPUs when there are any (device_map auto), else the CPU in
+    float32, whatever dtype the checkpoint holds; what is configured wins."""
+    import copy
+
+    from spavl_kedro.backends import factory
+    from spavl_kedro.backends.vlm import answering_kwargs, place_for_answering
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert answering_kwargs({}) == {"dtype": torch.float32}
+    assert answering_kwargs({"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
+    half = tiny.VLM(copy.deepcopy(vlm.model).half(), vlm.processor)
+    placed = place_for_answering(half)
+    assert {p.dtype for p in placed.model.parameters()} == {torch.float32}
+    assert greedy(placed) == greedy(vlm)  # back in float32 it answers as the original
+    with pytest.raises(ValueError, match=r"dtype and device_map only, got \['low_cpu_mem_usage'\]"):
+        place_for_answering(half, {"low_cpu_mem_usage": True})
+
+    # a transformers responder or judge is loaded with the rule's kwargs over its own load_kwargs
+    path = tmp_path / "half"
+    half.model.half().save_pretrained(path)
+    vlm.processor.save_pretrained(path)
+    spec = factory.BackendSpec(name="r", kind="transformers", model=str(path))
+    backend = factory.build_backend(spec, progress=False)
+    assert {p.dtype for p in backend.vlm.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert answering_kwargs({"dtype": "bfloat16"}) == {"dtype": "bfloat16", "device_map": "auto"}
+    assert answering_kwargs({"device_map": {"": "cuda:1"}}) == {"device_map": {"": "cuda:1"}, "dtype": "auto"}

@@ -555,6 +555,10 @@ class EvaluateConfig(Strict):
                             "test/harm and test/help (align.official_dir)")
     max_items: int | None = Field(None, ge=1, description="cap per set and variant (a seeded sample); None: all")
     batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    policy_load_kwargs: dict[Literal["dtype", "device_map"], Any] = Field(
+        default_factory=dict, description="where the policies answer: dtype and device_map, as from_pretrained "
+                                          "takes them; unset, the GPUs (device_map auto) when there are any, "
+                                          "else the CPU in float32 (backends.vlm.place_for_answering)")
     max_new_tokens: int = Field(32, ge=1, description="answer length cap of every set without its own")
     max_new_tokens_per_set: dict[str, int] = Field(
         default_factory=dict, description="a set's own answer length cap (mis_test: chain-of-thought answers "

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spavl_kedro.backends.tiny import VLM, Behaviour
-from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, load_vlm
+from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, load_vlm
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
@@ -40,7 +40,9 @@ class BackendSpec(BaseModel):
                                                             "answers vaguely (names nothing in the image)")
     model: str | None = Field(None, description="transformers: directory or hub id; openai: the served model name")
     load_kwargs: dict[str, Any] = Field(default_factory=dict,
-                                        description="transformers only: from_pretrained kwargs (dtype, device_map)")
+                                        description="transformers only: from_pretrained kwargs (dtype, device_map); "
+                                                    "unset, an answering model goes to the GPUs (device_map "
+                                                    "auto) when there are any, else to the CPU in float32")
     trust_remote_code: bool = Field(False, description="transformers only: run the model repository's own Python "
                                                        "(off unless a model needs it and you trust it)")
     base_urls: list[str] = Field(default_factory=list,
@@ -97,7 +99,7 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
     if spec.kind == "tiny":
         vlm = _tiny(spec, tiny_models)
     else:
-        vlm = load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **spec.load_kwargs)
+        vlm = load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **answering_kwargs(spec.load_kwargs))
     return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
 
 

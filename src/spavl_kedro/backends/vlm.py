@@ -18,7 +18,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import aiohttp
 import torch
@@ -69,6 +69,45 @@ def load_vlm(path_or_id: str, trust_remote_code: bool = False, **kwargs: Any) ->
     return VLM(model=model, processor=processor)
 
 
+def answering_kwargs(load_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`from_pretrained` kwargs for a model that answers (a responder, a judge, a policy under evaluation):
+    the configured ones win; unset, a CUDA machine gets `device_map: auto` (the visible GPUs, spread over
+    them when one is not enough) in the checkpoint's own dtype, and the CPU float32 (half precision there is
+    slow, and some CPU kernels lack it). Training loads stay on the host: the trainer places its copy."""
+    kwargs = dict(load_kwargs or {})
+    if torch.cuda.is_available():
+        kwargs.setdefault("device_map", "auto")
+        kwargs.setdefault("dtype", "auto")
+    else:
+        kwargs.setdefault("dtype", torch.float32)
+    return kwargs
+
+
+def place_for_answering(vlm: VLM, load_kwargs: Mapping[str, Any] | None = None) -> VLM:
+    """A model already in memory (a policy from the catalog) placed by `answering_kwargs`' rule: cast to its
+    `dtype`, then moved to its `device_map` ("auto": the one GPU, or spread over several by accelerate; a
+    device name; or a module -> device mapping). Moves `vlm.model` in place and returns `vlm`."""
+    kwargs = answering_kwargs(load_kwargs)
+    unknown = set(kwargs) - {"dtype", "device_map"}
+    if unknown:
+        raise ValueError(f"placing a loaded model takes dtype and device_map only, got {sorted(unknown)}")
+    dtype, device_map = kwargs.get("dtype"), kwargs.get("device_map")
+    if dtype not in (None, "auto"):
+        vlm.model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device_map == "auto" and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = getattr(vlm.model, "_no_split_modules", None)
+        dispatch_model(vlm.model, infer_auto_device_map(vlm.model, no_split_module_classes=no_split))
+    elif isinstance(device_map, dict):
+        from accelerate import dispatch_model
+
+        dispatch_model(vlm.model, device_map)
+    elif device_map is not None:
+        vlm.model.to("cuda" if device_map == "auto" else device_map)
+    return vlm
+
+
 def load_processor(path: str):
     return AutoProcessor.from_pretrained(path)
 
@@ -110,7 +149,8 @@ class TransformersVLM:
         texts = [processor.apply_chat_template(user_message(p.text, len(p.images)), add_generation_prompt=True)
                  for p in batch]
         images = [decode_image(img) for p in batch for img in p.images]
-        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        # to the device of the model's first layer (with a device_map spreading it, accelerate moves the rest)
+        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.vlm.model.device)
         kwargs = {"use_cache": True, "pad_token_id": tokenizer.pad_token_id, **self.generation}
         with torch.inference_mode():
             output = self.vlm.model.generate(**inputs, **kwargs)

@@ -21,7 +21,7 @@ import pandas as pd
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM
+from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 
@@ -140,7 +140,7 @@ class _PolicyPool:
     def get(self, name: str) -> VLM:
         if self._name != name:
             self._policy = None
-            self._policy = self.loaders[name]()
+            self._policy = place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs)
             self._name = name
         return self._policy
 
