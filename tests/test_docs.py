@@ -155,7 +155,7 @@ def test_every_parameter_key_is_documented(env):
 
 def test_every_config_field_is_documented():
     keys = _field_keys()
-    assert {"align.dpo.gradient_checkpointing", "align.rloo.num_generations", "generate.responders[].timeout_s",
+    assert {"align.dpo.activation_checkpointing", "align.rloo.num_generations", "generate.responders[].timeout_s",
             "generate.images.clip_prompt"} <= keys
     missing = _undocumented(keys)
     assert not missing, "docs/configuration.md has no row for these config class fields:\n  " + "\n  ".join(missing)

@@ -82,6 +82,7 @@ def test_refusal_reward_goes_up(world, algorithm, tmp_path):
     assert 0 < metrics["kl"] < 1  # moved away from the reference, but held near it by beta
     assert metrics["completion_length"] > 8  # still answering, not collapsed onto an early end-of-sequence
     assert isinstance(adapter, LoraAdapter) and adapter.state_dict
+    assert (metrics["optimiser_dtypes"], metrics["activation_checkpointing"]) == ("float32", False)
     after = _weights(vlm)
     assert all(torch.equal(before[name], after[name]) for name in before)  # the caller's policy is untouched
 
@@ -155,3 +156,11 @@ def test_judge_reward_counts_only_safe_verdicts():
 def test_settings_reject_a_single_generation():
     with pytest.raises(ValueError, match="num_generations"):
         OnlineRLSettings(num_generations=1, output_dir="x")
+
+
+def test_online_rl_recomputes_activations_when_its_recipe_says_so(world, tmp_path):
+    settings = OnlineRLSettings(algorithm="grpo", epochs=1, batch_size=4, num_generations=4, max_completion_length=8,
+                                report_to=[], output_dir=str(tmp_path), activation_checkpointing=True)
+    _, metrics = train_online_rl(world["vlm"], world["prompts"][:4], judge_reward(KeywordJudge()), settings)
+    assert metrics["global_step"] == 1 and metrics["activation_checkpointing"] is True
+

@@ -274,3 +274,21 @@ def test_bfloat16_weights_are_a_deliberate_choice_and_float16_is_refused(half_ch
     assert metrics["optimiser_dtypes"] == "bfloat16"
     with pytest.raises(pydantic.ValidationError, match="weights_dtype"):
         SFTSettings(output_dir=str(tmp_path), weights_dtype="float16")
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo_lora", "reward"])
+def test_activation_checkpointing_is_a_recipe_field_that_changes_memory_not_the_result(vlm, method, tmp_path):
+    """Every method takes `activation_checkpointing`; the trainer really recomputes (its model says so) and
+    the losses are those of the run that keeps its activations."""
+    def run(checkpointing: bool) -> dict:
+        common = {"report_to": [], "output_dir": str(tmp_path), "epochs": 1, "lora": method.endswith("_lora"),
+                  "activation_checkpointing": checkpointing}
+        if method == "sft":
+            return train_sft(vlm, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))[2]
+        if method == "dpo_lora":
+            return train_dpo(vlm, preference_pairs(8), DPOSettings(**common, batch_size=4))[1]
+        return train_reward(vlm, preference_pairs(8), RewardSettings(**common))[1]
+
+    kept, recomputed = run(False), run(True)
+    assert (kept["activation_checkpointing"], recomputed["activation_checkpointing"]) == (False, True)
+    assert recomputed["train_loss"] == pytest.approx(kept["train_loss"], rel=1e-4)

@@ -150,7 +150,6 @@ def train_online_rl(
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
         beta=settings.beta,
-        activation_checkpointing=False,  # TRL turns it on (as gradient_checkpointing); it only slows small models
     )
     peft_config = lora_config(settings) if settings.lora else None
 

@@ -61,6 +61,10 @@ class RecipeSettings(pydantic.BaseModel):
     use_cpu: bool | None = Field(
         None, description="None: a CUDA GPU when visible (bf16 if supported), else CPU fp32; true: always CPU"
     )
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them: less memory, "
+                           "more compute (transformers' name; gradient_checkpointing is its deprecated alias)"
+    )
     weights_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the weights the trainer holds and AdamW updates: float32 master weights "
                                "under bf16 autocast, or bfloat16 chosen deliberately (half the memory, coarser "
@@ -78,15 +82,23 @@ def training_copy(model: torch.nn.Module, settings: RecipeSettings) -> torch.nn.
     return copy.deepcopy(model).to(WEIGHT_DTYPES[settings.weights_dtype])
 
 
-class OptimiserDtypes(TrainerCallback):
-    """Records the dtypes of the parameters the optimiser updates, once it exists (`dtypes`, e.g. "float32")."""
+class _TrainingFacts(TrainerCallback):
+    """What the trainer set up, read once training begins: the dtypes of the parameters the optimiser updates
+    (`dtypes`, e.g. "float32") and whether the model recomputes activations (`checkpointing`)."""
 
     def __init__(self) -> None:
-        self.dtypes = ""
+        self.dtypes, self.checkpointing = "", False
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is not None:
             self.dtypes = optimiser_dtypes(optimizer)
+        if model is not None:
+            self.checkpointing = is_checkpointing(model)
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any module of `model` (a PEFT wrapper included) recomputes its activations in the backward pass."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def optimiser_dtypes(optimizer: torch.optim.Optimizer) -> str:
@@ -119,6 +131,7 @@ def trainer_args(settings: RecipeSettings, device: str, precision: str) -> dict[
         # supports it (SPA-VL trains in bf16), full precision on the CPU, which keeps runs exact and repeatable.
         "bf16": precision == "bf16",
         "fp16": False,
+        "activation_checkpointing": settings.activation_checkpointing,
         # On the CPU this also makes `torchrun` / `accelerate launch` ranks use gloo instead of NCCL.
         "use_cpu": device == "cpu",
         "dataloader_num_workers": 0,  # on two cores, worker processes would only compete with training
@@ -216,13 +229,14 @@ def prepare_for_generation(model: torch.nn.Module) -> None:
 def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False) -> dict[str, float | str]:
     """Train a TRL / transformers trainer (then evaluate it once, when asked) and summarise the run: the
     curves' first and last points (`curve_summary`), train loss, optimiser steps, runtime, eval_* numbers,
-    and `optimiser_dtypes`: what the optimiser updated ("float32").
+    `optimiser_dtypes` (what the optimiser updated: "float32") and `activation_checkpointing` (whether the
+    model recomputed its activations).
     Call it inside `child_run`, so the evaluation lands in the same MLflow run as the curves."""
     # With progress bars off, transformers prints every log row to stdout instead: noise in pipeline logs
     # when the same rows already go to MLflow and `log_history`.
     trainer.remove_callback(PrinterCallback)
-    dtypes = OptimiserDtypes()
-    trainer.add_callback(dtypes)
+    facts = _TrainingFacts()
+    trainer.add_callback(facts)
     result = trainer.train()
     evaluated = trainer.evaluate() if evaluate else {}
     metrics = curve_summary(trainer.state.log_history, curve_keys)
@@ -231,7 +245,8 @@ def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False)
     metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
     metrics.update({key: float(value) for key, value in evaluated.items()
                     if key.startswith("eval_") and isinstance(value, (int, float))})
-    metrics["optimiser_dtypes"] = dtypes.dtypes
+    metrics["optimiser_dtypes"] = facts.dtypes
+    metrics["activation_checkpointing"] = facts.checkpointing
     return metrics
 
 

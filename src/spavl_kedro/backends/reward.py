@@ -42,8 +42,8 @@ from peft import get_peft_model
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from spavl_kedro.backends.recipe import (RecipeSettings, child_run, lora_config, optimiser_dtypes, resolve_device,
-                                         training_copy)
+from spavl_kedro.backends.recipe import (RecipeSettings, child_run, is_checkpointing, lora_config, optimiser_dtypes,
+                                         resolve_device, training_copy)
 from spavl_kedro.backends.tiny import VLM, user_message
 from spavl_kedro.backends.vlm import load_vlm
 
@@ -122,7 +122,7 @@ def train_reward(
     Loss per pair: -log sigmoid(r_chosen - r_rejected). Returns the trained `RewardModel` (eval mode, LoRA
     merged) and metrics: `loss_first` / `loss_last` (first and last logged curve point), `train_loss`
     (mean over the run), `train_accuracy` / `train_margin` (the trained model re-scored on the training
-    pairs), `global_step`, `optimiser_dtypes` (what AdamW updated: "float32"), and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with
+    pairs), `global_step`, `optimiser_dtypes` (what AdamW updated: "float32"), `activation_checkpointing`, and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with
     r_chosen > r_rejected; ties count as wrong) and `eval_margin` (mean r_chosen - r_rejected).
     `vlm` itself is left untouched.
     """
@@ -131,6 +131,8 @@ def train_reward(
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     backbone = training_copy(vlm.model, settings)
+    if settings.activation_checkpointing:
+        backbone.activation_checkpointing_enable({"use_reentrant": False})  # frozen inputs still pass gradients
     if settings.lora:
         backbone = get_peft_model(backbone, lora_config(settings, task_type=None))
     device, precision = resolve_device(settings)
@@ -181,7 +183,7 @@ def train_reward(
             model.backbone = model.backbone.merge_and_unload()
         metrics = {"loss_first": curve[0][0], "loss_last": curve[-1][0],
                    "train_loss": sum(all_losses) / len(all_losses), "global_step": float(step),
-                   "optimiser_dtypes": optimiser_dtypes(optimizer)}
+                   "optimiser_dtypes": optimiser_dtypes(optimizer), "activation_checkpointing": is_checkpointing(model)}
         metrics.update(_prefixed("train_", evaluate_pairs(model, pairs)))
         if eval_pairs:
             metrics.update(_prefixed("eval_", evaluate_pairs(model, eval_pairs)))

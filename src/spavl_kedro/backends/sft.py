@@ -125,7 +125,6 @@ def train_sft(
         completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
         max_length=settings.max_length,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
-        gradient_checkpointing=False,  # TRL's default; it only slows small models down
     )
     peft_config = lora_config(settings) if settings.lora else None
 

@@ -84,9 +84,6 @@ class DPOSettings(RecipeSettings):
         None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
     )
     run_name: str = Field("dpo", description="name of the nested MLflow run")
-    gradient_checkpointing: bool = Field(
-        False, description="trade compute for memory; TRL turns it on by default, which only slows small models"
-    )
 
     @pydantic.field_validator("lora_target_modules")
     @classmethod
@@ -164,7 +161,6 @@ def train_dpo(
         lr_scheduler_type=settings.lr_scheduler_type,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
         max_length=settings.max_length,
-        gradient_checkpointing=settings.gradient_checkpointing,
     )
     peft_config = lora_config(settings, settings.train_projector) if settings.lora else None
 
