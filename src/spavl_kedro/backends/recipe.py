@@ -78,7 +78,8 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def training_copy(model: torch.nn.Module, settings: RecipeSettings) -> torch.nn.Module:
     """A deep copy of `model` for a trainer, every floating-point weight in `settings.weights_dtype`; `model`
-    itself is untouched. LoRA adapters that PEFT adds later are float32 whatever the base holds."""
+    itself is untouched. LoRA adapters that PEFT adds later are float32 even over bfloat16 weights (PEFT's
+    `autocast_adapter_dtype`); a projector trained whole (`train_projector`) keeps `weights_dtype`."""
     return copy.deepcopy(model).to(WEIGHT_DTYPES[settings.weights_dtype])
 
 
