@@ -251,10 +251,18 @@ def served(build):
 
 def _open(url: str, screenshot: Path, profile: Path) -> _Rendered:
     """Headless chromium: the DOM after 10 s of virtual time (the graph lays out after its data loads),
-    and a screenshot of the same moment."""
+    and a screenshot of the same moment. The layout runs in a web worker on real time, so on a loaded
+    machine the screenshot can come before the drawing: then the page is opened once more, with 30 s."""
+    page = _chromium_run(url, screenshot, profile, budget_ms=10_000)
+    if _drawn_pixels(screenshot) <= DRAWN_SHARE * GRAPH_AREA:
+        page = _chromium_run(url, screenshot, profile, budget_ms=30_000)
+    return page
+
+
+def _chromium_run(url: str, screenshot: Path, profile: Path, budget_ms: int) -> _Rendered:
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     screenshot.unlink(missing_ok=True)
-    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--virtual-time-budget={budget_ms}",
                f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}",
                f"--screenshot={screenshot}", "--dump-dom", url]
     browser = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -276,13 +284,32 @@ def _assert_drawn(png: Path) -> None:
         assert image.format == "PNG" and image.size == WINDOW
         rgb = image.convert("RGB")
     assert len(rgb.getcolors(maxcolors=1 << 20)) > 100
-    # Right of the sidebar, toolbar, layer names and minimap. The whole lineage at 10% zoom covers ~0.8% of
-    # it, the align pipeline ~3%; a graph that failed to render leaves only the version tag (<0.1%).
-    graph = rgb.crop((700, 0, WINDOW[0], WINDOW[1])).convert("L")
+    drawn = _drawn_pixels(png)
+    assert drawn > DRAWN_SHARE * GRAPH_AREA, f"{png}: graph area nearly empty ({drawn} pixels)"
+    assert ImageStat.Stat(_graph_area(png)).stddev[0] > 2
+
+
+# Right of the sidebar, toolbar, layer names and minimap. The whole lineage at 10% zoom covers ~0.8% of it,
+# the align pipeline ~3%; a graph that failed to render leaves only the version tag (<0.1%).
+GRAPH_BOX = (700, 0, WINDOW[0], WINDOW[1])
+GRAPH_AREA = (GRAPH_BOX[2] - GRAPH_BOX[0]) * (GRAPH_BOX[3] - GRAPH_BOX[1])
+DRAWN_SHARE = 0.003
+
+
+def _graph_area(png: Path):
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return image.convert("RGB").crop(GRAPH_BOX).convert("L")
+
+
+def _drawn_pixels(png: Path) -> int:
+    """Pixels of the graph area that differ from its background; 0 when there is no screenshot."""
+    if not png.is_file():
+        return 0
+    graph = _graph_area(png)
     background = max(graph.getcolors(maxcolors=256))[1]
-    drawn = sum(count for count, shade in graph.getcolors(maxcolors=256) if abs(shade - background) > 24)
-    assert drawn > 0.003 * graph.width * graph.height, f"{png}: graph area nearly empty ({drawn} pixels)"
-    assert ImageStat.Stat(graph).stddev[0] > 2
+    return sum(count for count, shade in graph.getcolors(maxcolors=256) if abs(shade - background) > 24)
 
 
 def test_browser_shows_every_pipeline_and_the_layers(served, pipelines, build, tmp_path):

@@ -122,8 +122,9 @@ def train_reward(
     Loss per pair: -log sigmoid(r_chosen - r_rejected). Returns the trained `RewardModel` (eval mode, LoRA
     merged) and metrics: `loss_first` / `loss_last` (first and last logged curve point), `train_loss`
     (mean over the run), `train_accuracy` / `train_margin` (the trained model re-scored on the training
-    pairs), `global_step`, `optimiser_dtypes` (what AdamW updated: "float32"), `activation_checkpointing`, and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with
-    r_chosen > r_rejected; ties count as wrong) and `eval_margin` (mean r_chosen - r_rejected).
+    pairs), `global_step`, `optimiser_dtypes` (what AdamW updated: "float32"), `activation_checkpointing`,
+    and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with r_chosen > r_rejected; ties
+    count as wrong) and `eval_margin` (mean r_chosen - r_rejected).
     `vlm` itself is left untouched.
     """
     if not pairs:

@@ -150,7 +150,8 @@ class TransformersVLM:
                  for p in batch]
         images = [decode_image(img) for p in batch for img in p.images]
         # to the device of the model's first layer (with a device_map spreading it, accelerate moves the rest)
-        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.vlm.model.device)
+        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.vlm.model.device)
         kwargs = {"use_cache": True, "pad_token_id": tokenizer.pad_token_id, **self.generation}
         with torch.inference_mode():
             output = self.vlm.model.generate(**inputs, **kwargs)
