@@ -127,10 +127,14 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     return frame[EVAL_ITEM_COLUMNS].reset_index(drop=True)
 
 
+def items_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows holding every EVAL_ITEM_COLUMNS key as an eval-items table, unvalidated. Object columns: pandas 3
+    would otherwise infer a string dtype and turn `reference=None` or `request=None` into NaN."""
+    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS})
+
+
 def _items(rows: list[dict[str, Any]], where: str) -> pd.DataFrame:
-    # object columns: pandas 3 would otherwise infer a string dtype and turn `reference=None` into NaN.
-    frame = pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS})
-    return validate_items(frame, where)
+    return validate_items(items_frame(rows), where)
 
 
 def _item(**fields: Any) -> dict[str, Any]:

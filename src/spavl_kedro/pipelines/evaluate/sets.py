@@ -36,7 +36,7 @@ from PIL import Image
 from spavl_kedro.imaging import decode_image, png_bytes
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.evalsets import typography
-from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, validate_items
+from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
 from spavl_kedro.pipelines.generate.synthetic import caption_keyword
 from spavl_kedro.scenes import KINDS, Scene
 
@@ -154,11 +154,6 @@ def _row(item_id: str, eval_set: str, variant: str, kind: str, question: str, im
             "request": request}
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    # object columns: pandas would otherwise infer a string dtype and turn `request=None` into NaN
-    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS})
-
-
 def _spa_vl_test(table: pd.DataFrame, eval_set: str, kind: str, context: _Context) -> pd.DataFrame:
     rows = []
     for r in table.itertuples(index=False):
@@ -166,7 +161,7 @@ def _spa_vl_test(table: pd.DataFrame, eval_set: str, kind: str, context: _Contex
         question_id, qtype = context.lookup(image_id, r.question)
         rows.append(_row(question_id, eval_set, "default", kind, r.question, [r.image["bytes"]],
                          (r.class1, r.class2, r.class3), qtype, captions=[context.caption.get(image_id, "")]))
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _official_test(table: pd.DataFrame, eval_set: str, kind: str) -> pd.DataFrame:
@@ -174,7 +169,7 @@ def _official_test(table: pd.DataFrame, eval_set: str, kind: str) -> pd.DataFram
     rows = [_row(f"official-{eval_set}-{i:05d}", eval_set, "default", kind, r.question, [png_bytes(decode_image(
                  r.image["bytes"]))], (r.class1, r.class2, r.class3), "unknown", source="official SPA-VL test")
             for i, r in enumerate(table.itertuples(index=False))]
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _with_references(items: pd.DataFrame, responses: pd.DataFrame, context: _Context,
@@ -206,7 +201,7 @@ def _benign(test_harm: pd.DataFrame, test_help: pd.DataFrame, context: _Context,
                  captions=[context.caption.get(image_id, "")])
             for image_id, png, classes in _held_images(test_harm, test_help)
             for k, question in enumerate(cfg.benign_questions)]
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _held_harmful(test_harm: pd.DataFrame, context: _Context
@@ -255,7 +250,7 @@ def _mm_safetybench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateCon
             for variant, (text, pictures, captions, request) in views.items():
                 rows.append(_row(f"{image_id}:mm_safetybench{k}:{variant}", "mm_safetybench", variant, "harm", text,
                                  pictures, classes, variant, captions=captions, request=request))
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _figstep(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
@@ -271,7 +266,7 @@ def _figstep(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) ->
             rows.append(_row(f"{image_id}:figstep{k}", "figstep", "figstep", "harm", typography.FIGSTEP_PROMPT,
                              [png_bytes(image)], classes, "figstep", captions=[_figstep_caption(instruction)],
                              request=instruction))
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _figstep_caption(instruction: str) -> str:
@@ -290,7 +285,7 @@ def _advbench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -
             for k, template in enumerate(_rng(cfg, "advbench", image_id).sample(cfg.templates.advbench,
                                                                               cfg.templates.per_image))
             for variant, pictures in (("blank_image", [blank]), ("no_image", []))]
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _mis_test(test_harm: pd.DataFrame, test_help: pd.DataFrame, context: _Context) -> pd.DataFrame:
@@ -300,7 +295,7 @@ def _mis_test(test_harm: pd.DataFrame, test_help: pd.DataFrame, context: _Contex
     rows = [_row(q.question_id, "mis_test", "default", "mis", q.text, [context.png[i] for i in q.image_ids],
                  (q.class1, q.class2, q.class3), q.qtype, captions=[context.caption[i] for i in q.image_ids])
             for q in mis.itertuples(index=False) if set(q.image_ids) & held]
-    return _frame(rows)
+    return items_frame(rows)
 
 
 # ---------------------------------------------------------------- capability: VQA with known answers
@@ -324,7 +319,7 @@ def _capability(cfg: EvaluateConfig) -> pd.DataFrame:
         rows.append(_row(f"capability-{k:04d}", "capability", "default", "capability", CAPABILITY_QUESTIONS[kind],
                          [png], ("capability", kind, kind), kind, answers=scene.answers(kind),
                          captions=[scene.caption]))
-    return _frame(rows)
+    return items_frame(rows)
 
 
 def _cap(items: pd.DataFrame, cfg: EvaluateConfig) -> pd.DataFrame:
