@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
 # core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
-.PHONY: install run test viz viz-build mlflow ui clean
+.PHONY: install run test smoke viz viz-build mlflow ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ run: install  ## the embedded default: all six pipelines (extra arguments: make 
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+smoke: install  ## a LLaVA-1.5-shaped model through every stage on this machine's device; one JSON line per stage (SMOKE_ARGS="--size gpu" on a GPU)
+	$(BIN)/python -m spavl_kedro.smoke $(SMOKE_ARGS)
 
 viz: install  ## kedro-viz on http://127.0.0.1:4141: lineage of the six pipelines, previews of tables and plots
 	$(BIN)/kedro viz run --host 127.0.0.1 --port 4141

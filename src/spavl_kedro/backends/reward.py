@@ -6,7 +6,7 @@ module holds a small trainer of its own:
 
 - `RewardModel`: the image-text-to-text model run with `output_hidden_states=True`; the language model's
   last-layer hidden state at the last non-pad token goes through `Linear(hidden, 1)`. The text scored is the
-  chat prompt (images, question) followed by " response</s>", the same layout the policies are trained on.
+  prompt and the response ending in EOS, in the layout the policies are trained on (`tiny.prompt_and_completion`).
 - `train_reward`: a plain torch loop (AdamW, linear decay), not a `transformers.Trainer` subclass. A Trainer
   would need a custom collator, `remove_unused_columns=False`, a `compute_loss` and a `prediction_step`
   override for paired inputs, and would still not report pairwise accuracy; the loop is a screen of code,
@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from spavl_kedro.backends.recipe import (RecipeSettings, child_run, is_checkpointing, lora_config, optimiser_dtypes,
                                          resolve_device, training_copy)
-from spavl_kedro.backends.tiny import VLM, user_message
+from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 from spavl_kedro.backends.vlm import load_vlm
 
 HEAD_WEIGHTS = "reward_head.safetensors"
@@ -221,7 +221,7 @@ def save_reward_model(model: RewardModel, directory: str) -> None:
         "version": 1,
         "hidden_size": model.head.in_features,
         "pooling": "last non-pad token of the language model's last hidden layer",
-        "text_layout": "chat prompt (images, question) + ' ' + response + eos",
+        "text_layout": "prompt + response + eos, as spavl_kedro.backends.tiny.prompt_and_completion renders them",
     }
     (path / HEAD_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -241,15 +241,14 @@ def load_reward_model(directory: str) -> RewardModel:
 
 @dataclass
 class _Encoded:
-    input_ids: torch.Tensor  # prompt + " response</s>", image tokens expanded
+    input_ids: torch.Tensor  # prompt + completion (prompt_and_completion), image tokens expanded
     pixel_values: torch.Tensor | None
 
 
 def _encode(processor, images, question: str, response: str) -> _Encoded:
     images = list(images)
-    prompt = processor.apply_chat_template(user_message(question, len(images)), add_generation_prompt=True)
-    text = prompt + " " + response + processor.tokenizer.eos_token
-    enc = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
+    prompt, completion = prompt_and_completion(processor, question, len(images), response)
+    enc = processor(text=[prompt + completion], images=images or None, return_tensors="pt", add_special_tokens=False)
     return _Encoded(enc["input_ids"][0], enc.get("pixel_values"))
 
 

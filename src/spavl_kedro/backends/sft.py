@@ -6,13 +6,10 @@ Each example is `{"images": [PIL.Image, ...], "question": str, "target": str}`.
 
 Choices worth knowing about:
 
-- Conversational *prompt-completion* rows (`prompt` = the user turn with one `{"type": "image"}` slot per
-  image, `completion` = the assistant turn, `images`). TRL then masks the prompt out of the labels
-  (`completion_only_loss`), so the loss covers the assistant answer and its `</s>` only. The other TRL route,
-  `messages` + `assistant_only_loss`, needs `{% generation %}` markers in the chat template; TRL only knows how
-  to add them to the templates of a fixed list of model families, and the tiny LLaVA's template is not one.
-- Message contents are lists of typed parts on both sides: Arrow needs one type per column, and a string
-  assistant content next to a list user content fails when the dataset is built.
+- *Prompt-completion* rows of strings (`prompt`, `completion`, `images`) rendered by
+  `tiny.prompt_and_completion`: the prompt as generation sees it (BOS included), the answer ending in EOS
+  even where the model's chat template ends an assistant turn otherwise (llava-1.5's ends it with a space).
+  TRL masks the prompt out of the labels (`completion_only_loss`), so the loss covers the answer and its EOS.
 - `max_length=None` by default: TRL's truncation could cut image tokens out of the sequence while their
   pixel features stay, which fails inside the model ("Image features and image tokens do not match").
 - The caller's model is copied first and the run is logged to a nested MLflow run, as in `train_dpo` (see
@@ -46,7 +43,7 @@ from spavl_kedro.backends.recipe import (
     trainer_args,
     training_copy,
 )
-from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
+from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
 # Curves SFTTrainer logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
 _CURVE_KEYS = ("loss", "mean_token_accuracy", "entropy")
@@ -69,20 +66,16 @@ class SFTSettings(RecipeSettings):
     run_name: str = Field("sft", description="name of the nested MLflow run")
 
 
-def examples_to_dataset(examples: Sequence[dict]) -> Dataset:
-    """SFT examples as a TRL conversational prompt-completion vision dataset (prompt / completion / images)."""
+def examples_to_dataset(examples: Sequence[dict], processor) -> Dataset:
+    """SFT examples as a TRL prompt-completion vision dataset of strings (prompt / completion / images),
+    rendered by `tiny.prompt_and_completion` (the prompt as generation sees it, the answer ending in EOS)."""
     if not examples:
         raise ValueError("no SFT examples to train on")
     rows = []
     for example in examples:
         images = list(example["images"])
-        rows.append(
-            {
-                "images": images,
-                "prompt": user_message(example["question"], len(images)),
-                "completion": assistant_message(example["target"]),
-            }
-        )
+        prompt, completion = prompt_and_completion(processor, example["question"], len(images), example["target"])
+        rows.append({"images": images, "prompt": prompt, "completion": completion})
     return Dataset.from_list(rows)
 
 
@@ -108,8 +101,8 @@ def train_sft(
     `vlm` itself is left untouched.
     """
     device, precision = resolve_device(settings)
-    train_dataset = examples_to_dataset(examples)
-    eval_dataset = examples_to_dataset(eval_examples) if eval_examples else None
+    train_dataset = examples_to_dataset(examples, vlm.processor)
+    eval_dataset = examples_to_dataset(eval_examples, vlm.processor) if eval_examples else None
     model = training_copy(vlm.model, settings)
     model.train()
     if not settings.lora:  # the vision tower stays frozen, as in LLaVA's instruction tuning

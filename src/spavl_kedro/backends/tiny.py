@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import random
 import re
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Literal, Sequence
 
 import torch
 from PIL import Image
@@ -37,6 +40,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlamaTokenizer,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -63,6 +67,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# The chat template llava-hf/llava-1.5-7b-hf ships (its chat_template.json), verbatim: images first, then the
+# text, each turn's text followed by a space; no BOS (the tokenizer adds it) and no </s> after an assistant
+# turn. The LLaVA-1.5-shaped tiny model carries it so that every path is tested on the real format.
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 
 class TinyModelConfig(BaseModel):
     """Sizes of a tiny LLaVA. Defaults: ~0.9M parameters, trains at several steps/s on 2 CPU cores."""
@@ -78,6 +96,24 @@ class TinyModelConfig(BaseModel):
     image_size: int = Field(32, description="pixels per side after the image processor")
     patch_size: int = Field(8, description="ViT patch size; (32/8)^2 = 16 image tokens per image")
     max_positions: int = Field(512, description="longest sequence the model can see")
+    layout: Literal["tiny", "llava-1.5"] = Field(
+        "tiny", description="tiny: byte-level BPE and the project's chat template; llava-1.5: the formats of "
+                            "llava-hf/llava-1.5-7b-hf (SentencePiece BPE with BOS, its own chat template, image "
+                            "features from the tower's second-to-last layer)")
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """LLaVA-1.5 reads the CLIP tower's second-to-last layer (llava-hf config: vision_feature_layer -2)."""
+        return -2 if self.layout == "llava-1.5" else -1
+
+
+def llava15_shape(**sizes) -> TinyModelConfig:
+    """A tiny model in LLaVA-1.5-7B's shape: llava-1.5 layout, a CLIP tower at 336 px with 14-px patches
+    (576 image tokens per image, 1,152 for a two-image MIS prompt), narrow and shallow everywhere else.
+    `sizes` overrides any field."""
+    shape = dict(layout="llava-1.5", image_size=336, patch_size=14, vocab_size=1024, text_hidden=64,
+                 text_layers=2, text_heads=4, vision_hidden=32, vision_layers=2, max_positions=2048)
+    return TinyModelConfig(**{**shape, **sizes})
 
 
 class FoundationConfig(BaseModel):
@@ -168,9 +204,35 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
+def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> LlamaTokenizer:
+    """Llama's tokenizer trained on `texts` with the `sentencepiece` package, in LLaVA-1.5's layout.
+
+    SentencePiece BPE with byte fallback and a "▁" word prefix; <unk> 0, <s> 1, </s> 2; BOS added to every
+    encoded text. As in llava-hf's checkpoint, `<image>` and `<pad>` are added after the learned vocabulary
+    (ids 32000 and 32001 there) and batches pad on the left. The model file is loaded the way a real
+    checkpoint's tokenizer.model is, so the conversion transformers applies to LLaVA's is the one tested.
+    """
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", num_threads=1, minloglevel=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "tokenizer.model").write_bytes(model.getvalue())
+        tokenizer = LlamaTokenizer.from_pretrained(scratch, add_bos_token=True, add_eos_token=False,
+                                                   legacy=False, padding_side="left")
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
+
+
 def build_processor(texts: Sequence[str], config: TinyModelConfig) -> LlavaProcessor:
     """Tokenizer trained on `texts` plus a CLIP image processor, joined as a LlavaProcessor."""
-    tokenizer = train_tokenizer(texts, config.vocab_size)
+    llava15 = config.layout == "llava-1.5"
+    tokenizer = (train_sentencepiece if llava15 else train_tokenizer)(texts, config.vocab_size)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
@@ -182,7 +244,7 @@ def build_processor(texts: Sequence[str], config: TinyModelConfig) -> LlavaProce
         # CLIP adds a CLS token; the "default" strategy drops it again, so 16 image tokens remain.
         num_additional_image_tokens=1,
         vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=LLAVA15_CHAT_TEMPLATE if llava15 else CHAT_TEMPLATE,
     )
 
 
@@ -218,7 +280,7 @@ def build_model(processor: LlavaProcessor, config: TinyModelConfig, seed: int) -
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=num_patches,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        vision_feature_layer=config.vision_feature_layer,
         projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(llava)
@@ -237,6 +299,45 @@ def user_message(question: str, n_images: int) -> list[dict]:
 def assistant_message(text: str) -> list[dict]:
     """One assistant turn, its content a list of typed parts like the user's (Arrow needs one column type)."""
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def prompt_and_completion(processor, question: str, n_images: int, answer: str) -> tuple[str, str]:
+    """One training example as the two strings every trainer here tokenizes without special tokens: the
+    prompt exactly as generation sees it, and the answer as the model should write it.
+
+    Both come from the processor's own chat template (the completion is what rendering the assistant turn
+    adds to the prompt), with two things a template written for prompting may leave out, as LLaVA-1.5's
+    training format ("<s>USER: <image>\\n... ASSISTANT: answer</s>") has them:
+
+    - the BOS that the tokenizer puts before every prompt at generation time (llava-1.5's template does not
+      write it, and TRL's collators tokenize with `add_special_tokens=False`, so training would drop it);
+    - the EOS after the answer (llava-1.5's template ends an assistant turn with a space): a model never
+      trained on it never learns to stop. Whatever a template writes after the EOS is left out, since
+      generation never produces it.
+    """
+    tokenizer = processor.tokenizer
+    asked = user_message(question, n_images)
+    prompt = processor.apply_chat_template(asked, add_generation_prompt=True)
+    full = processor.apply_chat_template(asked + assistant_message(answer))
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the assistant turn without the generation prompt as its "
+                         f"prefix, so the answer cannot be separated from the prompt: {full!r}")
+    completion = full[len(prompt):]
+    eos = tokenizer.eos_token
+    completion = completion[: completion.index(eos) + len(eos)] if eos in completion else completion.rstrip() + eos
+    return _with_special_tokens(tokenizer, prompt), completion
+
+
+def _with_special_tokens(tokenizer, prompt: str) -> str:
+    """`prompt` written so that tokenizing it without special tokens gives the ids generation feeds the model
+    (the tokenizer's own special tokens added). A SentencePiece tokenizer marks the start of the text with
+    "▁", which it does not do after a literal "<s>", so "<s> USER" is what encodes as <s> ▁USER."""
+    wanted = tokenizer(prompt)["input_ids"]
+    for candidate in (prompt, f"{tokenizer.bos_token}{prompt}", f"{tokenizer.bos_token} {prompt}"):
+        if tokenizer(candidate, add_special_tokens=False)["input_ids"] == wanted:
+            return candidate
+    raise ValueError(f"cannot write the prompt so that it encodes as {type(tokenizer).__name__} encodes it with "
+                     f"its special tokens (BOS {tokenizer.bos_token!r}): {prompt[:80]!r}")
 
 
 @dataclass(frozen=True)
@@ -378,20 +479,23 @@ class _Encoded:
     prompt: torch.Tensor  # token ids of the chat prompt, image tokens expanded
     pixel_values: torch.Tensor | None
     harmful: bool
-    refusal: torch.Tensor  # token ids of " <refusal></s>"
+    refusal: torch.Tensor  # token ids of the completion " <refusal></s>" (prompt_and_completion)
     answer: torch.Tensor
     vague: torch.Tensor | None
 
 
 def _encode(processor: LlavaProcessor, example: SeedExample) -> _Encoded:
-    prompt = processor.apply_chat_template(user_message(example.question, len(example.images)),
-                                           add_generation_prompt=True)
-    enc = processor(text=[prompt], images=list(example.images) or None, return_tensors="pt")
-    tokenizer = processor.tokenizer
-    target = lambda text: torch.tensor(  # noqa: E731
-        tokenizer(" " + text + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
-    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), example.harmful, target(example.refusal),
-                    target(example.answer), target(example.vague) if example.vague else None)
+    n_images = len(example.images)
+
+    def completion(text: str) -> torch.Tensor:
+        _, tail = prompt_and_completion(processor, example.question, n_images, text)
+        return torch.tensor(processor.tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+    prompt, _ = prompt_and_completion(processor, example.question, n_images, "")
+    enc = processor(text=[prompt], images=list(example.images) or None, return_tensors="pt",
+                    add_special_tokens=False)
+    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), example.harmful, completion(example.refusal),
+                    completion(example.answer), completion(example.vague) if example.vague else None)
 
 
 def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ from spavl_kedro.backends.recipe import (
     trainer_args,
     training_copy,
 )
-from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
+from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
 # Curves TRL logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
 _CURVE_KEYS = (
@@ -96,25 +96,20 @@ class DPOSettings(RecipeSettings):
         return value
 
 
-def pairs_to_dataset(pairs: Sequence[dict]) -> Dataset:
-    """Preference pairs as a TRL conversational vision dataset (prompt / chosen / rejected / images).
-
-    Every message content is a list of typed parts, never a bare string: Arrow needs one column type, and
-    TRL's collator fills the `{"type": "image"}` slots of the prompt with the row's images in order.
+def pairs_to_dataset(pairs: Sequence[dict], processor) -> Dataset:
+    """Preference pairs as a TRL vision dataset of strings (prompt / chosen / rejected / images), rendered by
+    `tiny.prompt_and_completion` so that training sees the prompt generation sees (BOS included) and answers
+    that end in EOS, whatever the model's chat template writes. TRL's collator processes the images with
+    the prompt, one `<image>` placeholder per image, in order.
     """
     if not pairs:
         raise ValueError("no preference pairs to train on")
     rows = []
     for pair in pairs:
         images = list(pair["images"])
-        rows.append(
-            {
-                "images": images,
-                "prompt": user_message(pair["question"], len(images)),
-                "chosen": assistant_message(pair["chosen"]),
-                "rejected": assistant_message(pair["rejected"]),
-            }
-        )
+        prompt, chosen = prompt_and_completion(processor, pair["question"], len(images), pair["chosen"])
+        _, rejected = prompt_and_completion(processor, pair["question"], len(images), pair["rejected"])
+        rows.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     return Dataset.from_list(rows)
 
 
@@ -139,8 +134,8 @@ def train_dpo(
     "DEEPSPEED").
     """
     device, precision = resolve_device(settings)
-    train_dataset = pairs_to_dataset(pairs)
-    eval_dataset = pairs_to_dataset(eval_pairs) if eval_pairs else None
+    train_dataset = pairs_to_dataset(pairs, vlm.processor)
+    eval_dataset = pairs_to_dataset(eval_pairs, vlm.processor) if eval_pairs else None
     model = training_copy(vlm.model, settings)
     model.train()
     ref_model = None

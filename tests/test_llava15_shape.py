@@ -1,0 +1,132 @@
+"""The LLaVA-1.5-shaped tiny model (`tiny.llava15_shape`): llava-hf/llava-1.5-7b-hf's formats at tiny width.
+
+What is checked is what breaks first on the real checkpoint: the SentencePiece tokenizer's BOS and "▁"
+spacing, llava-hf's chat template (no BOS, and an assistant turn that ends in a space rather than </s>),
+576 image tokens per 336-px image (1,152 for a two-image MIS prompt), and that every trainer feeds the
+model the prompt generation feeds it and an answer that ends in EOS. Every method also runs on this model
+in tests/test_smoke.py.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from serving import transformers_serve
+from spavl_kedro.backends import reward, tiny
+from spavl_kedro.backends.sft import SFTSettings, examples_to_dataset, train_sft
+from spavl_kedro.backends.training import pairs_to_dataset
+from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm
+
+REFUSAL = "I cannot help with that."
+COMPLIANCE = "Sure, here are the steps."
+QUESTION = "What do the two pictures show together?"
+GREEDY = {"max_new_tokens": 16, "do_sample": False}
+
+
+def png(colour: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> tuple[tiny.VLM, object]:
+    """A random LLaVA-1.5-shaped model, saved as a model directory; returns (model, directory)."""
+    config = tiny.llava15_shape()
+    processor = tiny.build_processor([REFUSAL, COMPLIANCE, QUESTION, "USER: ASSISTANT:"] * 50, config)
+    vlm = tiny.VLM(tiny.build_model(processor, config, seed=0).eval(), processor)
+    directory = tmp_path_factory.mktemp("llava15-shape")
+    vlm.model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return vlm, directory
+
+
+def generation_ids(processor, question: str, n_images: int) -> list[int]:
+    """The prompt ids generation feeds the model (TransformersVLM's encoding: special tokens added)."""
+    prompt = processor.apply_chat_template(tiny.user_message(question, n_images), add_generation_prompt=True)
+    images = [Image.new("RGB", (64, 64), "red")] * n_images
+    return processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_the_model_directory_has_llava_15s_formats(llava):
+    vlm, directory = llava
+    loaded = load_vlm(str(directory))
+    processor, config = loaded.processor, loaded.model.config
+    assert config.vision_feature_layer == -2 and config.vision_config.image_size == 336
+    assert config.vision_config.patch_size == 14 and config.image_seq_length == 576
+    assert processor.chat_template == tiny.LLAVA15_CHAT_TEMPLATE
+    prompt = processor.apply_chat_template(tiny.user_message(QUESTION, 2), add_generation_prompt=True)
+    assert prompt == f"USER: <image>\n<image>\n{QUESTION} ASSISTANT:"
+
+    ids = generation_ids(processor, QUESTION, 2)
+    tokenizer = processor.tokenizer
+    assert ids[0] == tokenizer.bos_token_id == 1 and ids.count(tokenizer.bos_token_id) == 1
+    assert ids.count(config.image_token_id) == 1152  # two images, 576 tokens each
+    assert tokenizer.convert_ids_to_tokens(ids[1]).startswith("▁")  # SentencePiece's word prefix
+    assert tokenizer.pad_token_id not in ids[:-1] and tokenizer.padding_side == "left"
+    assert ids == generation_ids(vlm.processor, QUESTION, 2)  # the saved tokenizer encodes as the trained one
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images):
+    vlm, _ = llava
+    processor, tokenizer = vlm.processor, vlm.processor.tokenizer
+    prompt_ids = generation_ids(processor, QUESTION, n_images)
+    answer_ids = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    images = [Image.new("RGB", (64, 64), "red")] * n_images
+
+    pair = {"images": images, "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE}
+    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor)[0]])
+    chosen = dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist()  # the first row is the chosen
+    sft = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(
+        [examples_to_dataset([{"images": images, "question": QUESTION, "target": REFUSAL}], processor)[0]])
+    sft_ids = sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist()
+    labels = sft["labels"][0][sft["labels"][0] != -100].tolist()
+    scored = reward._encode(processor, images, QUESTION, REFUSAL).input_ids.tolist()
+    seed = tiny._encode(processor, tiny.SeedExample.harmful_request(images, QUESTION, REFUSAL, COMPLIANCE))
+
+    # llava-1.5's template has no BOS and ends an assistant turn with " " instead of </s>: rendered as it
+    # is, training would drop the BOS generation sees and never teach the model to stop.
+    for ids in (chosen, sft_ids, scored, seed.prompt.tolist() + seed.refusal.tolist()):
+        assert ids == prompt_ids + answer_ids
+    assert labels == answer_ids
+
+
+def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, tmp_path):
+    vlm, _ = llava
+    colours = ["red", "green", "blue", "yellow"]
+    examples = [{"images": [Image.new("RGB", (64, 64), colours[i % 4]), Image.new("RGB", (64, 64), colours[(i + 1) % 4])],
+                 "question": QUESTION, "target": REFUSAL} for i in range(8)]
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], epochs=25, batch_size=4, learning_rate=4e-3)
+    policy, _, metrics = train_sft(vlm, examples, settings)
+    assert metrics["loss_last"] < 0.2 * metrics["loss_first"]
+
+    answers = TransformersVLM("sft", policy, batch_size=2, generation=GREEDY, progress=False).generate(
+        [Prompt(QUESTION, (png("purple"), png("orange"))), Prompt(QUESTION, (png("red"), png("blue")))])
+    assert [a.text for a in answers] == [REFUSAL, REFUSAL]
+    assert [a.finish_reason for a in answers] == ["stop", "stop"]  # </s> was learned, within 16 tokens
+
+
+def test_transformers_serve_answers_the_llava_15_shape_like_the_local_model(llava, tmp_path):
+    vlm, directory = llava
+    prompts = [Prompt(QUESTION, (png("red"),)), Prompt(QUESTION, (png("red"), png("blue"))),
+               Prompt("Describe it.", (png("green"), png("red")))]
+    local = TransformersVLM("local", vlm, batch_size=3, generation=GREEDY, progress=False).generate(prompts)
+    with transformers_serve(directory, tmp_path) as base_url:
+        remote = OpenAIVLM("served", base_urls=[base_url], model=str(directory), generation=GREEDY,
+                           concurrency=3, timeout_s=60, progress=False).generate(prompts)
+    assert [g.error for g in remote] == [None] * 3
+    assert [g.text for g in remote] == [g.text for g in local]
+    assert len({g.text for g in local}) >= 2  # the images reach the model: answers differ
+
+
+def test_the_llava_15_layout_is_a_configuration_choice():
+    config = tiny.TinyModelConfig(layout="llava-1.5")
+    assert config.vision_feature_layer == -2 and tiny.TinyModelConfig().vision_feature_layer == -1
+    with pytest.raises(ValueError, match="layout"):
+        tiny.TinyModelConfig(layout="llava-2")
