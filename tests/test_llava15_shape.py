@@ -73,7 +73,7 @@ def test_the_model_directory_has_llava_15s_formats(llava):
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
-def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images):
+def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images, tmp_path):
     vlm, _ = llava
     processor, tokenizer = vlm.processor, vlm.processor.tokenizer
     prompt_ids = generation_ids(processor, QUESTION, n_images)
@@ -81,10 +81,10 @@ def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(ll
     images = [Image.new("RGB", (64, 64), "red")] * n_images
 
     pair = {"images": images, "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE}
-    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor)[0]])
+    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(tmp_path))[0]])
     chosen = dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist()  # the first row is the chosen
     sft = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(
-        [examples_to_dataset([{"images": images, "question": QUESTION, "target": REFUSAL}], processor)[0]])
+        [examples_to_dataset([{"images": images, "question": QUESTION, "target": REFUSAL}], processor, str(tmp_path))[0]])
     sft_ids = sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist()
     labels = sft["labels"][0][sft["labels"][0] != -100].tolist()
     scored = reward._encode(processor, images, QUESTION, REFUSAL).input_ids.tolist()

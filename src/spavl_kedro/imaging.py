@@ -18,3 +18,8 @@ def png_bytes(image: Image.Image | bytes) -> bytes:
 
 def decode_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def as_image(image: Image.Image | bytes) -> Image.Image:
+    """An image, decoded from its bytes if it comes encoded: trainers keep images encoded until a batch needs them."""
+    return image if isinstance(image, Image.Image) else decode_image(image)

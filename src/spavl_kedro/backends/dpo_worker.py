@@ -42,7 +42,7 @@ from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapte
 from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.training import DPOSettings, train_dpo
-from spavl_kedro.backends.vlm import decode_image, load_vlm, png_bytes
+from spavl_kedro.backends.vlm import load_vlm, png_bytes
 
 METRICS_FILE = "metrics.json"
 
@@ -59,7 +59,8 @@ def load_pairs(path: str | Path) -> list[dict]:
     missing = {"images", "question", "chosen", "rejected"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: pairs parquet lacks columns {sorted(missing)}")
-    return [{"images": [decode_image(data) for data in row.images], "question": row.question,
+    # images stay PNG bytes: the trainer decodes them a batch at a time
+    return [{"images": list(row.images), "question": row.question,
              "chosen": row.chosen, "rejected": row.rejected} for row in frame.itertuples(index=False)]
 
 

@@ -38,9 +38,11 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import Judge, JudgeItem
 from spavl_kedro.backends.recipe import (
+    CHAT_PROMPT,
     RecipeSettings,
     child_run,
     lora_config,
+    on_disk_dataset,
     prepare_for_generation,
     resolve_device,
     run_trainer,
@@ -96,19 +98,22 @@ def judge_reward(judge: Judge) -> RewardFn:
     return reward
 
 
-def prompts_to_dataset(prompts: Sequence[dict]) -> Dataset:
-    """Prompts as a TRL conversational vision dataset: `prompt` with one image slot per image, `images`,
-    and `question` (kept as a column so the reward function gets the question without parsing the chat)."""
+def prompts_to_dataset(prompts: Sequence[dict], scratch: str) -> Dataset:
+    """Prompts as a TRL conversational vision dataset on disk under `scratch` (`recipe.on_disk_dataset`):
+    `prompt` with one image slot per image, `images`, and `question` (kept as a column so the reward
+    function gets the question without parsing the chat)."""
     if not prompts:
         raise ValueError("no prompts to train on")
-    rows = []
     for n, prompt in enumerate(prompts):
-        images = list(prompt.get("images") or [])
-        if not images:
+        if not prompt.get("images"):
             raise ValueError(f"prompt {n} has no images; online RL here is for image-grounded prompts")
-        rows.append({"prompt": user_message(prompt["question"], len(images)), "images": images,
-                     "question": prompt["question"]})
-    return Dataset.from_list(rows)
+
+    def row(prompt: dict) -> dict:
+        images = list(prompt["images"])
+        return {"prompt": user_message(prompt["question"], len(images)), "images": images,
+                "question": prompt["question"]}
+
+    return on_disk_dataset(prompts, row, ("prompt", "question"), scratch, {"prompt": CHAT_PROMPT})
 
 
 def train_online_rl(
@@ -128,7 +133,7 @@ def train_online_rl(
     point: a collapse shows here), `train_runtime`, `global_step`.
     """
     device, precision = resolve_device(settings)
-    dataset = prompts_to_dataset(prompts)
+    dataset = prompts_to_dataset(prompts, settings.output_dir)
     config_cls, trainer_cls = _TRAINERS[settings.algorithm]
     model = training_copy(vlm.model, settings)
     model.train()

@@ -12,6 +12,8 @@
 - `prepare_for_generation`: a trained model back into eval mode with its KV cache on.
 - `trainer_args`, `run_trainer`: the TrainingArguments every TRL trainer here shares, and train (+ evaluate)
   with the run summarised the same way: `curve_summary`'s first / last points, loss, steps, runtime.
+- `on_disk_dataset`: training rows written to an Arrow file and memory-mapped, images still encoded, so a
+  TRL trainer's memory does not grow with the data; its collator decodes and encodes one batch at a time.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import contextlib
 import copy
 import math
 import os
-from typing import Any, Iterable, Iterator, Literal
+import tempfile
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import mlflow
 import pydantic
 import torch
+from datasets import Dataset, Features, Image, List, Value
 from peft import LoraConfig, PeftModel
 from pydantic import Field
 from transformers import PrinterCallback, TrainerCallback
@@ -283,3 +288,30 @@ def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
         if path == name or path.endswith("." + name):
             return module
     return None
+
+
+# The column type of a chat prompt (a list of turns whose content is a list of typed parts), for GRPO / RLOO.
+CHAT_PROMPT = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
+
+
+def on_disk_dataset(records: Iterable[dict], row: Callable[[dict], dict], columns: Iterable[str],
+                    scratch: str, column_types: dict[str, Any] | None = None) -> Dataset:
+    """`row(record)` of every record, written to an Arrow file in a new folder under `scratch` and memory-mapped.
+
+    `images` holds each row's images as given (PNG or JPEG bytes, or PIL images, which are stored as PNG) and
+    comes back decoded, row by row, when a batch is read. `columns` are strings unless `column_types` says
+    otherwise (`CHAT_PROMPT`). So neither decoded pixels nor the encodings of the whole run are ever in
+    memory, only the pages of the file a batch touches: a run on 4N pairs needs the memory of one on N.
+    The file is deleted with `scratch`.
+    """
+    types = column_types or {}
+    features = Features({"images": List(Image()), **{name: types.get(name, Value("string")) for name in columns}})
+
+    def generate() -> Iterator[dict]:
+        for record in records:
+            yield row(record)
+
+    os.makedirs(scratch, exist_ok=True)
+    # A fingerprint of our own: datasets would otherwise hash the generator, pickling every record it closes over.
+    return Dataset.from_generator(generate, features=features, fingerprint=uuid.uuid4().hex,
+                                  cache_dir=tempfile.mkdtemp(prefix="rows-", dir=scratch))

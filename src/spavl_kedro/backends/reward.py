@@ -8,9 +8,10 @@ module holds a small trainer of its own:
   last-layer hidden state at the last non-pad token goes through `Linear(hidden, 1)`. The text scored is the
   prompt and the response ending in EOS, in the layout the policies are trained on (`tiny.prompt_and_completion`).
 - `train_reward`: a plain torch loop (AdamW, linear decay), not a `transformers.Trainer` subclass. A Trainer
-  would need a custom collator, `remove_unused_columns=False`, a `compute_loss` and a `prediction_step`
-  override for paired inputs, and would still not report pairwise accuracy; the loop is a screen of code,
-  encodes every image once, and logs exactly the curves we want (loss, accuracy) with explicit steps.
+  override for paired inputs, and would still not report pairwise accuracy; the loop is a screen of code
+  and logs exactly the curves we want (loss, accuracy) with explicit steps. It encodes each batch when the
+  batch comes up (images may arrive still encoded, as PNG or JPEG bytes), so its memory does not grow with
+  the number of pairs: 93k pairs pre-encoded at 336 px would be ~250 GB of pixels.
 - The head starts at zero, so every pair starts at reward 0 vs 0: the first logged loss is log 2 = 0.693
   and the backbone is not pushed around by a random head before the head has learned a direction.
 - LoRA (`lora=True`) is merged into the backbone after training: the returned model is always a plain
@@ -46,6 +47,7 @@ from spavl_kedro.backends.recipe import (RecipeSettings, child_run, is_checkpoin
                                          resolve_device, training_copy)
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 from spavl_kedro.backends.vlm import load_vlm
+from spavl_kedro.imaging import as_image
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
@@ -103,11 +105,12 @@ class RewardModel(torch.nn.Module):
     def score(self, items: Sequence[dict], batch_size: int = 8) -> list[float]:
         """Rewards of `{"images", "question", "response"}` items, in order; the model is left in eval mode."""
         self.eval()
-        encoded = [_encode(self.processor, item["images"], item["question"], item["response"]) for item in items]
         pad_id = self.processor.tokenizer.pad_token_id
         scores: list[float] = []
-        for start in range(0, len(encoded), batch_size):
-            scores.extend(self(**_collate(encoded[start : start + batch_size], pad_id)).float().tolist())
+        for start in range(0, len(items), batch_size):
+            encoded = [_encode(self.processor, item["images"], item["question"], item["response"])
+                       for item in items[start : start + batch_size]]
+            scores.extend(self(**_collate(encoded, pad_id)).float().tolist())
         return scores
 
 
@@ -140,12 +143,11 @@ def train_reward(
     model = RewardModel(VLM(backbone, vlm.processor)).to(device)
     # bf16 autocast on a GPU that supports it (weights and optimiser state stay fp32), fp32 on the CPU.
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
-    encoded = _encode_pairs(vlm.processor, pairs)
     pad_id = vlm.processor.tokenizer.pad_token_id
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    steps = settings.epochs * math.ceil(len(encoded) / settings.batch_size)
+    steps = settings.epochs * math.ceil(len(pairs) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
 
     track = "mlflow" in settings.report_to
@@ -158,10 +160,10 @@ def train_reward(
             mlflow.log_params(settings.model_dump())
         model.train()
         for epoch in range(settings.epochs):
-            order = list(range(len(encoded)))
+            order = list(range(len(pairs)))
             rng.shuffle(order)
             for start in range(0, len(order), settings.batch_size):
-                batch = [encoded[i] for i in order[start : start + settings.batch_size]]
+                batch = _encode_pairs(vlm.processor, [pairs[i] for i in order[start : start + settings.batch_size]])
                 with autocast:
                     chosen, rejected = _pair_rewards(model, batch, pad_id)
                     loss = -torch.nn.functional.logsigmoid(chosen.float() - rejected.float()).mean()
@@ -246,7 +248,7 @@ class _Encoded:
 
 
 def _encode(processor, images, question: str, response: str) -> _Encoded:
-    images = list(images)
+    images = [as_image(image) for image in images]
     prompt, completion = prompt_and_completion(processor, question, len(images), response)
     enc = processor(text=[prompt + completion], images=images or None, return_tensors="pt", add_special_tokens=False)
     return _Encoded(enc["input_ids"][0], enc.get("pixel_values"))

@@ -37,6 +37,7 @@ from spavl_kedro.backends.recipe import (
     child_run,
     freeze_for_full_finetune,
     lora_config,
+    on_disk_dataset,
     prepare_for_generation,
     resolve_device,
     run_trainer,
@@ -66,17 +67,19 @@ class SFTSettings(RecipeSettings):
     run_name: str = Field("sft", description="name of the nested MLflow run")
 
 
-def examples_to_dataset(examples: Sequence[dict], processor) -> Dataset:
-    """SFT examples as a TRL prompt-completion vision dataset of strings (prompt / completion / images),
-    rendered by `tiny.prompt_and_completion` (the prompt as generation sees it, the answer ending in EOS)."""
+def examples_to_dataset(examples: Sequence[dict], processor, scratch: str) -> Dataset:
+    """SFT examples as a TRL prompt-completion vision dataset of strings (prompt / completion / images), on
+    disk under `scratch` (`recipe.on_disk_dataset`), rendered by `tiny.prompt_and_completion` (the prompt as
+    generation sees it, the answer ending in EOS)."""
     if not examples:
         raise ValueError("no SFT examples to train on")
-    rows = []
-    for example in examples:
+
+    def row(example: dict) -> dict:
         images = list(example["images"])
         prompt, completion = prompt_and_completion(processor, example["question"], len(images), example["target"])
-        rows.append({"images": images, "prompt": prompt, "completion": completion})
-    return Dataset.from_list(rows)
+        return {"images": images, "prompt": prompt, "completion": completion}
+
+    return on_disk_dataset(examples, row, ("prompt", "completion"), scratch)
 
 
 def train_sft(
@@ -101,8 +104,8 @@ def train_sft(
     `vlm` itself is left untouched.
     """
     device, precision = resolve_device(settings)
-    train_dataset = examples_to_dataset(examples, vlm.processor)
-    eval_dataset = examples_to_dataset(eval_examples, vlm.processor) if eval_examples else None
+    train_dataset = examples_to_dataset(examples, vlm.processor, settings.output_dir)
+    eval_dataset = examples_to_dataset(eval_examples, vlm.processor, settings.output_dir) if eval_examples else None
     model = training_copy(vlm.model, settings)
     model.train()
     if not settings.lora:  # the vision tower stays frozen, as in LLaVA's instruction tuning

@@ -46,6 +46,7 @@ from spavl_kedro.backends.recipe import (
     child_run,
     freeze_for_full_finetune,
     lora_config,
+    on_disk_dataset,
     prepare_for_generation,
     resolve_device,
     run_trainer,
@@ -96,21 +97,23 @@ class DPOSettings(RecipeSettings):
         return value
 
 
-def pairs_to_dataset(pairs: Sequence[dict], processor) -> Dataset:
-    """Preference pairs as a TRL vision dataset of strings (prompt / chosen / rejected / images), rendered by
-    `tiny.prompt_and_completion` so that training sees the prompt generation sees (BOS included) and answers
-    that end in EOS, whatever the model's chat template writes. TRL's collator processes the images with
-    the prompt, one `<image>` placeholder per image, in order.
+def pairs_to_dataset(pairs: Sequence[dict], processor, scratch: str) -> Dataset:
+    """Preference pairs as a TRL vision dataset of strings (prompt / chosen / rejected / images), on disk under
+    `scratch` (`recipe.on_disk_dataset`: the images stay encoded until a batch reads them). Rendered by
+    `tiny.prompt_and_completion`, so training sees the prompt generation sees (BOS included) and answers that
+    end in EOS, whatever the model's chat template writes. TRL's collator processes a batch's images with its
+    prompts, one `<image>` placeholder per image, in order.
     """
     if not pairs:
         raise ValueError("no preference pairs to train on")
-    rows = []
-    for pair in pairs:
+
+    def row(pair: dict) -> dict:
         images = list(pair["images"])
         prompt, chosen = prompt_and_completion(processor, pair["question"], len(images), pair["chosen"])
         _, rejected = prompt_and_completion(processor, pair["question"], len(images), pair["rejected"])
-        rows.append({"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return Dataset.from_list(rows)
+        return {"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    return on_disk_dataset(pairs, row, ("prompt", "chosen", "rejected"), scratch)
 
 
 def train_dpo(
@@ -134,8 +137,8 @@ def train_dpo(
     "DEEPSPEED").
     """
     device, precision = resolve_device(settings)
-    train_dataset = pairs_to_dataset(pairs, vlm.processor)
-    eval_dataset = pairs_to_dataset(eval_pairs, vlm.processor) if eval_pairs else None
+    train_dataset = pairs_to_dataset(pairs, vlm.processor, settings.output_dir)
+    eval_dataset = pairs_to_dataset(eval_pairs, vlm.processor, settings.output_dir) if eval_pairs else None
     model = training_copy(vlm.model, settings)
     model.train()
     ref_model = None

@@ -23,7 +23,7 @@ from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train
 from spavl_kedro.backends.reward import RewardModel, RewardSettings, train_reward
 from spavl_kedro.backends.sft import SFTSettings, train_sft
 from spavl_kedro.backends.training import DPOSettings, train_dpo
-from spavl_kedro.backends.vlm import decode_image, load_vlm
+from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.config import AlignConfig, TinyConfig
 from spavl_kedro.pipelines.judge.nodes import primary_judge
 from spavl_kedro.pipelines.generate.nodes import seed_examples
@@ -62,7 +62,8 @@ def select_training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.
 
 
 def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{"images": [decode_image(r.image["bytes"])], "question": r.question,
+    """Pair records for the trainers, the images still encoded: they decode one batch at a time."""
+    return [{"images": [r.image["bytes"]], "question": r.question,
              "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]
 
 
@@ -133,12 +134,13 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
 def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                    images: pd.DataFrame, seed_corpus: pd.DataFrame) -> tuple[list[dict], list[dict]]:
     """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft; on chain-of-thought
-    each target `sft_upsample` times plus `sft_replay` harmless seed examples per target), prompts (RL)."""
+    each target `sft_upsample` times plus `sft_replay` harmless seed examples per target), prompts (RL).
+    Images stay encoded (PNG / JPEG bytes); the trainers decode them a batch at a time."""
     if method in ("dpo", "reward"):
         return _pairs(train), _pairs(validation)
     if method == "sft" and cfg.sft_data == "cot":
         pixels = dict(zip(images["image_id"], images["png"]))
-        examples = [{"images": [decode_image(pixels[i]) for i in r.image_ids], "question": r.question,
+        examples = [{"images": [pixels[i] for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
         n_eval = len(examples) // 10
         targets = examples[n_eval:]
@@ -146,12 +148,12 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
             examples[:n_eval]
     if method == "sft":
         def chosen(split):
-            return [{"images": [decode_image(r.image["bytes"])], "question": r.question, "target": r.chosen}
+            return [{"images": [r.image["bytes"]], "question": r.question, "target": r.chosen}
                     for r in split.itertuples(index=False)]
         return chosen(train), chosen(validation)
     # RL needs prompts only: one per (question, image); template questions repeat across a subcategory's images
     unique = train.assign(_image=[i["path"] for i in train["image"]]).drop_duplicates(["question", "_image"])
-    return [{"images": [decode_image(r.image["bytes"])], "question": r.question}
+    return [{"images": [r.image["bytes"]], "question": r.question}
             for r in unique.itertuples(index=False)], []
 
 
@@ -171,7 +173,7 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
                          "(it is empty when images come from a real source)")
     seed = int(cfg.sft.get("seed", SFTSettings.model_fields["seed"].default))  # the sft recipe's own seed
     picked = rows.sample(n=want, replace=want > len(rows), random_state=seed)
-    return [{"images": [decode_image(r.png)], "question": r.question, "target": r.answer}
+    return [{"images": [r.png], "question": r.question, "target": r.answer}
             for r in picked.itertuples(index=False)]
 
 
