@@ -33,7 +33,7 @@ def test_cross_block_references_are_checked(params):
 
 def test_the_paper_launch_setting_does_not_block_other_methods():
     params = _paper_parameters()
-    params["align"]["method"] = "reward"  # trains in one process; launch is for dpo
+    params["align"]["method"] = "reward"  # launched like every method
     assert validate_parameters(params)["align"].launch.accelerate_config == "conf/paper/accelerate/ddp.yaml"
 
 

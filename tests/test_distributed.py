@@ -1,10 +1,14 @@
-"""DPO across two CPU processes (torchrun, DDP over gloo) matches one process with the same effective batch.
+"""Every method across two CPU processes (torchrun, DDP over gloo) against one process with the same
+effective batch.
 
-A tiny LLaVA is bootstrapped for two epochs and saved with 32 preference pairs; the worker then trains a
-LoRA adapter once in this process (batch 8) and once as two ranks (batch 4 each, gradients averaged by
-DDP). Both see the same 8 pairs per optimiser step, so the runs differ only in float summation order:
-measured |loss difference| ~1e-7 on this machine (the last-step loss, the mean loss and the reward margin
-alike), asserted below 1e-5. The full fine-tune and projector options are checked here too, in-process.
+A tiny LLaVA is bootstrapped for two epochs and saved with 32 preference pairs; the worker then trains once
+in this process (batch 8) and once as two ranks (batch 4 each, gradients averaged by DDP). DPO, SFT and the
+reward model see the same 8 records per optimiser step either way, so the runs differ only in float
+summation order: measured |loss difference| ~1e-7 on this machine, asserted below 1e-5. GRPO and RLOO
+sample their answers, and two ranks sample from two random streams, so their losses cannot agree token for
+token; for them the test checks the two-process run trains the same steps on the same prompts and that its
+reward comes from the reward model. The full fine-tune and projector options are checked here too,
+in-process.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from safetensors.torch import load_file
 
 from spavl_kedro.backends import tiny
 from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.dpo_worker import METRICS_FILE, launch, load_pairs, run, save_pairs
+from spavl_kedro.backends.reward import RewardSettings, save_reward_model, train_reward
+from spavl_kedro.backends.train_worker import METRICS_FILE, launch, load_records, run, save_records
 from spavl_kedro.backends.training import DPOSettings, train_dpo
 from spavl_kedro.backends.vlm import load_vlm
 
@@ -49,29 +54,40 @@ def workdir(tmp_path_factory) -> Path:
     vlm, _ = tiny.train_tiny_vlm(processor, examples, tiny.Behaviour(refusal_rate=0.3), config, tiny.BootstrapConfig(epochs=2), seed=0)
     vlm.model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    save_pairs([{"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}
-                for image, question in zip(images, questions)], root / "pairs.parquet")
+    pairs = [{"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}
+             for image, question in zip(images, questions)]
+    save_records(pairs, "dpo", root / "pairs.parquet")
+    save_records(pairs, "reward", root / "reward.parquet")
+    save_records([{**pair, "target": REFUSAL} for pair in pairs], "sft", root / "sft.parquet")
+    save_records(pairs[:8], "grpo", root / "grpo.parquet")
+    save_records(pairs[:8], "rloo", root / "rloo.parquet")
+    reward_model, _ = train_reward(vlm, pairs[:8], RewardSettings(output_dir=str(root / "rm"), report_to=[], epochs=1))
+    save_reward_model(reward_model, str(root / "reward_model"))
     return root
 
 
-def _settings(root: Path, name: str, batch_size: int) -> Path:
+def _settings(root: Path, name: str, batch_size: int, **extra) -> Path:
     # lr 1e-3 so that four steps move the loss visibly away from ln 2 (a run that did nothing would match too)
     path = root / f"{name}.json"
-    path.write_text(json.dumps({"epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "report_to": []}))
+    path.write_text(json.dumps({"epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "report_to": [],
+                                **extra}))
     return path
 
 
-def test_two_cpu_processes_match_one_process(workdir):
-    one = run(str(workdir / "pairs.parquet"), str(_settings(workdir, "one", 8)), str(workdir / "model"),
-              str(workdir / "out_one"))
-
+def _two_ranks(workdir: Path, method: str, records: str, settings: Path, out: str, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on two cores
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "spavl_kedro.backends.dpo_worker",
-               "--pairs", str(workdir / "pairs.parquet"), "--settings", str(_settings(workdir, "two", 4)),
-               "--model", str(workdir / "model"), "--out", str(workdir / "out_two")]
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "spavl_kedro.backends.train_worker",
+               "--method", method, "--records", str(workdir / records), "--settings", str(settings),
+               "--model", str(workdir / "model"), "--out", str(workdir / out), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # torchrun fails if either rank fails
-    two = json.loads((workdir / "out_two" / METRICS_FILE).read_text())
+    return json.loads((workdir / out / METRICS_FILE).read_text())
+
+
+def test_two_cpu_processes_match_one_process(workdir):
+    one = run("dpo", str(workdir / "pairs.parquet"), str(_settings(workdir, "one", 8)), str(workdir / "model"),
+              str(workdir / "out_one"))
+    two = _two_ranks(workdir, "dpo", "pairs.parquet", _settings(workdir, "two", 4), "out_two")
 
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     assert (one["distributed"], two["distributed"]) == ("NO", "MULTI_CPU")  # DDP over gloo, not one process
@@ -92,7 +108,7 @@ def test_projector_trains_and_vision_tower_stays_frozen(workdir, tmp_path, lora)
     before = {name: weight.clone() for name, weight in vlm.model.state_dict().items()}
     settings = DPOSettings(output_dir=str(tmp_path), epochs=1, learning_rate=1e-3, report_to=[],
                            lora=lora, train_projector=True)
-    model, metrics = train_dpo(vlm, load_pairs(workdir / "pairs.parquet")[:16], settings)
+    model, metrics = train_dpo(vlm, load_records(workdir / "pairs.parquet", "dpo")[:16], settings)
 
     trained = model.merge_and_unload() if lora else model
     after = trained.state_dict()
@@ -109,12 +125,12 @@ def test_launch_from_a_node_runs_two_processes_and_logs_under_the_active_run(wor
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("launch")
     vlm = load_vlm(str(workdir / "model"))
-    pairs = load_pairs(workdir / "pairs.parquet")
+    pairs = load_records(workdir / "pairs.parquet", "dpo")
     settings = DPOSettings(output_dir=str(tmp_path / "work"), epochs=1, batch_size=4, learning_rate=1e-3,
                            run_name="dpo-2proc")
     with mlflow.start_run(run_name="kedro") as parent:
-        adapter, metrics = launch(vlm, pairs, settings, str(ROOT / "conf/base/accelerate/cpu_2proc.yaml"),
-                                  eval_pairs=pairs[:8])
+        adapter, metrics = launch("dpo", vlm, pairs, settings, str(ROOT / "conf/base/accelerate/cpu_2proc.yaml"),
+                                  eval_records=pairs[:8])
 
     assert (metrics["num_processes"], metrics["distributed"]) == (2, "MULTI_CPU")
     assert metrics["global_step"] == PAIRS / 8  # 4 pairs per rank x 2 ranks per step
@@ -124,3 +140,33 @@ def test_launch_from_a_node_runs_two_processes_and_logs_under_the_active_run(wor
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert list(children["tags.mlflow.runName"]) == ["dpo-2proc"]  # one child: rank 1 logs nothing
     assert children["metrics.loss"].iloc[0] == pytest.approx(metrics["loss"])
+
+
+@pytest.mark.parametrize("method", ["sft", "reward"])
+def test_sft_and_the_reward_model_on_two_processes_match_one(workdir, method):
+    records = f"{method}.parquet"
+    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 8)), str(workdir / "model"),
+              str(workdir / f"{method}_one"))
+    two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 4), f"{method}_two")
+
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["global_step"] == two["global_step"] == PAIRS / 8
+    assert one["loss_last"] < one["loss_first"] - 0.01  # it trained: agreement means something
+    for key in ("loss_first", "loss_last", "train_loss"):
+        assert abs(one[key] - two[key]) < TOLERANCE, (key, one[key], two[key])
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_rl_on_two_processes_trains_the_same_steps_against_the_reward_model(workdir, method):
+    fields = {"num_generations": 2, "max_completion_length": 8}
+    records = f"{method}.parquet"
+    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 4, **fields)),
+              str(workdir / "model"), str(workdir / f"{method}_one"), reward_model_dir=str(workdir / "reward_model"))
+    two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 2, **fields), f"{method}_two",
+                     "--reward-model", str(workdir / "reward_model"))
+
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["global_step"] == two["global_step"] == 2  # 8 prompts, 4 per step
+    for metrics in (one, two):
+        # The reward model scores answers with a non-zero head: a reward of exactly 0 would mean it never ran.
+        assert metrics["reward_first"] != 0 and metrics["completion_length"] > 0

@@ -397,14 +397,14 @@ def small_policy():
 def test_answer_shards_resume_without_redoing_or_changing_anything(world, small_policy):
     items = _items(world, sets=["test_harm", "advbench"])
     params = _params(sets=["test_harm", "advbench"], samples=1, shard_size=2, max_new_tokens=4)
-    full = plan_eval_shards(items, small_policy, {}, {}, params)
+    full = plan_eval_shards(items, small_policy, {}, {}, {}, params)
     assert sorted(full) == ["base/advbench/00000", "base/advbench/00001", "base/advbench/00002",
                             "base/test_harm/00000", "base/test_harm/00001"]
     everything = {shard_id: work() for shard_id, work in full.items()}
 
     # a crash after two shards: the rerun plans only the other three and ends with the same answers
     survived = {k: (lambda frame: (lambda: frame))(everything[k]) for k in sorted(everything)[:2]}
-    rerun = plan_eval_shards(items, small_policy, {}, survived, params)
+    rerun = plan_eval_shards(items, small_policy, {}, survived, {}, params)
     assert sorted(rerun) == sorted(everything)[2:]
     stored = {**survived, **{k: (lambda frame: (lambda: frame))(work()) for k, work in rerun.items()}}
     resumed = collect_eval_answers(stored, items, small_policy, {}, params)
@@ -417,13 +417,54 @@ def test_answer_shards_resume_without_redoing_or_changing_anything(world, small_
     broken = everything["base/test_harm/00000"].copy()
     broken.loc[0, ["text", "error"]] = [None, "RuntimeError: out of memory"]
     again = plan_eval_shards(items, small_policy, {}, {**{k: (lambda f: (lambda: f))(v) for k, v in everything.items()},
-                                                      "base/test_harm/00000": lambda: broken}, params)
+                                                      "base/test_harm/00000": lambda: broken}, {}, params)
     assert list(again) == ["base/test_harm/00000"]
     repaired = again["base/test_harm/00000"]()
     assert repaired["error"].isna().all()
     pd.testing.assert_frame_equal(
         repaired.drop(columns="latency_s").reset_index(drop=True),
         everything["base/test_harm/00000"].sort_values("row_key").drop(columns="latency_s").reset_index(drop=True))
+
+
+def test_a_served_policy_is_answered_by_its_endpoint_with_the_same_prompts(world, small_policy):
+    from serving import ChatEndpoint
+
+    class Served(ChatEndpoint):
+        def __init__(self):
+            self.requests: list[dict] = []
+            super().__init__()
+
+        async def _chat(self, request):
+            from aiohttp import web
+
+            body = await request.json()
+            self.requests.append(body)
+            question = body["messages"][0]["content"][-1]["text"]
+            answer = {"role": "assistant", "content": f"served: {question}"}
+            return web.json_response({"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]})
+
+    server = Served()
+    items = _items(world, sets=["test_harm"])
+    served = [{"name": "base", "kind": "openai", "base_urls": [server.base_url], "model": "llava-base", "concurrency": 4}]
+    params = _params(sets=["test_harm"], samples=1, max_new_tokens=4, served=served)
+    shards = plan_eval_shards(items, small_policy, {}, {}, {}, params)
+    answers = collect_eval_answers({k: (lambda f: (lambda: f))(work()) for k, work in shards.items()}, items,
+                                   small_policy, {}, params)
+
+    assert len(answers) == 2 * len(items) and answers["error"].isna().all()
+    assert all(text.startswith("served: ") for text in answers["text"])  # nothing answered locally
+    assert {r["model"] for r in server.requests} == {"llava-base"} and len(server.requests) == 2 * len(items)
+    sampled = [r for r in server.requests if r.get("temperature", 0) > 0]
+    assert len(sampled) == len(items) and all(r["max_tokens"] == 4 for r in server.requests)
+    with pytest.raises(ValueError, match=r"evaluate.served names \['sft'\], which are not policies here"):
+        plan_eval_shards(items, small_policy, {}, {}, {}, _params(sets=["test_harm"], served=[{**served[0], "name": "sft"}]))
+    server_close(server)
+
+
+def server_close(server) -> None:
+    import asyncio
+
+    asyncio.run_coroutine_threadsafe(server._runner.cleanup(), server._loop).result(10)
 
 
 def test_eval_sets_refuse_items_the_tiny_models_were_taught_on(world):

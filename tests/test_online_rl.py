@@ -164,3 +164,25 @@ def test_online_rl_recomputes_activations_when_its_recipe_says_so(world, tmp_pat
     _, metrics = train_online_rl(world["vlm"], world["prompts"][:4], judge_reward(KeywordJudge()), settings)
     assert metrics["global_step"] == 1 and metrics["activation_checkpointing"] is True
 
+
+
+def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named(tmp_path):
+    from trl import GRPOConfig
+
+    from spavl_kedro.backends.recipe import trl_config
+    from spavl_kedro.backends.reward import RewardSettings
+
+    vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://localhost:8000"}
+    settings = OnlineRLSettings(output_dir=str(tmp_path), trl_args=vllm)
+    config = trl_config(GRPOConfig, settings, "cpu", "fp32", num_generations=2, per_device_train_batch_size=2)
+    assert (config.use_vllm, config.vllm_mode, config.vllm_server_base_url) == (True, "server", "http://localhost:8000")
+    assert config.num_generations == 2 and config.save_strategy == "no"
+
+    unknown = OnlineRLSettings(output_dir=str(tmp_path), trl_args={"use_vlm": True})
+    with pytest.raises(ValueError, match=r"\['use_vlm'\] are not arguments of TRL's GRPOConfig"):
+        trl_config(GRPOConfig, unknown, "cpu", "fp32")
+    taken = OnlineRLSettings(output_dir=str(tmp_path), trl_args={"num_generations": 8})
+    with pytest.raises(ValueError, match=r"\['num_generations'\] are set by the recipe's own fields"):
+        trl_config(GRPOConfig, taken, "cpu", "fp32", num_generations=2)
+    with pytest.raises(ValueError, match="not a TRL trainer"):
+        RewardSettings(output_dir="x", trl_args={"use_vllm": True})

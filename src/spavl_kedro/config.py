@@ -375,8 +375,8 @@ METHODS = ("dpo", "sft", "reward", "grpo", "rloo")
 
 class LaunchConfig(Strict):
     accelerate_config: str | None = Field(
-        None, description="accelerate YAML (e.g. conf/paper/accelerate/ddp.yaml, deepspeed_zero2.yaml): DPO runs as "
-                          "`accelerate launch` processes; None trains in the Kedro process")
+        None, description="accelerate YAML (e.g. conf/paper/accelerate/ddp.yaml, deepspeed_zero3.yaml): every method "
+                          "trains as `accelerate launch` processes; None trains in the Kedro process")
     num_processes: int | None = Field(None, ge=1, description="override the config's num_processes (None: keep it)")
 
     @field_validator("accelerate_config")
@@ -410,8 +410,12 @@ class AlignConfig(Strict):
         1, ge=1, description="sft on cot: copies of each chain-of-thought example in the training data, so a few "
                              "targets are seen often while each replayed request is seen once per epoch")
     rl: RLRewardConfig = Field(default_factory=RLRewardConfig, description="reward of grpo / rloo")
-    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="multi-process DPO via accelerate; "
-                                 "the other methods train in the Kedro process whatever it says")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="training as several processes "
+                                 "(DDP or DeepSpeed) via accelerate, for every method")
+    checkpoint_dir: str = Field(
+        "data/06_models/checkpoints", description="checkpoints of a recipe with checkpoint_steps go to "
+                                                  "<checkpoint_dir>/<artifact name>; a rerun of the same run resumes "
+                                                  "from the latest, and a finished run deletes its own")
     policy: PolicyConfig
     dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (backends/training.py)")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFTSettings fields (backends/sft.py)")
@@ -440,7 +444,9 @@ class AlignConfig(Strict):
     def _recipe(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """Each recipe against its settings class, so `align.grpo: num_generations: ...` names the key."""
         try:
-            recipe_settings()[info.field_name].model_validate({"output_dir": "unused", **recipe})
+            # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
+            recipe_settings()[info.field_name].model_validate({"output_dir": "unused", "checkpoint_dir": "unused",
+                                                               **recipe})
         except ValidationError as exc:
             raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return recipe
@@ -555,6 +561,10 @@ class EvaluateConfig(Strict):
                             "test/harm and test/help (align.official_dir)")
     max_items: int | None = Field(None, ge=1, description="cap per set and variant (a seeded sample); None: all")
     batch_size: int = Field(32, ge=1, description="prompts per generate() call")
+    served: list[BackendSpec] = Field(
+        default_factory=list, description="policies answered through an OpenAI-compatible endpoint (e.g. vLLM serving "
+                                          "the base model and the LoRA adapters) instead of loaded here: kind openai, "
+                                          "named as the policy (base, or a name in aligned_models)")
     policy_load_kwargs: dict[Literal["dtype", "device_map"], Any] = Field(
         default_factory=dict, description="where the policies answer: dtype and device_map, as from_pretrained "
                                           "takes them; unset, the GPUs (device_map auto) when there are any, "
@@ -596,6 +606,18 @@ class EvaluateConfig(Strict):
         if any(n < 1 for n in caps.values()):
             raise ValueError(f"max_new_tokens_per_set: every cap must be at least 1, got {caps}")
         return caps
+
+    @field_validator("served")
+    @classmethod
+    def _served_by_endpoints(cls, specs: list[BackendSpec]) -> list[BackendSpec]:
+        local = [spec.name for spec in specs if spec.kind != "openai"]
+        if local:
+            raise ValueError(f"served policies must be of kind openai (an endpoint), not: {local}; local policies "
+                             "are loaded from the catalog without an entry here")
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served names a policy twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        return specs
 
     def new_tokens(self, eval_set: str) -> int:
         """The answer length cap of `eval_set`."""

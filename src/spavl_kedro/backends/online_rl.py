@@ -41,13 +41,15 @@ from spavl_kedro.backends.recipe import (
     CHAT_PROMPT,
     RecipeSettings,
     child_run,
+    finish_checkpoints,
     lora_config,
     on_disk_dataset,
     prepare_for_generation,
     resolve_device,
+    resume_point,
     run_trainer,
-    trainer_args,
     training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.tiny import VLM, user_message
 from spavl_kedro.backends.vlm import png_bytes
@@ -135,6 +137,7 @@ def train_online_rl(
     device, precision = resolve_device(settings)
     dataset = prompts_to_dataset(prompts, settings.output_dir)
     config_cls, trainer_cls = _TRAINERS[settings.algorithm]
+    resume = resume_point(settings, prompts, vlm.model)
     model = training_copy(vlm.model, settings)
     model.train()
     original_name = model.config._name_or_path
@@ -145,8 +148,8 @@ def train_online_rl(
         model.save_pretrained(reference_dir)
         model.config._name_or_path = str(reference_dir)
 
-    args = config_cls(
-        **trainer_args(settings, device, precision),
+    args = trl_config(
+        config_cls, settings, device, precision,
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         # TRL counts completions, not prompts, per device batch; a batch must hold whole groups.
@@ -168,7 +171,8 @@ def train_online_rl(
             peft_config=peft_config,
         )
         model.config._name_or_path = original_name
-        metrics = run_trainer(trainer, _CURVES)
+        metrics = run_trainer(trainer, _CURVES, resume_from=resume)
+    finish_checkpoints(settings)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
     metrics.update(_derived(trainer.state.log_history, metrics))

@@ -10,20 +10,28 @@
   multi-modal projector is either trained whole (PEFT's `modules_to_save`) or left alone.
 - `child_run`: the nested MLflow run a training is logged to.
 - `prepare_for_generation`: a trained model back into eval mode with its KV cache on.
-- `trainer_args`, `run_trainer`: the TrainingArguments every TRL trainer here shares, and train (+ evaluate)
-  with the run summarised the same way: `curve_summary`'s first / last points, loss, steps, runtime.
+- `trainer_args`, `trl_config`, `run_trainer`: the TrainingArguments every TRL trainer here shares, a TRL
+  config from them plus the recipe's own `trl_args`, and train (+ evaluate) with the run summarised the same
+  way: `curve_summary`'s first / last points, loss, steps, runtime.
 - `on_disk_dataset`: training rows written to an Arrow file and memory-mapped, images still encoded, so a
   TRL trainer's memory does not grow with the data; its collator decodes and encodes one batch at a time.
+- `resume_point`, `finish_checkpoints`: checkpoints every `checkpoint_steps` in `checkpoint_dir`, and where a
+  rerun of the same run (recipe, data, starting weights) picks up after a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
+import logging
 import math
 import os
+import shutil
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import mlflow
@@ -33,6 +41,9 @@ from datasets import Dataset, Features, Image, List, Value
 from peft import LoraConfig, PeftModel
 from pydantic import Field
 from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+log = logging.getLogger(__name__)
 
 # Default LoRA placement: the MLP projections of the language model only (Llama module names, so the same
 # pattern fits LLaVA-1.5). Measured on a tiny LLaVA bootstrapped to refuse 30% of the time, 250 pairs:
@@ -75,6 +86,23 @@ class RecipeSettings(pydantic.BaseModel):
                                "under bf16 autocast, or bfloat16 chosen deliberately (half the memory, coarser "
                                "updates). Never float16: a half-precision checkpoint is cast to this first"
     )
+    checkpoint_steps: int = Field(
+        0, ge=0, description="save a resumable checkpoint (weights, optimiser, schedule, RNG) every this many "
+                             "optimiser steps, keeping the latest two; a rerun of the same run resumes from the "
+                             "latest. 0: no checkpoints")
+    checkpoint_dir: str | None = Field(
+        None, description="where checkpoints go; the align node sets it to align.checkpoint_dir/<artifact name>")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict, description="further arguments of the TRL trainer's config class (DPOConfig, SFTConfig, "
+                                          "GRPOConfig, RLOOConfig) under TRL's own names, passed as they are: checked "
+                                          "against the class, and refused where a field of the recipe sets them "
+                                          "(e.g. GRPO's use_vllm, vllm_mode, vllm_server_base_url)")
+
+    @pydantic.model_validator(mode="after")
+    def _checkpoints_have_a_place(self):
+        if self.checkpoint_steps and not self.checkpoint_dir:
+            raise ValueError("checkpoint_steps is set but checkpoint_dir is not: say where checkpoints go")
+        return self
 
 
 # `RecipeSettings.weights_dtype` -> torch dtype
@@ -127,10 +155,13 @@ def resolve_device(settings: RecipeSettings) -> tuple[str, str]:
 def trainer_args(settings: RecipeSettings, device: str, precision: str) -> dict[str, Any]:
     """The TrainingArguments every TRL trainer of this project sets the same way (see `resolve_device`)."""
     return {
-        "output_dir": settings.output_dir,
+        "output_dir": settings.checkpoint_dir if settings.checkpoint_steps else settings.output_dir,
         "logging_strategy": "steps",
         "logging_steps": settings.logging_steps,
-        "save_strategy": "no",
+        "save_strategy": "steps" if settings.checkpoint_steps else "no",
+        "save_steps": settings.checkpoint_steps or 500,
+        "save_total_limit": 2,  # the latest, and the one before in case the latest was cut off while written
+        "save_only_model": False,  # optimiser, schedule and RNG too: a resumed run continues, it does not restart
         "seed": settings.seed,
         "data_seed": settings.seed,
         # TRL switches bf16 on whenever fp16 is off, so both are always set: bf16 autocast on a GPU that
@@ -145,6 +176,22 @@ def trainer_args(settings: RecipeSettings, device: str, precision: str) -> dict[
         "run_name": settings.run_name,
         "disable_tqdm": True,  # progress bars would flood pipeline logs; the curves live in MLflow
     }
+
+
+def trl_config(config_class: type, settings: RecipeSettings, device: str, precision: str, **recipe: Any) -> Any:
+    """`config_class` (a TRL config) from `trainer_args`, the trainer's own `recipe` arguments and, on top, the
+    recipe's `trl_args`. A `trl_args` name the class does not have, or one the recipe already sets, fails
+    here, naming it, rather than being ignored or silently winning over a recipe field."""
+    ours = {**trainer_args(settings, device, precision), **recipe}
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(settings.trl_args) - known)
+    if unknown:
+        raise ValueError(f"trl_args {unknown} are not arguments of TRL's {config_class.__name__}")
+    taken = sorted(set(settings.trl_args) & set(ours))
+    if taken:
+        raise ValueError(f"trl_args {taken} are set by the recipe's own fields (or fixed by the project); "
+                         f"set those fields instead")
+    return config_class(**ours, **settings.trl_args)
 
 
 def lora_config(settings: RecipeSettings, train_projector: bool = False, task_type: str | None = "CAUSAL_LM"
@@ -205,7 +252,7 @@ def child_run(settings: RecipeSettings) -> Iterator[None]:
                 os.environ[name] = value
 
 
-# A launched worker (dpo_worker under accelerate/torchrun) has no active run of its own: the launching node
+# A launched worker (train_worker under accelerate/torchrun) has no active run of its own: the launching node
 # passes its run's id here so rank 0's child run still hangs under the Kedro run.
 PARENT_RUN_ENV = "SPAVL_MLFLOW_PARENT_RUN_ID"
 
@@ -232,18 +279,19 @@ def prepare_for_generation(model: torch.nn.Module) -> None:
         text_config.use_cache = True
 
 
-def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False) -> dict[str, float | str]:
+def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False,
+                resume_from: str | None = None) -> dict[str, float | str]:
     """Train a TRL / transformers trainer (then evaluate it once, when asked) and summarise the run: the
     curves' first and last points (`curve_summary`), train loss, optimiser steps, runtime, eval_* numbers,
-    `optimiser_dtypes` (what the optimiser updated: "float32") and `activation_checkpointing` (whether the
-    model recomputed its activations).
+    `optimiser_dtypes` (what the optimiser updated: "float32"), `activation_checkpointing` (whether the
+    model recomputed its activations) and `resumed_from_step` (0 unless `resume_from`, a checkpoint, is given).
     Call it inside `child_run`, so the evaluation lands in the same MLflow run as the curves."""
     # With progress bars off, transformers prints every log row to stdout instead: noise in pipeline logs
     # when the same rows already go to MLflow and `log_history`.
     trainer.remove_callback(PrinterCallback)
     facts = _TrainingFacts()
     trainer.add_callback(facts)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     evaluated = trainer.evaluate() if evaluate else {}
     metrics = curve_summary(trainer.state.log_history, curve_keys)
     metrics["train_loss"] = float(result.training_loss)
@@ -253,6 +301,8 @@ def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False)
                     if key.startswith("eval_") and isinstance(value, (int, float))})
     metrics["optimiser_dtypes"] = facts.dtypes
     metrics["activation_checkpointing"] = facts.checkpointing
+    metrics["resumed_from_step"] = float(checkpoint_step(resume_from)) if resume_from else 0.0
+    metrics["num_processes"] = float(trainer.accelerator.num_processes)
     return metrics
 
 
@@ -315,3 +365,65 @@ def on_disk_dataset(records: Iterable[dict], row: Callable[[dict], dict], column
     # A fingerprint of our own: datasets would otherwise hash the generator, pickling every record it closes over.
     return Dataset.from_generator(generate, features=features, fingerprint=uuid.uuid4().hex,
                                   cache_dir=tempfile.mkdtemp(prefix="rows-", dir=scratch))
+
+
+# ---------------------------------------------------------------- checkpoints and resuming
+
+FINGERPRINT_FILE = "run_fingerprint.txt"
+# The file a checkpoint writes last (transformers' trainer state; the reward loop's own state): a checkpoint
+# folder without it was cut off while being written and is never resumed from.
+COMPLETE_MARKERS = ("trainer_state.json", "loop_state.pt")
+
+
+def run_fingerprint(settings: RecipeSettings, records: Iterable[dict], model: torch.nn.Module) -> str:
+    """What makes a run the same run: the recipe (not where it writes or logs), every record's text and image
+    bytes, and the starting weights. A checkpoint is resumed only under the same fingerprint."""
+    from spavl_kedro.backends.tiny import weights_fingerprint  # tiny imports this module's neighbours
+
+    digest = hashlib.sha256(settings.model_dump_json(
+        exclude={"output_dir", "checkpoint_dir", "report_to", "run_name", "logging_steps"}).encode())
+    for record in records:
+        for key in sorted(record):
+            values = record[key] if key == "images" else [record[key]]
+            for value in values:
+                digest.update(value if isinstance(value, bytes) else
+                              value.tobytes() if hasattr(value, "tobytes") else str(value).encode())
+    digest.update(weights_fingerprint(model.state_dict()).encode())
+    return digest.hexdigest()[:24]
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(Path(path).name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
+
+
+def resume_point(settings: RecipeSettings, records: Iterable[dict], model: torch.nn.Module) -> str | None:
+    """The latest complete checkpoint of this run (`run_fingerprint` of the recipe, `records` and `model`'s
+    starting weights) in `settings.checkpoint_dir`, or None (checkpoints off, or none saved yet). Checkpoints of another run (the recipe, the data or the starting weights changed) are
+    deleted with a warning, as resuming them would mix two runs. Under a multi-process launch only rank 0
+    deletes and stamps; the other ranks resume only under a stamp that already matches."""
+    if not settings.checkpoint_steps:
+        return None
+    fingerprint = run_fingerprint(settings, records, model)
+    directory = Path(settings.checkpoint_dir)
+    stamp = directory / FINGERPRINT_FILE
+    same_run = stamp.exists() and stamp.read_text() == fingerprint
+    if int(os.environ.get("RANK", "0")) == 0 and not same_run:
+        if directory.exists() and any(directory.iterdir()):
+            log.warning("%s holds checkpoints of another run (recipe, data or starting weights differ): "
+                        "deleting them and training from the start", directory)
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+        return None
+    if not same_run:
+        return None
+    complete = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if path.is_dir() and any((path / marker).exists() for marker in COMPLETE_MARKERS)]
+    return str(max(complete, key=checkpoint_step)) if complete else None
+
+
+def finish_checkpoints(settings: RecipeSettings) -> None:
+    """Delete a finished run's checkpoints: its result is in the catalog now, and a 7B checkpoint with its
+    optimiser state is ~80 GB. Rank 0 only."""
+    if settings.checkpoint_steps and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)

@@ -33,18 +33,22 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import mlflow
+import pydantic
 import torch
+from accelerate import PartialState
 from peft import get_peft_model
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from spavl_kedro.backends.recipe import (RecipeSettings, child_run, is_checkpointing, lora_config, optimiser_dtypes,
-                                         resolve_device, training_copy)
+from spavl_kedro.backends.recipe import (COMPLETE_MARKERS, RecipeSettings, checkpoint_step, child_run,
+                                         finish_checkpoints, is_checkpointing, lora_config, optimiser_dtypes,
+                                         resolve_device, resume_point, training_copy)
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.imaging import as_image
@@ -62,8 +66,15 @@ class RewardSettings(RecipeSettings):
     lora: bool = Field(False, description="train a LoRA adapter plus the head (True) or every weight (False)")
     run_name: str = Field("reward", description="name of the nested MLflow run")
     output_dir: str | None = Field(
-        None, description="unused by the plain loop (nothing is checkpointed); kept so recipes match the others"
+        None, description="unused by the plain loop (checkpoints go to checkpoint_dir); kept so recipes match the others"
     )
+
+    @pydantic.field_validator("trl_args")
+    @classmethod
+    def _not_a_trl_trainer(cls, value: dict) -> dict:
+        if value:
+            raise ValueError("the reward model trains in its own loop, not a TRL trainer: trl_args does not apply")
+        return value
 
 
 class RewardModel(torch.nn.Module):
@@ -125,36 +136,47 @@ def train_reward(
     Loss per pair: -log sigmoid(r_chosen - r_rejected). Returns the trained `RewardModel` (eval mode, LoRA
     merged) and metrics: `loss_first` / `loss_last` (first and last logged curve point), `train_loss`
     (mean over the run), `train_accuracy` / `train_margin` (the trained model re-scored on the training
-    pairs), `global_step`, `optimiser_dtypes` (what AdamW updated: "float32"), `activation_checkpointing`,
-    and with `eval_pairs` `eval_loss`, `eval_accuracy` (fraction of pairs with r_chosen > r_rejected; ties
-    count as wrong) and `eval_margin` (mean r_chosen - r_rejected).
-    `vlm` itself is left untouched.
+    pairs), `global_step`, `num_processes`, `optimiser_dtypes` (what AdamW updated: "float32"),
+    `activation_checkpointing`, `resumed_from_step`, and with `eval_pairs` `eval_loss`, `eval_accuracy`
+    (fraction of pairs with r_chosen > r_rejected; ties count as wrong) and `eval_margin` (mean
+    r_chosen - r_rejected). `vlm` itself is left untouched.
+
+    Under `accelerate launch` / `torchrun` every rank runs this: each step's batch is `batch_size` pairs per
+    process (the same seeded shuffle on every rank, each taking its own slice), gradients are averaged by DDP
+    and the logged loss over all ranks, so N processes at batch b train like one at batch N x b. Only rank 0
+    writes checkpoints and re-scores the pairs; the other ranks' metrics leave the scores out.
     """
     if not pairs:
         raise ValueError("no preference pairs to train the reward model on")
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
+    resume = resume_point(settings, pairs, vlm.model)
     backbone = training_copy(vlm.model, settings)
     if settings.activation_checkpointing:
         backbone.activation_checkpointing_enable({"use_reentrant": False})  # frozen inputs still pass gradients
     if settings.lora:
         backbone = get_peft_model(backbone, lora_config(settings, task_type=None))
     device, precision = resolve_device(settings)
-    model = RewardModel(VLM(backbone, vlm.processor)).to(device)
+    processes = PartialState(cpu=device == "cpu")  # joins the launcher's process group when there is one
+    model = RewardModel(VLM(backbone, vlm.processor)).to(processes.device)
     # bf16 autocast on a GPU that supports it (weights and optimiser state stay fp32), fp32 on the CPU.
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
-    pad_id = vlm.processor.tokenizer.pad_token_id
+    trained = model if processes.num_processes == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=True)  # the LM head is part of the backbone but not of the reward
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    steps = settings.epochs * math.ceil(len(pairs) / settings.batch_size)
+    per_step = settings.batch_size * processes.num_processes
+    steps = settings.epochs * math.ceil(len(pairs) / per_step)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
 
-    track = "mlflow" in settings.report_to
-    curve: list[tuple[float, float]] = []  # (loss, accuracy) per logged point
-    window: list[tuple[float, float]] = []
-    all_losses: list[float] = []
-    step = 0
+    track = "mlflow" in settings.report_to and processes.is_main_process  # one rank logs, as transformers does
+    # The loop's progress: (loss, accuracy) per logged point, the points of the open window, every step's loss.
+    progress = _load_loop_state(resume, model, optimizer, schedule) if resume else {
+        "step": 0, "curve": [], "window": [], "losses": []}
+    resumed_from, step = progress["step"], 0
+    curve, window, all_losses = progress["curve"], progress["window"], progress["losses"]
+    pad_id = vlm.processor.tokenizer.pad_token_id
     with child_run(settings):
         if track:
             mlflow.log_params(settings.model_dump())
@@ -162,17 +184,21 @@ def train_reward(
         for epoch in range(settings.epochs):
             order = list(range(len(pairs)))
             rng.shuffle(order)
-            for start in range(0, len(order), settings.batch_size):
-                batch = _encode_pairs(vlm.processor, [pairs[i] for i in order[start : start + settings.batch_size]])
+            for start in range(0, len(order), per_step):
+                if step < resumed_from:  # done before the checkpoint: the same shuffle, so the same batches
+                    step += 1
+                    continue
+                mine = order[start : start + per_step][processes.process_index :: processes.num_processes]
+                batch = _encode_pairs(vlm.processor, [pairs[i] for i in mine])
                 with autocast:
-                    chosen, rejected = _pair_rewards(model, batch, pad_id)
+                    chosen, rejected = _pair_rewards(trained, batch, pad_id)
                     loss = -torch.nn.functional.logsigmoid(chosen.float() - rejected.float()).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 step += 1
-                window.append((loss.item(), (chosen > rejected).float().mean().item()))
+                window.append(_mean_over_ranks(processes, loss.item(), (chosen > rejected).float().mean().item()))
                 all_losses.append(window[-1][0])
                 if step % settings.logging_steps == 0 or step == steps:
                     point = (sum(w[0] for w in window) / len(window), sum(w[1] for w in window) / len(window))
@@ -181,19 +207,36 @@ def train_reward(
                     if track:
                         mlflow.log_metrics({"loss": point[0], "accuracy": point[1],
                                             "epoch": epoch + start / len(order)}, step=step)
+                if (settings.checkpoint_steps and step % settings.checkpoint_steps == 0 and step < steps
+                        and processes.is_main_process):
+                    _save_loop_state(Path(settings.checkpoint_dir), step, model, optimizer, schedule,
+                                     {"step": step, "curve": curve, "window": window, "losses": all_losses})
+        finish_checkpoints(settings)
         model.eval()
         if settings.lora:
             model.backbone = model.backbone.merge_and_unload()
         metrics = {"loss_first": curve[0][0], "loss_last": curve[-1][0],
                    "train_loss": sum(all_losses) / len(all_losses), "global_step": float(step),
-                   "optimiser_dtypes": optimiser_dtypes(optimizer), "activation_checkpointing": is_checkpointing(model)}
-        metrics.update(_prefixed("train_", evaluate_pairs(model, pairs)))
-        if eval_pairs:
-            metrics.update(_prefixed("eval_", evaluate_pairs(model, eval_pairs)))
+                   "num_processes": float(processes.num_processes),
+                   "optimiser_dtypes": optimiser_dtypes(optimizer), "activation_checkpointing": is_checkpointing(model),
+                   "resumed_from_step": float(resumed_from)}
+        if processes.is_main_process:
+            metrics.update(_prefixed("train_", evaluate_pairs(model, pairs)))
+            if eval_pairs:
+                metrics.update(_prefixed("eval_", evaluate_pairs(model, eval_pairs)))
         if track:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith(("train_", "eval_"))}, step=step)
             mlflow.flush_async_logging()
     return model, metrics
+
+
+def _mean_over_ranks(processes: PartialState, loss: float, accuracy: float) -> tuple[float, float]:
+    """A step's loss and accuracy averaged over every process (each rank's batch has the same size)."""
+    if processes.num_processes == 1:
+        return loss, accuracy
+    values = torch.tensor([loss, accuracy], device=processes.device)
+    torch.distributed.all_reduce(values)
+    return tuple((values / processes.num_processes).tolist())
 
 
 def evaluate_pairs(model: RewardModel, pairs: Sequence[dict], batch_size: int = 8) -> dict[str, float]:
@@ -278,6 +321,32 @@ def _pair_rewards(model: RewardModel, batch, pad_id: int) -> tuple[torch.Tensor,
     """Chosen and rejected rewards of a batch of encoded pairs, in one forward pass."""
     rewards = model(**_collate([c for c, _ in batch] + [r for _, r in batch], pad_id))
     return rewards[: len(batch)], rewards[len(batch) :]
+
+
+LOOP_STATE = COMPLETE_MARKERS[1]  # written last, so a checkpoint folder holding it is complete
+
+
+def _save_loop_state(directory: Path, step: int, model: RewardModel, optimizer, schedule, progress: dict) -> None:
+    """A checkpoint of the loop after `step`: weights, optimiser, schedule, torch's RNG and the curves so far,
+    written to a temporary folder and renamed, so a kill mid-write leaves no half checkpoint. The latest two
+    are kept."""
+    final = directory / f"checkpoint-{step}"
+    staging = directory / f".checkpoint-{step}.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(), **progress}, staging / LOOP_STATE)
+    staging.rename(final)
+    for old in sorted(directory.glob("checkpoint-*"), key=checkpoint_step)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_loop_state(checkpoint: str, model: RewardModel, optimizer, schedule) -> dict:
+    state = torch.load(Path(checkpoint) / LOOP_STATE, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    return {key: state[key] for key in ("step", "curve", "window", "losses")}
 
 
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:

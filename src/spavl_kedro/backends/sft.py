@@ -35,14 +35,16 @@ from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.recipe import (
     RecipeSettings,
     child_run,
+    finish_checkpoints,
     freeze_for_full_finetune,
     lora_config,
     on_disk_dataset,
     prepare_for_generation,
     resolve_device,
+    resume_point,
     run_trainer,
-    trainer_args,
     training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
@@ -106,13 +108,14 @@ def train_sft(
     device, precision = resolve_device(settings)
     train_dataset = examples_to_dataset(examples, vlm.processor, settings.output_dir)
     eval_dataset = examples_to_dataset(eval_examples, vlm.processor, settings.output_dir) if eval_examples else None
+    resume = resume_point(settings, examples, vlm.model)
     model = training_copy(vlm.model, settings)
     model.train()
     if not settings.lora:  # the vision tower stays frozen, as in LLaVA's instruction tuning
         freeze_for_full_finetune(model, settings.train_projector)
 
-    args = SFTConfig(
-        **trainer_args(settings, device, precision),
+    args = trl_config(
+        SFTConfig, settings, device, precision,
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
@@ -133,7 +136,8 @@ def train_sft(
             processing_class=vlm.processor,
             peft_config=peft_config,
         )
-        metrics = run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None)
+        metrics = run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None, resume_from=resume)
+    finish_checkpoints(settings)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
     adapter = None

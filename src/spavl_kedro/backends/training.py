@@ -20,7 +20,7 @@ Choices worth knowing about:
   trains too with `train_projector=True` (LoRA: a full copy saved through PEFT's `modules_to_save`).
 - Device and precision follow the hardware: a CUDA GPU when one is visible (bf16 mixed precision when it
   supports bf16), otherwise the CPU in fp32. `use_cpu: true` forces the CPU. Under `torchrun` or
-  `accelerate launch` the trainer runs DDP (gloo on CPU); see `dpo_worker.py`. The weights trained are the
+  `accelerate launch` the trainer runs DDP (gloo on CPU); see `train_worker.py`. The weights trained are the
   copy in `weights_dtype` (`recipe.training_copy`: fp32 by default, never the checkpoint's float16).
 - The caller's model is copied (`training_copy`) before training. PEFT injects adapter layers into whatever module it is
   given and TRL patches that module's `forward`; without the copy the `VLM` passed in would silently become
@@ -44,14 +44,16 @@ from trl import DPOConfig, DPOTrainer
 from spavl_kedro.backends.recipe import (
     RecipeSettings,
     child_run,
+    finish_checkpoints,
     freeze_for_full_finetune,
     lora_config,
     on_disk_dataset,
     prepare_for_generation,
     resolve_device,
+    resume_point,
     run_trainer,
-    trainer_args,
     training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
@@ -139,6 +141,7 @@ def train_dpo(
     device, precision = resolve_device(settings)
     train_dataset = pairs_to_dataset(pairs, vlm.processor, settings.output_dir)
     eval_dataset = pairs_to_dataset(eval_pairs, vlm.processor, settings.output_dir) if eval_pairs else None
+    resume = resume_point(settings, pairs, vlm.model)
     model = training_copy(vlm.model, settings)
     model.train()
     ref_model = None
@@ -147,8 +150,8 @@ def train_dpo(
         ref_model = training_copy(vlm.model, settings).eval().requires_grad_(False)
         freeze_for_full_finetune(model, settings.train_projector)
 
-    args = DPOConfig(
-        **trainer_args(settings, device, precision),
+    args = trl_config(
+        DPOConfig, settings, device, precision,
         beta=settings.beta,
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
@@ -172,11 +175,12 @@ def train_dpo(
             processing_class=vlm.processor,
             peft_config=peft_config,
         )
-        metrics: dict[str, float | str] = dict(run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None))
+        metrics: dict[str, float | str] = dict(run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None,
+                                                           resume_from=resume))
+    finish_checkpoints(settings)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
     prepare_for_generation(trained)
-    metrics["num_processes"] = float(trainer.accelerator.num_processes)
     metrics["distributed"] = trainer.accelerator.distributed_type.value  # NO, MULTI_CPU, MULTI_GPU, DEEPSPEED
     # What the trainer actually used: a launcher's mixed-precision setting (ACCELERATE_MIXED_PRECISION)
     # would override `bf16=False`, so read it back rather than echo our request.

@@ -9,26 +9,24 @@ method), next to the models of earlier runs; a LoRA run stores the adapter, not 
 
 from __future__ import annotations
 
-import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from peft import PeftModel
 
 from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.dpo_worker import launch
+from spavl_kedro.backends.online_rl import judge_reward
+from spavl_kedro.backends.reward import RewardModel
+from spavl_kedro.backends.sft import SFTSettings
 from spavl_kedro.backends.tiny import VLM, Behaviour, train_tiny_vlm
-from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
-from spavl_kedro.backends.reward import RewardModel, RewardSettings, train_reward
-from spavl_kedro.backends.sft import SFTSettings, train_sft
-from spavl_kedro.backends.training import DPOSettings, train_dpo
+from spavl_kedro.backends.train_worker import launch, settings_for
+from spavl_kedro.backends.train_worker import train as train_method
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.config import AlignConfig, TinyConfig
 from spavl_kedro.pipelines.judge.nodes import primary_judge
 from spavl_kedro.pipelines.generate.nodes import seed_examples
 
-log = logging.getLogger(__name__)
 
 
 def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
@@ -96,35 +94,21 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
                validation: pd.DataFrame, mis_train: pd.DataFrame, images: pd.DataFrame, seed_corpus: pd.DataFrame,
                aligned_before: dict[str, Any], credentials: dict[str, Any], judge_models: dict[str, Any],
                judge_params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    recipe = getattr(cfg, method)
-    if cfg.launch.accelerate_config is not None and method != "dpo":
-        log.warning("align.launch applies to dpo only (the multi-process worker); %s trains in this process",
-                    method)
     data, held_out = _training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
     if not data:
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
+    launched = cfg.launch.accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
-        run = {**recipe, "output_dir": scratch}
-        if method == "dpo":
-            settings = DPOSettings.model_validate(run)
-            if cfg.launch.accelerate_config is not None:
-                artifact, metrics = launch(policy_base, data, settings, cfg.launch.accelerate_config,
-                                           cfg.launch.num_processes, eval_pairs=held_out or None)
-            else:
-                model, metrics = train_dpo(policy_base, data, settings, eval_pairs=held_out or None)
-                artifact = (LoraAdapter.from_peft(model) if isinstance(model, PeftModel)
-                            else VLM(model=model, processor=policy_base.processor))
-        elif method == "sft":
-            settings = SFTSettings.model_validate(run)
-            policy, adapter, metrics = train_sft(policy_base, data, settings, eval_examples=held_out or None)
-            artifact = adapter if adapter is not None else policy
-        elif method == "reward":
-            settings = RewardSettings.model_validate(run)
-            artifact, metrics = train_reward(policy_base, data, settings, eval_pairs=held_out or None)
+        fields = {"checkpoint_dir": str(Path(cfg.checkpoint_dir) / name), **getattr(cfg, method), "output_dir": scratch}
+        settings = settings_for(method, fields)
+        reward_model, reward_fn = (_rl_reward(cfg, aligned_before, credentials, judge_models, judge_params, launched)
+                                   if method in ("grpo", "rloo") else (None, None))
+        if launched:
+            artifact, metrics = launch(method, policy_base, data, settings, cfg.launch.accelerate_config,
+                                       cfg.launch.num_processes, eval_records=held_out or None,
+                                       reward_model=reward_model)
         else:
-            settings = OnlineRLSettings.model_validate({**run, "algorithm": method})
-            reward_fn = _rl_reward(cfg, aligned_before, credentials, judge_models, judge_params)
-            artifact, metrics = train_online_rl(policy_base, data, reward_fn, settings)
+            artifact, metrics = train_method(method, policy_base, data, settings, held_out or None, reward_fn)
     summary = {"method": method, "name": name, "train_source": cfg.train_source,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
@@ -178,9 +162,11 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
 
 
 def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],
-               judge_models: dict[str, Any], judge_params: dict[str, Any]):
-    """The weighted sum of the reward model's score and the primary judge's verdict (safe 1, else 0)."""
-    parts = []
+               judge_models: dict[str, Any], judge_params: dict[str, Any], launched: bool
+               ) -> tuple[RewardModel | None, Any]:
+    """The reward model (when it has weight) and the reward function: the weighted sum of the reward model's
+    score and the primary judge's verdict (safe 1, else 0). Launched processes get the reward model only."""
+    parts, model = [], None
     if cfg.rl.model_weight > 0:
         if cfg.rl.reward_model not in aligned_before:
             raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_models "
@@ -192,7 +178,14 @@ def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: di
             raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is a policy, not a reward model")
         parts.append((cfg.rl.model_weight, model.score))
     if cfg.rl.judge_weight > 0:
+        if launched:
+            raise ValueError("align.launch runs grpo / rloo with the reward model's score only: set "
+                             "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
+                             "train without align.launch")
         parts.append((cfg.rl.judge_weight, judge_reward(primary_judge(judge_params, credentials, judge_models))))
+    if launched and cfg.rl.model_weight != 1:
+        raise ValueError(f"align.launch runs grpo / rloo with the reward model's score unweighted: set "
+                         f"align.rl.model_weight to 1 (it is {cfg.rl.model_weight})")
 
     def reward(items: list[dict]) -> list[float]:
         total = [0.0] * len(items)
@@ -200,4 +193,4 @@ def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: di
             total = [t + weight * r for t, r in zip(total, fn(items))]
         return total
 
-    return reward
+    return model, reward

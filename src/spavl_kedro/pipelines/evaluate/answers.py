@@ -21,7 +21,8 @@ import pandas as pd
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
+from spavl_kedro.backends.factory import build_backend
+from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 
@@ -65,15 +66,19 @@ def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, P
 
 
 def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],
-                     done: Mapping[str, Callable[[], pd.DataFrame]], params: dict[str, Any]
-                     ) -> dict[str, Callable[[], pd.DataFrame]]:
-    """One function per shard still to answer; the catalog's ShardDataset runs and writes them in id order."""
+                     done: Mapping[str, Callable[[], pd.DataFrame]], credentials: dict[str, Any],
+                     params: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
+    """One function per shard still to answer; the catalog's ShardDataset runs and writes them in id order.
+    A policy named in `evaluate.served` is answered through its endpoint instead of being loaded."""
     cfg = EvaluateConfig.model_validate(params)
     found = policies(policy_base, aligned_models)
+    unknown = sorted({spec.name for spec in cfg.served} - set(found))
+    if unknown:
+        raise ValueError(f"evaluate.served names {unknown}, which are not policies here (have: {sorted(found)})")
     planned = _plan(items, found, cfg)
     todo = list(pending(planned, done, _failed))
     log.info("evaluate: %d of %d answer shard(s) to generate", len(todo), len(planned))
-    pool = _PolicyPool({name: policy.load for name, policy in found.items()}, cfg,
+    pool = _PolicyPool({name: policy.load for name, policy in found.items()}, cfg, credentials,
                        Progress("evaluation answer", len(todo)))
     return {shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
             for shard, previous in todo}
@@ -130,25 +135,31 @@ def _failed(frame: pd.DataFrame) -> pd.Series:
 
 
 class _PolicyPool:
-    """One policy in memory at a time: shards run in id order, so all shards of a model run together."""
+    """One policy in memory at a time: shards run in id order, so all shards of a model run together. A
+    served policy (`evaluate.served`) is never loaded: its answers come from its endpoint."""
 
-    def __init__(self, loaders: Mapping[str, Callable[[], VLM]], cfg: EvaluateConfig, progress: Progress) -> None:
-        self.loaders, self.cfg, self.progress = loaders, cfg, progress
+    def __init__(self, loaders: Mapping[str, Callable[[], VLM]], cfg: EvaluateConfig, credentials: dict[str, Any],
+                 progress: Progress) -> None:
+        self.loaders, self.cfg, self.credentials, self.progress = loaders, cfg, credentials, progress
+        self.served = {spec.name: spec for spec in cfg.served}
         self._name: str | None = None
         self._policy: VLM | None = None
 
-    def get(self, name: str) -> VLM:
+    def backend(self, name: str, label: str, generation: dict[str, Any], seed: int) -> VLMBackend:
+        """What answers for policy `name`: its endpoint, or the policy loaded and placed by the placement rule."""
+        if name in self.served:
+            return build_backend(self.served[name], credentials=self.credentials, generation=generation,
+                                 seed=seed, progress=False)
         if self._name != name:
             self._policy = None
             self._policy = place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs)
             self._name = name
-        return self._policy
+        return TransformersVLM(label, self._policy, self.cfg.batch_size, generation, seed=seed, progress=False)
 
 
 def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame:
     cfg = pool.cfg
     model, eval_set, index = shard.shard_id.rsplit("/", 2)
-    policy = pool.get(model)
     began = time.perf_counter()
     frames = []
     for (decoding, sample), group in todo.groupby(["decoding", "sample"], sort=True):
@@ -156,8 +167,7 @@ def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame
             {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
         seed = cfg.seed * 1_000_003 + int(index) * 1_009 + int(sample) + (0 if decoding == "greedy" else 7)
-        backend = TransformersVLM(f"{model}/{eval_set}", policy, cfg.batch_size,
-                                  {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}, seed=seed, progress=False)
+        backend = pool.backend(model, f"{model}/{eval_set}", {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}, seed)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])
         frames.append(group.assign(
             text=[o.text if o.error is None else None for o in outputs],

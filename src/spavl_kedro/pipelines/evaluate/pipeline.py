@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                                "params:evaluate"], ["eval_items", "eval_set_summary"],
              name="build_eval_sets"),
         Node(plan_eval_shards, ["eval_items", "policy_base", "aligned_models", "eval_answer_shards_done",
-                                "params:evaluate"], "eval_answer_shards", name="plan_eval_answers"),
+                                "api_credentials", "params:evaluate"], "eval_answer_shards", name="plan_eval_answers"),
         Node(collect_eval_answers, ["eval_answer_shards", "eval_items", "policy_base", "aligned_models",
                                     "params:evaluate"], "eval_answers", name="collect_eval_answers"),
         Node(plan_score_shards, ["eval_answers", "eval_items", "api_credentials", "eval_score_shards_done",
