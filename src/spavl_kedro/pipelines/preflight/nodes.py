@@ -8,6 +8,8 @@
 - every API key a backend names: present in conf/local/credentials.yml or SPAVL_KEY_* (never shown);
 - the accelerator: CUDA GPUs, bf16, and whether `align.launch`'s accelerate config fits them (and
   DeepSpeed is installed when it asks for it);
+- memory: GPU memory per process, host RAM and disk for each method the run trains, estimated from the
+  policy's config.json and the recipe (`memory.py`), against what this machine has;
 - data the configuration reads: the official SPA-VL release when `align.train_source` is official.
 
 It writes `preflight_report` (markdown: one row per check with what to do) and `preflight_checks`, then
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from pydantic import BaseModel
 from spavl_kedro.backends.factory import BackendSpec
 from spavl_kedro.config import validate_parameters
 from spavl_kedro.datasets.credentials import env_name
+from spavl_kedro.pipelines.preflight import memory
 
 CHECK_COLUMNS = ["check", "where", "target", "status", "detail"]
 ENDPOINT_TIMEOUT_S = 5.0
@@ -39,7 +43,7 @@ ENDPOINT_TIMEOUT_S = 5.0
 
 @dataclass
 class Check:
-    check: str  # model | endpoint | credential | accelerator | data
+    check: str  # model | endpoint | credential | accelerator | memory | data
     where: str  # the configuration key that asks for it
     target: str
     status: str  # ok | missing | unreachable | warning
@@ -59,6 +63,7 @@ def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]) ->
     if clip:
         checks.append(_model_check("generate.images.clip_model", clip))
     checks += _accelerator_checks(cfg["align"])
+    checks += _memory_checks(cfg["align"])
     if cfg["align"].train_source == "official":
         path = Path(cfg["align"].official_dir)
         checks.append(Check("data", "align.official_dir", str(path), "ok" if path.exists() else "missing",
@@ -188,6 +193,69 @@ def _accelerator_checks(align: BaseModel) -> list[Check]:
         checks.append(Check("accelerator", "align.launch.accelerate_config", "deepspeed", "missing",
                             "the config uses DeepSpeed: pip install deepspeed"))
     return checks
+
+
+def _memory_checks(align: BaseModel) -> list[Check]:
+    """GPU memory per process, host RAM and disk each method of this run needs (`memory.estimate`), against
+    what this machine has. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
+    import torch
+
+    from spavl_kedro.backends.train_worker import settings_for
+
+    if align.policy.kind != "transformers":
+        return []
+    paths = {"output_dir": "unused", "checkpoint_dir": align.checkpoint_dir}
+    recipes = {method: settings_for(method, {**paths, **getattr(align, method)}) for method in align.methods}
+    try:
+        shape = memory.model_shape(align.policy.model, recipes)
+    except (OSError, ValueError) as exc:
+        return [Check("memory", "align.method", align.policy.model, "warning",
+                      f"cannot size the training without the model's config.json here ({type(exc).__name__})")]
+    processes, zero = _launch_shape(align)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_bytes = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
+    host_bytes = _host_memory()
+    disk_root = next(p for p in Path(align.checkpoint_dir).absolute().parents if p.exists())
+    free_disk = shutil.disk_usage(disk_root).free
+    checks = []
+    for method, settings in recipes.items():
+        images = 2 if method == "sft" and align.sft_data == "cot" else 1
+        need = memory.estimate(method, settings, shape, processes, zero, images)
+        where = f"align.{method}"
+        parts = ", ".join(f"{k} {memory.gib(v)}" for k, v in need.parts.items() if v)
+        head = f"{memory.gib(need.gpu_bytes)} per GPU ({parts}) on {processes} process(es), ZeRO-{zero}"
+        if not gpus:
+            checks.append(Check("memory", where, "GPU", "warning", f"needs {head}; no GPU here to compare"))
+        else:
+            fits = need.gpu_bytes <= 0.9 * gpu_bytes
+            checks.append(Check("memory", where, "GPU", "ok" if fits else "missing",
+                                f"needs {head}; has {memory.gib(gpu_bytes)}" + ("" if fits else
+                                "; try lora: true, activation_checkpointing: true, a smaller batch_size or a "
+                                "DeepSpeed ZeRO config")))
+        for target, needed, has in (("host RAM", need.host_bytes, host_bytes), ("disk", need.disk_bytes, free_disk)):
+            status = "ok" if has is None or needed <= has else "missing"
+            checks.append(Check("memory", where, target, status, f"needs {memory.gib(needed)}"
+                                + (f"; has {memory.gib(has)}" if has is not None else "")
+                                + (f" free under {disk_root}" if target == "disk" else "")))
+    return checks
+
+
+def _launch_shape(align: BaseModel) -> tuple[int, int]:
+    """(processes, ZeRO stage) of `align.launch`: (1, 0) without one, stage 0 for DDP."""
+    if align.launch.accelerate_config is None:
+        return 1, 0
+    launch = yaml.safe_load(Path(align.launch.accelerate_config).read_text()) or {}
+    processes = align.launch.num_processes or int(launch.get("num_processes", 1))
+    zero = int((launch.get("deepspeed_config") or {}).get("zero_stage", 0)) if launch.get("distributed_type") == "DEEPSPEED" else 0
+    return processes, zero
+
+
+def _host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _report(table: pd.DataFrame) -> str:

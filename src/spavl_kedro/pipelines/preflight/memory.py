@@ -1,0 +1,131 @@
+"""What each alignment method will need in GPU memory, host RAM and disk, estimated before anything loads.
+
+The policy is built from its config.json on PyTorch's meta device (no weights read), and the trainers' own
+choices are applied to it: `freeze_for_full_finetune` for DPO and SFT, PEFT's `get_peft_model` with the
+recipe's `lora_config` for LoRA. So the trainable count is the one the run will have, not a rule of thumb.
+
+Per GPU, for a method on N processes with ZeRO stage z (0 for DDP and for the reward model's own loop):
+- weights: every parameter in `weights_dtype` (4 bytes in float32, 2 in bfloat16), divided by N under ZeRO-3;
+- reference: a second copy of the weights for DPO's full fine-tune and GRPO/RLOO's with beta > 0;
+- gradients: one per trainable parameter in `weights_dtype`, divided by N from ZeRO-2 on;
+- optimiser: AdamW's two moments per trainable parameter in `weights_dtype`, divided by N from ZeRO-1 on
+  (the ZeRO paper's partitioning: Rajbhandari et al. 2020, arXiv:1910.02054);
+- activations: per sequence and layer ~34 x sequence x hidden bytes in bf16 (Korthikanti et al. 2022,
+  arXiv:2205.05198, without the attention-score term that fused attention does not store); with
+  activation checkpointing only each layer's 2-byte input plus one layer's full set. Sequences per
+  micro-batch: 2 x batch for DPO and the reward model (chosen and rejected), batch x num_generations for
+  GRPO/RLOO, batch for SFT; each is the image tokens plus a 128-token question plus the answer
+  (`max_completion_length`, or 512);
+- 1 GiB for the CUDA context and allocator slack.
+
+Host RAM: every launched rank loads the checkpoint on the CPU (its saved dtype) and makes its training copy
+there before the trainer moves it, so ranks x (checkpoint + copy) bytes at the peak. Disk: the two
+checkpoints kept (trainable weights with their optimiser state, plus the frozen weights for a full
+fine-tune) and, under a launch, the policy written once for the ranks to read.
+
+These are estimates: they leave out fragmentation, the logits of long vocabularies and framework buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+CONTEXT_BYTES = GIB  # CUDA context and allocator slack
+QUESTION_TOKENS = 128
+ANSWER_TOKENS = 512
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 34  # x hidden; bf16, Korthikanti et al. 2022 without attention scores
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about the policy, read from its config."""
+
+    total: int  # parameters
+    trainable_full: dict[str, int]  # method -> trainable parameters in a full fine-tune
+    trainable_lora: dict[str, int]  # method -> trainable parameters with the recipe's LoRA
+    hidden: int
+    layers: int
+    image_tokens: int
+    checkpoint_bytes: int  # bytes per parameter as saved (llava-hf: float16)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    gpu_bytes: int
+    parts: dict[str, int]  # weights, reference, gradients, optimiser, activations, context
+    host_bytes: int
+    disk_bytes: int
+
+
+def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
+    """The policy's shape from its config.json (a local directory or the hub cache; nothing is downloaded),
+    with the trainable count each recipe in `recipes` (method -> settings) will have."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from spavl_kedro.backends.recipe import freeze_for_full_finetune, lora_config
+
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    with torch.device("meta"):
+        base = AutoModelForImageTextToText.from_config(config)
+    total = sum(p.numel() for p in base.parameters())
+    full, lora = {}, {}
+    for method, settings in recipes.items():
+        projector = bool(getattr(settings, "train_projector", False))
+        if method in ("dpo", "sft"):
+            freeze_for_full_finetune(base, projector)
+        full[method] = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        base.requires_grad_(True)
+        if getattr(settings, "lora", False):
+            from peft import get_peft_model
+
+            with torch.device("meta"):
+                copy = AutoModelForImageTextToText.from_config(config)
+                task = None if method == "reward" else "CAUSAL_LM"
+                peft = get_peft_model(copy, lora_config(settings, projector, task_type=task))
+            lora[method] = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    text = config.get_text_config()
+    vision = getattr(config, "vision_config", None)
+    image_tokens = getattr(config, "image_seq_length", None) or (
+        (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0)
+    saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").replace("torch.", "")
+    return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4))
+
+
+def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_stage: int = 0,
+             images_per_prompt: int = 1) -> Estimate:
+    """GPU memory per process, host RAM and disk for one method's recipe (see the module docstring)."""
+    zero_stage = 0 if method == "reward" else zero_stage  # its own loop is plain DDP
+    width = BYTES[settings.weights_dtype]
+    lora = bool(getattr(settings, "lora", False))
+    trainable = shape.trainable_lora[method] if lora else shape.trainable_full[method]
+    shard = lambda stage: processes if zero_stage >= stage else 1  # noqa: E731
+    weights = shape.total * width // shard(3)
+    needs_reference = (method == "dpo" and not lora) or (method in ("grpo", "rloo") and not lora
+                                                         and getattr(settings, "beta", 0) > 0)
+    reference = weights if needs_reference else 0
+    gradients = trainable * width // shard(2)
+    optimiser = 2 * trainable * width // shard(1)
+    answer = getattr(settings, "max_completion_length", None) or ANSWER_TOKENS
+    sequence = shape.image_tokens * images_per_prompt + QUESTION_TOKENS + answer
+    per_batch = {"dpo": 2, "reward": 2, "sft": 1}.get(method, getattr(settings, "num_generations", 1))
+    sequences = settings.batch_size * per_batch
+    per_layer = sequences * sequence * shape.hidden
+    if settings.activation_checkpointing:
+        activations = per_layer * 2 * shape.layers + per_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER
+    else:
+        activations = per_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER * shape.layers
+    parts = {"weights": weights, "reference": reference, "gradients": gradients, "optimiser": optimiser,
+             "activations": activations, "context": CONTEXT_BYTES}
+    host = processes * shape.total * (shape.checkpoint_bytes + width)
+    checkpoint = trainable * width * 3 + (0 if lora else (shape.total - trainable) * width)
+    kept = 2 * checkpoint if getattr(settings, "checkpoint_steps", 0) else 0
+    disk = kept + (shape.total * shape.checkpoint_bytes if processes > 1 else 0)
+    return Estimate(sum(parts.values()), parts, host, disk)
+
+
+def gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
