@@ -78,7 +78,8 @@ def examples_to_dataset(examples: Sequence[dict], processor, scratch: str) -> Da
 
     def row(example: dict) -> dict:
         images = list(example["images"])
-        prompt, completion = prompt_and_completion(processor, example["question"], len(images), example["target"])
+        prompt, completion = prompt_and_completion(processor, example["question"], len(images), example["target"],
+                                                   end_at_eos=False)
         return {"images": images, "prompt": prompt, "completion": completion}
 
     return on_disk_dataset(examples, row, ("prompt", "completion"), scratch)

@@ -301,7 +301,8 @@ def assistant_message(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def prompt_and_completion(processor, question: str, n_images: int, answer: str) -> tuple[str, str]:
+def prompt_and_completion(processor, question: str, n_images: int, answer: str,
+                          end_at_eos: bool = True) -> tuple[str, str]:
     """One training example as the two strings every trainer here tokenizes without special tokens: the
     prompt exactly as generation sees it, and the answer as the model should write it.
 
@@ -312,8 +313,14 @@ def prompt_and_completion(processor, question: str, n_images: int, answer: str) 
     - the BOS that the tokenizer puts before every prompt at generation time (llava-1.5's template does not
       write it, and TRL's collators tokenize with `add_special_tokens=False`, so training would drop it);
     - the EOS after the answer (llava-1.5's template ends an assistant turn with a space): a model never
-      trained on it never learns to stop. Whatever a template writes after the EOS is left out, since
-      generation never produces it.
+      trained on it never learns to stop.
+
+    `end_at_eos`: the completion stops at the EOS, as the project's own loops need it (the reward model
+    pools the last token, which must be the EOS; the bootstrap's targets end there). False keeps whatever
+    the template writes after its EOS, as TRL's own chat-template handling does (the tiny template's
+    "</s> "); generation never produces it, and the DPO and SFT runs measured on the embedded default
+    were trained that way (dropping the trailing token flipped one seed's DPO policy into refusing the
+    capability questions: see docs/align.md).
     """
     tokenizer = processor.tokenizer
     asked = user_message(question, n_images)
@@ -324,7 +331,10 @@ def prompt_and_completion(processor, question: str, n_images: int, answer: str) 
                          f"prefix, so the answer cannot be separated from the prompt: {full!r}")
     completion = full[len(prompt):]
     eos = tokenizer.eos_token
-    completion = completion[: completion.index(eos) + len(eos)] if eos in completion else completion.rstrip() + eos
+    if eos not in completion:
+        completion = completion.rstrip() + eos
+    elif end_at_eos:
+        completion = completion[: completion.index(eos) + len(eos)]
     return _with_special_tokens(tokenizer, prompt), completion
 
 

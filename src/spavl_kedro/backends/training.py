@@ -111,8 +111,9 @@ def pairs_to_dataset(pairs: Sequence[dict], processor, scratch: str) -> Dataset:
 
     def row(pair: dict) -> dict:
         images = list(pair["images"])
-        prompt, chosen = prompt_and_completion(processor, pair["question"], len(images), pair["chosen"])
-        _, rejected = prompt_and_completion(processor, pair["question"], len(images), pair["rejected"])
+        question, n_images = pair["question"], len(images)
+        prompt, chosen = prompt_and_completion(processor, question, n_images, pair["chosen"], end_at_eos=False)
+        _, rejected = prompt_and_completion(processor, question, n_images, pair["rejected"], end_at_eos=False)
         return {"images": images, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
     return on_disk_dataset(pairs, row, ("prompt", "chosen", "rejected"), scratch)
