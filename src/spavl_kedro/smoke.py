@@ -19,7 +19,6 @@ commits (docs/compute_plan.md says what to look at on a GPU).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import sys
@@ -39,6 +38,7 @@ from spavl_kedro.backends.reward import RewardSettings, train_reward
 from spavl_kedro.backends.sft import SFTSettings, train_sft
 from spavl_kedro.backends.training import DPOSettings, train_dpo
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
+from spavl_kedro.imaging import png_bytes
 
 # Widths per size; everything else is llava15_shape's. "gpu" is about 110M parameters in the language model.
 SIZES: dict[str, dict[str, int]] = {
@@ -60,14 +60,12 @@ def build(size: str, seed: int = 0) -> tiny.VLM:
     return tiny.VLM(tiny.build_model(processor, config, seed=seed), processor)
 
 
-def _png(colour: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (96, 96), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _image(colour: str) -> Image.Image:
     return Image.new("RGB", (96, 96), colour)
+
+
+def _png(colour: str) -> bytes:
+    return png_bytes(_image(colour))
 
 
 @contextmanager

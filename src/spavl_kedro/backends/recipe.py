@@ -398,7 +398,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 def resume_point(settings: RecipeSettings, records: Iterable[dict], model: torch.nn.Module) -> str | None:
     """The latest complete checkpoint of this run (`run_fingerprint` of the recipe, `records` and `model`'s
-    starting weights) in `settings.checkpoint_dir`, or None (checkpoints off, or none saved yet). Checkpoints of another run (the recipe, the data or the starting weights changed) are
+    starting weights) in `settings.checkpoint_dir`, or None (checkpoints off, or none saved yet).
+    Checkpoints of another run (the recipe, the data or the starting weights changed) are
     deleted with a warning, as resuming them would mix two runs. Under a multi-process launch only rank 0
     deletes and stamps; the other ranks resume only under a stamp that already matches."""
     if not settings.checkpoint_steps:

@@ -167,7 +167,8 @@ def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame
             {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
         seed = cfg.seed * 1_000_003 + int(index) * 1_009 + int(sample) + (0 if decoding == "greedy" else 7)
-        backend = pool.backend(model, f"{model}/{eval_set}", {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}, seed)
+        generation = {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}
+        backend = pool.backend(model, f"{model}/{eval_set}", generation, seed)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])
         frames.append(group.assign(
             text=[o.text if o.error is None else None for o in outputs],

@@ -91,7 +91,8 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
     vision = getattr(config, "vision_config", None)
     image_tokens = getattr(config, "image_seq_length", None) or (
         (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0)
-    saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").replace("torch.", "")
+    saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    saved = saved.replace("torch.", "")
     return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4))
 
 

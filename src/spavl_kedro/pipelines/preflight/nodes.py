@@ -246,7 +246,8 @@ def _launch_shape(align: BaseModel) -> tuple[int, int]:
         return 1, 0
     launch = yaml.safe_load(Path(align.launch.accelerate_config).read_text()) or {}
     processes = align.launch.num_processes or int(launch.get("num_processes", 1))
-    zero = int((launch.get("deepspeed_config") or {}).get("zero_stage", 0)) if launch.get("distributed_type") == "DEEPSPEED" else 0
+    deepspeed = launch.get("deepspeed_config") or {} if launch.get("distributed_type") == "DEEPSPEED" else {}
+    zero = int(deepspeed.get("zero_stage", 0))
     return processes, zero
 
 
