@@ -43,6 +43,8 @@ from pydantic import Field
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from spavl_kedro.backends.tiny import weights_fingerprint
+
 log = logging.getLogger(__name__)
 
 # Default LoRA placement: the MLP projections of the language model only (Llama module names, so the same
@@ -378,8 +380,6 @@ COMPLETE_MARKERS = ("trainer_state.json", "loop_state.pt")
 def run_fingerprint(settings: RecipeSettings, records: Iterable[dict], model: torch.nn.Module) -> str:
     """What makes a run the same run: the recipe (not where it writes or logs), every record's text and image
     bytes, and the starting weights. A checkpoint is resumed only under the same fingerprint."""
-    from spavl_kedro.backends.tiny import weights_fingerprint  # tiny imports this module's neighbours
-
     digest = hashlib.sha256(settings.model_dump_json(
         exclude={"output_dir", "checkpoint_dir", "report_to", "run_name", "logging_steps"}).encode())
     for record in records:

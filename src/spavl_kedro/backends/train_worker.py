@@ -82,7 +82,6 @@ def train(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettin
     VLM, or a reward model) and the trainer's metrics. `reward_fn` scores GRPO / RLOO answers."""
     if method == "dpo":
         model, metrics = train_dpo(vlm, list(records), settings, eval_pairs=eval_records or None)
-        metrics = dict(metrics)
         return (LoraAdapter.from_peft(model) if isinstance(model, PeftModel)
                 else VLM(model=model, processor=vlm.processor)), metrics
     if method == "sft":
