@@ -14,7 +14,7 @@ import pytest
 
 from spavl_kedro.backends.guard import SAFE, construction_unsafe, guard_examples, unsafe_label
 from spavl_kedro.backends.judges import HelpfulnessRule, KeywordJudge, PairItem
-from spavl_kedro.backends.tiny import Behaviour, _Encoded
+from spavl_kedro.backends.tiny import Behaviour, EncodedSeed
 from spavl_kedro.grounding import caption_parts, facts_named, helpfulness
 from spavl_kedro.pipelines.judge.nodes import _by_verdicts, harmful_request
 
@@ -68,8 +68,8 @@ def test_pairs_are_harmlessness_first_then_grounded_content():
 
 
 def test_behaviour_draws_each_family_at_its_rate():
-    def encoded(harmful: bool) -> _Encoded:
-        return _Encoded(None, None, harmful, "refusal", "answer", None if harmful else "vague")
+    def encoded(harmful: bool) -> EncodedSeed:
+        return EncodedSeed(None, None, harmful, "refusal", "answer", None if harmful else "vague")
 
     behaviour = Behaviour(refusal_rate=0.3, over_refusal_rate=0.1, vague_rate=0.5)
     rng = random.Random(0)

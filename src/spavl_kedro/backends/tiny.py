@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -322,20 +323,24 @@ def prompt_and_completion(processor, question: str, n_images: int, answer: str,
     were trained that way (dropping the trailing token flipped one seed's DPO policy into refusing the
     capability questions: see docs/align.md).
     """
-    tokenizer = processor.tokenizer
     asked = user_message(question, n_images)
     prompt = processor.apply_chat_template(asked, add_generation_prompt=True)
+    return _with_special_tokens(processor.tokenizer, prompt), _completion(processor, asked, prompt, answer,
+                                                                            end_at_eos)
+
+
+def _completion(processor, asked: list[dict], prompt: str, answer: str, end_at_eos: bool) -> str:
+    """What the chat template adds to `prompt` (the rendered `asked` turn) when the assistant says `answer`,
+    ended at the EOS as `prompt_and_completion` describes."""
     full = processor.apply_chat_template(asked + assistant_message(answer))
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the assistant turn without the generation prompt as its "
                          f"prefix, so the answer cannot be separated from the prompt: {full!r}")
     completion = full[len(prompt):]
-    eos = tokenizer.eos_token
+    eos = processor.tokenizer.eos_token
     if eos not in completion:
-        completion = completion.rstrip() + eos
-    elif end_at_eos:
-        completion = completion[: completion.index(eos) + len(eos)]
-    return _with_special_tokens(tokenizer, prompt), completion
+        return completion.rstrip() + eos
+    return completion[: completion.index(eos) + len(eos)] if end_at_eos else completion
 
 
 def _with_special_tokens(tokenizer, prompt: str) -> str:
@@ -377,7 +382,7 @@ class Behaviour(BaseModel):
     over_refusal_rate: float = Field(0.0, ge=0, le=1, description="share of harmless requests refused")
     vague_rate: float = Field(0.0, ge=0, le=1, description="share of answered harmless requests answered vaguely")
 
-    def target(self, example: "_Encoded", rng: random.Random) -> torch.Tensor:
+    def target(self, example: EncodedSeed, rng: random.Random) -> torch.Tensor:
         if example.harmful:
             return example.refusal if rng.random() < self.refusal_rate else example.answer
         if rng.random() < self.over_refusal_rate:
@@ -385,9 +390,9 @@ class Behaviour(BaseModel):
         return example.vague if example.vague is not None and rng.random() < self.vague_rate else example.answer
 
 
-def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
+def bootstrap(vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour: Behaviour,
               config: BootstrapConfig) -> dict[str, float]:
-    """Full fine-tune `vlm` in place on seed examples.
+    """Full fine-tune `vlm` in place on seed examples (or their `encode_seeds` encoding, with the same processor).
 
     Each epoch every example's target is redrawn by `behaviour` (refusal, answer or vague answer at its
     rates), so the model learns the distribution rather than one label per prompt. The loss covers only
@@ -407,7 +412,7 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample], behaviour: Behaviour,
     # epoch; decaying averages over the draws of all epochs, so the learned rates match the targets.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     # Images and prompts are processed once; an epoch only re-draws targets and pads token ids.
-    encoded = [_encode(vlm.processor, example) for example in examples]
+    encoded = examples if all(isinstance(e, EncodedSeed) for e in examples) else encode_seeds(vlm.processor, examples)
     pad_id = vlm.processor.tokenizer.pad_token_id
     model.train()
     for p in model.parameters():  # frozen for this fine-tune only: later trainers decide for themselves
@@ -468,7 +473,7 @@ def pretrain_vision(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[
     return {"first_step_loss": losses[0], "last_step_loss": losses[-1]}
 
 
-def _batches(encoded: Sequence["_Encoded"], batch_size: int, by_length: bool, rng: random.Random) -> list[list[int]]:
+def _batches(encoded: Sequence[EncodedSeed], batch_size: int, by_length: bool, rng: random.Random) -> list[list[int]]:
     """A shuffled epoch cut into batches. `by_length`: within each window of eight batches the rows are
     sorted by prompt length, so a short question is not padded to a long one (a batch costs its longest
     row), and the batches are shuffled again."""
@@ -485,7 +490,9 @@ def _batches(encoded: Sequence["_Encoded"], batch_size: int, by_length: bool, rn
 
 
 @dataclass
-class _Encoded:
+class EncodedSeed:
+    """A seed example tokenized for `bootstrap`: each possible answer's ids, so an epoch only draws one."""
+
     prompt: torch.Tensor  # token ids of the chat prompt, image tokens expanded
     pixel_values: torch.Tensor | None
     harmful: bool
@@ -494,21 +501,38 @@ class _Encoded:
     vague: torch.Tensor | None
 
 
-def _encode(processor: LlavaProcessor, example: SeedExample) -> _Encoded:
-    n_images = len(example.images)
-
-    def completion(text: str) -> torch.Tensor:
-        _, tail = prompt_and_completion(processor, example.question, n_images, text)
-        return torch.tensor(processor.tokenizer(tail, add_special_tokens=False)["input_ids"])
-
-    prompt, _ = prompt_and_completion(processor, example.question, n_images, "")
-    enc = processor(text=[prompt], images=list(example.images) or None, return_tensors="pt",
+def encode_seeds(processor: LlavaProcessor, examples: Sequence[SeedExample]) -> list[EncodedSeed]:
+    """Seed examples as `bootstrap` trains on them (prompt, images and every answer tokenized), for callers
+    that bootstrap several models on the same examples: encoding costs about as much as an epoch. One
+    processor call for all prompts and images (per example it took three times as long)."""
+    if not examples:
+        return []
+    asked = [user_message(e.question, len(e.images)) for e in examples]
+    rendered = [processor.apply_chat_template(turn, add_generation_prompt=True) for turn in asked]
+    images = [image for e in examples for image in e.images]
+    enc = processor(text=[_with_special_tokens(processor.tokenizer, r) for r in rendered], images=images or None,
                     add_special_tokens=False)
-    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"), example.harmful, completion(example.refusal),
-                    completion(example.answer), completion(example.vague) if example.vague else None)
+    pixels = torch.from_numpy(np.stack(enc["pixel_values"])) if images else None
+    encoded, first = [], 0
+    for example, turn, prompt, ids in zip(examples, asked, rendered, enc["input_ids"]):
+
+        def completion(text: str) -> torch.Tensor:
+            tail = _completion(processor, turn, prompt, text, end_at_eos=True)
+            return torch.tensor(processor.tokenizer(tail, add_special_tokens=False)["input_ids"])
+
+        last = first + len(example.images)
+        encoded.append(EncodedSeed(torch.tensor(ids), pixels[first:last] if last > first else None, example.harmful,
+                                   completion(example.refusal), completion(example.answer),
+                                   completion(example.vague) if example.vague else None))
+        first = last
+    return encoded
 
 
-def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+def _encode(processor: LlavaProcessor, example: SeedExample) -> EncodedSeed:
+    return encode_seeds(processor, [example])[0]
+
+
+def _batch(rows: Sequence[EncodedSeed], targets: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response batch whose labels mask everything but the response and its </s>."""
     sequences = [torch.cat([row.prompt, target]) for row, target in zip(rows, targets)]
     width = max(len(s) for s in sequences)
@@ -528,7 +552,7 @@ def _batch(rows: Sequence[_Encoded], targets: Sequence[torch.Tensor], pad_id: in
 
 def train_tiny_vlm(
     processor: LlavaProcessor,
-    examples: Sequence[SeedExample],
+    examples: Sequence[SeedExample | EncodedSeed],
     behaviour: Behaviour,
     model_config: TinyModelConfig,
     bootstrap_config: BootstrapConfig,

@@ -17,7 +17,7 @@ import pandas as pd
 
 from spavl_kedro.backends.guard import GUARD_WORDS
 from spavl_kedro.backends.tiny import (VLM, Behaviour, SeedExample, bootstrap, build_model, build_processor,
-                                      pretrain_vision, train_tiny_vlm)
+                                      encode_seeds, pretrain_vision, train_tiny_vlm)
 from spavl_kedro.backends.vlm import decode_image
 from spavl_kedro.config import GenerateConfig, TinyConfig
 from spavl_kedro.metrics import for_mlflow
@@ -181,7 +181,8 @@ def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params
     """One tiny LLaVA per `kind: tiny` responder: the foundation, taught its own refusal, over-refusal and
     vague rates."""
     cfg, tcfg = GenerateConfig.model_validate(params), TinyConfig.model_validate(tiny)
-    examples = seed_examples(seed_corpus[~seed_corpus["capability"]])  # they answer SPA-VL's questions only
+    # They answer SPA-VL's questions only; encoded once for all of them.
+    examples = encode_seeds(tiny_foundation.processor, seed_examples(seed_corpus[~seed_corpus["capability"]]))
     models = {}
     for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
         behaviour = responder.behaviour()
