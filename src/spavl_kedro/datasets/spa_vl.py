@@ -26,7 +26,9 @@ Inferred (not seen in a primary source), so the reader is tolerant:
   `preference`; a bare file name ("170.jpg") is completed with the record's class1..3 fields when it has them;
 - the value of `image_name` (and of the image's `path`) for rows imported from train.zip: the record's
   class1/class2/class3/N.jpg path. The train table has no class columns, so that path carries the labels:
-  `image_classes(image_name)` gives them back.
+  `image_classes(image_name)` gives them back. Paths this project writes spell each name with
+  `path_segment`, which escapes only what no file system takes in a name; every published name has none
+  of those characters, so published paths read the same either way.
 
 Label strings are kept exactly as published, typos included ("Representation & ToxicityHarms",
 "disablity discrimination", "scamns"): nothing here strips or normalises them.
@@ -40,6 +42,7 @@ import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote
 
 import pandas as pd
 import pyarrow as pa
@@ -106,11 +109,44 @@ def data_files(path: str | Path, config: str | None = None) -> dict[str, list[st
 
 
 def image_classes(image_path: str) -> tuple[str, str, str]:
-    """class1, class2, class3 of a train.zip path "class1/class2/class3/N.jpg" (extra leading folders ignored)."""
+    """class1, class2, class3 of a train.zip path "class1/class2/class3/N.jpg" (extra leading folders ignored),
+    each `path_segment` escape undone.
+
+    >>> image_classes("Malicious Use/Fraud or deceptive action/scamns/12.jpg")
+    ('Malicious Use', 'Fraud or deceptive action', 'scamns')
+    >>> image_classes("D/C%2FB/sub/1.png")
+    ('D', 'C/B', 'sub')
+    """
     parts = _parts(image_path)
     if len(parts) < 4:
         raise ValueError(f"image path '{image_path}' is not class1/class2/class3/N.jpg")
-    return parts[-4], parts[-3], parts[-2]
+    return unquote(parts[-4]), unquote(parts[-3]), unquote(parts[-2])
+
+
+# Characters written as %XX in a path segment: '%' itself (the escape), the separators, what Windows
+# forbids in a name, and control characters. Spaces and '&' stay: the published folders have them
+# ("Representation & ToxicityHarms/Unfair/racial/170.jpg").
+_ESCAPED = set('%/\\<>:"|?*') | {chr(c) for c in range(32)} | {chr(127)}
+
+
+def path_segment(name: str) -> str:
+    """A class name or image id as one folder or file name that round-trips through `image_classes`.
+
+    Only unsafe characters are escaped (as %XX), plus a leading or trailing dot or space, which Windows
+    drops or reads as a path; every published SPA-VL name comes back unchanged.
+
+    >>> path_segment("Representation & ToxicityHarms")
+    'Representation & ToxicityHarms'
+    >>> path_segment("C/B: 50%")
+    'C%2FB%3A 50%25'
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a class name or image id must be a non-empty string, got {name!r}")
+    chars = [f"%{ord(c):02X}" if c in _ESCAPED else c for c in name]
+    for end in (0, -1):
+        if chars[end] in (".", " "):
+            chars[end] = f"%{ord(chars[end]):02X}"
+    return "".join(chars)
 
 
 class SpaVLReleaseDataset(AbstractDataset):

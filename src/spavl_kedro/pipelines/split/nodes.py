@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.config import JudgeConfig, SplitConfig
+from spavl_kedro.datasets.spa_vl import path_segment
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES, validate
 
@@ -170,13 +171,21 @@ def _tests(rows: pd.DataFrame, pixels: "_Pixels") -> pd.DataFrame:
 
 class _Pixels:
     """Each image's published {bytes, path} struct and name, looked up by image_id (dicts: a split of 100k
-    pairs does 100k lookups)."""
+    pairs does 100k lookups). The name is class1/class2/class3/<image_id>.png, each part a `path_segment`,
+    so the same path names the image's file in the official trainers' image folder."""
 
     def __init__(self, images: pd.DataFrame) -> None:
-        names = ["/".join(parts) + f"/{i}.png" for i, *parts in
+        names = [_image_name(i, parts) for i, *parts in
                  images[["image_id", *CLASS_COLUMNS]].itertuples(index=False, name=None)]
         self.name = dict(zip(images["image_id"], names))
         self.png = dict(zip(images["image_id"], images["png"]))
+
+
+def _image_name(image_id: str, classes: list[str]) -> str:
+    try:
+        return "/".join(map(path_segment, classes)) + f"/{path_segment(image_id)}.png"
+    except ValueError as exc:
+        raise ValueError(f"images: image {image_id!r} (classes {classes}): {exc}") from exc
 
 
 def _with_image(df: pd.DataFrame, pixels: _Pixels) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import split_dataset
-from .release import export_release, write_dataset_card
+from .release import export_release, export_rlhf_pairs, write_dataset_card
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -14,4 +14,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                                   "params:split", "params:judge"], "dataset_card", name="write_dataset_card"),
         Node(export_release, ["train", "validation", "test_harm", "test_help", "dataset_card"], "spa_vl_release",
              name="export_release"),
+        Node(export_rlhf_pairs, ["train", "validation", "pair_provenance", "preferences", "images"], "spa_vl_rlhf",
+             name="export_rlhf_pairs"),
     ])
