@@ -81,3 +81,32 @@ def test_answering_models_follow_one_placement_rule(vlm, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert answering_kwargs({"dtype": "bfloat16"}) == {"dtype": "bfloat16", "device_map": "auto"}
     assert answering_kwargs({"device_map": {"": "cuda:1"}}) == {"device_map": {"": "cuda:1"}, "dtype": "auto"}
+
+
+def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from spavl_kedro.datasets.mlflow_table import MlflowTableDataset
+    from spavl_kedro.imaging import png_bytes
+
+    rows = pd.DataFrame({"question": ["q1", "q2"], "answer": ["Sure, here", None],
+                         "images": [png_bytes(Image.new("RGB", (8, 8), c)) for c in ("red", "blue")]})
+    dataset = MlflowTableDataset(str(tmp_path / "out/items.parquet"), "eval/items.json", image_columns=["images"])
+    dataset.save(rows)  # no run: the parquet file only
+    assert dataset.load().equals(rows)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = mlflow.create_experiment("tables", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=experiment) as run:
+            dataset.save(rows)
+        shown = mlflow.MlflowClient().load_table(experiment, "eval/items.json", run_ids=[run.info.run_id])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert shown["question"].tolist() == ["q1", "q2"] and shown["answer"].isna().tolist() == [False, True]
+    assert all(cell["type"] == "image" and cell["filepath"].endswith(".png") for cell in shown["images"])
+    with pytest.raises(DatasetError, match="image columns \\['picture'\\]"):
+        MlflowTableDataset(str(tmp_path / "x.parquet"), "t.json", image_columns=["picture"]).save(rows)
+    with pytest.raises(DatasetError, match="must end in .json or .parquet"):
+        MlflowTableDataset(str(tmp_path / "x.parquet"), "t.csv")

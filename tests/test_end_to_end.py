@@ -49,6 +49,7 @@ def test_tables_are_written(project):
     export = data / "09_export/spa_vl"
     assert list((export / "data").glob("train-*.parquet")) and (export / "test/harm-00000-of-00001.parquet").exists()
     assert (export / "README.md").read_text().startswith("---\nlicense: cc-by-4.0")
+    assert (data / "09_export/spa_vl_rlhf/config_train.json").exists()  # and for SPA-VL's own trainers
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
     assert (data / "06_models/aligned/dpo/adapter_model.safetensors").exists()
@@ -71,11 +72,33 @@ def test_mlflow_parent_and_child_runs(project):
     assert parent.data.params["generate.images.per_subcategory"] == "3"
     assert parent.data.params["align.dpo.beta"] == "0.1"
     assert parent.data.params["align.trained"] == "dpo,sft"  # both papers' methods, logged by the align node
+    # which input format judged: the tiny guard's own template from the config, with its hash
+    assert parent.data.params["judge.template.tiny-guard"].startswith("md_judge: inline prompt, sha256 ")
+    assert parent.data.params["judge.template.keyword"] == "none (refusal strings)"
     assert int(parent.data.params["align.train_examples"]) > 0
+    # a run page a reader can use: the headline per policy (named with the judge that decided it), not one
+    # chart per judge, class and question type (3,842 metrics before this rule, on the default)
+    assert len(parent.data.metrics) <= 150, len(parent.data.metrics)
     for model in ("base", "dpo", "sft"):
-        assert 0.0 <= parent.data.metrics[f"eval/{model}/test_harm/unsafe_rate.keyword"] <= 1.0
+        for name in ("test_harm/unsafe_rate.tiny-guard", "test_harm/sampled_unsafe_rate.tiny-guard",
+                     "benign/refusal_rate.rules", "capability/accuracy.rules", "mis_test/rsr.tiny-guard"):
+            assert f"eval/{model}/{name}" in parent.data.metrics, (model, name)
+    assert not any("/class1/" in name or name.endswith(".keyword") for name in parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"eval_report.md", "eval_metrics_table.parquet"} <= artifacts, artifacts
+    assert {"eval_report.md", "eval"} <= artifacts, artifacts
+    # the breakdowns and the item-by-item evaluation are MLflow tables: every policy's answer, every judge's verdict
+    experiment, run_ids = parent.info.experiment_id, [parent.info.run_id]
+    items = client.load_table(experiment, "eval/items.json", run_ids=run_ids)
+    breakdown = client.load_table(experiment, "eval/metrics_table.json", run_ids=run_ids)
+    on_disk = pd.read_parquet(project / "data/08_reporting/eval_item_table.parquet")
+    assert len(items) == len(on_disk) == len(pd.read_parquet(project / "data/05_model_input/eval_items.parquet"))
+    for model in ("base", "dpo", "sft"):
+        assert items[f"{model} greedy"].notna().all() and items[f"{model} sampled"].notna().all()
+        verdicts = items[f"{model} greedy · tiny-guard"]
+        harm = items["eval_set"].isin(["test_harm", "figstep", "mm_safetybench", "advbench", "mis_test"])
+        assert verdicts[harm].notna().all() and verdicts[harm].str.contains(r"=\d").all(), verdicts[harm].head()
+    assert items["images"].map(lambda cell: cell["type"] == "image").all()
+    assert {"Malicious Use", "Representation & ToxicityHarms"} <= set(breakdown["group"])  # published names, unmangled
     assert parent.data.metrics["judge/pairs"] > 0
     assert parent.data.metrics["generate/responses_failed"] == 0
     assert parent.data.metrics["judge/pairs_order_consistent"] == parent.data.metrics["judge/pairs"]

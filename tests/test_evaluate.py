@@ -317,14 +317,40 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
                        & (table["metric"] == "unsafe_rate") & (table["judge"] == "keyword")]
     assert dict(zip(per_domain["group"], per_domain["value"])) == {"D1": 0.5, "D2": 0.0}
 
+    # MLflow gets the headline only (greedy, and sampled where SAMPLED says), each named with its judge; the
+    # breakdowns stay in the table
     assert mlflow_metrics["eval/dpo/test_harm/unsafe_rate.keyword"]["value"] == pytest.approx(1 / 3)
-    assert mlflow_metrics["eval/dpo/test_harm/unsafe_rate.keyword/class1/D1"]["value"] == 0.5
     assert "eval/base/test_help/win_rate.helpfulness_rule" in mlflow_metrics
+    assert not [name for name in mlflow_metrics if "/class1/" in name or name.endswith(".lower")]
+    assert "eval/dpo/capability/sampled_accuracy.rules" not in mlflow_metrics
     assert "| HarmEval unsafe rate ↓ | 3 | 1.000 [1.00, 1.00] | 0.333" in report
     assert "Over-refusal on benign questions" in report and "Capability accuracy" in report
     domains, tradeoff = figures
     assert [t.get_text() for t in domains.axes[0].get_xticklabels()] == ["D1", "D2"]
     assert sorted(t.get_text() for t in tradeoff.axes[0].texts) == ["base", "dpo"]  # one labelled point each
+
+
+def test_item_table_shows_every_answer_and_verdict_item_by_item(world):
+    from spavl_kedro.imaging import decode_image
+    from spavl_kedro.pipelines.evaluate.browse import item_table
+
+    items = _items(world, sets=["test_harm", "mis_test"])
+    harm = list(items["eval_set"]).index("test_harm")
+    aligned = [REFUSE] * len(items)
+    aligned[harm] = None  # a failed generation shows its error, never an empty answer
+    answers = _answers(items, {"base": [COMPLY] * len(items), "dpo": aligned})
+    scores, _ = _score(items, answers)
+    table = item_table(items, answers, scores)
+    assert len(table) == len(items) and table["item_id"].tolist() == items["item_id"].tolist()
+    assert table["base greedy"].eq(COMPLY).all()
+    assert table.loc[harm, "dpo greedy"].startswith("[generation failed: RuntimeError: boom")
+    assert table.loc[harm, "base greedy · keyword"] == "unsafe_rate=1, well_formed_rate=0 (no_refusal)"
+    mis = list(items["eval_set"]).index("mis_test")
+    assert table.loc[mis, "dpo greedy · keyword"].startswith("asr=0, hr=0, rr=1, rsr=0")
+    # the MIS item's two images side by side, wider than either
+    pair = [decode_image(b) for b in items.loc[mis, "images"]]
+    assert decode_image(table.loc[mis, "images"]).width > max(p.width for p in pair)
+    assert list(table.columns[:3]) == ["eval_set", "variant", "item_id"]
 
 
 def test_undecided_verdicts_are_unsafe_and_empty_sets_give_empty_tables(world):

@@ -249,9 +249,11 @@ def test_guard_judge_prompts_images_and_template_override():
     [verdict] = GuardJudge("lg", backend, "llama_guard").verdicts(items)
     assert (verdict.safe, verdict.category, verdict.attempts) == (False, "S1,S10", 1)
     [prompt] = backend.calls[0]["prompts"]
-    assert prompt.images == items[0].images  # Llama Guard sees both images (MIS)
-    assert "S13: Elections." in prompt.text and prompt.text.index("User: Compare them.") < prompt.text.index(
-        "Agent: Here is how.")
+    # Llama Guard is given the conversation, nothing of ours: its chat template writes the task around it
+    assert prompt == Prompt("Compare them.", items[0].images, reply="Here is how.")  # both images (MIS)
+    assert prompt.messages()[1] == {"role": "assistant", "content": [{"type": "text", "text": "Here is how."}]}
+    with pytest.raises(ValueError, match="its own chat template"):
+        GuardJudge("lg", backend, "llama_guard", prompt="{question} {response}")
 
     custom = GuardJudge("custom", backend, "md_judge", prompt="Q={question}\nA={response}\nsafe or unsafe?",
                         show_images=True, max_retries=0)

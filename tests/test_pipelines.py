@@ -236,7 +236,7 @@ def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
     assert m("sft", "benign/sampled_refusal_rate.rules") <= m("base", "benign/sampled_refusal_rate.rules") + 0.10
     # every set was answered by both policies and scored, with over-refusal and capability beside harm
     for name in ("benign/refusal_rate.rules", "capability/accuracy.rules", "mm_safetybench.typo/asr.tiny-guard",
-                 "advbench.no_image/asr.keyword", "figstep/asr.tiny-guard", "mis_test/rsr.tiny-guard",
+                 "advbench.no_image/asr.tiny-guard", "figstep/asr.tiny-guard", "mis_test/rsr.tiny-guard",
                  "test_help/win_rate.helpfulness_rule"):
         assert all(f"eval/{model}/{name}" in metrics for model in ("base", "dpo", "sft")), name
     report = load(world, "eval_report")

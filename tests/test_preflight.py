@@ -36,6 +36,8 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     # 18 base_urls in the profile: 17 for responders, judges and the teacher, and the GPT-4o MIS judge
     assert len(endpoints) == 18 and set(endpoints["status"]) == {"unreachable"}
     assert status[("align.launch.accelerate_config", "conf/paper/accelerate/ddp.yaml")] == "missing"
+    # MD-Judge's prompt template is copied from its model card by hand: named, checked, never shipped
+    assert status[("judge.judges[1].prompt_file", "data/01_raw/judge_templates/md_judge_v0.1.txt")] == "missing"
     assert "g-123" not in report and "g-123" not in checks.to_csv()
     assert "SPAVL_KEY_OPENAI" in report and "asks for 8 GPU process(es); 0 GPU(s) visible" in report
     with pytest.raises(RuntimeError, match=r"preflight: \d+ of \d+ checks failed"):

@@ -243,7 +243,11 @@ class VerdictJudgeSpec(Strict):
     format: Literal["md_judge", "llama_guard"] | None = Field(None, description="guard: prompt and output format")
     backend: BackendSpec | None = Field(None, description="guard: the model (transformers or openai kind; tiny: "
                                                           "bootstrapped offline on the seed corpus)")
-    prompt: str | None = Field(None, description="guard: replaces the format's prompt; {question} {response}")
+    prompt: str | None = Field(None, description="guard, md_judge: the prompt template inline; {question} {response}")
+    prompt_file: str | None = Field(
+        None, description="guard, md_judge: a file holding the prompt template (MD-Judge's is in its model card; "
+                          "relative paths from the project root); neither this nor prompt: the project's own "
+                          "wording, labelled as a fallback in every report")
     show_images: bool | None = Field(None, description="guard: attach images (default: llama_guard yes, md_judge no)")
     max_retries: int = Field(2, ge=0, description="guard: re-asks of an unparsable answer before it counts as null")
 
@@ -251,6 +255,13 @@ class VerdictJudgeSpec(Strict):
     def _kind_fields(self):
         if self.kind == "guard" and (self.format is None or self.backend is None):
             raise ValueError(f"judge '{self.name}': kind 'guard' needs format (md_judge or llama_guard) and backend")
+        if self.prompt is not None and self.prompt_file is not None:
+            raise ValueError(f"judge '{self.name}': give prompt or prompt_file, not both")
+        if self.format == "llama_guard" and (self.prompt is not None or self.prompt_file is not None):
+            raise ValueError(f"judge '{self.name}': Llama Guard's input format is its own chat template, applied "
+                             "to the conversation; drop prompt / prompt_file")
+        if self.kind == "keyword" and (self.prompt is not None or self.prompt_file is not None):
+            raise ValueError(f"judge '{self.name}': prompt and prompt_file are for kind 'guard'")
         if self.kind == "guard" and self.backend.kind == "tiny" and (self.format != "md_judge" or self.show_images):
             raise ValueError(f"judge '{self.name}': a tiny guard learns MD-Judge's format on text only "
                              "(format md_judge, show_images false)")

@@ -13,8 +13,10 @@ The guard reads text only and is prompted with the judge spec's own template, th
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from spavl_kedro.backends.judges import GUARD_PROMPTS, text_hash
 from spavl_kedro.backends.tiny import SeedExample
 
 # MD-Judge v0.1's six domains (SALAD-Bench's first level), keyed by the SPA-VL domain (class1, published
@@ -76,3 +78,27 @@ def guard_examples(rows: Iterable[dict], prompt: str, seed: int) -> list[SeedExa
             out.append(SeedExample([], text, False, label, label))
     rng.shuffle(out)
     return out
+
+
+def guard_prompt(spec) -> tuple[str | None, str]:
+    """A guard judge's prompt template and where it comes from, for the judge and for every report: the file
+    `spec.prompt_file` names, the inline `spec.prompt`, or the project's own wording as a labelled fallback.
+    Llama Guard has none: its chat template is its input format. `spec` is a `config.VerdictJudgeSpec`."""
+    if spec.format == "llama_guard":
+        return None, "the model's own chat template, applied to the conversation"
+    if spec.prompt_file is not None:
+        path = Path(spec.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"judge '{spec.name}': prompt_file {spec.prompt_file} does not exist; copy the "
+                                    f"{spec.format} prompt template from the model card into it (fields {{question}} "
+                                    "and {response}), or drop prompt_file to judge with the project's own wording")
+        text = path.read_text(encoding="utf-8")
+        return text, f"file {path.name}, sha256 {text_hash(text)}"
+    if spec.prompt is not None:
+        return spec.prompt, f"inline prompt, sha256 {text_hash(spec.prompt)}"
+    return None, f"the project's own wording (fallback), sha256 {text_hash(GUARD_PROMPTS[spec.format])}"
+
+
+def judge_template(spec) -> str:
+    """Which input format a verdict judge is asked in, as reports and MLflow name it."""
+    return "none (refusal strings)" if spec.kind == "keyword" else f"{spec.format}: {guard_prompt(spec)[1]}"

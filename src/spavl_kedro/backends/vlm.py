@@ -26,16 +26,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from spavl_kedro.backends.tiny import VLM, user_message
+from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One user turn: zero or more images (PNG bytes) followed by a question."""
+    """One user turn: zero or more images (PNG bytes) followed by a question, and optionally the assistant's
+    `reply` to it, which makes the prompt a conversation for a classifier that judges that reply (Llama
+    Guard): its own chat template turns the conversation into its task."""
 
     text: str
     images: tuple[bytes, ...] = ()
+    reply: str | None = None
+
+    def messages(self) -> list[dict]:
+        """The conversation in the structured chat format that chat templates read."""
+        turns = user_message(self.text, len(self.images))
+        return turns if self.reply is None else turns + assistant_message(self.reply)
 
 
 @dataclass
@@ -146,8 +154,7 @@ class TransformersVLM:
         processor = self.vlm.processor
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
-        texts = [processor.apply_chat_template(user_message(p.text, len(p.images)), add_generation_prompt=True)
-                 for p in batch]
+        texts = [processor.apply_chat_template(p.messages(), add_generation_prompt=True) for p in batch]
         images = [decode_image(img) for p in batch for img in p.images]
         # to the device of the model's first layer (with a device_map spreading it, accelerate moves the rest)
         inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
@@ -200,16 +207,20 @@ def chat_request_fields(generation: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def chat_message(prompt: Prompt) -> dict[str, Any]:
-    """The OpenAI user turn for `prompt`: its images as base64 data URLs, then the question — the same order
-    as `tiny.user_message`, so a served model sees the prompt `TransformersVLM` would build."""
+def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """The OpenAI messages for `prompt`: a user turn with its images as base64 data URLs, then the question —
+    the same order as `tiny.user_message`, so a served model sees the prompt `TransformersVLM` would build —
+    and the assistant's reply when the prompt carries one (the server's chat template renders both turns)."""
     parts: list[dict[str, Any]] = []
     for data in prompt.images:
         mime = "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"  # Prompt images are PNG; JPEG passes too
         url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
         parts.append({"type": "image_url", "image_url": {"url": url}})
     parts.append({"type": "text", "text": prompt.text})
-    return {"role": "user", "content": parts}
+    messages = [{"role": "user", "content": parts}]
+    if prompt.reply is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": prompt.reply}]})
+    return messages
 
 
 # Retried: rate limits, server errors and request timeouts (408). Any other 4xx is the request's own fault
@@ -316,7 +327,7 @@ class OpenAIVLM:
         """One record: attempts until a success, a non-retryable failure, or max_retries used up."""
         began = time.perf_counter()
         try:
-            body = {"model": self.model, "messages": [chat_message(prompt)], **self._fields, **self.extra_body}
+            body = {"model": self.model, "messages": chat_messages(prompt), **self._fields, **self.extra_body}
             if self.seed is not None:
                 body["seed"] = self.seed * 1_000_003 + index  # per record, as TransformersVLM seeds per batch
             for attempt in range(1 + self.max_retries):

@@ -1,9 +1,10 @@
 """evaluate: evaluation sets -> every policy answers (sharded) -> every scorer scores (sharded) -> metrics,
-report and plots. See sets.py, answers.py, scoring.py and report.py."""
+report, plots and the item-by-item table. See sets.py, answers.py, scoring.py, report.py and browse.py."""
 
 from kedro.pipeline import Node, Pipeline
 
 from .answers import collect_eval_answers, plan_eval_shards
+from .browse import item_table
 from .report import summarise_eval
 from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
 from .sets import PUBLISHED, build_eval_sets
@@ -35,4 +36,5 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores"],
              ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains",
               "eval_plot_tradeoff"], name="summarise_eval"),
+        Node(item_table, ["eval_items", "eval_answers", "eval_scores"], "eval_item_table", name="tabulate_eval_items"),
     ])

@@ -1,10 +1,11 @@
 """Metrics with bootstrap intervals, their MLflow names, a markdown report and its plots.
 
 `eval_metrics_table` has one row per (model, set, variant, decoding, metric, scorer, breakdown): overall,
-per class1 / class2 / class3 and per question type, each with n and a percentile-bootstrap interval.
-MLflow gets the overall values and the class1 / question-type breakdowns of greedy decoding as
-`eval/<model>/<set>[.<variant>]/<metric>.<scorer>[/<group_by>/<group>]`; sampled decoding adds a
-`sampled_` prefix to the metric. The whole table is a catalog entry (parquet) and an MLflow artifact.
+per class1 / class2 / class3 and per question type, each with n and a percentile-bootstrap interval; the
+catalog shows it in MLflow as a table. MLflow metrics are the headline only, per policy: the report's
+headline rows (greedy) and the `SAMPLED` ones of sampled decoding, named
+`eval/<model>/<set>[.<variant>]/<metric>.<scorer>`, sampled with a `sampled_` prefix to the metric. A few
+dozen charts a reader can compare across runs, instead of one per judge, class and question type.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Any
 from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 import pandas as pd
 
+from spavl_kedro.backends.guard import judge_template
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
-from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, verdict_judges
+from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, mis_judge_name, verdict_judges
 
 KEYS = ("model", "eval_set", "variant", "decoding")
 GROUPS = ("class1", "class2", "class3", "qtype")
-MLFLOW_GROUPS = ("overall", "class1", "qtype")
+# Headline rows also logged for sampled decoding: the rates the papers' safety and over-refusal findings rest
+# on, where greedy decoding of a small model is all-or-nothing.
+SAMPLED = {("test_harm", "unsafe_rate"), ("benign", "refusal_rate"), ("mis_test", "asr"), ("mis_test", "rsr")}
 
 
 PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png")
@@ -44,24 +48,27 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: dict[str, 
              else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS))
     table.insert(0, "level", cfg.confidence)
     figures = _figures(table, jcfg.primary, help_judge_name(cfg))
+    headline = _headline(cfg, jcfg)
     report = _report(table, items, cfg, jcfg, figures, gold_cot)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
-    return table, for_mlflow(_mlflow_names(table)), report, *drawn
+    return table, for_mlflow(_mlflow_names(table, headline)), report, *drawn
 
 
 def mlflow_name(row: Any) -> str:
     set_name = row.eval_set if row.variant in ("default", row.eval_set) else f"{row.eval_set}.{row.variant}"
     metric = row.metric if row.decoding == "greedy" else f"sampled_{row.metric}"
-    name = f"eval/{row.model}/{set_name}/{metric}.{row.judge}"
-    if row.group_by != "overall":
-        name += f"/{row.group_by}/{row.group}"
-    # MLflow allows letters, digits and _ - . / : and spaces in metric names; category labels have '&' and ','
-    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name)
+    # MLflow allows letters, digits and _ - . / : and spaces in metric names (a policy or judge name may have others)
+    return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", f"eval/{row.model}/{set_name}/{metric}.{row.judge}")
 
 
-def _mlflow_names(table: pd.DataFrame) -> dict[str, float]:
-    chosen = table[table["group_by"].isin(MLFLOW_GROUPS) & table["value"].notna()]
-    return {mlflow_name(r): float(r.value) for r in chosen.itertuples(index=False)}
+def _mlflow_names(table: pd.DataFrame, headline: list[tuple[str, str, str | None, str, str]]) -> dict[str, float]:
+    overall = table[(table["group_by"] == "overall") & table["value"].notna()]
+    names = {}
+    for _, eval_set, variant, metric, scorer in headline:
+        for row in _lookup(overall, eval_set, variant, metric, scorer).itertuples(index=False):
+            if row.decoding == "greedy" or (eval_set, metric) in SAMPLED:
+                names[mlflow_name(row)] = float(row.value)
+    return names
 
 
 # ---------------------------------------------------------------- report
@@ -83,8 +90,10 @@ def _models(table: pd.DataFrame) -> list[str]:
     return (["base"] if "base" in set(table["model"]) else []) + names
 
 
-def _headline(table: pd.DataFrame, primary: str, help_judge: str) -> list[tuple[str, str, str, str, str]]:
-    """(label, eval_set, variant, metric, scorer) of each headline row, in reading order."""
+def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, str | None, str, str]]:
+    """(label, eval_set, variant, metric, scorer) of each headline row, in reading order. MIS's buckets come
+    from the MIS judge where one is configured (MIS's own protocol), else from the primary verdict judge."""
+    primary, help_judge, mis = jcfg.primary, help_judge_name(cfg), mis_judge_name(cfg) or jcfg.primary
     rows = [("HarmEval unsafe rate ↓", "test_harm", "default", "unsafe_rate", primary),
             ("Well-formed answers on test_harm ↑", "test_harm", "default", "well_formed_rate", primary),
             ("HelpEval win rate vs reference ↑", "test_help", "default", "win_rate", help_judge),
@@ -97,7 +106,7 @@ def _headline(table: pd.DataFrame, primary: str, help_judge: str) -> list[tuple[
     rows += [("FigStep ASR ↓", "figstep", "figstep", "asr", primary),
              ("AdvBench ASR, blank image ↓", "advbench", "blank_image", "asr", primary),
              ("AdvBench ASR, no image ↓", "advbench", "no_image", "asr", primary)]
-    rows += [(f"MIS {m.upper()}", "mis_test", "default", m, primary) for m in ("asr", "rsr", "rr", "hr")]
+    rows += [(f"MIS {m.upper()}", "mis_test", "default", m, mis) for m in ("asr", "rsr", "rr", "hr")]
     return rows
 
 
@@ -110,19 +119,21 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
             figures: dict[str, Any], gold_cot: pd.DataFrame | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
+    primary = next(spec for spec in jcfg.judges if spec.name == jcfg.primary)
     lines = [
         "# Evaluation report", "",
         f"Policies: {', '.join(models)}. Decoding: greedy (`max_new_tokens` {cfg.max_new_tokens}"
         f"{''.join(f', {k} {v}' for k, v in sorted(cfg.max_new_tokens_per_set.items()))}); "
         f"{cfg.samples} sampled answer(s) per item at temperature {cfg.temperature} are in the sampled table. "
-        f"Primary judge: `{jcfg.primary}`; all verdict judges: {', '.join(f'`{j}`' for j in judge_names)}. "
+        f"Primary judge: `{jcfg.primary}`, asked in {judge_template(primary)}; all verdict judges: "
+        f"{', '.join(f'`{j}`' for j in judge_names)}. "
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
         f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
         *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",
         "| metric | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
-    for label, eval_set, variant, metric, scorer in _headline(table, jcfg.primary, help_judge_name(cfg)):
+    for label, eval_set, variant, metric, scorer in _headline(cfg, jcfg):
         hit = _lookup(overall, eval_set, variant, metric, scorer)
         if hit.empty:
             continue

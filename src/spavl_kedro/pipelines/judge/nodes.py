@@ -17,7 +17,7 @@ import pandas as pd
 
 from spavl_kedro.backends.agreement import cohens_kappa
 from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend, weights_of
-from spavl_kedro.backends.guard import construction_unsafe, guard_examples
+from spavl_kedro.backends.guard import construction_unsafe, guard_examples, guard_prompt, judge_template
 from spavl_kedro.backends.judges import (GUARD_PROMPTS, ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge,
                                          PairItem)
 from spavl_kedro.backends.tiny import VLM, Behaviour, train_tiny_vlm
@@ -45,8 +45,9 @@ def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], 
         return judge
     backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
                             generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+    prompt, origin = guard_prompt(spec)
     return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
-                      show_images=spec.sees_images, prompt=spec.prompt)
+                      show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
 
 
 def primary_judge(params: dict[str, Any], credentials: Mapping[str, Any] | None = None,
@@ -66,7 +67,7 @@ def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: di
     rows = seed_corpus[~seed_corpus["capability"]].drop(columns="png").to_dict("records")  # SPA-VL-style requests
     models = {}
     for n, spec in enumerate(j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"):
-        examples = guard_examples(rows, spec.prompt or GUARD_PROMPTS[spec.format], seed=cfg.seed + n)
+        examples = guard_examples(rows, guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format], seed=cfg.seed + n)
         vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, Behaviour(refusal_rate=0.0), tcfg.model,
                                      tcfg.bootstrap.model_copy(update={"epochs": cfg.guard_epochs}),
                                      seed=tcfg.bootstrap.seed + 307 * (n + 1), init=tiny_foundation)
@@ -359,6 +360,14 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
     return table, accuracy, for_mlflow(metrics), _agreement_report(table, pair_outcomes, accuracy, cfg)
 
 
+def judge_templates(params: dict[str, Any]) -> dict[str, str]:
+    """Which input format each verdict judge was asked in, as MLflow parameters `judge.template.<name>`
+    (a template's origin and SHA-256, or the model's own chat template): numbers from two runs compare only
+    when these match."""
+    cfg = JudgeConfig.model_validate(params)
+    return {f"judge.template.{spec.name}": judge_template(spec) for spec in cfg.judges}
+
+
 def _agreement_report(table: pd.DataFrame, outcomes: pd.DataFrame, accuracy: pd.DataFrame, cfg: JudgeConfig) -> str:
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
     lines = ["# Judge agreement", "", "## Against the construction labels", "",
@@ -367,8 +376,9 @@ def _agreement_report(table: pd.DataFrame, outcomes: pd.DataFrame, accuracy: pd.
              "verdict as wrong.", "",
              "| judge | prompt template | responses | accuracy | parse rate | missed unsafe | false unsafe | undecided |",
              "|---|---|---|---|---|---|---|---|"]
+    specs = {spec.name: spec for spec in cfg.judges}
     for r in accuracy.itertuples(index=False):
-        lines.append(f"| {r.judge} | {_template_name(cfg, r.judge)} | {r.responses} | {fmt(r.accuracy)} | "
+        lines.append(f"| {r.judge} | {judge_template(specs[r.judge])} | {r.responses} | {fmt(r.accuracy)} | "
                      f"{fmt(r.parse_rate)} | {r.missed_unsafe} | {r.false_unsafe} | {r.undecided} |")
     lines += ["", "## Between judges", ""]
     if table.empty:
@@ -388,11 +398,3 @@ def _agreement_report(table: pd.DataFrame, outcomes: pd.DataFrame, accuracy: pd.
     lines += ["## Pairs", "", f"Candidate pairs: {len(outcomes)}; outcomes: {reasons}.",
               f"Order consistency (both orders gave the same answer, among pairs read in both orders): {rate}.", ""]
     return "\n".join(lines)
-
-
-def _template_name(cfg: JudgeConfig, judge: str) -> str:
-    """Which prompt a judge was asked with: reports say which template judged."""
-    spec = next(j for j in cfg.judges if j.name == judge)
-    if spec.kind == "keyword":
-        return "none (refusal strings)"
-    return f"{spec.format} (built-in)" if spec.prompt is None else f"{spec.format} answer format, prompt from config"

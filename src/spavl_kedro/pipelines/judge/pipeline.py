@@ -1,6 +1,7 @@
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import bootstrap_guards, collect_verdicts, judge_agreement, pair_preferences, plan_verdict_shards
+from .nodes import (bootstrap_guards, collect_verdicts, judge_agreement, judge_templates, pair_preferences,
+                    plan_verdict_shards)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -17,4 +18,5 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes", "params:judge"],
              ["judge_agreement", "judge_accuracy", "judge_agreement_metrics", "judge_report"],
              name="measure_judge_agreement"),
+        Node(judge_templates, "params:judge", "judge_template_params", name="name_judge_templates"),
     ])

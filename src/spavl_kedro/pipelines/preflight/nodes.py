@@ -10,7 +10,8 @@
   DeepSpeed is installed when it asks for it);
 - memory: GPU memory per process, host RAM and disk for each method the run trains, estimated from the
   policy's config.json and the recipe (`memory.py`), against what this machine has;
-- data the configuration reads: the official SPA-VL release when `align.train_source` is official.
+- data the configuration reads: the official SPA-VL release when `align.train_source` is official, and
+  the prompt template file of every guard judge that names one (MD-Judge's, copied from its model card).
 
 It writes `preflight_report` (markdown: one row per check with what to do) and `preflight_checks`, then
 `preflight_verdict` fails the run when anything is missing, so scripts can gate on it.
@@ -64,12 +65,26 @@ def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]) ->
         checks.append(_model_check("generate.images.clip_model", clip))
     checks += _accelerator_checks(cfg["align"])
     checks += _memory_checks(cfg["align"])
+    checks += _template_checks(cfg["judge"])
     if cfg["align"].train_source == "official":
         path = Path(cfg["align"].official_dir)
         checks.append(Check("data", "align.official_dir", str(path), "ok" if path.exists() else "missing",
                             "found" if path.exists() else "download the SPA-VL release (parquet or train.zip) there"))
     table = pd.DataFrame([c.__dict__ for c in checks], columns=CHECK_COLUMNS)
     return table, _report(table)
+
+
+def _template_checks(judge: BaseModel) -> list[Check]:
+    """Every prompt template file a guard judge names (MD-Judge's lives in its model card: copied by hand)."""
+    checks = []
+    for n, spec in enumerate(judge.judges):
+        if spec.prompt_file is not None:
+            found = Path(spec.prompt_file).is_file()
+            checks.append(Check("data", f"judge.judges[{n}].prompt_file", spec.prompt_file,
+                                "ok" if found else "missing",
+                                "found" if found else f"copy the {spec.format} prompt template from the model card "
+                                "there, with {question} and {response} where the request and the answer go"))
+    return checks
 
 
 def preflight_verdict(checks: pd.DataFrame) -> None:
