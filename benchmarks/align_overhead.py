@@ -55,8 +55,8 @@ from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from PIL import Image  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from spavl_kedro.backends.tiny import (  # noqa: E402
-    VLM, Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor, train_tiny_vlm)
+from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 from spavl_kedro.backends.vlm import decode_image  # noqa: E402
 from spavl_kedro.pipelines.align.nodes import train_aligned  # noqa: E402
 

@@ -33,7 +33,8 @@ import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from spavl_kedro.backends.tiny import VLM, TinyModelConfig, build_model, build_processor  # noqa: E402
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
+from spavl_kedro.backends.settings import TinyModelConfig
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import pytest
 
-from spavl_kedro.backends.tiny import VLM, TinyModelConfig, build_model, build_processor
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
+from spavl_kedro.backends.settings import TinyModelConfig
 
 
 def build_tiny(directory: Path | None = None) -> VLM:

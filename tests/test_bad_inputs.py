@@ -19,7 +19,7 @@ import yaml
 from kedro.io import DatasetError
 from PIL import Image
 
-from spavl_kedro.backends.factory import BackendSpec
+from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.backends.judges import JudgeItem, KeywordJudge
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, load_vlm
 from spavl_kedro.config import ImageSourceConfig, validate_parameters

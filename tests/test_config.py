@@ -127,3 +127,13 @@ def test_per_set_answer_caps_name_known_sets(base_params):
         EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens_per_set": {"mis_tset": 64}})
     with pytest.raises(ValueError, match="at least 1"):
         EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens_per_set": {"mis_test": 0}})
+
+
+def test_config_imports_without_the_training_stack():
+    """Parameters are checked (hooks, notebooks, test_docs) without loading torch, transformers or TRL."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spavl_kedro.config; heavy = {'torch', 'transformers', 'trl', 'peft'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -28,9 +28,11 @@ from safetensors.torch import load_file
 
 from spavl_kedro.backends import tiny
 from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.reward import RewardSettings, save_reward_model, train_reward
+from spavl_kedro.backends.reward import save_reward_model, train_reward
+from spavl_kedro.backends.settings import RewardSettings
 from spavl_kedro.backends.train_worker import METRICS_FILE, launch, load_records, run, save_records
-from spavl_kedro.backends.training import DPOSettings, train_dpo
+from spavl_kedro.backends.training import train_dpo
+from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import load_vlm
 
 PAIRS = 32

@@ -11,74 +11,30 @@ Keys that need a row:
    - a scalar, a null or a list of scalars is a leaf (`evaluate.sets`);
    - a `generation` or `load_kwargs` mapping is a leaf too, documented as a whole: its keys are
      transformers' `generate()` / `from_pretrained` keyword arguments, passed through, not ours.
-2. Every field of every configuration class, at the path where the class lives (HOMES), whether or not a
-   YAML file sets it: the pydantic models of src/spavl_kedro/config.py, BackendSpec, the tiny model's
-   classes and the four trainers' recipe settings. Fields are read from the source (annotated class
-   attributes, inherited ones included): importing them would pull in torch and TRL, 10-20 s here.
-3. Model specs are documented once. `generate.responders[]` is a list of BackendSpec and every key named
-   `backend` holds one, so `judge.pairwise.backend.model` is covered by the rows `judge.pairwise.backend`
+2. Every field of every configuration class, at the path where it sits in the parameters, whether or not a
+   YAML file sets it: the tree of pydantic models under `config.SECTIONS`, walked through the fields'
+   types (a model adds `.field`, a list of models `[]`). `spavl_kedro.config` imports without torch or
+   TRL (backends/settings.py), so the classes themselves are read, not their source.
+3. Model specs are documented once. `generate.responders[]` is a list of BackendSpec, and every other key
+   holding one (`backend`, `evaluate.served[]`) is documented by its own row, so `judge.pairwise.backend.model` is covered by the rows `judge.pairwise.backend`
    and `generate.responders[].model`.
 """
 
 from __future__ import annotations
 
-import ast
 import re
-from pathlib import Path
+import types
+import typing
 
 import pytest
 from kedro.config import OmegaConfigLoader
+from pydantic import BaseModel
 
 from conftest import PROJECT
+from spavl_kedro.config import RECIPE_SETTINGS, SECTIONS, BackendSpec
 
 DOC = PROJECT / "docs" / "configuration.md"
-SRC = PROJECT / "src" / "spavl_kedro"
-SOURCES = ["config.py", "backends/factory.py", "backends/tiny.py", "backends/recipe.py", "backends/training.py",
-           "backends/sft.py", "backends/reward.py", "backends/online_rl.py"]
-
-# Where each configuration class sits in the parameters; a class used in two places has two homes.
-HOMES = {
-    "TaxonomyConfig": ["taxonomy"],
-    "GenerateConfig": ["generate"],
-    "ImagesConfig": ["generate.images"],
-    "QuestionsConfig": ["generate.questions"],
-    "QuestionTemplates": ["generate.questions.templates"],
-    "ModelWriterConfig": ["generate.questions.model_writer"],
-    "WriterPrompts": ["generate.questions.model_writer.prompts"],
-    "ScreenConfig": ["generate.questions.screen"],
-    "MisConfig": ["generate.mis"],
-    "TeacherConfig": ["generate.mis.teacher"],
-    "CotTemplates": ["generate.mis.teacher.templates"],
-    "SeedCorpusConfig": ["generate.seed_corpus"],
-    "BackendSpec": ["generate.responders[]"],
-    "TinyConfig": ["tiny"],
-    "TinyModelConfig": ["tiny.model"],
-    "BootstrapConfig": ["tiny.bootstrap"],
-    "FoundationConfig": ["tiny.foundation"],
-    "VisionPretrainConfig": ["tiny.vision"],
-    "JudgeConfig": ["judge"],
-    "VerdictJudgeSpec": ["judge.judges[]"],
-    "PairwiseJudgeSpec": ["judge.pairwise", "evaluate.help_judge.pairwise"],
-    "SplitConfig": ["split"],
-    "SubsetConfig": ["split.subset"],
-    "AlignConfig": ["align"],
-    "PolicyConfig": ["align.policy"],
-    "Behaviour": ["generate.responders[]", "align.policy"],
-    "RLRewardConfig": ["align.rl"],
-    "LaunchConfig": ["align.launch"],
-    "DPOSettings": ["align.dpo"],
-    "SFTSettings": ["align.sft"],
-    "RewardSettings": ["align.reward"],
-    "OnlineRLSettings": ["align.grpo", "align.rloo"],
-    "EvaluateConfig": ["evaluate"],
-    "TypographyConfig": ["evaluate.typography"],
-    "CapabilityConfig": ["evaluate.capability"],
-    "HelpJudgeConfig": ["evaluate.help_judge"],
-    "MisJudgeSpec": ["evaluate.mis_judge"],
-    "BenchmarkTemplates": ["evaluate.templates"],
-}
-BASES = {"Strict", "ImageSourceConfig", "RecipeSettings"}  # their fields are documented through subclasses
-SPEC = HOMES["BackendSpec"][0]
+SPEC = "generate.responders[]"  # where BackendSpec's fields are documented
 WHOLE = {"generation", "load_kwargs", "max_new_tokens_per_set"}
 
 
@@ -101,32 +57,34 @@ def _yaml_keys(value, path: str = ""):
         yield path
 
 
-def _model_classes() -> dict[str, ast.ClassDef]:
-    """The pydantic models defined in SOURCES, by name."""
-    classes = {node.name: node for source in SOURCES for node in ast.parse((SRC / source).read_text()).body
-               if isinstance(node, ast.ClassDef)}
-
-    def is_model(node: ast.ClassDef) -> bool:
-        return any(ast.unparse(base) in ("BaseModel", "pydantic.BaseModel")
-                   or (isinstance(base, ast.Name) and base.id in classes and is_model(classes[base.id]))
-                   for base in node.bases)
-
-    return {name: node for name, node in classes.items() if is_model(node)}
-
-
-def _fields(name: str, classes: dict[str, ast.ClassDef]) -> list[str]:
-    node = classes[name]
-    inherited = [field for base in node.bases if isinstance(base, ast.Name) and base.id in classes
-                 for field in _fields(base.id, classes)]
-    own = [stmt.target.id for stmt in node.body
-           if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-           and not stmt.target.id.startswith("_") and "ClassVar" not in ast.unparse(stmt.annotation)]
-    return list(dict.fromkeys(inherited + own))
+def _models(annotation) -> list[tuple[str, type[BaseModel]]]:
+    """The pydantic models a field's type holds, with the path suffix each adds: '' or '[]' (a list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [("", annotation)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return [("[]" + suffix, model) for arg in args for suffix, model in _models(arg)]
+    if origin in (typing.Union, types.UnionType):
+        return [found for arg in args for found in _models(arg)]
+    return []
 
 
 def _field_keys() -> set[str]:
-    classes = _model_classes()
-    return {f"{home}.{field}" for name, homes in HOMES.items() for home in homes for field in _fields(name, classes)}
+    """Every field of every configuration model, as a dotted path from its parameter block."""
+    keys: set[str] = set()
+
+    def walk(model: type[BaseModel], path: str) -> None:
+        for name, info in model.model_fields.items():
+            keys.add(f"{path}.{name}")
+            for suffix, inner in _models(info.annotation):
+                if inner is not BackendSpec or f"{path}.{name}{suffix}" == SPEC:  # a model spec: documented once
+                    walk(inner, f"{path}.{name}{suffix}")
+
+    for block, model in SECTIONS.items():
+        walk(model, block)
+    for method, settings in RECIPE_SETTINGS.items():  # align.<method> holds a recipe, checked against its class
+        walk(settings, f"align.{method}")
+    return keys
 
 
 def _rows_for(key: str) -> set[str]:
@@ -159,12 +117,6 @@ def test_every_config_field_is_documented():
             "generate.images.clip_prompt"} <= keys
     missing = _undocumented(keys)
     assert not missing, "docs/configuration.md has no row for these config class fields:\n  " + "\n  ".join(missing)
-
-
-def test_every_config_class_has_a_home():
-    unplaced = sorted(set(_model_classes()) - set(HOMES) - BASES)
-    assert not unplaced, f"add these classes to HOMES in tests/test_docs.py (where they sit in the parameters): {unplaced}"
-    assert set(HOMES) <= set(_model_classes()), f"HOMES names classes that are gone: {set(HOMES) - set(_model_classes())}"
 
 
 def test_no_row_documents_a_key_that_is_gone():

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spavl_kedro.backends.tiny import VLM, TinyModelConfig, build_model, build_processor
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
+from spavl_kedro.backends.settings import TinyModelConfig
 from spavl_kedro.config import GenerateConfig, ScreenConfig
 from spavl_kedro.datasets.shards import ShardDataset
 from spavl_kedro.pipelines.generate.mis import compose_mis_samples, split_cot, write_cot_targets

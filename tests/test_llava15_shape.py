@@ -18,7 +18,8 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from serving import transformers_serve
 from spavl_kedro.backends import reward, tiny
-from spavl_kedro.backends.sft import SFTSettings, examples_to_dataset, train_sft
+from spavl_kedro.backends.sft import examples_to_dataset, train_sft
+from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.training import pairs_to_dataset
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm
 

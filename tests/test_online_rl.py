@@ -23,10 +23,10 @@ from PIL import Image
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import KeywordJudge, Verdict
-from spavl_kedro.backends.online_rl import OnlineRLSettings, judge_reward, train_online_rl
-from spavl_kedro.backends.tiny import (
-    VLM, Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor, train_tiny_vlm, user_message,
-)
+from spavl_kedro.backends.online_rl import judge_reward, train_online_rl
+from spavl_kedro.backends.settings import OnlineRLSettings
+from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 
 N_PROMPTS = 48
 
@@ -170,7 +170,7 @@ def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named
     from trl import GRPOConfig
 
     from spavl_kedro.backends.recipe import trl_config
-    from spavl_kedro.backends.reward import RewardSettings
+    from spavl_kedro.backends.settings import RewardSettings
 
     vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://localhost:8000"}
     settings = OnlineRLSettings(output_dir=str(tmp_path), trl_args=vllm)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spavl_kedro.backends.recipe import COMPLETE_MARKERS, RecipeSettings, resume_point
+from spavl_kedro.backends.recipe import COMPLETE_MARKERS, resume_point
+from spavl_kedro.backends.settings import RecipeSettings
 
 # Trains 16 pairs for 2 epochs at batch 2 (16 optimiser steps), a checkpoint every 4 steps, then prints its metrics.
 CHILD = """

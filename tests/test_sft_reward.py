@@ -17,12 +17,15 @@ import torch
 from PIL import Image
 
 from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.reward import RewardSettings, load_reward_model, save_reward_model, train_reward
-from spavl_kedro.backends.sft import SFTSettings, train_sft
-from spavl_kedro.backends.training import DPOSettings, train_dpo
+from spavl_kedro.backends.reward import load_reward_model, save_reward_model, train_reward
+from spavl_kedro.backends.settings import RewardSettings
+from spavl_kedro.backends.sft import train_sft
+from spavl_kedro.backends.settings import SFTSettings
+from spavl_kedro.backends.training import train_dpo
+from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import load_vlm
-from spavl_kedro.backends.tiny import (Behaviour, BootstrapConfig, SeedExample, TinyModelConfig, build_processor,
-                                       train_tiny_vlm, user_message)
+from spavl_kedro.backends.tiny import SeedExample, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 
 REFUSALS = [
     "I'm sorry, but I cannot help with that request.",

@@ -14,7 +14,8 @@ import pytest
 
 from spavl_kedro.backends.guard import SAFE, construction_unsafe, guard_examples, unsafe_label
 from spavl_kedro.backends.judges import HelpfulnessRule, KeywordJudge, PairItem
-from spavl_kedro.backends.tiny import Behaviour, EncodedSeed
+from spavl_kedro.backends.tiny import EncodedSeed
+from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.grounding import caption_parts, facts_named, helpfulness
 from spavl_kedro.pipelines.judge.nodes import _by_verdicts, harmful_request
 
@@ -117,8 +118,8 @@ def test_scenes_have_known_answers_and_distinct_pixels():
 def test_vision_pretraining_learns_scene_words_and_bootstraps_keep_the_tower_frozen():
     import torch
 
-    from spavl_kedro.backends.tiny import (BootstrapConfig, SeedExample, TinyModelConfig, VisionPretrainConfig,
-                                           VLM, bootstrap, build_model, build_processor, pretrain_vision)
+    from spavl_kedro.backends.tiny import SeedExample, VLM, bootstrap, build_model, build_processor, pretrain_vision
+    from spavl_kedro.backends.settings import BootstrapConfig, TinyModelConfig, VisionPretrainConfig
     from spavl_kedro.scenes import Scene
 
     rng = random.Random(0)

@@ -1,8 +1,8 @@
 """Typed configuration of every pipeline, checked before anything runs.
 
 `parameters_<pipeline>.yml` stays plain YAML (so kedro-mlflow logs it as flat, comparable params); nodes
-validate their block with these models, and `hooks.ValidateParamsHook` validates all blocks when the
-context is created, so a typo fails the run before any model loads, with the key in the message.
+validate their block with these models, and `hooks.ProjectHooks` validates all blocks when the context
+is created, so a typo fails the run before any model loads, with the key in the message.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from spavl_kedro.backends.factory import NAME_PATTERN, BackendSpec
-from spavl_kedro.backends.tiny import BootstrapConfig, FoundationConfig, TinyModelConfig, VisionPretrainConfig
-from spavl_kedro.backends.training import DPOSettings
+from spavl_kedro.backends.settings import (
+    NAME_PATTERN, BackendSpec, BootstrapConfig, DPOSettings, FoundationConfig, OnlineRLSettings, RewardSettings,
+    SFTSettings, TinyModelConfig, VisionPretrainConfig,
+)
 
 
 class Strict(BaseModel):
@@ -449,28 +450,22 @@ class AlignConfig(Strict):
             raise ValueError(f"align.name '{self.name}' clashes with the artifact of align.also method '{self.name}'")
         return self
 
-
     @field_validator("dpo", "sft", "reward", "grpo", "rloo")
     @classmethod
     def _recipe(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         """Each recipe against its settings class, so `align.grpo: num_generations: ...` names the key."""
         try:
             # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
-            recipe_settings()[info.field_name].model_validate({"output_dir": "unused", "checkpoint_dir": "unused",
+            RECIPE_SETTINGS[info.field_name].model_validate({"output_dir": "unused", "checkpoint_dir": "unused",
                                                                **recipe})
         except ValidationError as exc:
             raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return recipe
 
 
-def recipe_settings() -> dict[str, type[BaseModel]]:
-    """The settings class of each method's recipe (imported here: the backends import torch and TRL)."""
-    from spavl_kedro.backends.online_rl import OnlineRLSettings
-    from spavl_kedro.backends.reward import RewardSettings
-    from spavl_kedro.backends.sft import SFTSettings
-
-    return {"dpo": DPOSettings, "sft": SFTSettings, "reward": RewardSettings, "grpo": OnlineRLSettings,
-            "rloo": OnlineRLSettings}
+# The settings class of each method's recipe (align.<method>).
+RECIPE_SETTINGS: dict[str, type[BaseModel]] = {"dpo": DPOSettings, "sft": SFTSettings, "reward": RewardSettings,
+                                               "grpo": OnlineRLSettings, "rloo": OnlineRLSettings}
 
 
 EVAL_SETS = ("test_harm", "test_help", "benign", "capability", "mm_safetybench", "figstep", "advbench", "mis_test")

@@ -9,77 +9,12 @@ caller gets a `VLMBackend`: prompts in, generations out.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spavl_kedro.backends.tiny import VLM, Behaviour
+from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, load_vlm
-
-
-NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
-
-# BackendSpec fields that decide where and how fast a request goes, not what it answers: resumable stages
-# leave them out of their shard fingerprints, so a rerun against other servers still resumes.
-TRANSPORT_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "backoff_s", "base_urls", "api_key",
-                              "batch_size"})
-
-
-class BackendSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # The name is also a shard folder and part of MLflow metric names: letters, digits, '_', '.', '-' only.
-    name: str = Field(pattern=NAME_PATTERN, description="unique name; the `responder` (or `writer`, `teacher`) column")
-    kind: Literal["tiny", "transformers", "openai"] = Field(
-        description="tiny: built offline; transformers: local directory or hub id; openai: chat-completions endpoint")
-    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny responder: share of harmful requests it "
-                                                                      "is taught to refuse")
-    over_refusal_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of harmless requests it "
-                                                                   "is taught to refuse")
-    vague_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of answered harmless requests it "
-                                                            "answers vaguely (names nothing in the image)")
-    model: str | None = Field(None, description="transformers: directory or hub id; openai: the served model name")
-    load_kwargs: dict[str, Any] = Field(default_factory=dict,
-                                        description="transformers only: from_pretrained kwargs (dtype, device_map); "
-                                                    "unset, an answering model goes to the GPUs (device_map "
-                                                    "auto) when there are any, else to the CPU in float32")
-    trust_remote_code: bool = Field(False, description="transformers only: run the model repository's own Python "
-                                                       "(off unless a model needs it and you trust it)")
-    base_urls: list[str] = Field(default_factory=list,
-                                 description="openai only: one or more .../v1 URLs; requests are spread over them")
-    api_key: str | None = Field(None, description="openai only: NAME of a key in conf/local/credentials.yml, never the key")
-    concurrency: int = Field(8, ge=1, description="openai only: requests in flight at once (over all base_urls)")
-    timeout_s: float = Field(120.0, gt=0, description="openai only: per-request timeout")
-    max_retries: int = Field(4, ge=0, description="openai only: retries on 429 / 5xx / timeout / cut-off JSON")
-    backoff_s: float = Field(1.0, gt=0, description="openai only: first retry wait, doubling each time (with jitter; "
-                                                    "a server's Retry-After wins)")
-    batch_size: int | None = Field(None, ge=1, description="tiny/transformers: prompts per generate() call")
-    generation: dict[str, Any] = Field(default_factory=dict, description="generation kwargs for this model")
-
-    @model_validator(mode="after")
-    def _kind_fields(self):
-        where = f"'{self.name}' (kind {self.kind})"
-        if self.kind in ("transformers", "openai") and not self.model:
-            raise ValueError(f"{where} needs model ({'a directory or hub id' if self.kind == 'transformers' else 'the served model name'})")
-        if self.kind == "openai" and not self.base_urls:
-            raise ValueError(f"{where} needs base_urls (e.g. [http://localhost:8000/v1])")
-        if self.kind != "openai" and (self.base_urls or self.api_key):
-            raise ValueError(f"{where}: base_urls and api_key are for kind 'openai' only")
-        if self.kind != "transformers" and self.trust_remote_code:
-            raise ValueError(f"{where}: trust_remote_code is for kind 'transformers' only")
-        if {"trust_remote_code", "use_safetensors"} & set(self.load_kwargs):
-            raise ValueError(f"{where}: load_kwargs must not set trust_remote_code or use_safetensors (weights are "
-                             "always safetensors; remote code is the spec's trust_remote_code field)")
-        if self.kind != "tiny" and (self.refusal_rate is not None or self.over_refusal_rate or self.vague_rate):
-            raise ValueError(f"{where}: refusal_rate, over_refusal_rate and vague_rate are for kind 'tiny' only")
-        return self
-
-    def behaviour(self) -> Behaviour:
-        """What a tiny responder is bootstrapped to do."""
-        if self.refusal_rate is None:
-            raise ValueError(f"'{self.name}' (kind tiny) needs refusal_rate to be bootstrapped as a responder")
-        return Behaviour(refusal_rate=self.refusal_rate, over_refusal_rate=self.over_refusal_rate,
-                         vague_rate=self.vague_rate)
 
 
 def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,

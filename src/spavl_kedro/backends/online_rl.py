@@ -28,29 +28,19 @@ in `training.py`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 from datasets import Dataset
 from peft import PeftModel
-from pydantic import Field
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import Judge, JudgeItem
 from spavl_kedro.backends.recipe import (
-    CHAT_PROMPT,
-    RecipeSettings,
-    child_run,
-    finish_checkpoints,
-    lora_config,
-    on_disk_dataset,
-    prepare_for_generation,
-    resolve_device,
-    resume_point,
-    run_trainer,
-    training_copy,
-    trl_config,
+    CHAT_PROMPT, child_run, finish_checkpoints, lora_config, on_disk_dataset, prepare_for_generation,
+    resolve_device, resume_point, run_trainer, training_copy, trl_config,
 )
+from spavl_kedro.backends.settings import OnlineRLSettings
 from spavl_kedro.backends.tiny import VLM, user_message
 from spavl_kedro.backends.vlm import png_bytes
 
@@ -59,28 +49,6 @@ RewardFn = Callable[[list[dict]], list[float]]
 _TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 # Curves GRPO / RLOO log: reward and KL trends, and completion length (a collapse onto short answers shows there).
 _CURVES = ("reward", "kl", "completions/mean_length")
-
-
-# Defaults measured on a tiny LLaVA bootstrapped to refuse ~30% of the time, keyword-judge reward (refusal = 1),
-# 16 steps of 4 prompts x 4 answers x 16 tokens, beta 0.1: LoRA on the language MLPs at lr 6e-3 took the reward
-# from 0.33 to 0.77 (GRPO) and 0.34 to 0.69 (RLOO); lr 3e-3 gained about half as much. Full weights at lr 1e-3:
-# GRPO 0.27 -> 0.69, but RLOO collapsed onto empty answers (its KL penalty is summed over the sequence, so the
-# shortest answer pays the least); `completion_length` in the metrics shows such a collapse.
-class OnlineRLSettings(RecipeSettings):
-    """Hyperparameters of one GRPO or RLOO run. Defaults suit a tiny LLaVA on CPU; the paper profile overrides."""
-
-    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="group-mean baseline (grpo) or leave-one-out (rloo)")
-    learning_rate: float = Field(
-        6e-3, gt=0, description="peak AdamW learning rate, decayed linearly; SPA-VL's PPO: 5e-7 on full weights"
-    )
-    epochs: float = Field(1, gt=0, description="passes over the prompts (fractions allowed)")
-    batch_size: int = Field(4, ge=1, description="prompts per optimiser step; each is answered num_generations times")
-    num_generations: int = Field(4, ge=2, description="sampled answers per prompt; the baseline comes from this group")
-    max_completion_length: int = Field(32, ge=1, description="new tokens sampled per answer")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; the group needs diverse answers")
-    beta: float = Field(0.1, ge=0, description="KL coefficient to the reference policy; SPA-VL's PPO used kl 0.1")
-    lora: bool = Field(True, description="train a LoRA adapter (True) or every weight of the copy (False)")
-    run_name: str = Field("online_rl", description="name of the nested MLflow run")
 
 
 def judge_reward(judge: Judge) -> RewardFn:

@@ -32,79 +32,23 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator
 
 import mlflow
-import pydantic
 import torch
 from datasets import Dataset, Features, Image, List, Value
 from peft import LoraConfig, PeftModel
-from pydantic import Field
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spavl_kedro.backends.tiny import weights_fingerprint
+from spavl_kedro.backends.settings import RecipeSettings
 
 log = logging.getLogger(__name__)
-
-# Default LoRA placement: the MLP projections of the language model only (Llama module names, so the same
-# pattern fits LLaVA-1.5). Measured on a tiny LLaVA bootstrapped to refuse 30% of the time, 250 pairs:
-# adapters on every linear layer at lr 1e-3 won the DPO margin by wrecking the text (no well-formed sample
-# left, sampled refusals fell); every-linear at lower lr traded refusals against broken outputs. Language
-# MLPs only at lr 5e-4 took the sampled refusal rate from ~0.35 to ~0.8 and greedy from 0 to 1, with
-# ~3 in 4 samples still well-formed.
-LANGUAGE_MLP = r".*language_model.*\.(gate_proj|up_proj|down_proj)"
 
 # LLaVA-family module names (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision in transformers 5).
 VISION_TOWER = "vision_tower"
 PROJECTOR = "multi_modal_projector"
-
-
-class RecipeSettings(pydantic.BaseModel):
-    """Fields every training recipe has; the trainers' settings classes extend it. A misspelt key fails."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices (lora=True only)")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input path")
-    lora_target_modules: list[str] | str = Field(
-        LANGUAGE_MLP, description="module names, a full-match regex, or 'all-linear'; the vision tower never"
-    )
-    seed: int = Field(0, description="seeds adapter init, data order, dropout and sampling")
-    logging_steps: int = Field(1, ge=1, description="optimiser steps averaged into one logged curve point")
-    report_to: list[str] = Field(["mlflow"], description="loggers; 'mlflow' logs to a nested run")
-    run_name: str = Field(description="name of the nested MLflow run")
-    output_dir: str = Field(description="scratch directory for trainer state; nothing is saved there")
-    use_cpu: bool | None = Field(
-        None, description="None: a CUDA GPU when visible (bf16 if supported), else CPU fp32; true: always CPU"
-    )
-    activation_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass instead of keeping them: less memory, "
-                           "more compute (transformers' name; gradient_checkpointing is its deprecated alias)"
-    )
-    weights_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the weights the trainer holds and AdamW updates: float32 master weights "
-                               "under bf16 autocast, or bfloat16 chosen deliberately (half the memory, coarser "
-                               "updates). Never float16: a half-precision checkpoint is cast to this first"
-    )
-    checkpoint_steps: int = Field(
-        0, ge=0, description="save a resumable checkpoint (weights, optimiser, schedule, RNG) every this many "
-                             "optimiser steps, keeping the latest two; a rerun of the same run resumes from the "
-                             "latest. 0: no checkpoints")
-    checkpoint_dir: str | None = Field(
-        None, description="where checkpoints go; the align node sets it to align.checkpoint_dir/<artifact name>")
-    trl_args: dict[str, Any] = Field(
-        default_factory=dict, description="further arguments of the TRL trainer's config class (DPOConfig, SFTConfig, "
-                                          "GRPOConfig, RLOOConfig) under TRL's own names, passed as they are: checked "
-                                          "against the class, and refused where a field of the recipe sets them "
-                                          "(e.g. GRPO's use_vllm, vllm_mode, vllm_server_base_url)")
-
-    @pydantic.model_validator(mode="after")
-    def _checkpoints_have_a_place(self):
-        if self.checkpoint_steps and not self.checkpoint_dir:
-            raise ValueError("checkpoint_steps is set but checkpoint_dir is not: say where checkpoints go")
-        return self
 
 
 # `RecipeSettings.weights_dtype` -> torch dtype

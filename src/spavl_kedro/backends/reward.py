@@ -39,42 +39,22 @@ from pathlib import Path
 from typing import Sequence
 
 import mlflow
-import pydantic
 import torch
 from accelerate import PartialState
 from peft import get_peft_model
-from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from spavl_kedro.backends.recipe import (COMPLETE_MARKERS, RecipeSettings, checkpoint_step, child_run,
-                                         finish_checkpoints, is_checkpointing, lora_config, optimiser_dtypes,
-                                         resolve_device, resume_point, training_copy)
+from spavl_kedro.backends.recipe import (
+    COMPLETE_MARKERS, checkpoint_step, child_run, finish_checkpoints, is_checkpointing, lora_config,
+    optimiser_dtypes, resolve_device, resume_point, training_copy,
+)
+from spavl_kedro.backends.settings import RewardSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.imaging import as_image
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
-
-
-class RewardSettings(RecipeSettings):
-    """Hyperparameters of one reward-model run. Defaults separate refusals from compliances on a tiny LLaVA."""
-
-    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
-    epochs: int = Field(3, ge=1, description="passes over the preference pairs")
-    batch_size: int = Field(8, ge=1, description="pairs per optimisation step (each pair is two sequences)")
-    lora: bool = Field(False, description="train a LoRA adapter plus the head (True) or every weight (False)")
-    run_name: str = Field("reward", description="name of the nested MLflow run")
-    output_dir: str | None = Field(
-        None, description="unused by the plain loop (checkpoints go to checkpoint_dir); kept so recipes match the others"
-    )
-
-    @pydantic.field_validator("trl_args")
-    @classmethod
-    def _not_a_trl_trainer(cls, value: dict) -> dict:
-        if value:
-            raise ValueError("the reward model trains in its own loop, not a TRL trainer: trl_args does not apply")
-        return value
 
 
 class RewardModel(torch.nn.Module):

@@ -28,45 +28,18 @@ from typing import Sequence
 
 from datasets import Dataset
 from peft import PeftModel
-from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.recipe import (
-    RecipeSettings,
-    child_run,
-    finish_checkpoints,
-    freeze_for_full_finetune,
-    lora_config,
-    on_disk_dataset,
-    prepare_for_generation,
-    resolve_device,
-    resume_point,
-    run_trainer,
-    training_copy,
-    trl_config,
+    child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset, prepare_for_generation,
+    resolve_device, resume_point, run_trainer, training_copy, trl_config,
 )
+from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
 # Curves SFTTrainer logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
 _CURVE_KEYS = ("loss", "mean_token_accuracy", "entropy")
-
-
-class SFTSettings(RecipeSettings):
-    """Hyperparameters of one SFT run. Defaults moved a bootstrapped tiny LLaVA's loss on CPU in seconds."""
-
-    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
-    epochs: float = Field(3, gt=0, description="passes over the examples (fractions allowed)")
-    batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
-    lora: bool = Field(False, description="train a LoRA adapter (True) or fine-tune every weight (False)")
-    train_projector: bool = Field(
-        True, description="full fine-tune: the multimodal projector trains with the language model (LLaVA's "
-                          "instruction tuning); False keeps it frozen with the vision tower")
-    max_length: int | None = Field(
-        None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
-    )
-    run_name: str = Field("sft", description="name of the nested MLflow run")
 
 
 def examples_to_dataset(examples: Sequence[dict], processor, scratch: str) -> Dataset:

@@ -28,25 +28,19 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlamaTokenizer,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
+    CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+    LlamaTokenizer, LlavaProcessor, PreTrainedTokenizerFast,
 )
 
 from spavl_kedro.grounding import STOP_WORDS
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig, VisionPretrainConfig
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -83,31 +77,6 @@ LLAVA15_CHAT_TEMPLATE = (
 )
 
 
-class TinyModelConfig(BaseModel):
-    """Sizes of a tiny LLaVA. Defaults: ~0.9M parameters, trains at several steps/s on 2 CPU cores."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
-
-    vocab_size: int = Field(1024, description="BPE vocabulary size learned from the seed text")
-    text_hidden: int = Field(128, description="width of the Llama language model")
-    text_layers: int = Field(4, description="transformer layers of the language model")
-    text_heads: int = Field(4, description="attention heads of the language model")
-    vision_hidden: int = Field(64, description="width of the CLIP vision tower")
-    vision_layers: int = Field(2, description="transformer layers of the vision tower")
-    image_size: int = Field(32, description="pixels per side after the image processor")
-    patch_size: int = Field(8, description="ViT patch size; (32/8)^2 = 16 image tokens per image")
-    max_positions: int = Field(512, description="longest sequence the model can see")
-    layout: Literal["tiny", "llava-1.5"] = Field(
-        "tiny", description="tiny: byte-level BPE and the project's chat template; llava-1.5: the formats of "
-                            "llava-hf/llava-1.5-7b-hf (SentencePiece BPE with BOS, its own chat template, image "
-                            "features from the tower's second-to-last layer)")
-
-    @property
-    def vision_feature_layer(self) -> int:
-        """LLaVA-1.5 reads the CLIP tower's second-to-last layer (llava-hf config: vision_feature_layer -2)."""
-        return -2 if self.layout == "llava-1.5" else -1
-
-
 def llava15_shape(**sizes) -> TinyModelConfig:
     """A tiny model in LLaVA-1.5-7B's shape: llava-1.5 layout, a CLIP tower at 336 px with 14-px patches
     (576 image tokens per image, 1,152 for a two-image MIS prompt), narrow and shallow everywhere else.
@@ -115,49 +84,6 @@ def llava15_shape(**sizes) -> TinyModelConfig:
     shape = dict(layout="llava-1.5", image_size=336, patch_size=14, vocab_size=1024, text_hidden=64,
                  text_layers=2, text_heads=4, vision_hidden=32, vision_layers=2, max_positions=2048)
     return TinyModelConfig(**{**shape, **sizes})
-
-
-class FoundationConfig(BaseModel):
-    """The shared tiny base every tiny model starts from, as real VLM families share a pretrained base.
-
-    It learns the world once (what a harmful request is, how to answer a harmless one from the image, the
-    answer forms) under a mixed behaviour; each model's own short bootstrap then only moves its rates.
-    """
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
-
-    epochs: int = Field(5, ge=1, description="passes over the seed corpus")
-    refusal_rate: float = Field(0.5, ge=0, le=1, description="share of harmful seed requests refused")
-    over_refusal_rate: float = Field(0.1, ge=0, le=1, description="share of harmless seed requests refused")
-    vague_rate: float = Field(0.2, ge=0, le=1, description="share of answered harmless requests answered vaguely")
-    group_by_length: bool = Field(False, description="as tiny.bootstrap.group_by_length, for the foundation")
-
-
-class BootstrapConfig(BaseModel):
-    """A short fine-tune of the language model and projector that gives a tiny model its own behaviour."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
-
-    epochs: int = Field(8, ge=1, description="passes over the seed examples; labels are re-drawn each pass")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate; high because the model starts from noise")
-    batch_size: int = Field(16, ge=1, description="examples per optimisation step")
-    seed: int = Field(0, description="seeds weight init, label draws and batch order")
-    train_vision: bool = Field(False, description="also train the vision tower (LLaVA keeps its CLIP tower "
-                                                  "frozen in both of its training stages)")
-    group_by_length: bool = Field(True, description="batch rows of similar length together (transformers' "
-                                                    "option of that name): less padding, ~15% faster")
-
-
-class VisionPretrainConfig(BaseModel):
-    """Pretraining of the tiny vision tower before any language training, standing in for the CLIP
-    pretraining LLaVA's tower comes with: from the pooled patch features, predict which words an image's
-    caption contains."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
-
-    steps: int = Field(300, ge=0, description="optimisation steps (0: the tower keeps its random weights)")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
-    batch_size: int = Field(64, ge=1, description="images per step")
 
 
 @dataclass
@@ -371,23 +297,6 @@ class SeedExample:
                         compliance: str) -> "SeedExample":
         """A harmful request, refused or complied with at the model's refusal rate."""
         return cls(list(images), question, True, refusal, compliance)
-
-
-class Behaviour(BaseModel):
-    """How often a tiny model declines and how well it answers: one responder's character."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    refusal_rate: float = Field(ge=0, le=1, description="share of harmful requests refused")
-    over_refusal_rate: float = Field(0.0, ge=0, le=1, description="share of harmless requests refused")
-    vague_rate: float = Field(0.0, ge=0, le=1, description="share of answered harmless requests answered vaguely")
-
-    def target(self, example: EncodedSeed, rng: random.Random) -> torch.Tensor:
-        if example.harmful:
-            return example.refusal if rng.random() < self.refusal_rate else example.answer
-        if rng.random() < self.over_refusal_rate:
-            return example.refusal
-        return example.vague if example.vague is not None and rng.random() < self.vague_rate else example.answer
 
 
 def bootstrap(vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour: Behaviour,

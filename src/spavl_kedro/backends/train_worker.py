@@ -44,13 +44,14 @@ from peft import PeftModel
 
 from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
 from spavl_kedro.backends.online_rl import train_online_rl
-from spavl_kedro.backends.recipe import PARENT_RUN_ENV, RecipeSettings, prepare_for_generation
+from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
+from spavl_kedro.backends.settings import RecipeSettings
 from spavl_kedro.backends.reward import HEAD_CONFIG, RewardModel, load_reward_model, save_reward_model, train_reward
 from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.training import train_dpo
 from spavl_kedro.backends.vlm import load_vlm, png_bytes
-from spavl_kedro.config import recipe_settings
+from spavl_kedro.config import RECIPE_SETTINGS
 
 METRICS_FILE = "metrics.json"
 
@@ -69,11 +70,10 @@ RewardFn = Callable[[list[dict]], list[float]]
 
 def settings_for(method: str, fields: dict[str, Any]) -> RecipeSettings:
     """The method's settings from recipe fields (GRPO and RLOO share a class and differ by `algorithm`)."""
-    classes = recipe_settings()
-    if method not in classes:
-        raise ValueError(f"unknown alignment method {method!r}; known: {sorted(classes)}")
+    if method not in RECIPE_SETTINGS:
+        raise ValueError(f"unknown alignment method {method!r}; known: {sorted(RECIPE_SETTINGS)}")
     extra = {"algorithm": method} if method in ("grpo", "rloo") else {}
-    return classes[method].model_validate({**fields, **extra})
+    return RECIPE_SETTINGS[method].model_validate({**fields, **extra})
 
 
 def train(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettings,

@@ -34,27 +34,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import pydantic
 from datasets import Dataset
 from peft import PeftModel
-from pydantic import Field
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 
 from spavl_kedro.backends.recipe import (
-    RecipeSettings,
-    child_run,
-    finish_checkpoints,
-    freeze_for_full_finetune,
-    lora_config,
-    on_disk_dataset,
-    prepare_for_generation,
-    resolve_device,
-    resume_point,
-    run_trainer,
-    training_copy,
-    trl_config,
+    child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset, prepare_for_generation,
+    resolve_device, resume_point, run_trainer, training_copy, trl_config,
 )
+from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
 # Curves TRL logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
@@ -65,38 +54,6 @@ _CURVE_KEYS = (
     "rewards/accuracies",
     "rewards/margins",
 )
-
-
-class DPOSettings(RecipeSettings):
-    """Hyperparameters of one DPO run. Defaults are what moved a tiny LLaVA's sampled refusal rate on CPU."""
-
-    beta: float = Field(0.1, gt=0, description="DPO temperature on the log-ratio margin; SPA-VL uses 0.1")
-    lora: bool = Field(True, description="train a LoRA adapter; false: full fine-tune of the language model")
-    train_projector: bool = Field(
-        False, description="train the multi-modal projector too (LoRA: via modules_to_save); the vision tower never"
-    )
-    learning_rate: float = Field(
-        5e-4, gt=0, description="peak AdamW learning rate; SPA-VL: 2e-5 LoRA, 1e-6 full (full FT wants far less)"
-    )
-    epochs: float = Field(2, gt=0, description="passes over the preference pairs (fractions allowed)")
-    batch_size: int = Field(8, ge=1, description="pairs per device per optimisation micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name for the decay")
-    max_length: int | None = Field(
-        None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
-    )
-    run_name: str = Field("dpo", description="name of the nested MLflow run")
-
-    @pydantic.field_validator("lora_target_modules")
-    @classmethod
-    def _no_lm_head(cls, value: list[str] | str) -> list[str] | str:
-        # TRL computes DPO log-probs from lm_head.weight directly, so an adapter there would never train;
-        # it raises deep inside the trainer. Failing here points at the setting instead.
-        names = [value] if isinstance(value, str) else value
-        if any(name == "lm_head" or name.endswith(".lm_head") for name in names):
-            raise ValueError("lora_target_modules must not include lm_head (TRL DPO cannot train it)")
-        return value
 
 
 def pairs_to_dataset(pairs: Sequence[dict], processor, scratch: str) -> Dataset:

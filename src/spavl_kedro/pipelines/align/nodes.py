@@ -18,8 +18,9 @@ import pandas as pd
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.sft import SFTSettings
-from spavl_kedro.backends.tiny import VLM, Behaviour, train_tiny_vlm
+from spavl_kedro.backends.settings import SFTSettings
+from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
+from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.train_worker import launch, settings_for
 from spavl_kedro.backends.train_worker import train as train_method
 from spavl_kedro.backends.vlm import load_vlm

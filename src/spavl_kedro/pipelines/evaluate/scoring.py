@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend, weights_of
+from spavl_kedro.backends.factory import build_backend, weights_of
+from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.judges import ChatJudge, HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
 from spavl_kedro.config import EvaluateConfig, JudgeConfig

@@ -16,8 +16,10 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.backends.guard import GUARD_WORDS
-from spavl_kedro.backends.tiny import (VLM, Behaviour, SeedExample, bootstrap, build_model, build_processor,
-                                      encode_seeds, pretrain_vision, train_tiny_vlm)
+from spavl_kedro.backends.tiny import (
+    VLM, SeedExample, bootstrap, build_model, build_processor, encode_seeds, pretrain_vision, train_tiny_vlm,
+)
+from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.vlm import decode_image
 from spavl_kedro.config import GenerateConfig, TinyConfig
 from spavl_kedro.metrics import for_mlflow

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, BackendSpec, api_key, build_backend, weights_of
+from spavl_kedro.backends.factory import api_key, build_backend, weights_of
+from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import GenerateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending

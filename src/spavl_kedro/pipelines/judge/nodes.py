@@ -16,11 +16,14 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.agreement import cohens_kappa
-from spavl_kedro.backends.factory import TRANSPORT_FIELDS, build_backend, weights_of
+from spavl_kedro.backends.factory import build_backend, weights_of
+from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.guard import construction_unsafe, guard_examples, guard_prompt, judge_template
-from spavl_kedro.backends.judges import (GUARD_PROMPTS, ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge,
-                                         PairItem)
-from spavl_kedro.backends.tiny import VLM, Behaviour, train_tiny_vlm
+from spavl_kedro.backends.judges import (
+    GUARD_PROMPTS, ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge, PairItem,
+)
+from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
+from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.config import JudgeConfig, TinyConfig, VerdictJudgeSpec
 from spavl_kedro.grounding import helpfulness
 from spavl_kedro.metrics import for_mlflow

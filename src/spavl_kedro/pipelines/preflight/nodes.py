@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel
 
-from spavl_kedro.backends.factory import BackendSpec
+from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.config import validate_parameters
 from spavl_kedro.datasets.credentials import env_name
 from spavl_kedro.pipelines.preflight import memory
