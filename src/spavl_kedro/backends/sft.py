@@ -14,8 +14,8 @@ Choices worth knowing about:
   pixel features stay, which fails inside the model ("Image features and image tokens do not match").
 - The caller's model is copied first and the run is logged to a nested MLflow run, as in `train_dpo` (see
   `training.py` for why the child run is opened here rather than by transformers' callback).
-- Full fine-tuning is the default: on the tiny models LoRA barely moves the SFT loss (REFERENCE.md), and
-  MIS fine-tunes the whole InternVL. The vision tower stays frozen, as in LLaVA's instruction tuning: left
+- Full fine-tuning is the default: on the tiny models LoRA on q/v barely moved the SFT loss when measured,
+  and MIS fine-tunes the whole InternVL. The vision tower stays frozen, as in LLaVA's instruction tuning: left
   to train on a few dozen chain-of-thought samples, the tiny tower lost what it had learned to see (one
   default run: capability 0.85 -> 0.58 after SFT; with the tower frozen, 0.83 -> 0.77 in another).
   `train_projector=False` freezes the projector too. LoRA goes on the language MLPs, like DPO, when

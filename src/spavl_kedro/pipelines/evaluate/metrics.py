@@ -6,7 +6,7 @@ verdicts and comparisons; these functions turn those into numbers:
 - `bootstrap_ci` and `metric_table`: a rate with a 95% percentile-bootstrap interval, overall and per
   harm class / question type, as one long table (one row per model, eval set, variant, metric, group).
 - `win_outcome` and `win_rates`: win rate against reference answers with the pair judged in both orders,
-  because judges favour a position (REFERENCE.md: VLGuard's judge never swaps; we do).
+  because judges favour a position (VLGuard's evaluation, Zong et al. 2024, never swaps the answers; we do).
 - `mis_perception_level`, `mis_bucket`, `mis_rates` (with `coherent`, `claims_blind`, `perceived`): MIS's
   perception level 1-3 and its four exclusive buckets ASR / RSR / RR / HR (DripNowhy/MIS,
   evaluation/gpt_eval.py).
