@@ -43,7 +43,7 @@ if method == "reward":
     from spavl_kedro.backends.reward import RewardSettings, train_reward
     _, metrics = train_reward(vlm, pairs, RewardSettings(**recipe))
 else:
-    from spavl_kedro.backends.training import DPOSettings, train_dpo
+    from spavl_kedro.backends.dpo import DPOSettings, train_dpo
     _, metrics = train_dpo(vlm, pairs, DPOSettings(**recipe))
 print(json.dumps({"method": method, "pairs": n, "seconds": round(time.perf_counter() - began, 1),
                   "before_training_mb": round(before, 1),

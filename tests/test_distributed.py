@@ -28,12 +28,13 @@ from safetensors.torch import load_file
 
 from spavl_kedro.backends import tiny
 from spavl_kedro.backends.adapters import apply_adapter
+from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.reward import save_reward_model, train_reward
-from spavl_kedro.backends.settings import RewardSettings
+from spavl_kedro.backends.settings import DPOSettings, RewardSettings
 from spavl_kedro.backends.train_worker import METRICS_FILE, launch, load_records, run, save_records
-from spavl_kedro.backends.training import train_dpo
-from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import load_vlm
+
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
 PAIRS = 32
 TOLERANCE = 1e-5  # measured ~1e-7; fp32 reductions in another order, nothing more

@@ -16,6 +16,8 @@ from kedro.framework.startup import bootstrap_project
 
 from conftest import PROJECT, copy_project
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 SMALLEST = {
     "generate": {"images": {"per_subcategory": 3}, "seed_corpus": {"questions_per_image": 1,
                                                                          "scenes": 100, "questioned_scenes": 20}},

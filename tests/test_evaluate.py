@@ -18,12 +18,12 @@ from spavl_kedro.backends.vlm import Generation
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.evaluate.answers import collect_eval_answers, plan_eval_shards
 from spavl_kedro.pipelines.evaluate.report import summarise_eval
-from spavl_kedro.pipelines.evaluate import scoring
+from spavl_kedro.backends import judge_factory
 from spavl_kedro.pipelines.evaluate.scoring import collect_eval_scores, plan_score_shards
 from spavl_kedro.pipelines.evaluate.sets import build_eval_sets
 from spavl_kedro.pipelines.generate.nodes import SEED_CORPUS_COLUMNS, SEED_SCENE_COLUMNS, collect_images
 from spavl_kedro.pipelines.generate.questions import fill, write_questions
-from spavl_kedro.pipelines.generate.synthetic import caption_keyword
+from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.pipelines.split.nodes import normalise
 from spavl_kedro.pipelines.taxonomy.nodes import build_taxonomy
 
@@ -382,7 +382,7 @@ def test_mis_buckets_judge_perception_before_refusal_and_the_mis_judge_scores_mi
             return [Generation('{"label_perception": "Perception Level1", "label_str": "Safe"}' if "knife0" in p.text
                                else "Safe, Perception Level2.", "stop", 0.0) for p in prompts]
 
-    monkeypatch.setattr(scoring, "build_backend", lambda spec, **kw: built.append((spec.name, kw["generation"]))
+    monkeypatch.setattr(judge_factory, "build_backend", lambda spec, **kw: built.append((spec.name, kw["generation"]))
                         or JudgeModel())
     mis_judge = {"name": "gpt-4o-mis", "max_retries": 1, "backend": {
         "name": "gpt-4o-mis", "kind": "openai", "model": "gpt-4o", "base_urls": ["http://judge:8000/v1"]}}

@@ -25,6 +25,8 @@ import pytest
 
 from conftest import copy_project, shrink_taxonomy
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 PARAMS = {
     "taxonomy.domains": 2, "taxonomy.categories": 2, "taxonomy.subcategories": 4,
     "generate.images.per_subcategory": 3, "generate.shard_size": 4, "generate.seed_corpus.questions_per_image": 1,

@@ -26,6 +26,8 @@ from spavl_kedro.pipelines.generate.nodes import summarise_generation
 from spavl_kedro.pipelines.generate.responses import collect_responses, plan_response_shards
 from spavl_kedro.schema import TABLES
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 RATES = {"429": 0.15, "500": 0.15, "timeout": 0.1, "truncated": 0.1}  # the rest are forwarded as they are
 ALWAYS_FAIL = "unlucky"  # questions containing this word get 500 on every attempt
 

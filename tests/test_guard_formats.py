@@ -93,6 +93,7 @@ def test_llama_guard_is_given_the_conversation_and_its_chat_template_makes_the_p
     assert judge.template == f"the model's own chat template, sha256 {digest}"
 
 
+@pytest.mark.slow
 def test_served_llama_guard_renders_the_same_conversation_with_the_served_template(guard, tmp_path):
     vlm, directory = guard
     local = TransformersVLM("local", vlm, batch_size=1, generation=GREEDY, progress=False)

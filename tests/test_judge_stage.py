@@ -148,6 +148,7 @@ def test_verdict_shards_resume_and_rejudge_only_judge_failures(world, base_param
     pd.testing.assert_frame_equal(redone, verdicts)
 
 
+@pytest.mark.slow
 def test_guard_and_chat_judges_on_tiny_models_through_both_backends(world, base_params, tiny, served):
     """Nonsense answers from random tiny models: each is parsed or counted, and the stage finishes."""
     _, directory = tiny

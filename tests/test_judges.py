@@ -412,12 +412,14 @@ def run_model_judges(make_backend, max_retries=2):
     assert len(backend.calls) == 1 + max_retries
 
 
+@pytest.mark.slow
 def test_model_judges_on_a_local_tiny_llava(tiny):
     vlm, _ = tiny
     run_model_judges(lambda: CountingTransformersVLM("tiny", vlm, batch_size=4, generation=TINY_GREEDY,
                                                      progress=False))
 
 
+@pytest.mark.slow
 def test_model_judges_on_a_served_tiny_llava(served):
     base_url, model = served
     run_model_judges(lambda: CountingOpenAIVLM("served", base_urls=[base_url], model=model,

@@ -20,7 +20,7 @@ from serving import transformers_serve
 from spavl_kedro.backends import reward, tiny
 from spavl_kedro.backends.sft import examples_to_dataset, train_sft
 from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.training import pairs_to_dataset
+from spavl_kedro.backends.dpo import pairs_to_dataset
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm
 
 REFUSAL = "I cannot help with that."
@@ -98,6 +98,7 @@ def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(ll
     assert labels == answer_ids
 
 
+@pytest.mark.slow
 def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, tmp_path):
     vlm, _ = llava
     colours = ["red", "green", "blue", "yellow"]
@@ -113,6 +114,7 @@ def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, t
     assert [a.finish_reason for a in answers] == ["stop", "stop"]  # </s> was learned, within 16 tokens
 
 
+@pytest.mark.slow
 def test_transformers_serve_answers_the_llava_15_shape_like_the_local_model(llava, tmp_path):
     vlm, directory = llava
     prompts = [Prompt(QUESTION, (png("red"),)), Prompt(QUESTION, (png("red"), png("blue"))),

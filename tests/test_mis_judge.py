@@ -178,6 +178,7 @@ def test_config_block_is_checked_before_anything_runs(params):
         validate_parameters(params)
 
 
+@pytest.mark.slow
 def test_a_tiny_mis_judge_answers_in_the_structured_reply_locally_and_through_transformers_serve(tmp_path):
     """The judge path of conf/paper's MIS judge (OpenAIVLM -> an OpenAI-compatible server -> parse -> bucket),
     with a tiny LLaVA taught MIS's structured reply for two kinds of answer: the same verdicts come back from

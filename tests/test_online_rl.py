@@ -65,6 +65,7 @@ def _weights(vlm: VLM) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in vlm.model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_refusal_reward_goes_up(world, algorithm, tmp_path):
     vlm = world["vlm"]

@@ -39,6 +39,7 @@ def prompts_with_images(n: int, images_per_prompt) -> list[Prompt]:
 # ---------------------------------------------------------------- the real server
 
 
+@pytest.mark.slow
 def test_served_tiny_llava_answers_like_the_local_model_in_order(served, tiny):
     base_url, model = served
     prompts = prompts_with_images(6, lambda i: 1 + i % 2)  # one- and two-image prompts mixed

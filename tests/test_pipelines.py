@@ -18,6 +18,8 @@ from spavl_kedro.pipelines.split.nodes import normalise
 from spavl_kedro.scenes import COLOURS, NUMBER_WORDS, SHAPES
 from spavl_kedro.schema import TABLES
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 SUBCATEGORIES = 12
 # Capability (scenes, vision pretraining) is measured on the full default (README, benchmarks/); this slice
 # keeps its budget for the safety dynamics, with a few scenes so the corpus and its checks are exercised.

@@ -44,6 +44,7 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
         preflight_verdict(checks)
 
 
+@pytest.mark.slow
 def test_what_is_there_passes(served, tiny, monkeypatch, params):  # noqa: F811
     base_url, model_dir = served
     monkeypatch.setenv("SPAVL_KEY_LOCAL", "unused-by-the-server")

@@ -17,11 +17,14 @@ import pytest
 from spavl_kedro.backends.recipe import COMPLETE_MARKERS, resume_point
 from spavl_kedro.backends.settings import RecipeSettings
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 # Trains 16 pairs for 2 epochs at batch 2 (16 optimiser steps), a checkpoint every 4 steps, then prints its metrics.
 CHILD = """
 import json, sys
 from PIL import Image
 from spavl_kedro.backends import tiny
+
 method, checkpoints, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
 texts = ["I cannot help with that.", "Sure, here are the steps.", "How do I do this?"]
 config = tiny.TinyModelConfig(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1)
@@ -33,7 +36,7 @@ pairs = [{"images": [Image.new("RGB", (32, 32), colours[i % 4])], "question": f"
 recipe = {"output_dir": scratch, "report_to": [], "epochs": 2, "batch_size": 2, "checkpoint_steps": 4,
           "checkpoint_dir": checkpoints}
 if method == "dpo":
-    from spavl_kedro.backends.training import DPOSettings, train_dpo
+    from spavl_kedro.backends.dpo import DPOSettings, train_dpo
     _, metrics = train_dpo(vlm, pairs, DPOSettings(**recipe))
 else:
     from spavl_kedro.backends.reward import RewardSettings, train_reward

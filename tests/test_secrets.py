@@ -15,10 +15,13 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 import yaml
 from serving import free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
 from conftest import copy_project, shrink_taxonomy
+
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
 FILE_KEY = "sk-test-FILEKEY-0123456789abcdef"
 ENV_KEY = "sk-test-ENVKEY-fedcba9876543210"

@@ -21,7 +21,7 @@ from spavl_kedro.backends.reward import load_reward_model, save_reward_model, tr
 from spavl_kedro.backends.settings import RewardSettings
 from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.training import train_dpo
+from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.backends.tiny import SeedExample, build_processor, train_tiny_vlm, user_message

@@ -13,6 +13,7 @@ import pytest
 STAGES = ["build", "generate", "judge", "dpo", "sft", "reward", "grpo", "rloo", "evaluate"]
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_and_prints_one_json_line_each(tmp_path):
     done = subprocess.run([sys.executable, "-m", "spavl_kedro.smoke", "--max-new-tokens", "8"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -25,6 +25,8 @@ import yaml
 from conftest import PROJECT, copy_project
 from spavl_kedro.pipeline_registry import STAGES, register_pipelines
 
+pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
+
 # The layers top to bottom, as conf/base/catalog.yml's header explains: they follow the stages, not the
 # data/0N_ folders (the chain feeds model outputs back into training, so primary -> models -> model_output
 # would be a cycle); `reporting` holds what no stage consumes (the preflight checks).

@@ -429,7 +429,7 @@ class AlignConfig(Strict):
                                                   "<checkpoint_dir>/<artifact name>; a rerun of the same run resumes "
                                                   "from the latest, and a finished run deletes its own")
     policy: PolicyConfig
-    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (backends/training.py)")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (backends/dpo.py)")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFTSettings fields (backends/sft.py)")
     reward: dict[str, Any] = Field(default_factory=dict, description="RewardSettings fields (backends/reward.py)")
     grpo: dict[str, Any] = Field(default_factory=dict, description="OnlineRLSettings fields (backends/online_rl.py)")

@@ -39,7 +39,7 @@ from spavl_kedro.backends.reward import train_reward
 from spavl_kedro.backends.settings import RewardSettings
 from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.training import train_dpo
+from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
 from spavl_kedro.imaging import png_bytes

@@ -9,7 +9,7 @@ caller gets a `VLMBackend`: prompts in, generations out.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 
 from spavl_kedro.backends.tiny import VLM
@@ -72,3 +72,25 @@ def _secret(entry: Any) -> str:
             raise ValueError(f"credentials entry has no 'api_key' field (it has {sorted(entry)})")
         return str(entry["api_key"])
     return str(entry)
+
+
+T = TypeVar("T")
+
+
+class OneAtATime(Generic[T]):
+    """Holds one model (a backend, a judge, a policy) at a time, for stages that use many in turn.
+
+    `get(name, build)` returns the model held under `name`, or releases the one held and only then builds
+    the next, so two large models never share memory. Stages run their shards grouped by model, so each
+    model is built once per run.
+    """
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._held: T | None = None
+
+    def get(self, name: str, build: Callable[[], T]) -> T:
+        if self.name != name:
+            self._held = None  # release before the next one loads
+            self._held, self.name = build(), name
+        return self._held

@@ -15,14 +15,14 @@ TRL does ship, both of which accept vision-language models and arbitrary Python 
 What PPO gets from its value head (a baseline that lowers the variance of the policy gradient) these get
 from the other samples of the same prompt, so no second network is trained and no value loss has to be
 balanced. `beta` keeps the policy near the reference as PPO's kl coefficient did; 0.1 by default, as in
-SPA-VL. With LoRA the reference is the same network with the adapter switched off, as in `training.py`.
+SPA-VL. With LoRA the reference is the same network with the adapter switched off, as in `dpo.py`.
 
 The project's rewards (its VLM reward model's scores, a judge's safe -> 1 / unsafe -> 0, or a weighted sum)
 are one callable on `{"images", "question", "response"}` records; `train_online_rl` adapts it to TRL's
 reward-function signature, where images arrive through the `images` keyword and completions as chat turns.
 
 The caller's model is copied before training and curves go to a nested MLflow run, for the reasons given
-in `training.py`.
+in `dpo.py`.
 """
 
 from __future__ import annotations

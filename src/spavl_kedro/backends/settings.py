@@ -2,7 +2,7 @@
 
 `spavl_kedro.config` validates the Kedro parameters against these classes once, before a run starts, and a
 user's notebook can build and check a recipe on a machine without the training stack. The modules that act
-on a setting (tiny.py, factory.py, recipe.py, training.py, sft.py, reward.py, online_rl.py) import it from
+on a setting (tiny.py, factory.py, recipe.py, dpo.py, sft.py, reward.py, online_rl.py) import it from
 here; what a field means is said once, in its `Field` description (docs/configuration.md is checked
 against them).
 """

@@ -13,7 +13,7 @@ Choices worth knowing about:
 - `max_length=None` by default: TRL's truncation could cut image tokens out of the sequence while their
   pixel features stay, which fails inside the model ("Image features and image tokens do not match").
 - The caller's model is copied first and the run is logged to a nested MLflow run, as in `train_dpo` (see
-  `training.py` for why the child run is opened here rather than by transformers' callback).
+  `dpo.py` for why the child run is opened here rather than by transformers' callback).
 - Full fine-tuning is the default: on the tiny models LoRA on q/v barely moved the SFT loss when measured,
   and MIS fine-tunes the whole InternVL. The vision tower stays frozen, as in LLaVA's instruction tuning: left
   to train on a few dozen chain-of-thought samples, the tiny tower lost what it had learned to see (one

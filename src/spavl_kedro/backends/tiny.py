@@ -39,8 +39,9 @@ from transformers import (
     LlamaTokenizer, LlavaProcessor, PreTrainedTokenizerFast,
 )
 
-from spavl_kedro.grounding import STOP_WORDS
 from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig, VisionPretrainConfig
+from spavl_kedro.grounding import STOP_WORDS
+from spavl_kedro.imaging import decode_image
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
@@ -396,6 +397,13 @@ def _batches(encoded: Sequence[EncodedSeed], batch_size: int, by_length: bool, r
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def seed_examples(seed_corpus) -> list[SeedExample]:
+    """Rows of a seed-corpus table (`seed_corpus`: png, question, harmful, refusal, answer, vague) as
+    `SeedExample`s with their decoded images."""
+    return [SeedExample([decode_image(r.png)], r.question, bool(r.harmful), r.refusal, r.answer, r.vague)
+            for r in seed_corpus.itertuples(index=False)]
 
 
 @dataclass

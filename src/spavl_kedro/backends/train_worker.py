@@ -49,7 +49,7 @@ from spavl_kedro.backends.settings import RecipeSettings
 from spavl_kedro.backends.reward import HEAD_CONFIG, RewardModel, load_reward_model, save_reward_model, train_reward
 from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.tiny import VLM
-from spavl_kedro.backends.training import train_dpo
+from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.vlm import load_vlm, png_bytes
 from spavl_kedro.config import RECIPE_SETTINGS
 

@@ -16,17 +16,15 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.judge_factory import primary_judge
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
-from spavl_kedro.backends.settings import Behaviour
+from spavl_kedro.backends.settings import Behaviour, SFTSettings
+from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
 from spavl_kedro.backends.train_worker import launch, settings_for
 from spavl_kedro.backends.train_worker import train as train_method
 from spavl_kedro.backends.vlm import load_vlm
-from spavl_kedro.config import AlignConfig, TinyConfig
-from spavl_kedro.pipelines.judge.nodes import primary_judge
-from spavl_kedro.pipelines.generate.nodes import seed_examples
+from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig
 
 
 
@@ -183,7 +181,8 @@ def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: di
             raise ValueError("align.launch runs grpo / rloo with the reward model's score only: set "
                              "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
                              "train without align.launch")
-        parts.append((cfg.rl.judge_weight, judge_reward(primary_judge(judge_params, credentials, judge_models))))
+        judge = primary_judge(JudgeConfig.model_validate(judge_params), credentials, judge_models)
+        parts.append((cfg.rl.judge_weight, judge_reward(judge)))
     if launched and cfg.rl.model_weight != 1:
         raise ValueError(f"align.launch runs grpo / rloo with the reward model's score unweighted: set "
                          f"align.rl.model_weight to 1 (it is {cfg.rl.model_weight})")

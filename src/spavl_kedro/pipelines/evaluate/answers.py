@@ -19,9 +19,9 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
+from spavl_kedro.backends.factory import OneAtATime, build_backend
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
-from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
@@ -142,19 +142,15 @@ class _PolicyPool:
                  progress: Progress) -> None:
         self.loaders, self.cfg, self.credentials, self.progress = loaders, cfg, credentials, progress
         self.served = {spec.name: spec for spec in cfg.served}
-        self._name: str | None = None
-        self._policy: VLM | None = None
+        self.held: OneAtATime[VLM] = OneAtATime()
 
     def backend(self, name: str, label: str, generation: dict[str, Any], seed: int) -> VLMBackend:
         """What answers for policy `name`: its endpoint, or the policy loaded and placed by the placement rule."""
         if name in self.served:
             return build_backend(self.served[name], credentials=self.credentials, generation=generation,
                                  seed=seed, progress=False)
-        if self._name != name:
-            self._policy = None
-            self._policy = place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs)
-            self._name = name
-        return TransformersVLM(label, self._policy, self.cfg.batch_size, generation, seed=seed, progress=False)
+        policy = self.held.get(name, lambda: place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs))
+        return TransformersVLM(label, policy, self.cfg.batch_size, generation, seed=seed, progress=False)
 
 
 def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame:

@@ -25,14 +25,14 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import build_backend, weights_of
+from spavl_kedro.backends.factory import OneAtATime, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS
-from spavl_kedro.backends.judges import ChatJudge, HelpfulnessRule, JudgeItem, PairItem
-from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
+from spavl_kedro.backends.judge_factory import REFUSAL, build_mis_judge, build_pairwise_judge, build_verdict_judge
+from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
+from spavl_kedro.backends.mis_judge import MisJudge
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
-from spavl_kedro.pipelines.judge.nodes import CHAT_GENERATION, REFUSAL, build_verdict_judge
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 
 log = logging.getLogger(__name__)
@@ -141,35 +141,27 @@ class _Scorers:
                  progress: Progress, judge_models: Mapping[str, Any] | None = None) -> None:
         self.cfg, self.jcfg, self.credentials, self.progress = cfg, jcfg, credentials, progress
         self.judge_models = judge_models
-        self._name, self._judge = None, None
+        self.held = OneAtATime()
 
     def get(self, name: str):
-        if self._name != name:
-            self._judge = None
-            if name == help_judge_name(self.cfg):
-                self._judge = self._help_judge()
-            elif name == mis_judge_name(self.cfg):
-                self._judge = self._mis_judge()
-            else:
-                spec = next(s for s in self.jcfg.judges if s.name == name)
-                self._judge = build_verdict_judge(spec, self.credentials, self.jcfg, self.judge_models)
-            self._name = name
-        return self._judge
+        return self.held.get(name, lambda: self._build(name))
+
+    def _build(self, name: str):
+        if name == help_judge_name(self.cfg):
+            return self._help_judge()
+        if name == mis_judge_name(self.cfg):
+            return self._mis_judge()
+        spec = next(s for s in self.jcfg.judges if s.name == name)
+        return build_verdict_judge(spec, self.credentials, self.jcfg, self.judge_models)
 
     def _help_judge(self):
         spec = self.cfg.help_judge.pairwise
         if spec is None:
             return HelpfulnessRule(REFUSAL)
-        backend = build_backend(spec.backend, credentials=self.credentials, generation=CHAT_GENERATION,
-                                batch_size=self.jcfg.batch_size, seed=self.jcfg.seed, progress=False)
-        return ChatJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries)
+        return build_pairwise_judge(spec, self.credentials, self.jcfg, progress=False)
 
     def _mis_judge(self) -> MisJudge:
-        spec = self.cfg.mis_judge
-        backend = build_backend(spec.backend, credentials=self.credentials, generation=MIS_JUDGE_GENERATION,
-                                batch_size=self.jcfg.batch_size, seed=self.jcfg.seed, progress=False)
-        return MisJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries,
-                        structured_output=spec.structured_output)
+        return build_mis_judge(self.cfg.mis_judge, self.credentials, self.jcfg)
 
 
 def _score(pool: _Scorers, scorer: str, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:

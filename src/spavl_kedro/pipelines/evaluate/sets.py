@@ -37,7 +37,7 @@ from spavl_kedro.imaging import decode_image, png_bytes
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
-from spavl_kedro.pipelines.generate.synthetic import caption_keyword
+from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.scenes import KINDS, Scene
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import pandas as pd
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import GenerateConfig, TeacherConfig
-from spavl_kedro.pipelines.generate.synthetic import caption_keyword
+from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import MIS_QTYPES, validate
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from spavl_kedro.backends.guard import GUARD_WORDS
 from spavl_kedro.backends.tiny import (
-    VLM, SeedExample, bootstrap, build_model, build_processor, encode_seeds, pretrain_vision, train_tiny_vlm,
+    VLM, bootstrap, build_model, build_processor, encode_seeds, pretrain_vision, seed_examples, train_tiny_vlm,
 )
 from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.vlm import decode_image
@@ -25,9 +25,9 @@ from spavl_kedro.config import GenerateConfig, TinyConfig
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
-from spavl_kedro.grounding import caption_parts
+from spavl_kedro.grounding import caption_keyword, caption_parts
 from spavl_kedro.imaging import png_bytes
-from spavl_kedro.pipelines.generate.synthetic import caption_keyword, render_images
+from spavl_kedro.pipelines.generate.synthetic import render_images
 from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.schema import TABLES
 
@@ -137,11 +137,6 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
                          "answer": f"{answer.capitalize()}.", "vague": rng.choice(seed_text["vague"])})
     return pd.DataFrame(rows, columns=SEED_CORPUS_COLUMNS).astype({"harmful": bool, "capability": bool})
 
-
-def seed_examples(seed_corpus: pd.DataFrame) -> list[SeedExample]:
-    """Seed-corpus rows as `tiny.SeedExample`s with their decoded images."""
-    return [SeedExample([decode_image(r.png)], r.question, bool(r.harmful), r.refusal, r.answer, r.vague)
-            for r in seed_corpus.itertuples(index=False)]
 
 
 def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from spavl_kedro.backends.factory import api_key, build_backend, weights_of
+from spavl_kedro.backends.factory import OneAtATime, api_key, build_backend, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import GenerateConfig
@@ -95,17 +95,13 @@ class _BackendPool:
     tiny_models: Mapping[str, Any]
     credentials: Mapping[str, Any]
     progress: Progress
-    _name: str | None = None
-    _backend: VLMBackend | None = None
+    held: OneAtATime = field(default_factory=OneAtATime)
 
     def get(self, spec: BackendSpec, seed: int) -> VLMBackend:
-        if self._name != spec.name:
-            self._backend = None  # drop the previous model before loading the next
-            self._backend = build_backend(spec, tiny_models=self.tiny_models, credentials=self.credentials,
-                                          generation=self.cfg.generation, batch_size=self.cfg.batch_size,
-                                          progress=False)
-            self._name = spec.name
-        return replace(self._backend, seed=seed)
+        backend = self.held.get(spec.name, lambda: build_backend(
+            spec, tiny_models=self.tiny_models, credentials=self.credentials, generation=self.cfg.generation,
+            batch_size=self.cfg.batch_size, progress=False))
+        return replace(backend, seed=seed)
 
 
 def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]], questions: pd.DataFrame,

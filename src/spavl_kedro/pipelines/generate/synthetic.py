@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import re
-from typing import Sequence
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
@@ -97,13 +95,3 @@ def _render(keyword: str, colour: tuple[int, int, int], motif: str, size: int, r
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-
-
-def caption_keyword(caption: str, keywords: Sequence[str]) -> str:
-    """The keyword an image is about: the one a synthetic CAPTION quotes, else the first of the
-    subcategory's `keywords` the caption mentions, else the first keyword."""
-    quoted = re.search(r"the word '([^']+)'", caption)
-    if quoted:
-        return quoted.group(1)
-    lowered = caption.lower()
-    return next((k for k in keywords if k.lower() in lowered), keywords[0])

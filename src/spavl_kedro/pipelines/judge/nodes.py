@@ -16,12 +16,11 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.agreement import cohens_kappa
-from spavl_kedro.backends.factory import build_backend, weights_of
+from spavl_kedro.backends.factory import OneAtATime, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.guard import construction_unsafe, guard_examples, guard_prompt, judge_template
-from spavl_kedro.backends.judges import (
-    GUARD_PROMPTS, ChatJudge, Comparison, GuardJudge, JudgeItem, KeywordJudge, PairItem,
-)
+from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, build_verdict_judge
+from spavl_kedro.backends.judges import GUARD_PROMPTS, Comparison, JudgeItem, PairItem
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
 from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.config import JudgeConfig, TinyConfig, VerdictJudgeSpec
@@ -31,35 +30,6 @@ from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, finge
 from spavl_kedro.schema import TABLES, validate
 
 log = logging.getLogger(__name__)
-
-# A guard model answers in a word or two; the room for a category code and stray text is enough.
-GUARD_GENERATION = {"max_new_tokens": 24, "do_sample": False}
-CHAT_GENERATION = {"max_new_tokens": 512, "do_sample": False}
-# Whether a response refuses, for the helpfulness tie-break: GCG's strings, lower-cased as VLGuard does.
-REFUSAL = KeywordJudge(case_sensitive=False)
-
-
-def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                        tiny_models: Mapping[str, Any] | None = None):
-    """The judge `spec` names; a tiny guard comes from `tiny_models` (the `judge_models` catalog entry)."""
-    if spec.kind == "keyword":
-        judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
-        judge.name = spec.name
-        return judge
-    backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
-                            generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
-    prompt, origin = guard_prompt(spec)
-    return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
-                      show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
-
-
-def primary_judge(params: dict[str, Any], credentials: Mapping[str, Any] | None = None,
-                  tiny_models: Mapping[str, Any] | None = None):
-    """The judge that decides harmlessness, for the stages after this one (online RL rewards)."""
-    cfg = JudgeConfig.model_validate(params)
-    spec = next(j for j in cfg.judges if j.name == cfg.primary)
-    return build_verdict_judge(spec, credentials or {}, cfg, tiny_models)
-
 
 def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any],
                      tiny: dict[str, Any]) -> dict[str, VLM]:
@@ -119,16 +89,17 @@ def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images
     planned = _verdict_shards(judged, cfg, judge_models)
     todo = list(pending([s for s, _ in planned], done_shards, _judge_failed))
     specs = {s.shard_id: spec for s, spec in planned}
-    progress, judges = Progress("verdict", len(todo)), _OneAtATime(partial(build_verdict_judge, credentials=credentials, cfg=cfg,
-                                                                                    tiny_models=judge_models))
+    progress, judges = Progress("verdict", len(todo)), OneAtATime()
+    build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models)
     return {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
-                                    partial(_judge_rows, judges, specs[shard.shard_id], progress, shard.shard_id))
+                                    partial(_judge_rows, judges, build, specs[shard.shard_id], progress,
+                                            shard.shard_id))
             for shard, previous in todo}
 
 
-def _judge_rows(judges: "_OneAtATime", spec: VerdictJudgeSpec, progress: Progress, shard_id: str,
-                rows: pd.DataFrame) -> pd.DataFrame:
-    judge = judges.get(spec)
+def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], spec: VerdictJudgeSpec,
+                progress: Progress, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:
+    judge = judges.get(spec.name, partial(build, spec))
     generated = rows["error"].isna()
     items = [JudgeItem(r.question, r.text, r.images) for r in rows[generated].itertuples(index=False)]
     verdicts = iter(judge.verdicts(items))
@@ -144,19 +115,6 @@ def _judge_rows(judges: "_OneAtATime", spec: VerdictJudgeSpec, progress: Progres
     table = pd.DataFrame(out, columns=TABLES["verdicts"]).astype({"safe": "boolean", "score": "Float64"})
     progress.advance(f"{shard_id}: {len(rows)} judged, {int(table['safe'].isna().sum())} undecided")
     return table
-
-
-class _OneAtATime:
-    """Holds one judge model at a time: shards run judge by judge, so each model loads once."""
-
-    def __init__(self, build: Callable[[VerdictJudgeSpec], Any]) -> None:
-        self._build, self._name, self._judge = build, None, None
-
-    def get(self, spec: VerdictJudgeSpec):
-        if self._name != spec.name:
-            self._judge = None
-            self._judge, self._name = self._build(spec), spec.name
-        return self._judge
 
 
 def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], responses: pd.DataFrame,
@@ -197,9 +155,7 @@ def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts:
         skipped += not pairs
         candidates += [(q, a, b) for a, b in pairs]
     if cfg.pairwise is not None:
-        backend = build_backend(cfg.pairwise.backend, credentials=credentials, generation=CHAT_GENERATION,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
-        judge = ChatJudge(cfg.pairwise.name, backend, prompt=cfg.pairwise.prompt, max_retries=cfg.pairwise.max_retries)
+        judge = build_pairwise_judge(cfg.pairwise, credentials, cfg)
         outcomes = judge.compare_pairs([PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids))
                                         for q, a, b in candidates])
         judge_name = f"{cfg.primary}+{cfg.pairwise.name}"

@@ -1,0 +1,62 @@
+"""Judges from their configuration: the one place a judge spec becomes a judge on a backend.
+
+The judge stage (verdicts, pairs), the align stage (online RL rewarded by the primary judge) and the
+evaluate stage (verdicts, help and MIS judges) build their judges here, with the same generation settings,
+so a judge is asked the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+from spavl_kedro.backends.factory import build_backend
+from spavl_kedro.backends.guard import guard_prompt
+from spavl_kedro.backends.judges import ChatJudge, GuardJudge, KeywordJudge
+from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
+
+if TYPE_CHECKING:  # annotations only (config imports the backends' settings)
+    from spavl_kedro.config import JudgeConfig, MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
+
+# A guard model answers in a word or two; the room for a category code and stray text is enough.
+GUARD_GENERATION = {"max_new_tokens": 24, "do_sample": False}
+# A chat judge explains before its verdict token.
+CHAT_GENERATION = {"max_new_tokens": 512, "do_sample": False}
+# Whether a response refuses, for the helpfulness tie-break: GCG's strings, lower-cased as VLGuard does.
+REFUSAL = KeywordJudge(case_sensitive=False)
+
+
+def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
+                        tiny_models: Mapping[str, Any] | None = None):
+    """The judge `spec` names; a tiny guard comes from `tiny_models` (the `judge_models` catalog entry)."""
+    if spec.kind == "keyword":
+        judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
+        judge.name = spec.name
+        return judge
+    backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
+                            generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+    prompt, origin = guard_prompt(spec)
+    return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
+                      show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
+
+
+def primary_judge(cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None,
+                  tiny_models: Mapping[str, Any] | None = None):
+    """The judge that decides harmlessness (`judge.primary`), e.g. for online RL rewards."""
+    spec = next(j for j in cfg.judges if j.name == cfg.primary)
+    return build_verdict_judge(spec, credentials or {}, cfg, tiny_models)
+
+
+def build_pairwise_judge(spec: PairwiseJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
+                         progress: bool = True) -> ChatJudge:
+    """A chat judge that compares two answers in both orders (pairs in the judge stage, HelpEval)."""
+    backend = build_backend(spec.backend, credentials=credentials, generation=CHAT_GENERATION,
+                            batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    return ChatJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries)
+
+
+def build_mis_judge(spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig) -> MisJudge:
+    """MIS's own judge: both images, a safety label and a perception level."""
+    backend = build_backend(spec.backend, credentials=credentials, generation=MIS_JUDGE_GENERATION,
+                            batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+    return MisJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries,
+                    structured_output=spec.structured_output)
