@@ -116,7 +116,8 @@ def run_bare(vlm: VLM, train: pd.DataFrame, dpo: dict, scratch: str) -> tuple[fl
              "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r.rejected}]}]}
             for r in train.itertuples(index=False)]
     args = DPOConfig(output_dir=scratch, beta=dpo["beta"], learning_rate=dpo["learning_rate"],
-                     num_train_epochs=dpo["epochs"], per_device_train_batch_size=dpo["batch_size"],
+                     num_train_epochs=dpo["num_train_epochs"],
+                     per_device_train_batch_size=dpo["per_device_train_batch_size"],
                      lr_scheduler_type=dpo["lr_scheduler_type"], logging_steps=dpo["logging_steps"],
                      save_strategy="no", seed=dpo["seed"], data_seed=dpo["seed"], max_length=None,
                      bf16=False, use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
@@ -147,7 +148,7 @@ def main() -> None:
     params["align"]["method"] = "dpo"
     # The RL reward block is unused by dpo but validated with the rest; give it a valid value if conf has none.
     params["align"].setdefault("rl", {"model_weight": 0.0, "judge_weight": 1.0})
-    dpo = params["align"]["dpo"] = {**params["align"]["dpo"], "epochs": args.epochs, "report_to": ["mlflow"]}
+    dpo = params["align"]["dpo"] = {**params["align"]["dpo"], "num_train_epochs": args.epochs, "report_to": ["mlflow"]}
     vlm, train = setup(args.pairs)
 
     runs: dict[str, list[tuple[float, float]]] = {"node": [], "bare": []}

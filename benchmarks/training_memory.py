@@ -37,7 +37,7 @@ def rss_mb():
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 before = rss_mb()
 scratch = tempfile.mkdtemp()
-recipe = {"output_dir": scratch, "report_to": [], "epochs": 1, "batch_size": 8}
+recipe = {"output_dir": scratch, "report_to": [], "num_train_epochs": 1, "per_device_train_batch_size": 8}
 began = time.perf_counter()
 if method == "reward":
     from spavl_kedro.backends.reward import RewardSettings, train_reward

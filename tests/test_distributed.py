@@ -64,7 +64,7 @@ def workdir(tmp_path_factory) -> Path:
     save_records([{**pair, "target": REFUSAL} for pair in pairs], "sft", root / "sft.parquet")
     save_records(pairs[:8], "grpo", root / "grpo.parquet")
     save_records(pairs[:8], "rloo", root / "rloo.parquet")
-    reward_model, _ = train_reward(vlm, pairs[:8], RewardSettings(output_dir=str(root / "rm"), report_to=[], epochs=1))
+    reward_model, _ = train_reward(vlm, pairs[:8], RewardSettings(output_dir=str(root / "rm"), report_to=[], num_train_epochs=1))
     save_reward_model(reward_model, str(root / "reward_model"))
     return root
 
@@ -72,8 +72,8 @@ def workdir(tmp_path_factory) -> Path:
 def _settings(root: Path, name: str, batch_size: int, **extra) -> Path:
     # lr 1e-3 so that four steps move the loss visibly away from ln 2 (a run that did nothing would match too)
     path = root / f"{name}.json"
-    path.write_text(json.dumps({"epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "report_to": [],
-                                **extra}))
+    path.write_text(json.dumps({"num_train_epochs": 1, "per_device_train_batch_size": batch_size, "learning_rate": 1e-3,
+                                "report_to": [], **extra}))
     return path
 
 
@@ -109,7 +109,7 @@ def test_two_cpu_processes_match_one_process(workdir):
 def test_projector_trains_and_vision_tower_stays_frozen(workdir, tmp_path, lora):
     vlm = load_vlm(str(workdir / "model"))
     before = {name: weight.clone() for name, weight in vlm.model.state_dict().items()}
-    settings = DPOSettings(output_dir=str(tmp_path), epochs=1, learning_rate=1e-3, report_to=[],
+    settings = DPOSettings(output_dir=str(tmp_path), num_train_epochs=1, learning_rate=1e-3, report_to=[],
                            lora=lora, train_projector=True)
     model, metrics = train_dpo(vlm, load_records(workdir / "pairs.parquet", "dpo")[:16], settings)
 
@@ -129,7 +129,8 @@ def test_launch_from_a_node_runs_two_processes_and_logs_under_the_active_run(wor
     mlflow.set_experiment("launch")
     vlm = load_vlm(str(workdir / "model"))
     pairs = load_records(workdir / "pairs.parquet", "dpo")
-    settings = DPOSettings(output_dir=str(tmp_path / "work"), epochs=1, batch_size=4, learning_rate=1e-3,
+    settings = DPOSettings(output_dir=str(tmp_path / "work"), num_train_epochs=1, per_device_train_batch_size=4,
+                           learning_rate=1e-3,
                            run_name="dpo-2proc")
     with mlflow.start_run(run_name="kedro") as parent:
         adapter, metrics = launch("dpo", vlm, pairs, settings, str(ROOT / "conf/base/accelerate/cpu_2proc.yaml"),
@@ -163,13 +164,13 @@ def test_sft_and_the_reward_model_on_two_processes_match_one(workdir, method):
 def test_online_rl_on_two_processes_trains_the_same_steps_against_the_reward_model(workdir, method):
     fields = {"num_generations": 2, "max_completion_length": 8}
     records = f"{method}.parquet"
-    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 4, **fields)),
+    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 8, **fields)),
               str(workdir / "model"), str(workdir / f"{method}_one"), reward_model_dir=str(workdir / "reward_model"))
-    two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 2, **fields), f"{method}_two",
+    two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 4, **fields), f"{method}_two",
                      "--reward-model", str(workdir / "reward_model"))
 
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
-    assert one["global_step"] == two["global_step"] == 2  # 8 prompts, 4 per step
+    assert one["global_step"] == two["global_step"] == 2  # 8 prompts, 4 per step (8 answers; 4 per process on two)
     for metrics in (one, two):
         # The reward model scores answers with a non-zero head: a reward of exactly 0 would mean it never ran.
         assert metrics["reward_first"] != 0 and metrics["completion_length"] > 0

@@ -22,7 +22,7 @@ SMALLEST = {
     "generate": {"images": {"per_subcategory": 3}, "seed_corpus": {"questions_per_image": 1,
                                                                          "scenes": 100, "questioned_scenes": 20}},
     "tiny": {"vision": {"steps": 50}, "foundation": {"epochs": 2}, "bootstrap": {"epochs": 1}},
-    "align": {"dpo": {"epochs": 1}},
+    "align": {"dpo": {"num_train_epochs": 1}},
     "evaluate": {"samples": 1, "max_items": 20},  # 20 items per set and variant: every set, quickly
 }
 

@@ -104,7 +104,7 @@ def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, t
     colours = ["red", "green", "blue", "yellow"]
     examples = [{"images": [Image.new("RGB", (64, 64), colours[i % 4]), Image.new("RGB", (64, 64), colours[(i + 1) % 4])],
                  "question": QUESTION, "target": REFUSAL} for i in range(8)]
-    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], epochs=25, batch_size=4, learning_rate=4e-3)
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], num_train_epochs=25, per_device_train_batch_size=4, learning_rate=4e-3)
     policy, _, metrics = train_sft(vlm, examples, settings)
     assert metrics["loss_last"] < 0.2 * metrics["loss_first"]
 

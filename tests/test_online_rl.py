@@ -71,10 +71,11 @@ def test_refusal_reward_goes_up(world, algorithm, tmp_path):
     vlm = world["vlm"]
     before = _weights(vlm)
     settings = OnlineRLSettings(
-        algorithm=algorithm, learning_rate=6e-3, epochs=2, batch_size=4, num_generations=4,
+        algorithm=algorithm, learning_rate=6e-3, num_train_epochs=2, per_device_train_batch_size=16,
+        num_generations=4,
         max_completion_length=16, beta=0.1, logging_steps=4, report_to=[], output_dir=str(tmp_path),
     )
-    # 32 prompts x 2 epochs / 4 per step = 16 steps, logged as 4 points of 4 steps each
+    # 32 prompts x 2 epochs / 4 prompts (16 answers) per step = 16 steps, logged as 4 points of 4 steps each
     adapter, metrics = train_online_rl(vlm, world["prompts"][:32], judge_reward(KeywordJudge()), settings)
 
     assert metrics["global_step"] == 16
@@ -103,7 +104,8 @@ def test_two_image_prompts_train_full_weights_into_a_nested_mlflow_run(world, tm
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     settings = OnlineRLSettings(
-        algorithm="grpo", lora=False, learning_rate=1e-4, epochs=1, batch_size=2, num_generations=2,
+        algorithm="grpo", lora=False, learning_rate=1e-4, num_train_epochs=1, per_device_train_batch_size=4,
+        num_generations=2,
         max_completion_length=8, beta=0.1, run_name="grpo", output_dir=str(tmp_path / "rl"),
     )
     try:
@@ -160,8 +162,8 @@ def test_settings_reject_a_single_generation():
 
 
 def test_online_rl_recomputes_activations_when_its_recipe_says_so(world, tmp_path):
-    settings = OnlineRLSettings(algorithm="grpo", epochs=1, batch_size=4, num_generations=4, max_completion_length=8,
-                                report_to=[], output_dir=str(tmp_path), activation_checkpointing=True)
+    settings = OnlineRLSettings(algorithm="grpo", num_train_epochs=1, per_device_train_batch_size=16, num_generations=4,
+                                max_completion_length=8, report_to=[], output_dir=str(tmp_path), activation_checkpointing=True)
     _, metrics = train_online_rl(world["vlm"], world["prompts"][:4], judge_reward(KeywordJudge()), settings)
     assert metrics["global_step"] == 1 and metrics["activation_checkpointing"] is True
 

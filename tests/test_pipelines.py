@@ -51,7 +51,7 @@ def world(base_params, taxonomy_spec, seed_text):
     params["generate"]["seed_corpus"]["questioned_scenes"] = QUESTIONED_SCENES
     params["tiny"]["bootstrap"]["epochs"] = 4
     params["judge"]["guard_epochs"] = 4
-    params["align"]["dpo"]["epochs"] = 11
+    params["align"]["dpo"]["num_train_epochs"] = 11
     params["align"]["dpo"]["report_to"] = []  # no MLflow server in this test; the e2e test checks MLflow
     spec = copy.deepcopy(taxonomy_spec)
     spec["domains"] = spec["domains"][:1]  # Representation & ToxicityHarms + Misinformation slice below

@@ -33,7 +33,7 @@ vlm = tiny.VLM(tiny.build_model(processor, config, seed=0), processor)
 colours = ["red", "green", "blue", "yellow"]
 pairs = [{"images": [Image.new("RGB", (32, 32), colours[i % 4])], "question": f"How do I do this, part {i}?",
           "chosen": texts[0], "rejected": texts[1]} for i in range(16)]
-recipe = {"output_dir": scratch, "report_to": [], "epochs": 2, "batch_size": 2, "checkpoint_steps": 4,
+recipe = {"output_dir": scratch, "report_to": [], "num_train_epochs": 2, "per_device_train_batch_size": 2, "checkpoint_steps": 4,
           "checkpoint_dir": checkpoints}
 if method == "dpo":
     from spavl_kedro.backends.dpo import DPOSettings, train_dpo

@@ -111,7 +111,7 @@ def _next_token_logits(vlm, example) -> torch.Tensor:
 
 def test_full_sft_on_two_image_chain_of_thought_lowers_loss(vlm, tmp_path):
     before = _state(vlm.model)
-    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], epochs=5, learning_rate=2e-3)
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], num_train_epochs=5, learning_rate=2e-3)
     policy, adapter, metrics = train_sft(vlm, cot_examples(32), settings, eval_examples=cot_examples(8, offset=32))
     assert adapter is None
     assert metrics["global_step"] == 20  # 32 examples / batch 8 x 5 epochs
@@ -129,7 +129,7 @@ def test_full_sft_on_two_image_chain_of_thought_lowers_loss(vlm, tmp_path):
 
 
 def test_lora_sft_returns_an_adapter_that_reproduces_the_policy(vlm, tmp_path):
-    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], lora=True, epochs=1, learning_rate=2e-3)
+    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], lora=True, num_train_epochs=1, learning_rate=2e-3)
     policy, adapter, metrics = train_sft(vlm, cot_examples(16), settings)
     assert adapter is not None and metrics["global_step"] == 2
     assert all(".mlp." in key and "language_model" in key for key in adapter.state_dict)
@@ -141,7 +141,7 @@ def test_lora_sft_returns_an_adapter_that_reproduces_the_policy(vlm, tmp_path):
 
 @pytest.fixture(scope="module")
 def reward(vlm):
-    settings = RewardSettings(report_to=[], learning_rate=1e-3, epochs=3)
+    settings = RewardSettings(report_to=[], learning_rate=1e-3, num_train_epochs=3)
     held_out = preference_pairs(18, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)
     return train_reward(vlm, preference_pairs(48), settings, eval_pairs=held_out)
 
@@ -175,8 +175,9 @@ def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, mo
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_name="pipeline") as parent:
-            train_sft(vlm, cot_examples(8), SFTSettings(output_dir=str(tmp_path / "sft"), epochs=2, batch_size=4))
-            train_reward(vlm, preference_pairs(8), RewardSettings(epochs=2, batch_size=4),
+            train_sft(vlm, cot_examples(8), SFTSettings(output_dir=str(tmp_path / "sft"), num_train_epochs=2,
+                                                          per_device_train_batch_size=4))
+            train_reward(vlm, preference_pairs(8), RewardSettings(num_train_epochs=2, per_device_train_batch_size=4),
                          eval_pairs=preference_pairs(4, offset=8))
             assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent is active again
     finally:
@@ -258,12 +259,12 @@ def test_a_float16_checkpoint_never_trains_in_float16(half_checkpoint, method, t
     """AdamW on fp16 weights drops small updates (lr 1e-6 on a 7B full fine-tune is below fp16's resolution):
     every trainer casts its copy to `weights_dtype`, float32 by default, and says what the optimiser held."""
     lora = method.endswith("_lora")
-    common = {"report_to": [], "output_dir": str(tmp_path), "epochs": 1, "lora": lora}
+    common = {"report_to": [], "output_dir": str(tmp_path), "num_train_epochs": 1, "lora": lora}
     if method.startswith("sft"):
         _, _, metrics = train_sft(half_checkpoint, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))
     elif method.startswith("dpo"):
         _, metrics = train_dpo(half_checkpoint, preference_pairs(8),
-                               DPOSettings(**common, batch_size=4))
+                               DPOSettings(**common, per_device_train_batch_size=4))
     else:
         _, metrics = train_reward(half_checkpoint, preference_pairs(8), RewardSettings(**common))
     assert metrics["optimiser_dtypes"] == "float32", metrics
@@ -272,7 +273,7 @@ def test_a_float16_checkpoint_never_trains_in_float16(half_checkpoint, method, t
 
 
 def test_bfloat16_weights_are_a_deliberate_choice_and_float16_is_refused(half_checkpoint, tmp_path):
-    settings = SFTSettings(report_to=[], output_dir=str(tmp_path), epochs=1, weights_dtype="bfloat16")
+    settings = SFTSettings(report_to=[], output_dir=str(tmp_path), num_train_epochs=1, weights_dtype="bfloat16")
     _, _, metrics = train_sft(half_checkpoint, cot_examples(8), settings)
     assert metrics["optimiser_dtypes"] == "bfloat16"
     with pytest.raises(pydantic.ValidationError, match="weights_dtype"):
@@ -284,12 +285,12 @@ def test_activation_checkpointing_is_a_recipe_field_that_changes_memory_not_the_
     """Every method takes `activation_checkpointing`; the trainer really recomputes (its model says so) and
     the losses are those of the run that keeps its activations."""
     def run(checkpointing: bool) -> dict:
-        common = {"report_to": [], "output_dir": str(tmp_path), "epochs": 1, "lora": method.endswith("_lora"),
+        common = {"report_to": [], "output_dir": str(tmp_path), "num_train_epochs": 1, "lora": method.endswith("_lora"),
                   "activation_checkpointing": checkpointing}
         if method == "sft":
             return train_sft(vlm, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))[2]
         if method == "dpo_lora":
-            return train_dpo(vlm, preference_pairs(8), DPOSettings(**common, batch_size=4))[1]
+            return train_dpo(vlm, preference_pairs(8), DPOSettings(**common, per_device_train_batch_size=4))[1]
         return train_reward(vlm, preference_pairs(8), RewardSettings(**common))[1]
 
     kept, recomputed = run(False), run(True)

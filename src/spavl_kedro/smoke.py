@@ -114,6 +114,7 @@ def run(size: str = "cpu", prompts: int = 16, max_new_tokens: int = 16, seed: in
     records: list[dict] = []
     scratch = tempfile.mkdtemp(prefix="smoke-")
     recipe = {"output_dir": scratch, "report_to": [], "seed": seed}
+    one_pass = {"num_train_epochs": 1, "per_device_train_batch_size": 4}  # for GRPO / RLOO: 4 answers
     with _stage("build", device, 1, records) as facts:
         base = build(size, seed)
         facts["parameters"] = sum(p.numel() for p in base.model.parameters())
@@ -135,20 +136,20 @@ def run(size: str = "cpu", prompts: int = 16, max_new_tokens: int = 16, seed: in
     pairs = [{"images": [_image(COLOURS[i % 8])], "question": QUESTION, "chosen": REFUSAL,
               "rejected": answers[i] or "Sure."} for i in range(len(one))]
     with _stage("dpo", device, len(pairs), records) as facts:
-        dpo, metrics = train_dpo(base, pairs, DPOSettings(**recipe, epochs=1, batch_size=4))
+        dpo, metrics = train_dpo(base, pairs, DPOSettings(**recipe, **one_pass))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     examples = [{"images": [_image(COLOURS[i % 8]), _image(COLOURS[(i + 3) % 8])], "question": QUESTION,
                  "target": MIS_TARGET.format(a=COLOURS[i % 8], b=COLOURS[(i + 3) % 8])} for i in range(len(two))]
     with _stage("sft", device, len(examples), records) as facts:
-        _, _, metrics = train_sft(base, examples, SFTSettings(**recipe, epochs=1, batch_size=4))
+        _, _, metrics = train_sft(base, examples, SFTSettings(**recipe, **one_pass))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     with _stage("reward", device, len(pairs), records) as facts:
-        reward_model, metrics = train_reward(base, pairs, RewardSettings(**recipe, epochs=1, batch_size=4))
+        reward_model, metrics = train_reward(base, pairs, RewardSettings(**recipe, **one_pass))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     rl_prompts = [{"images": [_image(COLOURS[i % 8])], "question": QUESTION} for i in range(4)]
     for algorithm in ("grpo", "rloo"):
-        settings = OnlineRLSettings(**recipe, algorithm=algorithm, epochs=1, batch_size=2, num_generations=2,
-                                    max_completion_length=max_new_tokens)
+        settings = OnlineRLSettings(**recipe, **one_pass, algorithm=algorithm, num_generations=2,
+                                    max_completion_length=max_new_tokens)  # two prompts x two answers per step
         with _stage(algorithm, device, len(rl_prompts), records) as facts:
             _, metrics = train_online_rl(base, rl_prompts, reward_model.score, settings)
             facts.update(reward_first=metrics["reward_first"], reward_last=metrics["reward_last"])

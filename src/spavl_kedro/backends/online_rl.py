@@ -119,9 +119,8 @@ def train_online_rl(
     args = trl_config(
         config_cls, settings, device, precision,
         learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        # TRL counts completions, not prompts, per device batch; a batch must hold whole groups.
-        per_device_train_batch_size=settings.batch_size * settings.num_generations,
+        num_train_epochs=settings.num_train_epochs,
+        per_device_train_batch_size=settings.per_device_train_batch_size,  # answers, whole groups
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,

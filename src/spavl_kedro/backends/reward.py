@@ -146,8 +146,8 @@ def train_reward(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    per_step = settings.batch_size * processes.num_processes
-    steps = settings.epochs * math.ceil(len(pairs) / per_step)
+    per_step = settings.per_device_train_batch_size * processes.num_processes
+    steps = settings.num_train_epochs * math.ceil(len(pairs) / per_step)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
 
     track = "mlflow" in settings.report_to and processes.is_main_process  # one rank logs, as transformers does
@@ -161,7 +161,7 @@ def train_reward(
         if track:
             mlflow.log_params(settings.model_dump())
         model.train()
-        for epoch in range(settings.epochs):
+        for epoch in range(settings.num_train_epochs):
             order = list(range(len(pairs)))
             rng.shuffle(order)
             for start in range(0, len(order), per_step):

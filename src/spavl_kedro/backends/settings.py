@@ -240,8 +240,8 @@ class DPOSettings(RecipeSettings):
     learning_rate: float = Field(
         5e-4, gt=0, description="peak AdamW learning rate; SPA-VL: 2e-5 LoRA, 1e-6 full (full FT wants far less)"
     )
-    epochs: float = Field(2, gt=0, description="passes over the preference pairs (fractions allowed)")
-    batch_size: int = Field(8, ge=1, description="pairs per device per optimisation micro-step")
+    num_train_epochs: float = Field(2, gt=0, description="passes over the preference pairs (fractions allowed)")
+    per_device_train_batch_size: int = Field(8, ge=1, description="pairs per device per optimisation micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name for the decay")
@@ -265,8 +265,8 @@ class SFTSettings(RecipeSettings):
     """Hyperparameters of one SFT run. Defaults moved a bootstrapped tiny LLaVA's loss on CPU in seconds."""
 
     learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
-    epochs: float = Field(3, gt=0, description="passes over the examples (fractions allowed)")
-    batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
+    num_train_epochs: float = Field(3, gt=0, description="passes over the examples (fractions allowed)")
+    per_device_train_batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
     lora: bool = Field(False, description="train a LoRA adapter (True) or fine-tune every weight (False)")
     train_projector: bool = Field(
@@ -282,8 +282,9 @@ class RewardSettings(RecipeSettings):
     """Hyperparameters of one reward-model run. Defaults separate refusals from compliances on a tiny LLaVA."""
 
     learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
-    epochs: int = Field(3, ge=1, description="passes over the preference pairs")
-    batch_size: int = Field(8, ge=1, description="pairs per optimisation step (each pair is two sequences)")
+    num_train_epochs: int = Field(3, ge=1, description="passes over the preference pairs")
+    per_device_train_batch_size: int = Field(
+        8, ge=1, description="pairs per process per optimisation step (each pair is two sequences)")
     lora: bool = Field(False, description="train a LoRA adapter plus the head (True) or every weight (False)")
     run_name: str = Field("reward", description="name of the nested MLflow run")
     output_dir: str | None = Field(
@@ -310,11 +311,20 @@ class OnlineRLSettings(RecipeSettings):
     learning_rate: float = Field(
         6e-3, gt=0, description="peak AdamW learning rate, decayed linearly; SPA-VL's PPO: 5e-7 on full weights"
     )
-    epochs: float = Field(1, gt=0, description="passes over the prompts (fractions allowed)")
-    batch_size: int = Field(4, ge=1, description="prompts per optimiser step; each is answered num_generations times")
+    num_train_epochs: float = Field(1, gt=0, description="passes over the prompts (fractions allowed)")
+    per_device_train_batch_size: int = Field(
+        16, ge=1, description="sampled answers per device per optimiser step, as TRL counts them: (per_device_train_batch_size / num_generations) prompts, each answered num_generations times; a multiple of "
+                           "num_generations")
     num_generations: int = Field(4, ge=2, description="sampled answers per prompt; the baseline comes from this group")
     max_completion_length: int = Field(32, ge=1, description="new tokens sampled per answer")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the group needs diverse answers")
     beta: float = Field(0.1, ge=0, description="KL coefficient to the reference policy; SPA-VL's PPO used kl 0.1")
     lora: bool = Field(True, description="train a LoRA adapter (True) or every weight of the copy (False)")
     run_name: str = Field("online_rl", description="name of the nested MLflow run")
+
+    @model_validator(mode="after")
+    def _whole_groups(self):
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
+                             f"num_generations ({self.num_generations}): each prompt's answers form one group")
+        return self

@@ -91,9 +91,9 @@ def train_sft(
     args = trl_config(
         SFTConfig, settings, device, precision,
         learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        num_train_epochs=settings.num_train_epochs,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
         max_length=settings.max_length,

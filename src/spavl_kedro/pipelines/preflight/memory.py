@@ -112,8 +112,8 @@ def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_
     optimiser = 2 * trainable * width // shard(1)
     answer = getattr(settings, "max_completion_length", None) or ANSWER_TOKENS
     sequence = shape.image_tokens * images_per_prompt + QUESTION_TOKENS + answer
-    per_batch = {"dpo": 2, "reward": 2, "sft": 1}.get(method, getattr(settings, "num_generations", 1))
-    sequences = settings.batch_size * per_batch
+    # sequences per device step: a pair is two; GRPO / RLOO's batch already counts answers
+    sequences = settings.per_device_train_batch_size * {"dpo": 2, "reward": 2}.get(method, 1)
     per_layer = sequences * sequence * shape.hidden
     if settings.activation_checkpointing:
         activations = per_layer * 2 * shape.layers + per_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER
