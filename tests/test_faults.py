@@ -31,7 +31,8 @@ PARAMS = {
     "taxonomy.domains": 2, "taxonomy.categories": 2, "taxonomy.subcategories": 4,
     "generate.images.per_subcategory": 3, "generate.shard_size": 4, "generate.seed_corpus.questions_per_image": 1,
     "generate.seed_corpus.scenes": 40, "generate.seed_corpus.questioned_scenes": 8, "tiny.vision.steps": 20,
-    "tiny.foundation.epochs": 2, "tiny.bootstrap.epochs": 1, "judge.shard_size": 16, "split.validation_size": 0.2, "align.dpo.epochs": 1,
+    "tiny.foundation.epochs": 2, "tiny.bootstrap.epochs": 1, "judge.shard_size": 16, "split.validation_size": 0.2,
+    "align.dpo.num_train_epochs": 1,
     "evaluate.shard_size": 4, "evaluate.samples": 1,
 }
 # (stage to run, its shard folder or None, how many kills); kill points are drawn from a seeded generator
