@@ -351,6 +351,8 @@ def test_item_table_shows_every_answer_and_verdict_item_by_item(world):
     pair = [decode_image(b) for b in items.loc[mis, "images"]]
     assert decode_image(table.loc[mis, "images"]).width > max(p.width for p in pair)
     assert list(table.columns[:3]) == ["eval_set", "variant", "item_id"]
+    empty = item_table(items.iloc[:0], answers.iloc[:0], scores.iloc[:0])  # a run with nothing to evaluate
+    assert empty.empty and "question" in empty.columns
 
 
 def test_undecided_verdicts_are_unsafe_and_empty_sets_give_empty_tables(world):

@@ -109,17 +109,9 @@ def train_dpo(
         freeze_for_full_finetune(model, settings.train_projector)
 
     args = trl_config(
-        DPOConfig, settings, device, precision,
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
+        DPOConfig, settings, device, precision,  # beta, learning rate, epochs, batch, schedule: TRL's names
         per_device_eval_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        warmup_steps=settings.warmup_steps,
-        lr_scheduler_type=settings.lr_scheduler_type,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
-        max_length=settings.max_length,
     )
     peft_config = lora_config(settings, settings.train_projector) if settings.lora else None
 

@@ -116,16 +116,9 @@ def train_online_rl(
         model.save_pretrained(reference_dir)
         model.config._name_or_path = str(reference_dir)
 
-    args = trl_config(
-        config_cls, settings, device, precision,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        per_device_train_batch_size=settings.per_device_train_batch_size,  # answers, whole groups
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=settings.temperature,
-        beta=settings.beta,
-    )
+    # learning rate, epochs, batch (answers, whole groups), num_generations, max_completion_length,
+    # temperature and beta pass through under TRL's names
+    args = trl_config(config_cls, settings, device, precision)
     peft_config = lora_config(settings) if settings.lora else None
 
     with child_run(settings):

@@ -125,11 +125,14 @@ def trainer_args(settings: RecipeSettings, device: str, precision: str) -> dict[
 
 
 def trl_config(config_class: type, settings: RecipeSettings, device: str, precision: str, **recipe: Any) -> Any:
-    """`config_class` (a TRL config) from `trainer_args`, the trainer's own `recipe` arguments and, on top, the
-    recipe's `trl_args`. A `trl_args` name the class does not have, or one the recipe already sets, fails
-    here, naming it, rather than being ignored or silently winning over a recipe field."""
-    ours = {**trainer_args(settings, device, precision), **recipe}
+    """`config_class` (a TRL config) from the recipe's fields that carry TRL's names (`learning_rate`,
+    `num_train_epochs`, `per_device_train_batch_size`, `beta`, ...: passed through as they are), then
+    `trainer_args` and the trainer's own `recipe` arguments (what the project derives or fixes), and on top
+    the recipe's `trl_args`. A `trl_args` name the class does not have, or one already set, fails here,
+    naming it, rather than being ignored or silently winning over a recipe field."""
     known = {field.name for field in dataclasses.fields(config_class)}
+    named = {name: getattr(settings, name) for name in type(settings).model_fields if name in known}
+    ours = {**named, **trainer_args(settings, device, precision), **recipe}
     unknown = sorted(set(settings.trl_args) - known)
     if unknown:
         raise ValueError(f"trl_args {unknown} are not arguments of TRL's {config_class.__name__}")

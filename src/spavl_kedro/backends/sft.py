@@ -89,14 +89,9 @@ def train_sft(
         freeze_for_full_finetune(model, settings.train_projector)
 
     args = trl_config(
-        SFTConfig, settings, device, precision,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_train_epochs,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
+        SFTConfig, settings, device, precision,  # learning rate, epochs, batch, max_length: TRL's names
         per_device_eval_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
         completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
-        max_length=settings.max_length,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
     )
     peft_config = lora_config(settings) if settings.lora else None

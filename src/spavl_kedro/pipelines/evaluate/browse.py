@@ -23,6 +23,8 @@ def item_table(eval_items: pd.DataFrame, eval_answers: pd.DataFrame, eval_scores
     """Every evaluation item with every policy's answers and every scorer's verdict on them."""
     table = eval_items[list(ITEM_COLUMNS)].copy()
     table["images"] = [side_by_side(images) for images in eval_items["images"]]
+    if eval_answers.empty:  # nothing was answered: the items alone
+        return table.reset_index(drop=True)
     answers = eval_answers.assign(column=[f"{m} {d}" for m, d in zip(eval_answers["model"],
                                                                         _decodings(eval_answers))])
     wide = answers.pivot(index="item_id", columns="column", values="text")
