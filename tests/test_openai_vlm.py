@@ -228,17 +228,19 @@ def test_generation_key_without_an_api_equivalent_fails_before_any_request():
 
 
 def test_requests_spread_over_several_base_urls_and_return_in_order():
-    servers = [FakeServer(), FakeServer()]
+    # Each answer takes 0.2 s on either server, so the least-busy rule must keep both loaded; with instant
+    # answers one server may legitimately finish nearly everything before the other is asked.
+    servers = [FakeServer(slow_s=0.2), FakeServer(slow_s=0.2)]
     try:
-        prompts = [Prompt(f"q{i}", (png(COLOURS[i % 6]),) * (1 + i % 2)) for i in range(12)]
+        prompts = [Prompt(f"slow{i}", (png(COLOURS[i % 6]),) * (1 + i % 2)) for i in range(12)]
         backend = OpenAIVLM("pool", base_urls=[s.base_url for s in servers], model="m", concurrency=4,
                             progress=False)
         results = backend.generate(prompts)
     finally:
         for server in servers:
             server.close()
-    assert [g.text for g in results] == [f"echo q{i} [{1 + i % 2} images]" for i in range(12)]
-    assert all(len(s.requests) >= 3 for s in servers)
+    assert [g.text for g in results] == [f"echo slow{i} [{1 + i % 2} images]" for i in range(12)]
+    assert all(len(s.requests) >= 5 for s in servers)
     assert sum(len(s.requests) for s in servers) == 12
 
 
