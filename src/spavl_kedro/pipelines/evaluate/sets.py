@@ -39,6 +39,7 @@ from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.scenes import KINDS, Scene
+from spavl_kedro.seeding import stream
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _held_harmful(test_harm: pd.DataFrame, context: _Context
 
 def _rng(cfg: EvaluateConfig, eval_set: str, image_id: str) -> random.Random:
     """Seeded by the set and the image, so an item does not change when other images or sets are added."""
-    return random.Random(f"{cfg.seed}:{eval_set}:{image_id}")
+    return stream(cfg.seed, eval_set, image_id)
 
 
 def _mm_safetybench(test_harm: pd.DataFrame, context: _Context, cfg: EvaluateConfig) -> pd.DataFrame:
@@ -312,7 +313,7 @@ def _capability(cfg: EvaluateConfig) -> pd.DataFrame:
     many. The answer is known by construction, so accuracy is exact."""
     rows = []
     for k in range(cfg.capability.items):
-        rng = random.Random(f"{cfg.seed}:capability:{k}")
+        rng = stream(cfg.seed, "capability", k)
         scene = Scene.draw_random(rng)
         png = png_bytes(scene.render(cfg.capability.image_size, rng))
         kind = KINDS[k % len(KINDS)]

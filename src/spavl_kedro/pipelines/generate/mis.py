@@ -12,7 +12,6 @@ answer — each opened by a marker line, so SFT data and parsers can find the pa
 from __future__ import annotations
 
 import logging
-import random
 import re
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import GenerateConfig, TeacherConfig
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import MIS_QTYPES, validate
+from spavl_kedro.seeding import stream
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: di
         if others.empty:
             others = images[images["class3"] != class3]
         for i in range(n):
-            rng = random.Random(f"{cfg.seed}:mis:{class3}:{i}")
+            rng = stream(cfg.seed, "mis", class3, i)
             first, second = group.iloc[rng.sample(range(len(group)), 2)].itertuples(index=False)
             partner = others.iloc[rng.randrange(len(others))] if len(others) else None
             for qtype, pair in (("mis_easy", (first, second)), ("mis_hard", (first, partner))):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from typing import Any
 
 import pandas as pd
@@ -30,6 +29,7 @@ from spavl_kedro.imaging import png_bytes
 from spavl_kedro.pipelines.generate.synthetic import render_images
 from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.schema import TABLES
+from spavl_kedro.seeding import derive_seed, stream
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
 
 
 SEED_FAMILIES = ("refusals", "redirections", "compliances", "grounded", "vague")
-# Seed images are rendered with their own seed, so no bootstrap image is ever a dataset or evaluation image.
-SEED_IMAGE_OFFSET = 1_000_003
 
 
 def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
@@ -69,13 +67,15 @@ def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
     cfg = GenerateConfig.model_validate(params)
     if cfg.images.source != "synthetic":
         return images.iloc[:0], pd.DataFrame(columns=SEED_SCENE_COLUMNS)
-    seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed + SEED_IMAGE_OFFSET)
+    # their own seed, so no bootstrap image is ever a dataset or evaluation image
+    seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size,
+                                derive_seed(cfg.seed, "seed images"))
     shared = set(seed_images["sha256"]) & set(images["sha256"])
     if shared:
         raise ValueError(f"{len(shared)} seed image(s) are also dataset images; change generate.seed")
     scenes = []
     for k in range(cfg.seed_corpus.scenes):
-        rng = random.Random(f"{cfg.seed}:seed-scene:{k}")
+        rng = stream(cfg.seed, "seed-scene", k)
         scene = Scene.draw_random(rng)
         png = png_bytes(scene.render(cfg.images.size, rng))
         scenes.append({"image_id": f"seed-scene-{k:04d}", "sha256": hashlib.sha256(png).hexdigest(),
@@ -109,7 +109,7 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
     corpus = cfg.seed_corpus
     rows = []
     for img in images.itertuples(index=False):
-        rng = random.Random(f"{cfg.seed}:seed:{img.image_id}")
+        rng = stream(cfg.seed, "seed", img.image_id)
         sub = subs[img.class3]
         keyword = caption_keyword(img.caption, sub.keywords)
         parts = caption_parts(img.caption)  # None for a caption that is not the synthetic format
@@ -128,7 +128,7 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
                              "answer": answer.format(caption=img.caption, **values),
                              "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values)})
     for scene in scenes.head(corpus.questioned_scenes).itertuples(index=False):
-        rng = random.Random(f"{cfg.seed}:seed:{scene.image_id}")
+        rng = stream(cfg.seed, "seed", scene.image_id)
         for kind in KINDS:
             answer = Scene(scene.colour, scene.shape, int(scene.count)).answers(kind)[-1]  # the word, not the digit
             rows.append({"image_id": scene.image_id, "png": scene.png, "caption": scene.caption, "class1": None,
@@ -181,10 +181,11 @@ def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params
     # They answer SPA-VL's questions only; encoded once for all of them.
     examples = encode_seeds(tiny_foundation.processor, seed_examples(seed_corpus[~seed_corpus["capability"]]))
     models = {}
-    for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
+    for responder in (r for r in cfg.responders if r.kind == "tiny"):
         behaviour = responder.behaviour()
-        vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, behaviour, tcfg.model,
-                                     tcfg.bootstrap, seed=tcfg.bootstrap.seed + 101 * (n + 1), init=tiny_foundation)
+        vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, behaviour, tcfg.model, tcfg.bootstrap,
+                                     seed=derive_seed(tcfg.bootstrap.seed, "responder", responder.name),
+                                     init=tiny_foundation)
         log.info("bootstrapped responder %s (%s): loss %.3f -> %.3f", responder.name, behaviour,
                  losses["first_epoch_loss"], losses["last_epoch_loss"])
         models[responder.name] = vlm

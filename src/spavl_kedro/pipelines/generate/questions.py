@@ -5,7 +5,6 @@ screened for harmfulness. Dropped questions stay in the table with the reason, a
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Mapping
 
 import pandas as pd
@@ -15,6 +14,7 @@ from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import GenerateConfig, ModelWriterConfig, ScreenConfig
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import SPA_QTYPES, validate
+from spavl_kedro.seeding import stream
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: M
         for img in images.itertuples(index=False):
             keyword = caption_keyword(img.caption, subs[img.class3].keywords)
             for qtype in SPA_QTYPES:
-                rng = random.Random(f"{cfg.seed}:{img.image_id}:{qtype}")
+                rng = stream(cfg.seed, img.image_id, qtype)
                 template = rng.choice(getattr(cfg.questions.templates, qtype))
                 rows.append(_question(img, qtype, fill(template, keyword, subs[img.class3]), "template"))
     return pd.DataFrame(rows)

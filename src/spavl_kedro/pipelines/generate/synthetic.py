@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from spavl_kedro.grounding import CAPTION
 from spavl_kedro.schema import validate
+from spavl_kedro.seeding import stream
 
 # One background colour per domain and one motif per category, so images of different harm areas differ
 # visually and not only in their typography.
@@ -32,7 +33,7 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
     rows, seen = [], set()
     for sub in taxonomy.itertuples(index=False):
         for i in range(per_subcategory):
-            rng = random.Random(f"{seed}:{sub.class3}:{i}")
+            rng = stream(seed, sub.class3, i)
             keyword = sub.keywords[i % len(sub.keywords)]
             colour = list(PALETTE)[domains.index(sub.class1) % len(PALETTE)]
             motif = MOTIFS[categories.index((sub.class1, sub.class2)) % len(MOTIFS)]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any
 
@@ -23,6 +22,7 @@ from spavl_kedro.config import JudgeConfig, SplitConfig
 from spavl_kedro.datasets.spa_vl import path_segment
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES, validate
+from spavl_kedro.seeding import derive_seed, stream
 
 
 def normalise(text: str) -> str:
@@ -75,7 +75,7 @@ def _hold_out(kept: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.Da
     kept = kept.assign(image_id=kept["image_ids"].map(lambda ids: ids[0]))
     harm, help_, held = [], [], set()
     for class3, group in kept.groupby("class3", sort=True):
-        rng = random.Random(f"{cfg.seed}:{class3}")
+        rng = stream(cfg.seed, class3)
         by_image = {i: g for i, g in group.groupby("image_id", sort=True)}
         harmful = [i for i, g in by_image.items() if g["qtype"].isin(["hardq", "hards"]).any()]
         easy = [i for i, g in by_image.items() if (g["qtype"] == "easy").any()]
@@ -116,7 +116,7 @@ def _stratified_validation(pairs: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Da
         quota[k] += 1
     val, train = [], []
     for k, g in groups.items():
-        shuffled = g.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:val:{k}").randrange(2**31))
+        shuffled = g.sample(frac=1.0, random_state=derive_seed(cfg.seed, "val", k))
         val.append(shuffled.iloc[: quota[k]])
         train.append(shuffled.iloc[quota[k]:])
     empty = pairs.iloc[:0]
@@ -149,7 +149,7 @@ def _subset(train: pd.DataFrame, verdicts: pd.DataFrame, cfg: SplitConfig, repor
         train = train[keep]
     if sub.max_pairs is not None and len(train) > sub.max_pairs:
         # One seeded order for every scale: the 1k subset is the first 1k of the 5k subset, and so on.
-        order = train.sample(frac=1.0, random_state=random.Random(f"{cfg.seed}:scale").randrange(2**31))
+        order = train.sample(frac=1.0, random_state=derive_seed(cfg.seed, "scale"))
         report["subset/removed_scale"] = len(train) - sub.max_pairs
         train = order.iloc[: sub.max_pairs].sort_values("question_id")
     return train
