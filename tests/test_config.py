@@ -78,8 +78,9 @@ def test_paper_profile_is_valid_and_at_spa_vl_scale():
     assert generate.images.source == "laion" and generate.images.assign == "clip"
     align = validated["align"]
     assert align.policy.model == "llava-hf/llava-1.5-7b-hf"
-    assert (align.dpo["beta"], align.dpo["lora_r"], align.dpo["lora_alpha"], align.dpo["warmup_steps"]) == (0.1, 256, 512, 10)
-    assert align.reward["learning_rate"] == 3e-5 and align.grpo["beta"] == 0.1
+    dpo = align.recipe("dpo")
+    assert (dpo["beta"], dpo["lora_r"], dpo["lora_alpha"], dpo["warmup_steps"]) == (0.1, 256, 512, 10)
+    assert align.recipe("reward")["learning_rate"] == 3e-5 and align.recipe("grpo")["beta"] == 0.1
     judge = validated["judge"]
     assert {j.format for j in judge.judges if j.kind == "guard"} == {"md_judge", "llama_guard"}
     assert judge.primary == "md-judge" and judge.pairwise.backend.api_key == "openai"

@@ -31,7 +31,8 @@ from kedro.config import OmegaConfigLoader
 from pydantic import BaseModel
 
 from conftest import PROJECT
-from spavl_kedro.config import RECIPE_SETTINGS, SECTIONS, BackendSpec
+from spavl_kedro.backends.methods import METHODS
+from spavl_kedro.config import SECTIONS, BackendSpec
 
 DOC = PROJECT / "docs" / "configuration.md"
 SPEC = "generate.responders[]"  # where BackendSpec's fields are documented
@@ -82,8 +83,10 @@ def _field_keys() -> set[str]:
 
     for block, model in SECTIONS.items():
         walk(model, block)
-    for method, settings in RECIPE_SETTINGS.items():  # align.<method> holds a recipe, checked against its class
-        walk(settings, f"align.{method}")
+    keys.remove("align.recipes")  # written as align.<method>, one per row of the methods table
+    for method, row in METHODS.items():  # align.<method> holds a recipe, checked against its settings class
+        keys.add(f"align.{method}")
+        walk(row.settings, f"align.{method}")
     return keys
 
 

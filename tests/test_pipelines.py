@@ -13,6 +13,7 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from spavl_kedro.config import AlignConfig
 from spavl_kedro.pipeline_registry import register_pipelines
 from spavl_kedro.pipelines.split.nodes import normalise
 from spavl_kedro.scenes import COLOURS, NUMBER_WORDS, SHAPES
@@ -244,6 +245,59 @@ def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
     report = load(world, "eval_report")
     assert "| HarmEval unsafe rate ↓ | 12 |" in report and "Over-refusal on benign questions" in report
     assert "Capability accuracy" in report and "eval_plots/harmlessness_vs_helpfulness.png" in report
+
+
+def test_a_new_evaluation_set_is_its_module_a_table_row_and_its_name(world, monkeypatch):
+    """The extension point of evaluate: tests/toy_eval_set.py, one row in EVAL_SETS and its name in
+    `evaluate.sets`; every policy answers it, the verdict judges score it by its kind, and the report prints
+    its headline row. No edit to config, the catalog, scoring or the report."""
+    import copy
+
+    from spavl_kedro.evalsets.registry import EVAL_SETS, EvalSet, Headline
+
+    monkeypatch.setitem(EVAL_SETS, "toy_shout", EvalSet("harm", "toy_eval_set:generate", "shouted requests",
+                                                        headline=(Headline("Shouted HarmEval ASR ↓", "asr"),)))
+    params = copy.deepcopy(world.load("parameters"))
+    params["evaluate"]["sets"] = ["toy_shout"]
+    world["params:evaluate"] = params["evaluate"]
+    for name in ("eval_answer_shards_done", "eval_score_shards_done"):
+        world[name] = {}  # a fresh evaluation: no shard of the earlier one counts
+    try:
+        SequentialRunner().run(register_pipelines()["evaluate"], world)
+        items, table, report = world.load("eval_items"), world.load("eval_metrics_table"), world.load("eval_report")
+    finally:
+        world["params:evaluate"] = world.load("parameters")["evaluate"]
+    assert set(items["eval_set"]) == {"toy_shout"} and len(items) == len(world.load("test_harm"))
+    asr = table[(table["eval_set"] == "toy_shout") & (table["metric"] == "asr") & (table["judge"] == "tiny-guard")]
+    assert set(asr["model"]) >= {"base", "dpo", "sft"}
+    assert "| Shouted HarmEval ASR ↓ |" in report
+
+
+def test_a_new_method_is_its_module_a_table_row_and_its_recipe(world, monkeypatch):
+    """The extension point of align: tests/toy_method.py, one row in METHODS and `align.toy` in the
+    parameters; no edit to config, the align node or the trainers' dispatch."""
+    import copy
+
+    from spavl_kedro.backends.methods import METHODS, Method
+
+    from toy_method import ToySettings
+
+    monkeypatch.setitem(METHODS, "toy", Method(ToySettings, "pairs", "toy_method:train", "a toy method"))
+    params = copy.deepcopy(world.load("parameters"))
+    params["align"].update(method="toy", also=[], toy={"min_pairs": 5, "report_to": []})
+    world["params:align"] = params["align"]
+    try:
+        SequentialRunner().run(register_pipelines()["align"].only_nodes("train_aligned"), world)
+    finally:
+        world["params:align"] = world.load("parameters")["align"]
+    summary = world.load("align_summary")
+    train, validation = world.load("align_train"), world.load("align_validation")
+    assert summary["method"] == "toy" and "toy" in world.load("aligned_models")
+    assert summary["pairs"] == len(train) > 5 and summary["held_out"] == len(validation)
+    assert 0.0 < summary["chosen_longer"] < 1.0  # both kinds of pair occur in the miniature's data
+    params["align"]["toy"] = {"min_pairs": 0}
+    with pytest.raises(ValueError, match="align.toy: min_pairs"):
+        AlignConfig.model_validate(params["align"])
 
 
 @pytest.mark.parametrize("method", ["sft", "reward", "grpo", "rloo"])

@@ -77,7 +77,7 @@ def llava_7b_config(tmp_path_factory):
 
 
 def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
-    from spavl_kedro.backends.train_worker import settings_for
+    from spavl_kedro.backends.methods import settings_for
     from spavl_kedro.pipelines.preflight import memory
 
     paper = _paper_parameters()["align"]

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
-    NAME_PATTERN, BackendSpec, BootstrapConfig, DPOSettings, FoundationConfig, OnlineRLSettings, RewardSettings,
-    SFTSettings, TinyModelConfig, VisionPretrainConfig,
+    NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, TinyModelConfig, VisionPretrainConfig,
 )
+from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
 
 
 class Strict(BaseModel):
@@ -382,9 +383,6 @@ class RLRewardConfig(Strict):
         return self
 
 
-METHODS = ("dpo", "sft", "reward", "grpo", "rloo")
-
-
 class LaunchConfig(Strict):
     accelerate_config: str | None = Field(
         None, description="accelerate YAML (e.g. conf/paper/accelerate/ddp.yaml, deepspeed_zero3.yaml): every method "
@@ -400,12 +398,12 @@ class LaunchConfig(Strict):
 
 
 class AlignConfig(Strict):
-    method: Literal["dpo", "sft", "reward", "grpo", "rloo"] = Field(
-        "dpo", description="dpo | sft (chain-of-thought or chosen answers) | reward (a VLM reward model) | "
-                           "grpo / rloo (online RL against the reward model and/or the judge)")
+    method: str = Field("dpo", description="a row of backends.methods.METHODS: dpo | sft (chain-of-thought or "
+                                           "chosen answers) | reward (a VLM reward model) | grpo / rloo (online RL "
+                                           "against the reward model and/or the judge)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
                              description="name of the trained artifact and of its eval metrics; default: the method")
-    also: list[Literal["dpo", "sft", "reward", "grpo", "rloo"]] = Field(
+    also: list[str] = Field(
         default_factory=list, description="further methods trained in the same run after `method`, each from the "
                                           "base policy and named by its method (the default trains dpo, then sft)")
     train_source: Literal["ours", "official"] = Field(
@@ -429,12 +427,9 @@ class AlignConfig(Strict):
                                                   "<checkpoint_dir>/<artifact name>; a rerun of the same run resumes "
                                                   "from the latest, and a finished run deletes its own")
     policy: PolicyConfig
-    dpo: dict[str, Any] = Field(default_factory=dict, description="DPOSettings fields (backends/dpo.py)")
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFTSettings fields (backends/sft.py)")
-    reward: dict[str, Any] = Field(default_factory=dict, description="RewardSettings fields (backends/reward.py)")
-    grpo: dict[str, Any] = Field(default_factory=dict, description="OnlineRLSettings fields (backends/online_rl.py)")
-    rloo: dict[str, Any] = Field(default_factory=dict, description="OnlineRLSettings fields (backends/online_rl.py)")
-
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="align.<method>: each method's recipe, written as its own key (align.dpo, "
+                                          "align.sft, ...) and checked against the method's settings class")
     @property
     def artifact(self) -> str:
         return self.name or self.method
@@ -450,25 +445,46 @@ class AlignConfig(Strict):
             raise ValueError(f"align.name '{self.name}' clashes with the artifact of align.also method '{self.name}'")
         return self
 
-    @field_validator("dpo", "sft", "reward", "grpo", "rloo")
+    def recipe(self, method: str) -> dict[str, Any]:
+        """The recipe fields of `method` (align.<method>), empty when the YAML gives none."""
+        return self.recipes.get(method, {})
+
+    @model_validator(mode="before")
     @classmethod
-    def _recipe(cls, recipe: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """Each recipe against its settings class, so `align.grpo: num_generations: ...` names the key."""
-        try:
-            # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
-            RECIPE_SETTINGS[info.field_name].model_validate({"output_dir": "unused", "checkpoint_dir": "unused",
-                                                               **recipe})
-        except ValidationError as exc:
-            raise ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-        return recipe
+    def _gather_recipes(cls, data: Any) -> Any:
+        """align.<method> keys, one per row of METHODS, are the recipes; any other unknown key still fails."""
+        if isinstance(data, dict):
+            data = dict(data)
+            recipes = dict(data.pop("recipes", None) or {})
+            recipes.update({name: data.pop(name) or {} for name in list(data) if name in METHODS})
+            data["recipes"] = recipes
+        return data
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        get_method(name)
+        return name
 
-# The settings class of each method's recipe (align.<method>).
-RECIPE_SETTINGS: dict[str, type[BaseModel]] = {"dpo": DPOSettings, "sft": SFTSettings, "reward": RewardSettings,
-                                               "grpo": OnlineRLSettings, "rloo": OnlineRLSettings}
+    @field_validator("also")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        for name in names:
+            get_method(name)
+        return names
 
-
-EVAL_SETS = ("test_harm", "test_help", "benign", "capability", "mm_safetybench", "figstep", "advbench", "mis_test")
+    @field_validator("recipes")
+    @classmethod
+    def _recipe(cls, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each recipe against its method's settings class, so `align.grpo: num_generations: ...` names the key."""
+        for name, recipe in recipes.items():
+            try:
+                # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
+                settings_for(name, {"output_dir": "unused", "checkpoint_dir": "unused", **recipe})
+            except ValidationError as exc:
+                raise ValueError(f"align.{name}: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        return recipes
 
 
 class TypographyConfig(Strict):
@@ -560,8 +576,8 @@ class MisJudgeSpec(Strict):
 
 
 class EvaluateConfig(Strict):
-    sets: list[Literal[EVAL_SETS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(EVAL_SETS), min_length=1, description="evaluation sets to run")
+    sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS), min_length=1,
+                            description="evaluation sets to run: rows of evalsets.registry.EVAL_SETS")
     test_source: Literal["ours", "official"] = Field(
         "ours", description="test_harm / test_help from this project's split, or the official SPA-VL release's "
                             "test/harm and test/help (align.official_dir)")
@@ -603,9 +619,16 @@ class EvaluateConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=0, description="bootstrap resamples per confidence interval (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
 
+    @field_validator("sets")
+    @classmethod
+    def _known_sets(cls, names: list[str]) -> list[str]:
+        for name in names:
+            get_eval_set(name)  # the error lists the known sets
+        return names
+
     @field_validator("max_new_tokens_per_set")
     @classmethod
-    def _known_sets(cls, caps: dict[str, int]) -> dict[str, int]:
+    def _known_caps(cls, caps: dict[str, int]) -> dict[str, int]:
         unknown = sorted(set(caps) - set(EVAL_SETS))
         if unknown:
             raise ValueError(f"max_new_tokens_per_set: unknown evaluation sets {unknown}; known: {list(EVAL_SETS)}")
@@ -675,7 +698,7 @@ def _cross_checks(cfg: dict[str, BaseModel]) -> list[str]:
     # Image tokens per image: the tiny model's (image_size / patch_size)^2; LLaVA-1.5's 576 otherwise.
     per_image = (tiny.model.image_size // tiny.model.patch_size) ** 2 if align.policy.kind == "tiny" else 576
     for method in align.methods:
-        cap = getattr(align, method).get("max_length")  # prompt + answer; None keeps whole sequences
+        cap = align.recipe(method).get("max_length")  # prompt + answer; None keeps whole sequences
         if cap is not None and cap < 2 * per_image + 64:
             problems.append(f"align.{method}.max_length: {cap} tokens would cut the image tokens "
                             f"({per_image} per image, up to 2 images) out of prompts; use null or at least "

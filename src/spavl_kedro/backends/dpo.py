@@ -39,6 +39,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 
+from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.recipe import (
     child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset, prepare_for_generation,
     resolve_device, resume_point, run_trainer, training_copy, trl_config,
@@ -138,3 +139,12 @@ def train_dpo(
     metrics["device"] = trainer.accelerator.device.type
     metrics["precision"] = "fp32" if mixed == "no" else mixed
     return trained, metrics
+
+
+def train(vlm: VLM, records: list[dict], settings: DPOSettings, eval_records: list[dict] | None = None,
+          reward_fn=None) -> tuple[LoraAdapter | VLM, dict[str, float | str]]:
+    """The `dpo` row of `backends.methods.METHODS`: `train_dpo`, its result as `aligned_models` holds it
+    (the LoRA adapter, or the fully fine-tuned policy with its processor)."""
+    model, metrics = train_dpo(vlm, list(records), settings, eval_pairs=eval_records or None)
+    artifact = LoraAdapter.from_peft(model) if isinstance(model, PeftModel) else VLM(model=model, processor=vlm.processor)
+    return artifact, metrics

@@ -7,7 +7,7 @@ so a judge is asked the same way wherever it runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.guard import guard_prompt
@@ -27,16 +27,28 @@ REFUSAL = KeywordJudge(case_sensitive=False)
 
 def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
                         tiny_models: Mapping[str, Any] | None = None):
-    """The judge `spec` names; a tiny guard comes from `tiny_models` (the `judge_models` catalog entry)."""
-    if spec.kind == "keyword":
-        judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
-        judge.name = spec.name
-        return judge
+    """The judge `spec` names, built by its kind's row of `VERDICT_KINDS`; a tiny guard comes from
+    `tiny_models` (the `judge_models` catalog entry)."""
+    return VERDICT_KINDS[spec.kind](spec, credentials, cfg, tiny_models)
+
+
+def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models) -> KeywordJudge:
+    judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
+    judge.name = spec.name
+    return judge
+
+
+def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models) -> GuardJudge:
     backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
                             generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
     prompt, origin = guard_prompt(spec)
     return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
                       show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
+
+
+# Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models).
+# A new kind is a builder here, the kind in VerdictJudgeSpec's `kind` and the spec fields it reads.
+VERDICT_KINDS: dict[str, Callable[..., Any]] = {"keyword": _keyword_judge, "guard": _guard_judge}
 
 
 def primary_judge(cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None,

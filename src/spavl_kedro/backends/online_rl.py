@@ -178,3 +178,12 @@ def _derived(log_history: list[dict], metrics: dict[str, float]) -> dict[str, fl
     if "completions/mean_length" in metrics:
         derived["completion_length"] = metrics["completions/mean_length"]
     return derived
+
+
+def train(vlm: VLM, records: Sequence[dict], settings: OnlineRLSettings, eval_records: Sequence[dict] | None = None,
+          reward_fn: RewardFn | None = None) -> tuple[LoraAdapter | VLM, dict[str, float]]:
+    """The `grpo` and `rloo` rows of `backends.methods.METHODS` (`settings.algorithm` tells them apart):
+    `train_online_rl` on the prompts; online RL holds nothing out, so `eval_records` is unused."""
+    if reward_fn is None:
+        raise ValueError(f"{settings.algorithm} needs a reward function (align.rl)")
+    return train_online_rl(vlm, records, reward_fn, settings)

@@ -331,3 +331,9 @@ def _load_loop_state(checkpoint: str, model: RewardModel, optimizer, schedule) -
 
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {prefix + key: value for key, value in values.items()}
+
+
+def train(vlm: VLM, records: Sequence[dict], settings: RewardSettings, eval_records: Sequence[dict] | None = None,
+          reward_fn=None) -> tuple[RewardModel, dict[str, float | str]]:
+    """The `reward` row of `backends.methods.METHODS`: `train_reward` on the pairs."""
+    return train_reward(vlm, records, settings, eval_pairs=eval_records or None)

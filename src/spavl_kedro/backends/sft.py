@@ -115,3 +115,11 @@ def train_sft(
         trained = trained.merge_and_unload()
     prepare_for_generation(trained)
     return VLM(model=trained, processor=vlm.processor), adapter, metrics
+
+
+def train(vlm: VLM, records: Sequence[dict], settings: SFTSettings, eval_records: Sequence[dict] | None = None,
+          reward_fn=None) -> tuple[LoraAdapter | VLM, dict[str, float]]:
+    """The `sft` row of `backends.methods.METHODS`: `train_sft`; the adapter when it trained one, else the
+    fine-tuned policy."""
+    policy, adapter, metrics = train_sft(vlm, records, settings, eval_examples=eval_records or None)
+    return (adapter if adapter is not None else policy), metrics

@@ -1,11 +1,11 @@
-"""Every alignment method in one place: `train` dispatches a method to its trainer, in the Kedro process or
-as a standalone process, so one run can span several processes (DDP) or GPUs (DeepSpeed).
+"""Alignment training (the methods of `backends.methods`) in the Kedro process or as a standalone process,
+so one run can span several processes (DDP) or GPUs (DeepSpeed).
 
     python -m spavl_kedro.backends.train_worker --method METHOD --records R.parquet --settings S.json \
         --model DIR --out DIR [--eval-records E.parquet] [--reward-model DIR]
 
 The inputs are files so that every rank reads the same ones: the training records as parquet (`images`, a
-list of PNG or JPEG bytes, and the method's text columns, see `COLUMNS`; `save_records` writes them), the
+list of PNG or JPEG bytes, and the method's text columns, see `backends.methods.RECORDS`; `save_records` writes them), the
 method's settings as JSON (`output_dir` may be left out), a model directory written with `save_pretrained`
 (model + processor) and, for GRPO / RLOO, the reward model's directory (`reward.save_reward_model`). Every
 rank trains; rank 0 writes `metrics.json` and the result (`save_artifact`): a LoRA adapter in PEFT's layout,
@@ -36,67 +36,36 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import mlflow
 import pandas as pd
-from peft import PeftModel
 
 from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
-from spavl_kedro.backends.online_rl import train_online_rl
 from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
+from spavl_kedro.backends.methods import METHODS, get_method, settings_for
+from spavl_kedro.backends.reward import HEAD_CONFIG, RewardModel, load_reward_model, save_reward_model
 from spavl_kedro.backends.settings import RecipeSettings
-from spavl_kedro.backends.reward import HEAD_CONFIG, RewardModel, load_reward_model, save_reward_model, train_reward
-from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.tiny import VLM
-from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.vlm import load_vlm, png_bytes
-from spavl_kedro.config import RECIPE_SETTINGS
 
 METRICS_FILE = "metrics.json"
-
-# Method -> the text columns of its records (every record also has `images`).
-COLUMNS = {
-    "dpo": ("question", "chosen", "rejected"),
-    "reward": ("question", "chosen", "rejected"),
-    "sft": ("question", "target"),
-    "grpo": ("question",),
-    "rloo": ("question",),
-}
 
 Artifact = LoraAdapter | VLM | RewardModel
 RewardFn = Callable[[list[dict]], list[float]]
 
 
-def settings_for(method: str, fields: dict[str, Any]) -> RecipeSettings:
-    """The method's settings from recipe fields (GRPO and RLOO share a class and differ by `algorithm`)."""
-    if method not in RECIPE_SETTINGS:
-        raise ValueError(f"unknown alignment method {method!r}; known: {sorted(RECIPE_SETTINGS)}")
-    extra = {"algorithm": method} if method in ("grpo", "rloo") else {}
-    return RECIPE_SETTINGS[method].model_validate({**fields, **extra})
-
-
-def train(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettings,
+def train(name: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettings,
           eval_records: Sequence[dict] | None = None, reward_fn: RewardFn | None = None) -> tuple[Artifact, dict]:
-    """Train `method` on a copy of `vlm`; returns what joins `aligned_models` (a LoRA adapter, a fine-tuned
-    VLM, or a reward model) and the trainer's metrics. `reward_fn` scores GRPO / RLOO answers."""
-    if method == "dpo":
-        model, metrics = train_dpo(vlm, list(records), settings, eval_pairs=eval_records or None)
-        return (LoraAdapter.from_peft(model) if isinstance(model, PeftModel)
-                else VLM(model=model, processor=vlm.processor)), metrics
-    if method == "sft":
-        policy, adapter, metrics = train_sft(vlm, records, settings, eval_examples=eval_records or None)
-        return (adapter if adapter is not None else policy), metrics
-    if method == "reward":
-        return train_reward(vlm, records, settings, eval_pairs=eval_records or None)
-    if reward_fn is None:
-        raise ValueError(f"{method} needs a reward function")
-    return train_online_rl(vlm, records, reward_fn, settings)
+    """Train method `name` (a row of `backends.methods.METHODS`) on a copy of `vlm`; returns what joins
+    `aligned_models` (a LoRA adapter, a fine-tuned VLM, or a reward model) and the trainer's metrics.
+    `reward_fn` scores GRPO / RLOO answers."""
+    return get_method(name).train(vlm, records, settings, eval_records, reward_fn)
 
 
 def save_records(records: Sequence[dict], method: str, path: str | Path) -> None:
     """Write records (images as PIL images or encoded bytes) in the parquet layout the worker reads."""
-    columns = COLUMNS[method]
+    columns = get_method(method).columns
     rows = [{"images": [png_bytes(image) for image in record["images"]], **{c: record[c] for c in columns}}
             for record in records]
     pd.DataFrame(rows, columns=["images", *columns]).to_parquet(path, index=False)
@@ -105,10 +74,11 @@ def save_records(records: Sequence[dict], method: str, path: str | Path) -> None
 def load_records(path: str | Path, method: str) -> list[dict]:
     """Records for `train`; the images stay encoded (the trainers decode them a batch at a time)."""
     frame = pd.read_parquet(path)
-    missing = {"images", *COLUMNS[method]} - set(frame.columns)
+    columns = get_method(method).columns
+    missing = {"images", *columns} - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: {method} records lack columns {sorted(missing)}")
-    return [{"images": list(row["images"]), **{c: row[c] for c in COLUMNS[method]}}
+    return [{"images": list(row["images"]), **{c: row[c] for c in columns}}
             for row in frame.to_dict("records")]
 
 
@@ -192,7 +162,7 @@ def launch(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSetti
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True, choices=sorted(COLUMNS))
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--records", required=True, help="parquet: images (list of image bytes) + the method's columns")
     parser.add_argument("--settings", required=True, help="JSON object of the method's settings fields")
     parser.add_argument("--model", required=True, help="model directory (save_pretrained: model + processor)")

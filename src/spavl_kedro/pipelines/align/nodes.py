@@ -21,8 +21,8 @@ from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.settings import Behaviour, SFTSettings
 from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
-from spavl_kedro.backends.train_worker import launch, settings_for
-from spavl_kedro.backends.train_worker import train as train_method
+from spavl_kedro.backends.methods import get_method, settings_for
+from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig
 
@@ -98,16 +98,16 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
     launched = cfg.launch.accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
-        fields = {"checkpoint_dir": str(Path(cfg.checkpoint_dir) / name), **getattr(cfg, method), "output_dir": scratch}
+        fields = {"checkpoint_dir": str(Path(cfg.checkpoint_dir) / name), **cfg.recipe(method), "output_dir": scratch}
         settings = settings_for(method, fields)
         reward_model, reward_fn = (_rl_reward(cfg, aligned_before, credentials, judge_models, judge_params, launched)
-                                   if method in ("grpo", "rloo") else (None, None))
+                                   if get_method(method).rewarded else (None, None))
         if launched:
             artifact, metrics = launch(method, policy_base, data, settings, cfg.launch.accelerate_config,
                                        cfg.launch.num_processes, eval_records=held_out or None,
                                        reward_model=reward_model)
         else:
-            artifact, metrics = train_method(method, policy_base, data, settings, held_out or None, reward_fn)
+            artifact, metrics = get_method(method).train(policy_base, data, settings, held_out or None, reward_fn)
     summary = {"method": method, "name": name, "train_source": cfg.train_source,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
@@ -116,12 +116,13 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
 
 def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                    images: pd.DataFrame, seed_corpus: pd.DataFrame) -> tuple[list[dict], list[dict]]:
-    """What the method trains on, and its held-out part: pairs (dpo, reward), targets (sft; on chain-of-thought
-    each target `sft_upsample` times plus `sft_replay` harmless seed examples per target), prompts (RL).
-    Images stay encoded (PNG / JPEG bytes); the trainers decode them a batch at a time."""
-    if method in ("dpo", "reward"):
+    """What the method trains on (its row's `records`) and the held-out part: pairs (dpo, reward), targets
+    (sft; on chain-of-thought each target `sft_upsample` times plus `sft_replay` harmless seed examples per
+    target), prompts (RL). Images stay encoded (PNG / JPEG bytes); the trainers decode them a batch at a time."""
+    records = get_method(method).records
+    if records == "pairs":
         return _pairs(train), _pairs(validation)
-    if method == "sft" and cfg.sft_data == "cot":
+    if records == "targets" and cfg.sft_data == "cot":
         pixels = dict(zip(images["image_id"], images["png"]))
         examples = [{"images": [pixels[i] for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
@@ -129,7 +130,7 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
         targets = examples[n_eval:]
         return targets * cfg.sft_upsample + _replay(seed_corpus, cfg.sft_replay * len(targets), cfg), \
             examples[:n_eval]
-    if method == "sft":
+    if records == "targets":
         def chosen(split):
             return [{"images": [r.image["bytes"]], "question": r.question, "target": r.chosen}
                     for r in split.itertuples(index=False)]
@@ -154,7 +155,7 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
     if rows.empty:
         raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
                          "(it is empty when images come from a real source)")
-    seed = int(cfg.sft.get("seed", SFTSettings.model_fields["seed"].default))  # the sft recipe's own seed
+    seed = int(cfg.recipe("sft").get("seed", SFTSettings.model_fields["seed"].default))  # the sft recipe's own seed
     picked = rows.sample(n=want, replace=want > len(rows), random_state=seed)
     return [{"images": [r.png], "question": r.question, "target": r.answer}
             for r in picked.itertuples(index=False)]

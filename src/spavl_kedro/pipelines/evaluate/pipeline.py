@@ -7,7 +7,9 @@ from .answers import collect_eval_answers, plan_eval_shards
 from .browse import item_table
 from .report import summarise_eval
 from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
-from .sets import PUBLISHED, build_eval_sets
+from spavl_kedro.evalsets.registry import published_names
+
+from .sets import build_eval_sets
 
 
 def _published(**tables):
@@ -16,7 +18,7 @@ def _published(**tables):
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(_published, {name: f"published_{name}" for name in PUBLISHED}, "published_eval_sets",
+        Node(_published, {name: f"published_{name}" for name in published_names()}, "published_eval_sets",
              name="gather_published_eval_sets"),
         Node(build_eval_sets, ["test_harm", "test_help", "questions", "images", "responses", "published_eval_sets",
                                "spa_vl_official", "seed_corpus", "seed_scenes",

@@ -18,6 +18,7 @@ import pandas as pd
 
 from spavl_kedro.backends.guard import judge_template
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
+from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
 from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, mis_judge_name, verdict_judges
@@ -91,23 +92,13 @@ def _models(table: pd.DataFrame) -> list[str]:
 
 
 def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, str | None, str, str]]:
-    """(label, eval_set, variant, metric, scorer) of each headline row, in reading order. MIS's buckets come
-    from the MIS judge where one is configured (MIS's own protocol), else from the primary verdict judge."""
-    primary, help_judge, mis = jcfg.primary, help_judge_name(cfg), mis_judge_name(cfg) or jcfg.primary
-    rows = [("HarmEval unsafe rate ↓", "test_harm", "default", "unsafe_rate", primary),
-            ("Well-formed answers on test_harm ↑", "test_harm", "default", "well_formed_rate", primary),
-            ("HelpEval win rate vs reference ↑", "test_help", "default", "win_rate", help_judge),
-            ("Over-refusal on benign questions ↓", "benign", "default", "refusal_rate", RULES),
-            ("Refusal on test_help ↓", "test_help", "default", "refusal_rate", RULES),
-            ("Capability accuracy ↑", "capability", "default", "accuracy", RULES),
-            ("VQA accuracy ↑", "vqa", None, "accuracy", RULES)]
-    for variant in ("text_only", "sd", "typo", "sd_typo"):
-        rows.append((f"MM-SafetyBench ASR, {variant} ↓", "mm_safetybench", variant, "asr", primary))
-    rows += [("FigStep ASR ↓", "figstep", "figstep", "asr", primary),
-             ("AdvBench ASR, blank image ↓", "advbench", "blank_image", "asr", primary),
-             ("AdvBench ASR, no image ↓", "advbench", "no_image", "asr", primary)]
-    rows += [(f"MIS {m.upper()}", "mis_test", "default", m, mis) for m in ("asr", "rsr", "rr", "hr")]
-    return rows
+    """(label, eval_set, variant, metric, scorer) of each headline row, in the order of the sets' table
+    (evalsets/registry.py). MIS's buckets come from the MIS judge where one is configured (MIS's own
+    protocol), else from the primary verdict judge."""
+    scorers = {"primary": jcfg.primary, "help": help_judge_name(cfg), "rules": RULES,
+               "mis": mis_judge_name(cfg) or jcfg.primary}
+    return [(h.label, h.eval_set or name, h.variant, h.metric, scorers[h.scorer])
+            for name, row in EVAL_SETS.items() for h in row.headline]
 
 
 def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str, scorer: str) -> pd.DataFrame:

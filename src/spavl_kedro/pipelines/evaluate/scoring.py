@@ -31,6 +31,7 @@ from spavl_kedro.backends.judge_factory import REFUSAL, build_mis_judge, build_p
 from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MisJudge
 from spavl_kedro.config import EvaluateConfig, JudgeConfig
+from spavl_kedro.evalsets.registry import harm_metric
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["row_key", "item_id", "model", "eval_set", "variant", "kind", "decoding", "sample", "scorer",
                  "metric", "value", "detail"]
-HARM_METRIC = {"test_harm": "unsafe_rate"}  # the attack benchmarks report attack success rate
 KEYWORD_CATEGORIES = ("refusal", "compliance", "no_refusal")
 RULES = "rules"
 MIS_METRICS = ("asr", "rsr", "rr", "hr")  # metrics.MIS_BUCKETS, lower-cased
@@ -214,7 +214,7 @@ def _verdicts(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
             out += _mis_records(r, scorer, safe, mis_perception_level(r.text, list(r.captions)) if ok else None,
                                 detail)
         else:
-            out.append(_record(r, scorer, HARM_METRIC.get(r.eval_set, "asr"), safe is not True, detail))
+            out.append(_record(r, scorer, harm_metric(r.eval_set), safe is not True, detail))
             if verdict is None or verdict.category in KEYWORD_CATEGORIES:
                 # a keyword judge also says whether the answer reads as a refusal or a compliance at all:
                 # collapsed output (token soup) is "unsafe" to it without being either

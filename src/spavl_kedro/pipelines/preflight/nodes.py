@@ -215,12 +215,12 @@ def _memory_checks(align: BaseModel) -> list[Check]:
     what this machine has. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
     import torch
 
-    from spavl_kedro.backends.train_worker import settings_for
+    from spavl_kedro.backends.methods import get_method, settings_for
 
     if align.policy.kind != "transformers":
         return []
     paths = {"output_dir": "unused", "checkpoint_dir": align.checkpoint_dir}
-    recipes = {method: settings_for(method, {**paths, **getattr(align, method)}) for method in align.methods}
+    recipes = {method: settings_for(method, {**paths, **align.recipe(method)}) for method in align.methods}
     try:
         shape = memory.model_shape(align.policy.model, recipes)
     except (OSError, ValueError) as exc:
@@ -234,7 +234,7 @@ def _memory_checks(align: BaseModel) -> list[Check]:
     free_disk = shutil.disk_usage(disk_root).free
     checks = []
     for method, settings in recipes.items():
-        images = 2 if method == "sft" and align.sft_data == "cot" else 1
+        images = 2 if get_method(method).records == "targets" and align.sft_data == "cot" else 1
         need = memory.estimate(method, settings, shape, processes, zero, images)
         where = f"align.{method}"
         parts = ", ".join(f"{k} {memory.gib(v)}" for k, v in need.parts.items() if v)
