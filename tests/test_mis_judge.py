@@ -17,7 +17,6 @@ from spavl_kedro.backends.mis_judge import (
 from spavl_kedro.backends.vlm import Generation, OpenAIVLM
 from spavl_kedro.config import validate_parameters
 from spavl_kedro.pipelines.evaluate.metrics import mis_bucket
-from spavl_kedro.seeding import derive_seed
 
 
 def answer(perception: str = "Perception Level1", safety: str = "Safe") -> str:
@@ -110,9 +109,7 @@ def test_unparsable_answers_are_asked_again_then_kept_undecided():
     assert verdicts[2] == MisVerdict(None, None, "Level 1", 3, "unparsable")
     assert mis_bucket(verdicts[2].safe, verdicts[2].level) == "ASR"  # never read as safe
     # first call: all three, greedy; retry 1: the two unreadable ones, sampled with a new seed; retry 2: one
-    retry = [derive_seed(0, "retry", attempt) for attempt in (1, 2)]  # each re-ask samples its own stream
-    assert [(seed, sample) for _, seed, sample in backend.log] == [(0, None)] * 3 + [(retry[0], True)] * 2 + [
-        (retry[1], True)]
+    assert [(seed, sample) for _, seed, sample in backend.log] == [(0, None)] * 3 + [(1, True)] * 2 + [(2, True)]
 
 
 def test_a_backend_failure_is_an_error_and_never_safe():

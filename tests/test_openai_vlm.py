@@ -18,7 +18,7 @@ from PIL import Image
 from serving import ChatEndpoint, free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
 from spavl_kedro.backends.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
-from spavl_kedro.seeding import derive_seed
+from spavl_kedro.seeding import offset_seed
 
 GREEDY = {"max_new_tokens": 12, "do_sample": False}
 COLOURS = [(230, 30, 30), (30, 200, 30), (30, 30, 230), (230, 230, 30), (30, 230, 230), (230, 30, 230)]
@@ -215,8 +215,8 @@ def test_request_carries_mapped_generation_fields_and_a_seed_per_record(fake):
     fake_backend(fake, generation=generation, seed=5, concurrency=1).generate([Prompt("a"), Prompt("b")])
     bodies = [r["body"] for r in fake.requests]
     assert {k: v for k, v in bodies[0].items() if k != "messages"} == {
-        "model": "m", "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": derive_seed(5, "record", 0)}
-    assert bodies[1]["seed"] == derive_seed(5, "record", 1) != bodies[0]["seed"]
+        "model": "m", "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": offset_seed(5, 0)}
+    assert bodies[1]["seed"] == offset_seed(5, 1) == 5 * 1_000_003 + 1
     fake_backend(fake, generation={"max_new_tokens": 4, "do_sample": False, "top_p": 0.9}).generate([Prompt("g")])
     assert fake.requests[2]["body"]["temperature"] == 0.0 and "top_p" not in fake.requests[2]["body"]
 

@@ -28,7 +28,7 @@ from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from spavl_kedro.backends.vlm import Generation, Prompt, VLMBackend
 from spavl_kedro.grounding import helpfulness
-from spavl_kedro.seeding import derive_seed
+from spavl_kedro.seeding import sibling_seed
 
 log = logging.getLogger(__name__)
 
@@ -340,10 +340,10 @@ def sampling_variant(backend: VLMBackend, attempt: int, temperature: float) -> V
     names = {f.name for f in dataclasses.fields(backend)} if dataclasses.is_dataclass(backend) else set()
     if not {"generation", "seed"} <= names:
         return backend
-    seed = None if backend.seed is None else derive_seed(backend.seed, "retry", attempt)
+    seed = None if backend.seed is None else sibling_seed(backend.seed, attempt)
     generation = {**backend.generation, "do_sample": True, "temperature": temperature}
     if generation.get("seed") is not None:
-        generation["seed"] = derive_seed(generation["seed"], "retry", attempt)
+        generation["seed"] = sibling_seed(generation["seed"], attempt)
     return dataclasses.replace(backend, generation=generation, seed=seed)
 
 

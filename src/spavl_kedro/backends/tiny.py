@@ -333,7 +333,7 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour
         for batch in _batches(encoded, config.batch_size, config.group_by_length, rng):
             rows = [encoded[i] for i in batch]
             targets = [behaviour.target(row, rng) for row in rows]
-            loss = _response_loss(model, _batch(rows, targets, pad_id), min(len(row.prompt) for row in rows))
+            loss = model(**_batch(rows, targets, pad_id)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -465,18 +465,6 @@ def _batch(rows: Sequence[EncodedSeed], targets: Sequence[torch.Tensor], pad_id:
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
     return batch
-
-
-def _response_loss(model, batch: dict[str, torch.Tensor], shortest_prompt: int) -> torch.Tensor:
-    """The model's own causal-LM loss on `batch` (mean cross-entropy over the response tokens), with logits
-    computed only from the last position of the shortest prompt on: every earlier position predicts a
-    masked prompt token. The language-model head is about a fifth of a tiny model's compute, so a bootstrap
-    runs ~10 % faster for the same loss."""
-    labels = batch.pop("labels")
-    start = shortest_prompt - 1
-    logits = model(**batch, logits_to_keep=labels.shape[1] - start).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, start + 1 :].reshape(-1), ignore_index=-100)
 
 
 def train_tiny_vlm(

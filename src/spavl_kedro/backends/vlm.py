@@ -28,7 +28,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
-from spavl_kedro.seeding import derive_seed
+from spavl_kedro.seeding import offset_seed
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class TransformersVLM:
                                        disable=not self.progress or len(batches) < 2)):
             batch = prompts[start : start + self.batch_size]
             # Seed per batch so a record's sample does not depend on what ran before it in the process.
-            torch.manual_seed(derive_seed(self.seed, "batch", n))
+            torch.manual_seed(offset_seed(self.seed, n))
             began = time.perf_counter()
             try:
                 texts, reasons = self._generate_batch(batch)
@@ -266,7 +266,7 @@ class OpenAIVLM:
     max_retries: int = 4  # extra attempts after the first on 429 / 5xx / timeout / connection error
     backoff_s: float = 1.0  # first retry waits about this long, doubling each time (with jitter)
     max_backoff_s: float = 30.0  # cap on any single wait, a server's Retry-After included
-    seed: int | None = 0  # record i sends derive_seed(seed, "record", i) (generation["seed"] overrides); None: none
+    seed: int | None = 0  # record i sends offset_seed(seed, i) (generation["seed"] overrides); None sends none
     extra_body: dict[str, Any] = field(default_factory=dict)  # extra request fields a server understands
     progress: bool = True  # tqdm bar with rate and ETA
 
@@ -330,7 +330,7 @@ class OpenAIVLM:
         try:
             body = {"model": self.model, "messages": chat_messages(prompt), **self._fields, **self.extra_body}
             if self.seed is not None:
-                body["seed"] = derive_seed(self.seed, "record", index)  # per record (TransformersVLM: per batch)
+                body["seed"] = offset_seed(self.seed, index)  # per record, as TransformersVLM seeds per batch
             for attempt in range(1 + self.max_retries):
                 server = self._pick_server(index + attempt, in_flight)
                 in_flight[server] += 1

@@ -25,7 +25,7 @@ from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
-from spavl_kedro.seeding import derive_seed
+from spavl_kedro.seeding import eval_answer_seed
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame
         kwargs = {"do_sample": False} if decoding == "greedy" else \
             {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
-        seed = derive_seed(cfg.seed, "answers", eval_set, int(index), decoding, int(sample))
+        seed = eval_answer_seed(cfg.seed, int(index), decoding, int(sample))
         generation = {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}
         backend = pool.backend(model, f"{model}/{eval_set}", generation, seed)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])

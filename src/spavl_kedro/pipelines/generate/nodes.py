@@ -29,7 +29,7 @@ from spavl_kedro.imaging import png_bytes
 from spavl_kedro.pipelines.generate.synthetic import render_images
 from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.schema import TABLES
-from spavl_kedro.seeding import derive_seed, stream
+from spavl_kedro.seeding import SEED_IMAGES, model_seed, stream
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
     if cfg.images.source != "synthetic":
         return images.iloc[:0], pd.DataFrame(columns=SEED_SCENE_COLUMNS)
     # their own seed, so no bootstrap image is ever a dataset or evaluation image
-    seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size,
-                                derive_seed(cfg.seed, "seed images"))
+    seed_images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed + SEED_IMAGES)
     shared = set(seed_images["sha256"]) & set(images["sha256"])
     if shared:
         raise ValueError(f"{len(shared)} seed image(s) are also dataset images; change generate.seed")
@@ -181,10 +180,10 @@ def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params
     # They answer SPA-VL's questions only; encoded once for all of them.
     examples = encode_seeds(tiny_foundation.processor, seed_examples(seed_corpus[~seed_corpus["capability"]]))
     models = {}
-    for responder in (r for r in cfg.responders if r.kind == "tiny"):
+    for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
         behaviour = responder.behaviour()
         vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, behaviour, tcfg.model, tcfg.bootstrap,
-                                     seed=derive_seed(tcfg.bootstrap.seed, "responder", responder.name),
+                                     seed=model_seed(tcfg.bootstrap.seed, "responder", n),
                                      init=tiny_foundation)
         log.info("bootstrapped responder %s (%s): loss %.3f -> %.3f", responder.name, behaviour,
                  losses["first_epoch_loss"], losses["last_epoch_loss"])

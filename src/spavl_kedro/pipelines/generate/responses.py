@@ -22,7 +22,7 @@ from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import GenerateConfig
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 from spavl_kedro.schema import TABLES, validate
-from spavl_kedro.seeding import derive_seed
+from spavl_kedro.seeding import response_seed
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _answer(pool: "_BackendPool", pixels: Mapping[str, bytes], shard: Shard, n: 
     began = time.perf_counter()
     # A seed per shard: a shard's samples do not depend on which other shards ran in this process.
     index = int(shard.shard_id.rsplit("/", 1)[1])
-    backend = pool.get(spec, seed=derive_seed(pool.cfg.seed, "responses", spec.name, index))
+    backend = pool.get(spec, seed=response_seed(pool.cfg.seed, n, index))
     outputs = backend.generate([Prompt(q.text, tuple(pixels[i] for i in q.image_ids))
                                 for q in todo.itertuples(index=False)])
     fresh = pd.DataFrame({

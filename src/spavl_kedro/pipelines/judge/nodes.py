@@ -28,7 +28,7 @@ from spavl_kedro.grounding import helpfulness
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
 from spavl_kedro.schema import TABLES, validate
-from spavl_kedro.seeding import derive_seed, stream
+from spavl_kedro.seeding import model_seed, sibling_seed, stream
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: di
     cfg, tcfg = JudgeConfig.model_validate(params), TinyConfig.model_validate(tiny)
     rows = seed_corpus[~seed_corpus["capability"]].drop(columns="png").to_dict("records")  # SPA-VL-style requests
     models = {}
-    for spec in (j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"):
+    for n, spec in enumerate(j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"):
         examples = guard_examples(rows, guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format],
-                                  seed=derive_seed(cfg.seed, "guard examples", spec.name))
+                                  seed=sibling_seed(cfg.seed, n))
         vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, Behaviour(refusal_rate=0.0), tcfg.model,
                                      tcfg.bootstrap.model_copy(update={"epochs": cfg.guard_epochs}),
-                                     seed=derive_seed(tcfg.bootstrap.seed, "guard", spec.name), init=tiny_foundation)
+                                     seed=model_seed(tcfg.bootstrap.seed, "guard", n), init=tiny_foundation)
         log.info("bootstrapped guard %s on %d examples: loss %.3f -> %.3f", spec.backend.name, len(examples),
                  losses["first_epoch_loss"], losses["last_epoch_loss"])
         models[spec.backend.name] = vlm
