@@ -1,6 +1,6 @@
 # `make run` and `make test` do all the set-up: a Python 3.11 venv in .venv, the project installed with
-# torch pinned to the CPU build, then the run or the tests. Re-running skips the install unless
-# pyproject.toml changed.
+# torch pinned to the CPU build and every other package at the version in constraints.txt, then the run or
+# the tests. Re-running skips the install unless pyproject.toml or constraints.txt changed.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,8 +22,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev]"
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0" -e ".[dev]"
 	touch $@
 
 install: $(STAMP)
