@@ -1,6 +1,6 @@
 """The embedded default's headline figures over several seeds: does the miniature show the papers' findings?
 
-    .venv/bin/python benchmarks/miniature_seeds.py [--seeds 0 1 2] [--out DIR]
+    .venv/bin/python benchmarks/miniature_seeds.py [--seeds 0 1 2] [--out DIR] [--params KEY=VALUE,...]
 
 Each seed runs the whole default (`kedro run`, all six pipelines) in its own copy of the project (conf/base,
 data/01_raw), with every seed of the run moved together: generation, tiny bootstraps, judge pairing, the
@@ -64,12 +64,12 @@ SEEDED = ["generate.seed", "tiny.bootstrap.seed", "judge.seed", "split.seed", "a
           "align.sft.seed", "evaluate.seed"]
 
 
-def run(seed: int, root: Path) -> float:
+def run(seed: int, root: Path, extra: str = "") -> float:
     copy_project(root)  # the project hook points MLflow at the copy's own mlflow.db
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONHASHSEED": "0", "HF_HUB_CACHE": str(root / ".cache")}
     (root / ".cache").mkdir()
-    params = ",".join(f"{key}={seed}" for key in SEEDED)
+    params = ",".join([f"{key}={seed}" for key in SEEDED] + ([extra] if extra else []))
     began = time.perf_counter()
     subprocess.run([str(KEDRO), "run", "--params", params], cwd=root, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -97,13 +97,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None, help="keep the project copies here")
     parser.add_argument("--reuse", action="store_true", help="read the runs already in --out instead of running")
+    parser.add_argument("--params", default="", help="more kedro --params for every seed, e.g. a recipe to compare: "
+                                                      "align.dpo.learning_rate=0.0006")
     args = parser.parse_args()
     base = args.out or Path(tempfile.mkdtemp(prefix="miniature-seeds-"))
     results, seconds = {}, []
     for seed in args.seeds:
         root = base / f"seed{seed}"
         if not args.reuse:
-            seconds.append(round(run(seed, root), 1))
+            seconds.append(round(run(seed, root, args.params), 1))
             print(f"seed {seed}: {seconds[-1]} s", flush=True)
         for key, value in figures(root).items():
             results.setdefault(key, []).append(value)
