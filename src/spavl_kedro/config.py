@@ -7,6 +7,7 @@ is created, so a typo fails the run before any model loads, with the key in the 
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -473,6 +474,15 @@ class AlignConfig(Strict):
             get_method(name)
         return names
 
+    @staticmethod
+    def error_location(loc: tuple, msg: str) -> tuple[tuple, str]:
+        """Where `validate_parameters` says a recipe error is: align.<method>, as the YAML spells it, not the
+        `recipes` field the recipes are gathered into."""
+        found = re.match(r"Value error, ([A-Za-z0-9_.\-]+): (.*)", msg, flags=re.S)
+        if loc[:1] == ("recipes",) and found:
+            return (found[1],), f"Value error, {found[2]}"
+        return loc, msg
+
     @field_validator("recipes")
     @classmethod
     def _recipe(cls, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -482,7 +492,7 @@ class AlignConfig(Strict):
                 # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
                 settings_for(name, {"output_dir": "unused", "checkpoint_dir": "unused", **recipe})
             except ValidationError as exc:
-                raise ValueError(f"align.{name}: " + "; ".join(
+                raise ValueError(f"{name}: " + "; ".join(
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return recipes
 
@@ -675,8 +685,10 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, BaseModel]:
             result[key] = model.model_validate(params[key])
         except ValidationError as exc:
             for err in exc.errors():
-                path = ".".join(str(p) for p in (key, *err["loc"]))
-                problems.append(f"{path}: {err['msg']}")
+                loc, msg = err["loc"], err["msg"]
+                if hasattr(model, "error_location"):
+                    loc, msg = model.error_location(loc, msg)
+                problems.append(f"{'.'.join(str(p) for p in (key, *loc))}: {msg}")
     if not problems:
         problems += _cross_checks(result)
     if problems:
