@@ -10,15 +10,27 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
     NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, TinyModelConfig, VisionPretrainConfig,
 )
 from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
+
+
+def _row_of(lookup):
+    """A validator that checks a name against a table (the lookup raises, listing the known names)."""
+    def check(name: str) -> str:
+        lookup(name)
+        return name
+    return AfterValidator(check)
+
+
+MethodName = Annotated[str, _row_of(get_method)]  # a row of backends.methods.METHODS
+EvalSetName = Annotated[str, _row_of(get_eval_set)]  # a row of evalsets.registry.EVAL_SETS
 
 
 class Strict(BaseModel):
@@ -399,12 +411,12 @@ class LaunchConfig(Strict):
 
 
 class AlignConfig(Strict):
-    method: str = Field("dpo", description="a row of backends.methods.METHODS: dpo | sft (chain-of-thought or "
+    method: MethodName = Field("dpo", description="a row of backends.methods.METHODS: dpo | sft (chain-of-thought or "
                                            "chosen answers) | reward (a VLM reward model) | grpo / rloo (online RL "
                                            "against the reward model and/or the judge)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
                              description="name of the trained artifact and of its eval metrics; default: the method")
-    also: list[str] = Field(
+    also: list[MethodName] = Field(
         default_factory=list, description="further methods trained in the same run after `method`, each from the "
                                           "base policy and named by its method (the default trains dpo, then sft)")
     train_source: Literal["ours", "official"] = Field(
@@ -460,19 +472,6 @@ class AlignConfig(Strict):
             recipes.update({name: data.pop(name) or {} for name in list(data) if name in METHODS})
             data["recipes"] = recipes
         return data
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        get_method(name)
-        return name
-
-    @field_validator("also")
-    @classmethod
-    def _known_methods(cls, names: list[str]) -> list[str]:
-        for name in names:
-            get_method(name)
-        return names
 
     @staticmethod
     def error_location(loc: tuple, msg: str) -> tuple[tuple, str]:
@@ -586,7 +585,7 @@ class MisJudgeSpec(Strict):
 
 
 class EvaluateConfig(Strict):
-    sets: list[str] = Field(default_factory=lambda: list(EVAL_SETS), min_length=1,
+    sets: list[EvalSetName] = Field(default_factory=lambda: list(EVAL_SETS), min_length=1,
                             description="evaluation sets to run: rows of evalsets.registry.EVAL_SETS")
     test_source: Literal["ours", "official"] = Field(
         "ours", description="test_harm / test_help from this project's split, or the official SPA-VL release's "
@@ -628,13 +627,6 @@ class EvaluateConfig(Strict):
                           "one more scorer of mis_test; None: only the verdict judges with caption-based levels")
     bootstrap_resamples: int = Field(1000, ge=0, description="bootstrap resamples per confidence interval (0: none)")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
-
-    @field_validator("sets")
-    @classmethod
-    def _known_sets(cls, names: list[str]) -> list[str]:
-        for name in names:
-            get_eval_set(name)  # the error lists the known sets
-        return names
 
     @field_validator("max_new_tokens_per_set")
     @classmethod
