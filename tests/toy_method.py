@@ -11,6 +11,7 @@ from spavl_kedro.backends.settings import RecipeSettings
 
 
 class ToySettings(RecipeSettings):
+    run_name: str = Field("toy", description="name of the nested MLflow run")
     min_pairs: int = Field(1, ge=1, description="fail when the split has fewer pairs than this")
 
 
