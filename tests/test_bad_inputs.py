@@ -264,7 +264,7 @@ def parameter_unknown_key(env):
 def parameter_unknown_recipe_key(env):
     params = copy.deepcopy(env["params"])
     params["align"]["grpo"]["num_generation"] = 8
-    return lambda: validate_parameters(params), ValueError, "align.grpo: Value error, num_generation: Extra inputs"
+    return lambda: validate_parameters(params), ValueError, "align.grpo.num_generation: Extra inputs are not permitted"
 
 
 @case

@@ -306,7 +306,7 @@ def test_a_new_method_is_its_module_a_table_row_and_its_recipe(world, monkeypatc
     assert summary["pairs"] == len(train) > 5 and summary["held_out"] == len(validation)
     assert 0.0 < summary["chosen_longer"] < 1.0  # both kinds of pair occur in the miniature's data
     params["align"]["toy"] = {"min_pairs": 0}
-    with pytest.raises(ValueError, match="toy: min_pairs"):
+    with pytest.raises(ValueError, match="toy.min_pairs"):
         AlignConfig.model_validate(params["align"])
 
 

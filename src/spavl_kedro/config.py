@@ -7,7 +7,6 @@ is created, so a typo fails the run before any model loads, with the key in the 
 
 from __future__ import annotations
 
-import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -462,38 +461,35 @@ class AlignConfig(Strict):
         """The recipe fields of `method` (align.<method>), empty when the YAML gives none."""
         return self.recipes.get(method, {})
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _gather_recipes(cls, data: Any) -> Any:
-        """align.<method> keys, one per row of METHODS, are the recipes; any other unknown key still fails."""
+    def _check_recipes(cls, data: Any, handler) -> "AlignConfig":
+        """align.<method> keys, one per row of METHODS, are the recipes (any other unknown key still fails);
+        each is checked against its method's settings class, its errors placed where the YAML writes them
+        (`align.grpo.num_generation: Extra inputs are not permitted`), beside the errors of the other keys."""
+        errors, recipes = [], {}
         if isinstance(data, dict):
             data = dict(data)
             recipes = dict(data.pop("recipes", None) or {})
             recipes.update({name: data.pop(name) or {} for name in list(data) if name in METHODS})
             data["recipes"] = recipes
-        return data
-
-    @staticmethod
-    def error_location(loc: tuple, msg: str) -> tuple[tuple, str]:
-        """Where `validate_parameters` says a recipe error is: align.<method>, as the YAML spells it, not the
-        `recipes` field the recipes are gathered into."""
-        found = re.match(r"Value error, ([A-Za-z0-9_.\-]+): (.*)", msg, flags=re.S)
-        if loc[:1] == ("recipes",) and found:
-            return (found[1],), f"Value error, {found[2]}"
-        return loc, msg
-
-    @field_validator("recipes")
-    @classmethod
-    def _recipe(cls, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Each recipe against its method's settings class, so `align.grpo: num_generations: ...` names the key."""
         for name, recipe in recipes.items():
+            if not isinstance(recipe, dict):
+                continue  # the field's own check says so, below
             try:
                 # the node fills in the paths: the scratch folder, and align.checkpoint_dir/<name> for checkpoints
                 settings_for(name, {"output_dir": "unused", "checkpoint_dir": "unused", **recipe})
             except ValidationError as exc:
-                raise ValueError(f"{name}: " + "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
-        return recipes
+                errors += [{**e, "loc": (name, *e["loc"])} for e in exc.errors()]
+        try:
+            checked = handler(data)
+        except ValidationError as exc:  # recipes.<method>... is written align.<method>...
+            errors = [{**e, "loc": e["loc"][1:] if e["loc"][:1] == ("recipes",) else e["loc"]}
+                      for e in exc.errors()] + errors
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, [
+                {key: e[key] for key in ("type", "loc", "input", "ctx") if key in e} for e in errors])
+        return checked
 
 
 class TypographyConfig(Strict):
@@ -677,10 +673,7 @@ def validate_parameters(params: dict[str, Any]) -> dict[str, BaseModel]:
             result[key] = model.model_validate(params[key])
         except ValidationError as exc:
             for err in exc.errors():
-                loc, msg = err["loc"], err["msg"]
-                if hasattr(model, "error_location"):
-                    loc, msg = model.error_location(loc, msg)
-                problems.append(f"{'.'.join(str(p) for p in (key, *loc))}: {msg}")
+                problems.append(f"{'.'.join(str(p) for p in (key, *err['loc']))}: {err['msg']}")
     if not problems:
         problems += _cross_checks(result)
     if problems:

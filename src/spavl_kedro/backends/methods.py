@@ -43,8 +43,6 @@ class Method:
 
     def train(self, vlm, records: Sequence[dict], settings: RecipeSettings, eval_records: Sequence[dict] | None = None,
               reward_fn: Callable[[list[dict]], list[float]] | None = None) -> tuple[Any, dict]:
-        if self.rewarded and reward_fn is None:
-            raise ValueError(f"{self.summary}: needs a reward function (align.rl)")
         module, _, name = self.trainer.partition(":")
         return getattr(importlib.import_module(module), name)(vlm, records, settings, eval_records, reward_fn)
 

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlflow
 import pandas as pd
@@ -52,15 +52,6 @@ from spavl_kedro.backends.vlm import load_vlm, png_bytes
 METRICS_FILE = "metrics.json"
 
 Artifact = LoraAdapter | VLM | RewardModel
-RewardFn = Callable[[list[dict]], list[float]]
-
-
-def train(name: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettings,
-          eval_records: Sequence[dict] | None = None, reward_fn: RewardFn | None = None) -> tuple[Artifact, dict]:
-    """Train method `name` (a row of `backends.methods.METHODS`) on a copy of `vlm`; returns what joins
-    `aligned_models` (a LoRA adapter, a fine-tuned VLM, or a reward model) and the trainer's metrics.
-    `reward_fn` scores GRPO / RLOO answers."""
-    return get_method(name).train(vlm, records, settings, eval_records, reward_fn)
 
 
 def save_records(records: Sequence[dict], method: str, path: str | Path) -> None:
@@ -111,7 +102,8 @@ def run(method: str, records_path: str, settings_path: str, model_dir: str, out_
     with tempfile.TemporaryDirectory(prefix=f"{method}-worker-") as scratch:
         settings = settings_for(method, {"output_dir": scratch, **fields})
         vlm = load_vlm(model_dir)
-        artifact, metrics = train(method, vlm, load_records(records_path, method), settings, eval_records, reward_fn)
+        artifact, metrics = get_method(method).train(vlm, load_records(records_path, method), settings, eval_records,
+                                                     reward_fn)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     out = Path(out_dir)
