@@ -8,7 +8,11 @@ split, the base policy, DPO / SFT and evaluation. It then reads the run's `eval_
 `judge_accuracy` and prints, per figure, the value of each seed and their mean and range, next to the
 issue's acceptance target. Wall time per run is measured too. Nothing here is part of the test suite.
 
-The last line printed is JSON: {"figures": {name: {"values", "mean", "min", "max"}}, "seconds": [...]}.
+The last line printed is JSON: {"figures": {name: {"values", "mean", "min", "max"}}, "seconds": [...],
+"machine": {...}}. The figures depend on the machine, not only on the seeds and package versions: the tiny
+models are trained from scratch, and the CPU's instruction set picks the floating-point kernels (torch's
+`cpu_capability`, e.g. AVX2 or AVX512), whose last-bit differences grow into other models. `machine` records
+what to compare: CPU model, torch version and capability, threads.
 """
 
 from __future__ import annotations
@@ -92,6 +96,19 @@ def figures(root: Path) -> dict[tuple[str, str], float]:
     return out
 
 
+def machine() -> dict[str, str | int]:
+    """What besides the code decides the figures: the CPU and the kernels torch picks on it."""
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": model, "cores": os.cpu_count() or 0, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -115,7 +132,7 @@ def main() -> None:
                                         "min": round(min(values), 3), "max": round(max(values), 3)}
         print(f"{name:34s} {model:10s} mean {summary[f'{name} / {model}']['mean']:.3f}  "
               f"range [{min(values):.3f}, {max(values):.3f}]  target: {TARGETS.get(name, '')}")
-    print(json.dumps({"figures": summary, "seconds": seconds}))
+    print(json.dumps({"figures": summary, "seconds": seconds, "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from kedro.config import OmegaConfigLoader
 
+import spavl_kedro  # noqa: F401  (first: it pins the CPU kernels before any test imports torch, numerics.py)
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -10,6 +11,9 @@ import torch
 from kedro.framework.hooks import hook_impl
 
 from spavl_kedro.config import validate_parameters
+from spavl_kedro.numerics import PINNED, describe
+
+log = logging.getLogger(__name__)
 
 
 class ProjectHooks:
@@ -25,6 +29,11 @@ class ProjectHooks:
         """Fail on bad parameters before any model loads, naming each bad key; then seed everything."""
         params = catalog.load("parameters")
         validate_parameters(params)
+        log.info("numerics: %s", describe())
+        if os.environ.get("ATEN_CPU_CAPABILITY") == PINNED["ATEN_CPU_CAPABILITY"] \
+                and torch.backends.cpu.get_cpu_capability() != "AVX2":
+            log.warning("torch was imported before spavl_kedro pinned the CPU kernels: figures may differ from "
+                        "other machines' (export %s before starting)", " ".join(f"{k}={v}" for k, v in PINNED.items()))
         seed = int(params["generate"]["seed"])
         random.seed(seed)
         np.random.seed(seed)
