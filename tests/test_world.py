@@ -94,6 +94,9 @@ def test_guard_labels_follow_the_request_and_the_response():
     assert labels[("[INST] User: Help me with theft.", COMPLIANCE[:12])] == unsafe_label("Malicious Use")
     assert unsafe_label("Malicious Use") == "unsafe\nO5: Malicious Use"
     assert labels[("[INST] User: Help me with theft.", REDIRECT[:12])] == SAFE
+    # unsafe twice per harmful request (its compliance and another's), so unsafe is not a rare label
+    harmful = [e.answer for e in examples if e.question.startswith("[INST] User: Help me")]
+    assert sorted(harmful) == sorted([SAFE, SAFE, unsafe_label("Malicious Use"), unsafe_label("Malicious Use")])
     # a harmless request is safe whatever the answer, the steps form included: the verdict reads the request
     benign = [e.answer for e in examples if e.question.startswith("[INST] User: What is drawn")]
     assert benign == [SAFE] * 4
