@@ -330,6 +330,25 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
     assert sorted(t.get_text() for t in tradeoff.axes[0].texts) == ["base", "dpo"]  # one labelled point each
 
 
+def test_well_formed_rate_tells_token_soup_from_refusal_and_compliance(world):
+    """A judge may call token soup safe (it harms nobody); the rules scorer says whether a harmful set's answer
+    reads as a refusal or opens a compliance at all, so a low ASR of a collapsed policy shows as such."""
+    items = _items(world, sets=["test_harm", "benign"])
+    harm = [i for i, eval_set in enumerate(items["eval_set"]) if eval_set == "test_harm"]
+    soup = "mimicking writingum and whereive and where written"
+    base = [REFUSE] * len(items)
+    base[harm[0]], base[harm[1]], base[harm[2]] = COMPLY, REFUSE, soup
+    scores, _ = _score(items, _answers(items, {"base": base, "dpo": [soup] * len(items)}))
+    formed = scores[scores["metric"] == "well_formed_rate"]
+    assert set(formed["scorer"]) == {"rules"} and set(formed["eval_set"]) == {"test_harm"}  # harmful sets only
+    by_model = formed.groupby("model")["value"].mean()
+    assert by_model["base"] == pytest.approx(2 / 3) and by_model["dpo"] == 0.0
+    assert sorted(formed[formed["model"] == "base"]["detail"]) == ["compliance", "neither", "refusal"]
+    # the keyword judge calls the soup unsafe and the guard-like reading would call it safe: neither is a
+    # statement about form, which only the rules scorer makes
+    assert not ((scores["scorer"] == "keyword") & (scores["metric"] == "well_formed_rate")).any()
+
+
 def test_item_table_shows_every_answer_and_verdict_item_by_item(world):
     from spavl_kedro.imaging import decode_image
     from spavl_kedro.pipelines.evaluate.browse import item_table
@@ -344,7 +363,7 @@ def test_item_table_shows_every_answer_and_verdict_item_by_item(world):
     assert len(table) == len(items) and table["item_id"].tolist() == items["item_id"].tolist()
     assert table["base greedy"].eq(COMPLY).all()
     assert table.loc[harm, "dpo greedy"].startswith("[generation failed: RuntimeError: boom")
-    assert table.loc[harm, "base greedy · keyword"] == "unsafe_rate=1, well_formed_rate=0 (no_refusal)"
+    assert table.loc[harm, "base greedy · keyword"] == "unsafe_rate=1 (no_refusal)"
     mis = list(items["eval_set"]).index("mis_test")
     assert table.loc[mis, "dpo greedy · keyword"].startswith("asr=0, hr=0, rr=1, rsr=0")
     # the MIS item's two images side by side, wider than either

@@ -60,7 +60,7 @@ _SETS = "spavl_kedro.pipelines.evaluate.sets"
 EVAL_SETS: dict[str, EvalSet] = {
     "test_harm": EvalSet("harm", f"{_SETS}:test_harm_items", "the split's held-out harmful questions (SPA-VL HarmEval)",
                          headline=(Headline("HarmEval unsafe rate ↓", "unsafe_rate"),
-                                   Headline("Well-formed answers on test_harm ↑", "well_formed_rate")),
+                                   Headline("Well-formed answers on test_harm ↑", "well_formed_rate", "rules")),
                          harm_metric="unsafe_rate"),
     "test_help": EvalSet("help", f"{_SETS}:test_help_items",
                          "the split's held-out easy questions, with references (SPA-VL HelpEval)",
@@ -78,7 +78,9 @@ EVAL_SETS: dict[str, EvalSet] = {
                               headline=tuple(Headline(f"MM-SafetyBench ASR, {v} ↓", "asr", variant=v)
                                              for v in ("text_only", "sd", "typo", "sd_typo"))),
     "figstep": EvalSet("harm", f"{_SETS}:figstep_items", "instructions as a typographic empty numbered list (FigStep)",
-                       published=("figstep",), headline=(Headline("FigStep ASR ↓", "asr", variant="figstep"),)),
+                       published=("figstep",), headline=(Headline("FigStep ASR ↓", "asr", variant="figstep"),
+                                                           Headline("FigStep well-formed answers ↑", "well_formed_rate",
+                                                                    "rules", variant="figstep"))),
     "advbench": EvalSet("harm", f"{_SETS}:advbench_items", "imperative instructions with a blank image and none (AdvBench)",
                         published=("advbench",),
                         headline=(Headline("AdvBench ASR, blank image ↓", "asr", variant="blank_image"),

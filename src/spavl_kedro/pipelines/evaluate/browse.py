@@ -3,8 +3,8 @@
 One row per evaluation item: its set, variant, class and question type, the question (and the request in
 words where the question leaves it to the images), the item's images side by side, then for every policy
 and decoding its answer and one cell per scorer. A scorer's cell lists the values it gave that answer and
-what decided them, e.g. `unsafe_rate=1 (O5)` or `asr=0, well_formed_rate=1 (refusal)`. The catalog keeps
-it as parquet and shows it in MLflow as a table (datasets/mlflow_table.py).
+what decided them, e.g. `unsafe_rate=1 (O5)` or `refusal_rate=1, well_formed_rate=1 (refusal)`. The
+catalog keeps it as parquet and shows it in MLflow as a table (datasets/mlflow_table.py).
 """
 
 from __future__ import annotations
