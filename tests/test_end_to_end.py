@@ -6,6 +6,7 @@ evaluation metrics, the nested DPO run with its curves, and a single stage re-ru
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -60,6 +61,29 @@ def test_tables_are_written(project):
         ["harmlessness_vs_helpfulness.png", "test_harm_unsafe_rate_by_class1.png"]
     scores = pd.read_parquet(data / "08_reporting/eval_scores.parquet")
     assert set(scores["model"]) == {"base", "dpo", "sft"} and scores["value"].between(0, 1).all()
+
+
+def test_the_default_runs_export_is_what_spa_vl_rlhf_loads_and_reads_back_to_the_train_pairs(project):
+    """The export for github.com/EchoseChen/SPA-VL-RLHF from this run, read as its loaders read it: a config
+    keyed hardq / hardd / easy naming JSON lists of {id, image, question, chosen, rejected}, integer ids,
+    images opened at image_folder / image. The importer gives back the split's train pairs."""
+    import json
+
+    from spavl_kedro.datasets import SpaVLRLHFDataset
+
+    folder = project / "data/09_export/spa_vl_rlhf"
+    config = json.loads((folder / "config_train.json").read_text())
+    assert set(config) == {"hardq", "hardd", "easy"}
+    records = [record for keyword in config for record in json.loads(Path(config[keyword]).read_text())]
+    assert records and all(set(r) == {"id", "image", "question", "chosen", "rejected"} for r in records)
+    assert all(type(r["id"]) is int for r in records) and len({r["id"] for r in records}) == len(records)
+    assert all((folder / "images" / r["image"]).is_file() for r in records)
+    train = pd.read_parquet(project / "data/05_model_input/train.parquet")
+    assert len(records) == len(train)
+    back = SpaVLRLHFDataset(path=str(folder)).load()
+    back = back[back["split"] == "train"]
+    triple = lambda t: sorted(zip(t["question"], t["chosen"], t["rejected"]))  # noqa: E731
+    assert triple(back) == triple(train)
 
 
 def test_mlflow_parent_and_child_runs(project):
