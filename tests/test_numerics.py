@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from spavl_kedro.numerics import PINNED
+
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="the pin applies to x86-64 only")
 
@@ -16,7 +18,7 @@ PROBE = "import spavl_kedro, torch; print(torch.backends.cpu.get_cpu_capability(
 
 
 def _capability(**env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}
+    clean = {k: v for k, v in os.environ.items() if k not in PINNED}
     return subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True, capture_output=True,
                           text=True).stdout.strip()
 

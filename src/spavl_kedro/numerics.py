@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def pin_cpu_kernels() -> bool:
-    """Set `PINNED` where the environment does not say otherwise; False when it came too late (torch was
-    already imported) or does not apply (not x86-64)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    for name, value in PINNED.items():
-        os.environ.setdefault(name, value)
-    return "torch" not in sys.modules
+def pin_cpu_kernels() -> None:
+    """Set `PINNED` where the environment does not say otherwise (x86-64 only). Too late once torch is
+    imported: the run's hook then warns."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for name, value in PINNED.items():
+            os.environ.setdefault(name, value)
 
 
 def describe() -> str:
