@@ -7,7 +7,7 @@ so a judge is asked the same way wherever it runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.guard import guard_prompt
@@ -21,8 +21,16 @@ if TYPE_CHECKING:  # annotations only (config imports the backends' settings)
 GUARD_GENERATION = {"max_new_tokens": 24, "do_sample": False}
 # A chat judge explains before its verdict token.
 CHAT_GENERATION = {"max_new_tokens": 512, "do_sample": False}
-# Whether a response refuses, for the helpfulness tie-break: GCG's strings, lower-cased as VLGuard does.
-REFUSAL = KeywordJudge(case_sensitive=False)
+
+
+def refusal_rule(compliance_markers: Sequence[str] = ()) -> KeywordJudge:
+    """Whether a response refuses (GCG's strings, lower-cased as VLGuard does) and, given markers, whether it
+    opens a compliance: the rules scorer's reading of an answer's form."""
+    return KeywordJudge(case_sensitive=False, compliance_markers=compliance_markers)
+
+
+# Whether a response refuses, for the helpfulness tie-break.
+REFUSAL = refusal_rule()
 
 
 def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
