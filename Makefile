@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
 # core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
-.PHONY: install run test test-fast smoke viz viz-build mlflow ui clean
+.PHONY: install run test test-fast docs smoke viz viz-build mlflow ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: install  ## every test, as CI runs them (~15 min on 2 cores)
 
 test-fast: install  ## the unit tests and small integration slices, without the tests marked slow (~1 min)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+docs: install  ## regenerate the tables of docs/configuration.md from the config classes' Field descriptions and conf/
+	$(BIN)/python -m spavl_kedro.config_docs
 
 smoke: install  ## a LLaVA-1.5-shaped model through every stage on this machine's device; one JSON line per stage (SMOKE_ARGS="--size gpu" on a GPU)
 	$(BIN)/python -m spavl_kedro.smoke $(SMOKE_ARGS)

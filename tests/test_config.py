@@ -138,3 +138,44 @@ def test_config_imports_without_the_training_stack():
     code = ("import sys, spavl_kedro.config; heavy = {'torch', 'transformers', 'trl', 'peft'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nodes_receive_the_blocks_the_hook_checked(params, monkeypatch):
+    """The run hook checks the blocks once and hands each node its block as that checked object; `typed`
+    passes it through without checking it again, and still checks a plain dict (a node called from Python)."""
+    from spavl_kedro.config import AlignConfig, JudgeConfig, typed
+    from spavl_kedro.hooks import ProjectHooks
+
+    class Catalog:
+        def load(self, name):
+            assert name == "parameters"
+            return params
+
+    hooks = ProjectHooks()
+    hooks.before_pipeline_run(run_params={}, pipeline=None, catalog=Catalog())
+    given = hooks.before_node_run(node=None, inputs={"params:align": params["align"], "params:judge": params["judge"],
+                                                     "train": object()})
+    assert set(given) == {"params:align", "params:judge"}
+    assert isinstance(given["params:align"], AlignConfig) and isinstance(given["params:judge"], JudgeConfig)
+    assert hooks.before_node_run(node=None, inputs={"train": object()}) is None
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("a checked block was checked again")
+
+    monkeypatch.setattr(AlignConfig, "model_validate", checked_again)
+    assert typed(AlignConfig, given["params:align"]) is given["params:align"]
+    monkeypatch.undo()
+    assert typed(AlignConfig, params["align"]).method == params["align"]["method"]
+    with pytest.raises(Exception, match="betta"):
+        typed(AlignConfig, {**params["align"], "dpo": {"betta": 0.1}})
+
+
+def test_recipe_settings_are_built_once_with_the_run_folders(params):
+    """A recipe is checked with its block; the run's settings are that object with the run's folders."""
+    params["align"]["sft"] = {**params["align"].get("sft", {}), "checkpoint_dir": "elsewhere"}
+    align = validate_parameters(params)["align"]
+    dpo = align.settings("dpo", output_dir="scratch", artifact="dpo-small")
+    assert (dpo.output_dir, dpo.checkpoint_dir) == ("scratch", "data/06_models/checkpoints/dpo-small")
+    assert dpo.beta == params["align"]["dpo"]["beta"]
+    assert align.settings("sft", output_dir="scratch").checkpoint_dir == "elsewhere"
+    assert align.settings("rloo", output_dir="scratch").algorithm == "rloo"

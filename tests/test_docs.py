@@ -1,11 +1,12 @@
-"""docs/configuration.md has a row for every parameter key a user can set, and no row for a key that is gone.
+"""docs/configuration.md's tables are what `spavl_kedro.config_docs` generates from the config classes and
+the YAML files now, they have a row for every parameter key a user can set, and no row for a key that is gone.
 
 A key is documented when it is in backticks in the first cell of a table row: | `align.dpo.beta` | ... |
 (a row may name several keys that share type, values and meaning, as `align.grpo.*` and `align.rloo.*` do).
 
 Keys that need a row:
-1. Every key conf/base or conf/paper sets, loaded with Kedro's OmegaConfigLoader as tests/test_config.py
-   loads them, flattened to dotted paths:
+1. Every key conf/base or conf/paper sets, loaded with Kedro's OmegaConfigLoader as `kedro run` loads them
+   (`config_docs.parameters`), flattened to dotted paths:
    - a mapping adds `.key` (`generate.images.per_subcategory`);
    - a list of mappings adds `[]`, then its items' keys (`generate.responders[].name`);
    - a scalar, a null or a list of scalars is a leaf (`evaluate.sets`);
@@ -13,38 +14,24 @@ Keys that need a row:
      transformers' `generate()` / `from_pretrained` keyword arguments, passed through, not ours.
 2. Every field of every configuration class, at the path where it sits in the parameters, whether or not a
    YAML file sets it: the tree of pydantic models under `config.SECTIONS`, walked through the fields'
-   types (a model adds `.field`, a list of models `[]`). `spavl_kedro.config` imports without torch or
-   TRL (backends/settings.py), so the classes themselves are read, not their source.
+   types (a model adds `.field`, a list of models `[]`): `config_docs.field_keys`. `spavl_kedro.config`
+   imports without torch or TRL (backends/settings.py), so the classes themselves are read, not their source.
 3. Model specs are documented once. `generate.responders[]` is a list of BackendSpec, and every other key
-   holding one (`backend`, `evaluate.served[]`) is documented by its own row, so `judge.pairwise.backend.model` is covered by the rows `judge.pairwise.backend`
-   and `generate.responders[].model`.
+   holding one (`backend`, `evaluate.served[]`) is documented by its own row, so
+   `judge.pairwise.backend.model` is covered by the rows `judge.pairwise.backend` and
+   `generate.responders[].model`.
 """
 
 from __future__ import annotations
 
 import re
-import types
-import typing
+import subprocess
+import sys
 
 import pytest
-from kedro.config import OmegaConfigLoader
-from pydantic import BaseModel
 
-from conftest import PROJECT
-from spavl_kedro.backends.methods import METHODS
-from spavl_kedro.config import SECTIONS, BackendSpec
-
-DOC = PROJECT / "docs" / "configuration.md"
-SPEC = "generate.responders[]"  # where BackendSpec's fields are documented
-WHOLE = {"generation", "load_kwargs", "max_new_tokens_per_set"}
-
-
-def _parameters(env: str) -> dict:
-    """Parameters as `kedro run --env <env>` sees them. The merge strategy is settings.py's (importing
-    settings would import torch through the hooks)."""
-    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env=env,
-                               merge_strategy={"parameters": "soft"})
-    return dict(loader["parameters"])
+from spavl_kedro import config_docs
+from spavl_kedro.config_docs import DOC, SPEC, WHOLE, field_keys, parameters
 
 
 def _yaml_keys(value, path: str = ""):
@@ -56,38 +43,6 @@ def _yaml_keys(value, path: str = ""):
             yield from _yaml_keys(item, f"{path}[]")
     else:
         yield path
-
-
-def _models(annotation) -> list[tuple[str, type[BaseModel]]]:
-    """The pydantic models a field's type holds, with the path suffix each adds: '' or '[]' (a list)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [("", annotation)]
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is list:
-        return [("[]" + suffix, model) for arg in args for suffix, model in _models(arg)]
-    if origin in (typing.Union, types.UnionType):
-        return [found for arg in args for found in _models(arg)]
-    return []
-
-
-def _field_keys() -> set[str]:
-    """Every field of every configuration model, as a dotted path from its parameter block."""
-    keys: set[str] = set()
-
-    def walk(model: type[BaseModel], path: str) -> None:
-        for name, info in model.model_fields.items():
-            keys.add(f"{path}.{name}")
-            for suffix, inner in _models(info.annotation):
-                if inner is not BackendSpec or f"{path}.{name}{suffix}" == SPEC:  # a model spec: documented once
-                    walk(inner, f"{path}.{name}{suffix}")
-
-    for block, model in SECTIONS.items():
-        walk(model, block)
-    keys.remove("align.recipes")  # written as align.<method>, one per row of the methods table
-    for method, row in METHODS.items():  # align.<method> holds a recipe, checked against its settings class
-        keys.add(f"align.{method}")
-        walk(row.settings, f"align.{method}")
-    return keys
 
 
 def _rows_for(key: str) -> set[str]:
@@ -108,14 +63,14 @@ def _undocumented(keys) -> list[str]:
 
 @pytest.mark.parametrize("env", ["base", "paper"])
 def test_every_parameter_key_is_documented(env):
-    keys = set(_yaml_keys(_parameters(env)))
+    keys = set(_yaml_keys(parameters(env)))
     assert {"generate.responders[].name", "align.launch.accelerate_config", "evaluate.sets"} <= keys
     missing = _undocumented(keys)
     assert not missing, f"docs/configuration.md has no row for these conf/{env} keys:\n  " + "\n  ".join(missing)
 
 
 def test_every_config_field_is_documented():
-    keys = _field_keys()
+    keys = field_keys()
     assert {"align.dpo.activation_checkpointing", "align.rloo.num_generations", "generate.responders[].timeout_s",
             "generate.images.clip_prompt"} <= keys
     missing = _undocumented(keys)
@@ -123,7 +78,30 @@ def test_every_config_field_is_documented():
 
 
 def test_no_row_documents_a_key_that_is_gone():
-    keys = _field_keys() | {key for env in ("base", "paper") for key in _yaml_keys(_parameters(env))}
+    keys = field_keys() | {key for env in ("base", "paper") for key in _yaml_keys(parameters(env))}
     known = {row for key in keys for row in _rows_for(key)}
     stale = sorted(_documented() - known)
     assert not stale, "docs/configuration.md documents keys no YAML file or config class has:\n  " + "\n  ".join(stale)
+
+
+def test_generated_tables_are_current():
+    """Each table between `generated` markers is what the config classes' Field descriptions and the YAML
+    files give now; a changed description, default or YAML value needs `make docs`."""
+    stale = config_docs.stale_blocks(DOC.read_text(), config_docs.tables())
+    assert not stale, (f"docs/configuration.md: the generated tables {stale} differ from the config classes; "
+                       "run `make docs`")
+
+
+def test_make_docs_rewrites_only_the_generated_blocks():
+    text, tables = DOC.read_text(), config_docs.tables()
+    edited = text.replace("| `taxonomy.domains` | int |", "| `taxonomy.domains` | str |").replace(
+        "# Configuration reference\n", "# Configuration reference, edited\n")
+    assert "taxonomy" in config_docs.stale_blocks(edited, tables)
+    rendered = config_docs.rendered(edited, tables)
+    assert "| `taxonomy.domains` | int |" in rendered
+    assert rendered.startswith("# Configuration reference, edited\n")
+
+
+def test_config_docs_imports_without_the_training_stack():
+    code = "import sys, spavl_kedro.config_docs; sys.exit('torch' in sys.modules or 'trl' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

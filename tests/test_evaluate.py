@@ -270,9 +270,9 @@ def _answers(items: pd.DataFrame, texts: dict[str, list[str | None]]) -> pd.Data
 
 def _score(items, answers, **overrides):
     params = _params(**overrides)
-    shards = plan_score_shards(answers, items, {}, {}, params, JUDGE)
+    shards, plan = plan_score_shards(answers, items, {}, {}, params, JUDGE)
     stored = {shard_id: (lambda frame: (lambda: frame))(work()) for shard_id, work in shards.items()}
-    return collect_eval_scores(stored, answers, items, params, JUDGE), params
+    return collect_eval_scores(stored, plan), params
 
 
 def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(world):
@@ -444,27 +444,28 @@ def small_policy():
 def test_answer_shards_resume_without_redoing_or_changing_anything(world, small_policy):
     items = _items(world, sets=["test_harm", "advbench"])
     params = _params(sets=["test_harm", "advbench"], samples=1, shard_size=2, max_new_tokens=4)
-    full = plan_eval_shards(items, small_policy, {}, {}, {}, params)
+    full, plan = plan_eval_shards(items, small_policy, {}, {}, {}, params)
+    assert list(plan["shard_id"]) == sorted(full) and plan["records"].sum() == len(items) * 2
     assert sorted(full) == ["base/advbench/00000", "base/advbench/00001", "base/advbench/00002",
                             "base/test_harm/00000", "base/test_harm/00001"]
     everything = {shard_id: work() for shard_id, work in full.items()}
 
     # a crash after two shards: the rerun plans only the other three and ends with the same answers
     survived = {k: (lambda frame: (lambda: frame))(everything[k]) for k in sorted(everything)[:2]}
-    rerun = plan_eval_shards(items, small_policy, {}, survived, {}, params)
+    rerun, replanned = plan_eval_shards(items, small_policy, {}, survived, {}, params)
     assert sorted(rerun) == sorted(everything)[2:]
+    pd.testing.assert_frame_equal(replanned, plan)
     stored = {**survived, **{k: (lambda frame: (lambda: frame))(work()) for k, work in rerun.items()}}
-    resumed = collect_eval_answers(stored, items, small_policy, {}, params)
-    uninterrupted = collect_eval_answers({k: (lambda f: (lambda: f))(v) for k, v in everything.items()},
-                                         items, small_policy, {}, params)
+    resumed = collect_eval_answers(stored, plan, items)
+    uninterrupted = collect_eval_answers({k: (lambda f: (lambda: f))(v) for k, v in everything.items()}, plan, items)
     pd.testing.assert_frame_equal(resumed.drop(columns="latency_s"), uninterrupted.drop(columns="latency_s"))
     assert len(resumed) == len(items) * 2 and set(resumed["decoding"]) == {"greedy", "sampled"}
 
     # a failed generation is redone on the next run, and only that one
     broken = everything["base/test_harm/00000"].copy()
     broken.loc[0, ["text", "error"]] = [None, "RuntimeError: out of memory"]
-    again = plan_eval_shards(items, small_policy, {}, {**{k: (lambda f: (lambda: f))(v) for k, v in everything.items()},
-                                                      "base/test_harm/00000": lambda: broken}, {}, params)
+    again, _ = plan_eval_shards(items, small_policy, {}, {**{k: (lambda f: (lambda: f))(v) for k, v in everything.items()},
+                                                         "base/test_harm/00000": lambda: broken}, {}, params)
     assert list(again) == ["base/test_harm/00000"]
     repaired = again["base/test_harm/00000"]()
     assert repaired["error"].isna().all()
@@ -494,9 +495,8 @@ def test_a_served_policy_is_answered_by_its_endpoint_with_the_same_prompts(world
     items = _items(world, sets=["test_harm"])
     served = [{"name": "base", "kind": "openai", "base_urls": [server.base_url], "model": "llava-base", "concurrency": 4}]
     params = _params(sets=["test_harm"], samples=1, max_new_tokens=4, served=served)
-    shards = plan_eval_shards(items, small_policy, {}, {}, {}, params)
-    answers = collect_eval_answers({k: (lambda f: (lambda: f))(work()) for k, work in shards.items()}, items,
-                                   small_policy, {}, params)
+    shards, plan = plan_eval_shards(items, small_policy, {}, {}, {}, params)
+    answers = collect_eval_answers({k: (lambda f: (lambda: f))(work()) for k, work in shards.items()}, plan, items)
 
     assert len(answers) == 2 * len(items) and answers["error"].isna().all()
     assert all(text.startswith("served: ") for text in answers["text"])  # nothing answered locally

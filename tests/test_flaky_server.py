@@ -92,12 +92,12 @@ def _world(n_questions: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _run(questions, images, params, done):
-    shards = plan_response_shards(questions, images, {}, {}, done, params)
+    shards, plan = plan_response_shards(questions, images, {}, {}, done, params)
     stored = dict(done)
     for shard_id, work in sorted(shards.items()):
         frame = work()
         stored[shard_id] = (lambda f: (lambda: f))(frame)
-    return shards, collect_responses(stored, questions, images, {}, params), stored
+    return shards, collect_responses(stored, plan, questions, params), stored
 
 
 def test_generation_completes_through_faults_and_counts_what_still_failed(served, params):  # noqa: F811

@@ -181,11 +181,12 @@ def _shard_world(world, tiny_dir):
 def test_response_shards_resume_and_retry_only_failed_records(world, tiny_dir, tmp_path):
     gen, questions, models = _shard_world(world, tiny_dir)
     store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
-    work = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
+    work, plan = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
     n_kept = int(questions["kept"].sum())
-    assert len(work) == 2 * -(-n_kept // 5)
+    assert len(work) == 2 * -(-n_kept // 5) and list(plan["shard_id"]) == list(work)
+    assert plan["records"].sum() == 2 * n_kept
     store.save(work)
-    assert plan_response_shards(questions, world["images"], models, {}, store.load(), gen) == {}
+    assert plan_response_shards(questions, world["images"], models, {}, store.load(), gen)[0] == {}
 
     # mark two records of one shard as failed: a rerun asks only those two again, keeping the rest
     shard_id = sorted(work)[1]
@@ -193,13 +194,13 @@ def test_response_shards_resume_and_retry_only_failed_records(world, tiny_dir, t
     kept_text = shard["text"].iloc[2:].tolist()
     shard.loc[:1, "error"] = "HTTP 503 after 5 attempts"
     store.save({shard_id: shard})
-    again = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
+    again, _ = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
     assert list(again) == [shard_id]
     store.save(again)
     redone = store.load()[shard_id]()
     assert redone["error"].isna().all() and redone["text"].iloc[2:].tolist() == kept_text
 
-    responses = collect_responses(store.load(), questions, world["images"], models, gen)
+    responses = collect_responses(store.load(), plan, questions, gen)
     assert len(responses) == n_kept * 2
     assert not responses.duplicated(["question_id", "responder"]).any()
 
@@ -207,12 +208,14 @@ def test_response_shards_resume_and_retry_only_failed_records(world, tiny_dir, t
 def test_changed_config_answers_shards_anew(world, tiny_dir, tmp_path):
     gen, questions, models = _shard_world(world, tiny_dir)
     store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
-    store.save(plan_response_shards(questions, world["images"], models, {}, store.load(), gen))
+    store.save(plan_response_shards(questions, world["images"], models, {}, store.load(), gen)[0])
     gen["generation"]["temperature"] = 0.5  # different answers: nothing on disk may be reused
-    work = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
+    work, plan = plan_response_shards(questions, world["images"], models, {}, store.load(), gen)
     assert len(work) == 2 * -(-int(questions["kept"].sum()) // 5)
     with pytest.raises(ValueError, match="written for other inputs or config"):
-        collect_responses(store.load(), questions, world["images"], models, gen)
+        collect_responses(store.load(), plan, questions, gen)  # the new plan, before its shards are written
+    with pytest.raises(ValueError, match="is missing: rerun the stage"):
+        collect_responses({}, plan, questions, gen)
 
 
 def test_generate_config_names_bad_keys(world):
@@ -226,11 +229,11 @@ def test_rebootstrapped_tiny_responder_answers_anew(world, tiny_dir, tmp_path):
     """Same name, same config, new weights (tiny.* changed, no `make clean`): its old answers are not reused."""
     gen, questions, models = _shard_world(world, tiny_dir)
     store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
-    store.save(plan_response_shards(questions, world["images"], models, {}, store.load(), gen))
+    store.save(plan_response_shards(questions, world["images"], models, {}, store.load(), gen)[0])
     name = gen["responders"][0]["name"]
     retrained = copy.deepcopy(models[name])
     with torch.no_grad():
         next(retrained.model.parameters()).add_(1e-3)
-    work = plan_response_shards(questions, world["images"], {**models, name: retrained}, {}, store.load(), gen)
+    work, _ = plan_response_shards(questions, world["images"], {**models, name: retrained}, {}, store.load(), gen)
     assert work and {shard_id.split("/")[0] for shard_id in work} == {name}
-    assert plan_response_shards(questions, world["images"], models, {}, store.load(), gen) == {}
+    assert plan_response_shards(questions, world["images"], models, {}, store.load(), gen)[0] == {}

@@ -58,11 +58,11 @@ def world():
 
 def _verdicts(world, params, store=None):
     done = store.load() if store is not None else {}
-    work = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, done, params)
+    work, plan = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, done, params)
     if store is not None:
         store.save(work)
-        return collect_verdicts(store.load(), world["responses"], world["questions"], world["images"], params), work
-    return collect_verdicts(work, world["responses"], world["questions"], world["images"], params), work
+        return collect_verdicts(store.load(), plan, world["responses"], params), work
+    return collect_verdicts(work, plan, world["responses"], params), work
 
 
 def _keyword_judges(base_params) -> dict:
@@ -135,16 +135,17 @@ def test_verdict_shards_resume_and_rejudge_only_judge_failures(world, base_param
     store = ShardDataset(path=str(tmp_path / "verdicts"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
     verdicts, work = _verdicts(world, params, store)
     assert len(work) == 2 * 3  # two judges x ceil(12 / 5)
-    assert plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params) == {}
+    assert plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params)[0] == {}
     # a judge that failed (server down) on two records: a rerun asks only those again
     shard_id = sorted(work)[0]
     shard = store.load()[shard_id]()
     shard.loc[:1, ["safe", "category"]] = [None, "error"]
     store.save({shard_id: shard})
-    again = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params)
+    again, plan = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(),
+                                      params)
     assert list(again) == [shard_id]
     store.save(again)
-    redone = collect_verdicts(store.load(), world["responses"], world["questions"], world["images"], params)
+    redone = collect_verdicts(store.load(), plan, world["responses"], params)
     pd.testing.assert_frame_equal(redone, verdicts)
 
 

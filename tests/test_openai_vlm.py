@@ -283,8 +283,9 @@ def test_generate_stage_answers_with_served_and_local_responders(served, tiny, b
         {"name": "local", "kind": "transformers", "model": str(directory)}])
     store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
     credentials = {"local": {"api_key": "sk-test"}}
-    store.save(plan_response_shards(questions, images, {}, credentials, store.load(), gen))
-    responses = collect_responses(store.load(), questions, images, {}, gen)
+    work, plan = plan_response_shards(questions, images, {}, credentials, store.load(), gen)
+    store.save(work)
+    responses = collect_responses(store.load(), plan, questions, gen)
 
     assert len(responses) == 10 and responses["error"].isna().all()
     by = responses.pivot(index="question_id", columns="responder", values="text")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,11 @@ log = logging.getLogger(__name__)
 
 
 class ProjectHooks:
+    """Checks the parameter blocks once per run and hands the nodes the checked config objects."""
+
+    def __init__(self) -> None:
+        self._configs: dict[str, Any] = {}
+
     # tryfirst: kedro-mlflow reads MLFLOW_TRACKING_URI in its own after_context_created, which must see ours.
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
@@ -28,7 +34,7 @@ class ProjectHooks:
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
         """Fail on bad parameters before any model loads, naming each bad key; then seed everything."""
         params = catalog.load("parameters")
-        validate_parameters(params)
+        self._configs = validate_parameters(params)
         log.info("numerics: %s", describe())
         if os.environ.get("ATEN_CPU_CAPABILITY") == PINNED["ATEN_CPU_CAPABILITY"] \
                 and torch.backends.cpu.get_cpu_capability() != "AVX2":
@@ -38,3 +44,11 @@ class ProjectHooks:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    @hook_impl
+    def before_node_run(self, node, inputs) -> dict[str, Any] | None:
+        """A node's `params:<block>` inputs become the config objects `before_pipeline_run` checked, so no
+        node checks its block again. The catalog keeps the plain dicts, which kedro-mlflow logs as flat params."""
+        typed = {name: self._configs[name.removeprefix("params:")] for name in inputs
+                 if name.startswith("params:") and name.removeprefix("params:") in self._configs}
+        return typed or None

@@ -35,32 +35,50 @@ class BackendSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # The name is also a shard folder and part of MLflow metric names: letters, digits, '_', '.', '-' only.
-    name: str = Field(pattern=NAME_PATTERN, description="unique name; the `responder` (or `writer`, `teacher`) column")
+    name: str = Field(pattern=NAME_PATTERN, description="a unique name; it is the `responder` (or writer, teacher, "
+                                                        "judge) column, a shard folder and part of MLflow metric names")
     kind: Literal["tiny", "transformers", "openai"] = Field(
-        description="tiny: built offline; transformers: local directory or hub id; openai: chat-completions endpoint")
-    refusal_rate: float | None = Field(None, ge=0, le=1, description="tiny responder: share of harmful requests it "
-                                                                      "is taught to refuse")
-    over_refusal_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of harmless requests it "
-                                                                   "is taught to refuse")
-    vague_rate: float = Field(0.0, ge=0, le=1, description="tiny responder: share of answered harmless requests it "
-                                                            "answers vaguely (names nothing in the image)")
-    model: str | None = Field(None, description="transformers: directory or hub id; openai: the served model name")
+        description="`tiny`: a tiny LLaVA built offline; `transformers`: a local directory or hub id; `openai`: an "
+                    "OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, `transformers serve`, a hosted "
+                    "API)")
+    refusal_rate: float | None = Field(
+        None, ge=0, le=1, description="`tiny` only, and required there: the share of harmful requests the model is "
+                                      "bootstrapped to refuse (or redirect safely)")
+    over_refusal_rate: float = Field(
+        0.0, ge=0, le=1, description="`tiny` only: the share of harmless requests it is taught to refuse")
+    vague_rate: float = Field(0.0, ge=0, le=1, description="`tiny` only: the share of answered harmless requests it "
+                                                           "answers vaguely, naming nothing in the image (a less "
+                                                           "helpful responder)")
+    model: str | None = Field(None, description="`transformers`: a directory or hub id; `openai`: the served model "
+                                                "name. Required for both")
     load_kwargs: dict[str, Any] = Field(default_factory=dict,
-                                        description="transformers only: from_pretrained kwargs (dtype, device_map); "
-                                                    "unset, an answering model goes to the GPUs (device_map "
-                                                    "auto) when there are any, else to the CPU in float32")
-    trust_remote_code: bool = Field(False, description="transformers only: run the model repository's own Python "
-                                                       "(off unless a model needs it and you trust it)")
+                                        description="`transformers` only: `from_pretrained` keyword arguments "
+                                                    "(`dtype`, `device_map`). Unset, an answering model goes to the "
+                                                    "GPUs (`device_map: auto`) when there are any, else to the CPU in "
+                                                    "float32")
+    trust_remote_code: bool = Field(False, description="`transformers` only: run the model repository's own Python "
+                                                       "(processor and model); leave it off unless a model needs it "
+                                                       "and you trust it. Weights are always safetensors, and "
+                                                       "`load_kwargs` may not set either")
     base_urls: list[str] = Field(default_factory=list,
-                                 description="openai only: one or more .../v1 URLs; requests are spread over them")
-    api_key: str | None = Field(None, description="openai only: NAME of a key in conf/local/credentials.yml, never the key")
-    concurrency: int = Field(8, ge=1, description="openai only: requests in flight at once (over all base_urls)")
-    timeout_s: float = Field(120.0, gt=0, description="openai only: per-request timeout")
-    max_retries: int = Field(4, ge=0, description="openai only: retries on 429 / 5xx / timeout / cut-off JSON")
-    backoff_s: float = Field(1.0, gt=0, description="openai only: first retry wait, doubling each time (with jitter; "
-                                                    "a server's Retry-After wins)")
-    batch_size: int | None = Field(None, ge=1, description="tiny/transformers: prompts per generate() call")
-    generation: dict[str, Any] = Field(default_factory=dict, description="generation kwargs for this model")
+                                 description="`openai` only, and required there: one or more `.../v1` roots. Requests "
+                                             "are spread over them")
+    api_key: str | None = Field(None, description="`openai` only: the **name** of a key under `inference_endpoints` in "
+                                                  "`conf/local/credentials.yml` (or `SPAVL_KEY_<NAME>`), never the key "
+                                                  "itself")
+    concurrency: int = Field(8, ge=1, description="`openai` only: requests in flight at once, over all `base_urls`")
+    timeout_s: float = Field(120.0, gt=0, description="`openai` only: per-request timeout in seconds")
+    max_retries: int = Field(4, ge=0, description="`openai` only: retries on 429, 5xx, a timeout or cut-off JSON, with "
+                                                  "exponential backoff")
+    backoff_s: float = Field(1.0, gt=0, description="`openai` only: the first retry's wait in seconds, doubling each "
+                                                    "time with jitter; a server's Retry-After wins")
+    batch_size: int | None = Field(None, ge=1, description="`tiny` and `transformers`: prompts per `generate()` call; "
+                                                           "null means `generate.batch_size`")
+    generation: dict[str, Any] = Field(
+        default_factory=dict, description="this model's `generate()` keyword arguments, applied over "
+                                          "`generate.generation`. Every kind uses transformers' names; for `openai` "
+                                          "they become request fields (`max_new_tokens` → `max_tokens`, `do_sample: "
+                                          "false` → temperature 0), and a key with no equivalent fails at start-up")
 
     @model_validator(mode="after")
     def _kind_fields(self):
@@ -93,19 +111,21 @@ class TinyModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
-    vocab_size: int = Field(1024, description="BPE vocabulary size learned from the seed text")
+    vocab_size: int = Field(1024, description="BPE vocabulary size, learned from the seed text")
     text_hidden: int = Field(128, description="width of the Llama language model")
     text_layers: int = Field(4, description="transformer layers of the language model")
     text_heads: int = Field(4, description="attention heads of the language model")
     vision_hidden: int = Field(64, description="width of the CLIP vision tower")
     vision_layers: int = Field(2, description="transformer layers of the vision tower")
     image_size: int = Field(32, description="pixels per side after the image processor")
-    patch_size: int = Field(8, description="ViT patch size; (32/8)^2 = 16 image tokens per image")
-    max_positions: int = Field(512, description="longest sequence the model can see")
+    patch_size: int = Field(8, description="ViT patch size: (32/8)² = 16 image tokens per image")
+    max_positions: int = Field(512, description="the longest sequence the model can see")
     layout: Literal["tiny", "llava-1.5"] = Field(
-        "tiny", description="tiny: byte-level BPE and the project's chat template; llava-1.5: the formats of "
-                            "llava-hf/llava-1.5-7b-hf (SentencePiece BPE with BOS, its own chat template, image "
-                            "features from the tower's second-to-last layer)")
+        "tiny", description="`tiny`: a byte-level BPE tokenizer and the project's chat template. `llava-1.5`: the "
+                            "formats of `llava-hf/llava-1.5-7b-hf`, that is a SentencePiece BPE tokenizer that adds "
+                            "BOS, llava-hf's own chat template, and image features from the tower's second-to-last "
+                            "layer (`vision_feature_layer -2`). `make smoke` and the format tests use it at 336 px "
+                            "with 14-px patches (576 image tokens)")
 
     @property
     def vision_feature_layer(self) -> int:
@@ -123,10 +143,13 @@ class FoundationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
     epochs: int = Field(5, ge=1, description="passes over the seed corpus")
-    refusal_rate: float = Field(0.5, ge=0, le=1, description="share of harmful seed requests refused")
+    refusal_rate: float = Field(0.5, ge=0, le=1, description="share of harmful seed requests refused (an unaligned "
+                                                             "VLM's: the base policy's)")
     over_refusal_rate: float = Field(0.1, ge=0, le=1, description="share of harmless seed requests refused")
     vague_rate: float = Field(0.2, ge=0, le=1, description="share of answered harmless requests answered vaguely")
-    group_by_length: bool = Field(False, description="as tiny.bootstrap.group_by_length, for the foundation")
+    group_by_length: bool = Field(False, description="as `tiny.bootstrap.group_by_length`, for the foundation: off, "
+                                                     "because batches made only of capability questions taught them "
+                                                     "worse (measured in single runs; see the YAML comment)")
 
 
 class BootstrapConfig(BaseModel):
@@ -134,14 +157,18 @@ class BootstrapConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
-    epochs: int = Field(8, ge=1, description="passes over the seed examples; labels are re-drawn each pass")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate; high because the model starts from noise")
+    epochs: int = Field(8, ge=1, description="passes over the seed examples; the labels are re-drawn on each pass")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (the foundation's too), high because the models are "
+                                              "tiny and start from noise")
     batch_size: int = Field(16, ge=1, description="examples per optimisation step")
-    seed: int = Field(0, description="seeds weight init, label draws and batch order")
-    train_vision: bool = Field(False, description="also train the vision tower (LLaVA keeps its CLIP tower "
-                                                  "frozen in both of its training stages)")
-    group_by_length: bool = Field(True, description="batch rows of similar length together (transformers' "
-                                                    "option of that name): less padding, ~15% faster")
+    seed: int = Field(0, description="seeds weight init, label draws and batch order of the tiny responders and guards "
+                                     "(the n-th of each, counting from 0, uses seed + 101·(n+1), guards seed + "
+                                     "307·(n+1); see [Seeds](#seeds)). The base policy uses `align.policy.seed` "
+                                     "instead")
+    train_vision: bool = Field(False, description="also train the vision tower in the foundation and every bootstrap "
+                                                  "(LLaVA keeps its CLIP tower frozen in both of its training stages)")
+    group_by_length: bool = Field(True, description="batch rows of similar prompt length together (transformers' "
+                                                    "option of the same name): less padding, ~15% faster on 2 cores")
 
 
 class VisionPretrainConfig(BaseModel):
@@ -151,7 +178,7 @@ class VisionPretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key fails instead of being ignored
 
-    steps: int = Field(300, ge=0, description="optimisation steps (0: the tower keeps its random weights)")
+    steps: int = Field(300, ge=0, description="optimisation steps; `0` leaves the tower random")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
     batch_size: int = Field(64, ge=1, description="images per step")
 
@@ -187,40 +214,52 @@ class RecipeSettings(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices (lora=True only)")
-    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r")
+    lora_r: int = Field(16, ge=1, description="rank of the LoRA update matrices (used only with `lora: true`)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha / r")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input path")
     lora_target_modules: list[str] | str = Field(
-        LANGUAGE_MLP, description="module names, a full-match regex, or 'all-linear'; the vision tower never"
+        LANGUAGE_MLP, description="module names, a full-match regex, or `all-linear`. The default is the language "
+                                  "model's MLP (Llama names, which fit LLaVA-1.5). The vision tower never gets an "
+                                  "adapter"
     )
     seed: int = Field(0, description="seeds adapter init, data order, dropout and sampling")
     logging_steps: int = Field(1, ge=1, description="optimiser steps averaged into one logged curve point")
-    report_to: list[str] = Field(["mlflow"], description="loggers; 'mlflow' logs to a nested run")
+    report_to: list[str] = Field(["mlflow"], description="the loggers handed to the trainer; `mlflow` logs the curves "
+                                                         "to a nested run of the Kedro run")
     run_name: str = Field(description="name of the nested MLflow run")
-    output_dir: str = Field(description="scratch directory for trainer state; nothing is saved there")
+    output_dir: str = Field(
+        description="the trainer's scratch directory. The align node sets a temporary one, so a value here is ignored",
+        json_schema_extra={"doc_base": "set by the align node"})  # the base cell of the configuration reference
     use_cpu: bool | None = Field(
-        None, description="None: a CUDA GPU when visible (bf16 if supported), else CPU fp32; true: always CPU"
+        None, description="null trains on a CUDA GPU when one is visible (bf16 where supported), else on the CPU in "
+                          "fp32. `true` always uses the CPU; `false` without a GPU fails when training starts"
     )
     activation_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass instead of keeping them: less memory, "
-                           "more compute (transformers' name; gradient_checkpointing is its deprecated alias)"
+        False, description="recompute activations in the backward pass instead of keeping them: less GPU memory for "
+                           "more compute (transformers' name; `gradient_checkpointing` is its deprecated alias). TRL "
+                           "would turn it on by default, which only slows small models. `align_summary` records "
+                           "whether the trainer used it"
     )
     weights_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the weights the trainer holds and AdamW updates: float32 master weights "
-                               "under bf16 autocast, or bfloat16 chosen deliberately (half the memory, coarser "
-                               "updates). Never float16: a half-precision checkpoint is cast to this first"
+        "float32", description="the dtype of the weights the trainer holds and AdamW updates. The trainer casts its "
+                               "copy of the policy to it, so a checkpoint saved in float16 (llava-hf's are) never "
+                               "trains in float16; `float32` keeps fp32 master weights under bf16 autocast on a GPU, "
+                               "`bfloat16` halves the memory and coarsens the updates. `optimiser_dtypes` in "
+                               "`align_summary` says what was updated"
     )
     checkpoint_steps: int = Field(
-        0, ge=0, description="save a resumable checkpoint (weights, optimiser, schedule, RNG) every this many "
-                             "optimiser steps, keeping the latest two; a rerun of the same run resumes from the "
-                             "latest. 0: no checkpoints")
+        0, ge=0, description="save a resumable checkpoint (weights, optimiser, schedule, RNG state) every this many "
+                             "optimiser steps, keeping the latest two. A rerun of the same run (same recipe, data and "
+                             "starting weights) resumes from the latest; a finished run deletes its checkpoints. `0`: "
+                             "none ([align.md](align.md#checkpoints-and-resuming))")
     checkpoint_dir: str | None = Field(
-        None, description="where checkpoints go; the align node sets it to align.checkpoint_dir/<artifact name>")
+        None, description="where the checkpoints go; the align node sets it to `align.checkpoint_dir/<artifact name>` "
+                          "unless the recipe sets it")
     trl_args: dict[str, Any] = Field(
-        default_factory=dict, description="further arguments of the TRL trainer's config class (DPOConfig, SFTConfig, "
-                                          "GRPOConfig, RLOOConfig) under TRL's own names, passed as they are: checked "
-                                          "against the class, and refused where a field of the recipe sets them "
-                                          "(e.g. GRPO's use_vllm, vllm_mode, vllm_server_base_url)")
+        default_factory=dict, description="further arguments of the recipe's TRL config class (`DPOConfig`, "
+                                          "`SFTConfig`, `GRPOConfig`, `RLOOConfig`) under TRL's own names, passed as "
+                                          "they are. A name the class lacks, or one a recipe field already sets, fails "
+                                          "before training ([backends.md](backends.md#fast-engines-at-paper-scale))")
 
     @pydantic.model_validator(mode="after")
     def _checkpoints_have_a_place(self):
@@ -233,20 +272,26 @@ class DPOSettings(RecipeSettings):
     """Hyperparameters of one DPO run. Defaults are what moved a tiny LLaVA's sampled refusal rate on CPU."""
 
     beta: float = Field(0.1, gt=0, description="DPO temperature on the log-ratio margin; SPA-VL uses 0.1")
-    lora: bool = Field(True, description="train a LoRA adapter; false: full fine-tune of the language model")
+    lora: bool = Field(True, description="train a LoRA adapter; `false` does a full fine-tune of the language model")
     train_projector: bool = Field(
-        False, description="train the multi-modal projector too (LoRA: via modules_to_save); the vision tower never"
+        False, description="also train the multi-modal projector (with LoRA, through `modules_to_save`), as the "
+                           "official code does. The vision tower is never trained"
     )
     learning_rate: float = Field(
-        5e-4, gt=0, description="peak AdamW learning rate; SPA-VL: 2e-5 LoRA, 1e-6 full (full FT wants far less)"
+        5e-4, gt=0, description="peak AdamW learning rate. SPA-VL: 2e-5 with LoRA, 1e-6 for a full fine-tune"
     )
-    num_train_epochs: float = Field(2, gt=0, description="passes over the preference pairs (fractions allowed)")
-    per_device_train_batch_size: int = Field(8, ge=1, description="pairs per device per optimisation micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
+    num_train_epochs: float = Field(2, gt=0, description="passes over the preference pairs; fractions are allowed "
+                                                         "(TRL's name)")
+    per_device_train_batch_size: int = Field(
+        8, ge=1, description="pairs per device per micro-step (TRL's name). The effective batch is "
+                             "per_device_train_batch_size × gradient_accumulation_steps × processes")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-steps summed into one optimiser step (paper: 1 × 8 GPUs = an effective batch of 8)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name for the decay")
     max_length: int | None = Field(
-        None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
+        None, description="token cap per sequence. Keep null for vision data so image tokens are never cut; a cap "
+                          "below 2 × image tokens + 64 fails (tiny: 96, LLaVA-1.5: 1216)"
     )
     run_name: str = Field("dpo", description="name of the nested MLflow run")
 
@@ -264,16 +309,16 @@ class DPOSettings(RecipeSettings):
 class SFTSettings(RecipeSettings):
     """Hyperparameters of one SFT run. Defaults moved a bootstrapped tiny LLaVA's loss on CPU in seconds."""
 
-    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
-    num_train_epochs: float = Field(3, gt=0, description="passes over the examples (fractions allowed)")
-    per_device_train_batch_size: int = Field(8, ge=1, description="examples per device per optimisation micro-step")
+    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate, with linear decay to zero")
+    num_train_epochs: float = Field(3, gt=0, description="passes over the examples; fractions are allowed")
+    per_device_train_batch_size: int = Field(8, ge=1, description="examples per device per micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps summed into one optimiser step")
-    lora: bool = Field(False, description="train a LoRA adapter (True) or fine-tune every weight (False)")
+    lora: bool = Field(False, description="train a LoRA adapter (`true`) or fine-tune every weight (`false`)")
     train_projector: bool = Field(
         True, description="full fine-tune: the multimodal projector trains with the language model (LLaVA's "
-                          "instruction tuning); False keeps it frozen with the vision tower")
+                          "instruction tuning); `false` freezes it with the vision tower (which never trains)")
     max_length: int | None = Field(
-        None, description="token cap per sequence; keep None for vision data so image tokens are never cut"
+        None, description="token cap per sequence; keep null for vision data (same check as `align.dpo.max_length`)"
     )
     run_name: str = Field("sft", description="name of the nested MLflow run")
 
@@ -281,14 +326,16 @@ class SFTSettings(RecipeSettings):
 class RewardSettings(RecipeSettings):
     """Hyperparameters of one reward-model run. Defaults separate refusals from compliances on a tiny LLaVA."""
 
-    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear decay to zero)")
+    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate, with linear decay to zero")
     num_train_epochs: int = Field(3, ge=1, description="passes over the preference pairs")
     per_device_train_batch_size: int = Field(
-        8, ge=1, description="pairs per process per optimisation step (each pair is two sequences)")
-    lora: bool = Field(False, description="train a LoRA adapter plus the head (True) or every weight (False)")
+        8, ge=1, description="pairs per process per optimisation step; each pair is two sequences (the project's own "
+                             "loop, named as the TRL trainers are)")
+    lora: bool = Field(False, description="train a LoRA adapter plus the head (`true`), or every weight (`false`)")
     run_name: str = Field("reward", description="name of the nested MLflow run")
     output_dir: str | None = Field(
-        None, description="unused by the plain loop (checkpoints go to checkpoint_dir); kept so recipes match the others"
+        None, description="unused by the reward model's own loop (its checkpoints go to `checkpoint_dir`); kept so "
+                          "every recipe has the same fields"
     )
 
     @pydantic.field_validator("trl_args")
@@ -307,19 +354,22 @@ class RewardSettings(RecipeSettings):
 class OnlineRLSettings(RecipeSettings):
     """Hyperparameters of one GRPO or RLOO run. Defaults suit a tiny LLaVA on CPU; the paper profile overrides."""
 
-    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="group-mean baseline (grpo) or leave-one-out (rloo)")
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo", description="group-mean baseline (`grpo`) or leave-one-out (`rloo`). The align node sets it from "
+                            "`align.method`, so a value here is ignored")
     learning_rate: float = Field(
-        6e-3, gt=0, description="peak AdamW learning rate, decayed linearly; SPA-VL's PPO: 5e-7 on full weights"
+        6e-3, gt=0, description="peak AdamW learning rate, decayed linearly. SPA-VL's PPO used 5e-7 on full weights"
     )
-    num_train_epochs: float = Field(1, gt=0, description="passes over the prompts (fractions allowed)")
+    num_train_epochs: float = Field(1, gt=0, description="passes over the prompts; fractions are allowed")
     per_device_train_batch_size: int = Field(
-        16, ge=1, description="sampled answers per device per optimiser step, as TRL counts them: (per_device_train_batch_size / num_generations) prompts, each answered num_generations times; a multiple of "
-                           "num_generations")
+        16, ge=1, description="sampled answers per device per optimiser step, as TRL counts them: "
+                              "per_device_train_batch_size / num_generations prompts, each answered `num_generations` "
+                              "times; a multiple of `num_generations`")
     num_generations: int = Field(4, ge=2, description="sampled answers per prompt; the baseline comes from this group")
     max_completion_length: int = Field(32, ge=1, description="new tokens sampled per answer")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the group needs diverse answers")
     beta: float = Field(0.1, ge=0, description="KL coefficient to the reference policy; SPA-VL's PPO used kl 0.1")
-    lora: bool = Field(True, description="train a LoRA adapter (True) or every weight of the copy (False)")
+    lora: bool = Field(True, description="train a LoRA adapter (`true`), or every weight of the copy (`false`)")
     run_name: str = Field("online_rl", description="name of the nested MLflow run")
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ reads the shards on disk and:
 - skips a shard with the same fingerprint and no failed record;
 - in a shard with failed records, redoes only those and keeps the rest;
 - redoes a shard whose fingerprint differs (other inputs or config).
-`gather` joins the shards the current plan names and fails on a missing or stale one.
+The plan node also returns the plan as a table (`plan_table`), which the catalog stores; `gather` joins
+the shards it names and fails on a missing or stale one.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Shard:
-    shard_id: str  # "<model>/<index>", stored as <folder>/<model>/<index>.parquet
+    shard_id: str  # "<owner>/<index>" (owner: a model, or scorer/model/set), stored as <folder>/<shard_id>.parquet
     rows: pd.DataFrame  # the records it covers, in a stable order
     fingerprint: str
+    index: int  # its place among its owner's shards; sampling seeds derive from it
+
+
+def plan_table(shards: list[Shard]) -> pd.DataFrame:
+    """The plan as the catalog stores it: each planned shard's id, fingerprint and number of records. The
+    collect node checks the stored shards against this table instead of planning a second time."""
+    return pd.DataFrame({"shard_id": [shard.shard_id for shard in shards],
+                         "fingerprint": [shard.fingerprint for shard in shards],
+                         "records": [len(shard.rows) for shard in shards]},
+                        columns=["shard_id", "fingerprint", "records"])
 
 
 def fingerprint(*parts: Any) -> str:
@@ -79,15 +90,16 @@ def complete(shard: Shard, previous: pd.DataFrame | None, key: str, failed: Call
     return fresh.reset_index(drop=True)
 
 
-def gather(shards: list[Shard], stored: Mapping[str, Callable[[], pd.DataFrame]], stage: str) -> pd.DataFrame:
-    """The planned shards joined; raises naming a shard that is missing or was written for other inputs."""
+def gather(plan: pd.DataFrame, stored: Mapping[str, Callable[[], pd.DataFrame]], stage: str) -> pd.DataFrame:
+    """The shards of `plan` (see `plan_table`) joined; raises naming a shard that is missing or was written
+    for other inputs. Shards on disk that the plan does not name are not read."""
     frames = []
-    for shard in shards:
-        if shard.shard_id not in stored:
-            raise ValueError(f"{stage} shard {shard.shard_id} is missing: rerun the stage")
-        frame = stored[shard.shard_id]()
-        if (frame["fingerprint"] != shard.fingerprint).any():
-            raise ValueError(f"{stage} shard {shard.shard_id} was written for other inputs or config")
+    for shard_id, expected in zip(plan["shard_id"], plan["fingerprint"]):
+        if shard_id not in stored:
+            raise ValueError(f"{stage} shard {shard_id} is missing: rerun the stage")
+        frame = stored[shard_id]()
+        if (frame["fingerprint"] != expected).any():
+            raise ValueError(f"{stage} shard {shard_id} was written for other inputs or config")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

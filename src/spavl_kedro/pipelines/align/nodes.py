@@ -10,7 +10,6 @@ method), next to the models of earlier runs; a LoRA run stores the adapter, not 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,24 +18,24 @@ from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judge_factory import primary_judge
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.settings import Behaviour, SFTSettings
+from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
-from spavl_kedro.backends.methods import get_method, settings_for
+from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import load_vlm
-from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig
+from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig, typed
 
 
 
 def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
-                   params: dict[str, Any], tiny: dict[str, Any]) -> VLM:
+                   params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> VLM:
     """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
     directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
     `weights_dtype`, whatever dtype this loads in)."""
-    cfg = AlignConfig.model_validate(params).policy
+    cfg = typed(AlignConfig, params).policy
     if cfg.kind == "transformers":
         return load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
-    tcfg = TinyConfig.model_validate(tiny)
+    tcfg = typed(TinyConfig, tiny)
     behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
                           vague_rate=cfg.vague_rate)
     vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus), behaviour,
@@ -45,9 +44,9 @@ def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
 
 
 def select_training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
-                          params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                          params: AlignConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """train and validation pairs from this project's export or from the official SPA-VL release."""
-    cfg = AlignConfig.model_validate(params)
+    cfg = typed(AlignConfig, params)
     if cfg.train_source == "official":
         release, where = official, f"align.official_dir ({cfg.official_dir})"
     else:
@@ -66,7 +65,7 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
 
 def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
                   images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any],
-                  credentials: dict[str, Any], judge_models: dict[str, Any], params: dict[str, Any],
+                  credentials: dict[str, Any], judge_models: dict[str, Any], params: AlignConfig | dict[str, Any],
                   judge_params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
     `aligned_models`, the summary, and the run parameters (method, data size) for the parent MLflow run.
@@ -74,7 +73,7 @@ def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFram
     dpo / sft / grpo / rloo give a policy (a LoRA adapter, or a full fine-tune); reward gives a reward model.
     Every method starts from the base policy; each training logs its curves to a nested MLflow child run.
     """
-    cfg = AlignConfig.model_validate(params)
+    cfg = typed(AlignConfig, params)
     artifacts, summaries = {}, []
     for method in cfg.methods:
         name = cfg.artifact if method == cfg.method else method
@@ -98,8 +97,7 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
     launched = cfg.launch.accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
-        fields = {"checkpoint_dir": str(Path(cfg.checkpoint_dir) / name), **cfg.recipe(method), "output_dir": scratch}
-        settings = settings_for(method, fields)
+        settings = cfg.settings(method, output_dir=scratch, artifact=name)
         reward_model, reward_fn = (_rl_reward(cfg, aligned_before, credentials, judge_models, judge_params, launched)
                                    if get_method(method).rewarded else (None, None))
         if launched:
@@ -155,14 +153,14 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
     if rows.empty:
         raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
                          "(it is empty when images come from a real source)")
-    seed = int(cfg.recipe("sft").get("seed", SFTSettings.model_fields["seed"].default))  # the sft recipe's own seed
+    seed = cfg.settings("sft", output_dir="unused").seed  # the sft recipe's own seed
     picked = rows.sample(n=want, replace=want > len(rows), random_state=seed)
     return [{"images": [r.png], "question": r.question, "target": r.answer}
             for r in picked.itertuples(index=False)]
 
 
 def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],
-               judge_models: dict[str, Any], judge_params: dict[str, Any], launched: bool
+               judge_models: dict[str, Any], judge_params: JudgeConfig | dict[str, Any], launched: bool
                ) -> tuple[RewardModel | None, Any]:
     """The reward model (when it has weight) and the reward function: the weighted sum of the reward model's
     score and the primary judge's verdict (safe 1, else 0). Launched processes get the reward model only."""
@@ -182,7 +180,7 @@ def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: di
             raise ValueError("align.launch runs grpo / rloo with the reward model's score only: set "
                              "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
                              "train without align.launch")
-        judge = primary_judge(JudgeConfig.model_validate(judge_params), credentials, judge_models)
+        judge = primary_judge(typed(JudgeConfig, judge_params), credentials, judge_models)
         parts.append((cfg.rl.judge_weight, judge_reward(judge)))
     if launched and cfg.rl.model_weight != 1:
         raise ValueError(f"align.launch runs grpo / rloo with the reward model's score unweighted: set "

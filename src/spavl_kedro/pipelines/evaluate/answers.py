@@ -23,8 +23,8 @@ from spavl_kedro.backends.factory import OneAtATime, build_backend
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
-from spavl_kedro.config import EvaluateConfig
-from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
+from spavl_kedro.config import EvaluateConfig, typed
+from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import eval_answer_seed
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, P
 
 def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],
                      done: Mapping[str, Callable[[], pd.DataFrame]], credentials: dict[str, Any],
-                     params: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
-    """One function per shard still to answer; the catalog's ShardDataset runs and writes them in id order.
-    A policy named in `evaluate.served` is answered through its endpoint instead of being loaded."""
-    cfg = EvaluateConfig.model_validate(params)
+                     params: EvaluateConfig | dict[str, Any]
+                     ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+    """One function per shard still to answer, which the catalog's ShardDataset runs and writes in id order,
+    and the plan (`eval_answer_plan`) that `collect_eval_answers` checks them against. A policy named in
+    `evaluate.served` is answered through its endpoint instead of being loaded."""
+    cfg = typed(EvaluateConfig, params)
     found = policies(policy_base, aligned_models)
     unknown = sorted({spec.name for spec in cfg.served} - set(found))
     if unknown:
@@ -81,23 +83,24 @@ def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapp
     log.info("evaluate: %d of %d answer shard(s) to generate", len(todo), len(planned))
     pool = _PolicyPool({name: policy.load for name, policy in found.items()}, cfg, credentials,
                        Progress("evaluation answer", len(todo)))
-    return {shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
+    work = {shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
             for shard, previous in todo}
+    return work, plan_table(planned)
 
 
-def collect_eval_answers(answer_shards: Mapping[str, Callable[[], pd.DataFrame]], items: pd.DataFrame,
-                         policy_base: VLM, aligned_models: Mapping[str, Any], params: dict[str, Any]
-                         ) -> pd.DataFrame:
+def collect_eval_answers(answer_shards: Mapping[str, Callable[[], pd.DataFrame]], answer_plan: pd.DataFrame,
+                         items: pd.DataFrame) -> pd.DataFrame:
     """The planned shards joined; every (model, item, decoding, sample) exactly once, failures kept."""
-    cfg = EvaluateConfig.model_validate(params)
-    found = policies(policy_base, aligned_models)
-    answers = gather(_plan(items, found, cfg), answer_shards, "evaluation answer")
+    answers = gather(answer_plan, answer_shards, "evaluation answer")
     if answers.empty:
         return pd.DataFrame(columns=GENERATION_COLUMNS)
-    expected = len(items) * len(found) * (1 + cfg.samples)
+    expected = int(answer_plan["records"].sum())  # items x policies x decodings, as planned
     if len(answers) != expected or answers["row_key"].duplicated().any():
         raise ValueError(f"evaluation answers: {len(answers)} rows ({answers['row_key'].duplicated().sum()} "
                          f"doubled), expected {expected} (items x policies x decodings)")
+    unanswered = set(items["item_id"]) - set(answers["item_id"])
+    if unanswered:
+        raise ValueError(f"evaluation answers: {len(unanswered)} items have no answer, e.g. {sorted(unanswered)[0]}")
     failed = int(_failed(answers).sum())
     if failed:
         log.warning("evaluate: %d of %d generations failed; kept with their error and scored as failures "
@@ -118,7 +121,8 @@ def _plan(items: pd.DataFrame, found: Mapping[str, Policy], cfg: EvaluateConfig)
                 content = [(r.item_id, r.question, [hashlib.sha256(b).hexdigest()[:12] for b in r.images])
                            for r in rows.itertuples(index=False)]
                 rows = _expand(rows, model, cfg)
-                shards.append(Shard(f"{model}/{eval_set}/{index:05d}", rows, fingerprint(weights, decoding, content)))
+                shards.append(Shard(f"{model}/{eval_set}/{index:05d}", rows, fingerprint(weights, decoding, content),
+                                    index))
     return shards
 
 
@@ -156,14 +160,14 @@ class _PolicyPool:
 
 def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame:
     cfg = pool.cfg
-    model, eval_set, index = shard.shard_id.rsplit("/", 2)
+    model, eval_set, _ = shard.shard_id.rsplit("/", 2)
     began = time.perf_counter()
     frames = []
     for (decoding, sample), group in todo.groupby(["decoding", "sample"], sort=True):
         kwargs = {"do_sample": False} if decoding == "greedy" else \
             {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
-        seed = eval_answer_seed(cfg.seed, int(index), decoding, int(sample))
+        seed = eval_answer_seed(cfg.seed, shard.index, decoding, int(sample))
         generation = {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}
         backend = pool.backend(model, f"{model}/{eval_set}", generation, seed)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])

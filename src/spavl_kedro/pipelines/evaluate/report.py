@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no global state,
 import pandas as pd
 
 from spavl_kedro.backends.guard import judge_template
-from spavl_kedro.config import EvaluateConfig, JudgeConfig
+from spavl_kedro.config import EvaluateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
@@ -33,13 +33,13 @@ SAMPLED = {("test_harm", "unsafe_rate"), ("benign", "refusal_rate"), ("mis_test"
 PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png")
 
 
-def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any],
+def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any],
                    gold_cot: pd.DataFrame | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
     saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
     chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound."""
-    cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
+    cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
     frames = [metric_table(group, "value", metric, keys=KEYS, groups=GROUPS, judge=scorer,

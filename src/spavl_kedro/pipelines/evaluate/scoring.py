@@ -33,11 +33,11 @@ from spavl_kedro.backends.judge_factory import (REFUSAL, build_mis_judge, build_
                                                 refusal_rule)
 from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MisJudge
-from spavl_kedro.config import EvaluateConfig, JudgeConfig
+from spavl_kedro.config import EvaluateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import harm_metric
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
-from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
+from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,27 @@ MIS_SCORING = "mis buckets v2: perception level first"
 
 
 def plan_score_shards(answers: pd.DataFrame, items: pd.DataFrame, credentials: Mapping[str, Any],
-                      done: Mapping[str, Callable[[], pd.DataFrame]], params: dict[str, Any],
-                      judge_params: dict[str, Any], judge_models: Mapping[str, Any] | None = None
-                      ) -> dict[str, Callable[[], pd.DataFrame]]:
-    """One function per score shard still to do; tiny guards come from `judge_models`."""
-    cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
+                      done: Mapping[str, Callable[[], pd.DataFrame]], params: EvaluateConfig | dict[str, Any],
+                      judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None
+                      ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+    """One function per score shard still to do (tiny guards come from `judge_models`), and the plan
+    (`eval_score_plan`) that `collect_eval_scores` checks them against."""
+    cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     planned = _plan(answers, items, cfg, jcfg, judge_models)
     todo = list(pending([shard for shard, _ in planned], done, _failed))
     log.info("evaluate: %d of %d score shard(s) to do", len(todo), len(planned))
     scorer_of = {shard.shard_id: scorer for shard, scorer in planned}
     pool = _Scorers(cfg, jcfg, credentials, Progress("evaluation score", len(todo)), judge_models)
-    return {shard.shard_id: partial(complete, shard, previous, "score_key", _failed,
+    work = {shard.shard_id: partial(complete, shard, previous, "score_key", _failed,
                                     partial(_score, pool, scorer_of[shard.shard_id], shard.shard_id))
             for shard, previous in todo}
+    return work, plan_table([shard for shard, _ in planned])
 
 
-def collect_eval_scores(score_shards: Mapping[str, Callable[[], pd.DataFrame]], answers: pd.DataFrame,
-                        items: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any],
-                        judge_models: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    cfg, jcfg = EvaluateConfig.model_validate(params), JudgeConfig.model_validate(judge_params)
-    scores = gather([shard for shard, _ in _plan(answers, items, cfg, jcfg, judge_models)], score_shards,
-                    "evaluation score")
+def collect_eval_scores(score_shards: Mapping[str, Callable[[], pd.DataFrame]], score_plan: pd.DataFrame
+                        ) -> pd.DataFrame:
+    """The planned score shards joined; a score a judge could not give is kept and counted against the policy."""
+    scores = gather(score_plan, score_shards, "evaluation score")
     if scores.empty:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     errors = int(_failed(scores).sum())
@@ -129,7 +129,7 @@ def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
                 content = rows[["row_key", "text", "error", "reference", "request"]].to_numpy().tolist()
                 version = [MIS_SCORING] if scorer != RULES and (rows["kind"] == "mis").any() else []
                 shards.append((Shard(f"{scorer}/{model}/{eval_set}/{index:05d}", rows,
-                                     fingerprint(configs[scorer], *version, content)), scorer))
+                                     fingerprint(configs[scorer], *version, content), index), scorer))
     return shards
 
 
@@ -272,7 +272,7 @@ def _help(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
 
 
 def score_gold_cot(mis_cot: pd.DataFrame, items: pd.DataFrame, credentials: Mapping[str, Any],
-                   judge_params: dict[str, Any], judge_models: Mapping[str, Any] | None = None
+                   judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The teacher's own chain-of-thought targets for the mis_test items, scored like a policy's answers by
     the primary judge: where they land in MIS's buckets. A sound scoring puts them in RSR (safe, both
@@ -280,7 +280,7 @@ def score_gold_cot(mis_cot: pd.DataFrame, items: pd.DataFrame, credentials: Mapp
 
     Returns one row per item (question_id, safe, level, bucket) and `eval/teacher/mis_test/<bucket>.<judge>`.
     """
-    jcfg = JudgeConfig.model_validate(judge_params)
+    jcfg = typed(JudgeConfig, judge_params)
     mis = items[(items["eval_set"] == "mis_test") & (items["source"] == "generated")]
     gold = mis.merge(mis_cot[mis_cot["error"].isna()][["question_id", "target"]], left_on="item_id",
                      right_on="question_id")

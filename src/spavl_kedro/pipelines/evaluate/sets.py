@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from spavl_kedro.imaging import decode_image, png_bytes
-from spavl_kedro.config import EvaluateConfig
+from spavl_kedro.config import EvaluateConfig, typed
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
 from spavl_kedro.evalsets.registry import get_eval_set
@@ -56,7 +56,7 @@ class SetInputs:
 def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions: pd.DataFrame,
                     images: pd.DataFrame, responses: pd.DataFrame, published: dict[str, pd.DataFrame],
                     official: dict[str, pd.DataFrame], seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame,
-                    params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    params: EvaluateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every configured set (`evaluate.sets`, rows of `evalsets.registry.EVAL_SETS`) as `eval_items`, plus a
     summary: items per set, variant and source.
 
@@ -65,7 +65,7 @@ def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions:
     `test_source: official` its test/harm and test/help replace the split's. No item may show an image or
     ask a question the tiny models were taught on (`seed_corpus`, `seed_scenes`).
     """
-    cfg = EvaluateConfig.model_validate(params)
+    cfg = typed(EvaluateConfig, params)
     if cfg.test_source == "official":
         missing = [s for s in ("test_harm", "test_help") if s not in official]
         if missing:

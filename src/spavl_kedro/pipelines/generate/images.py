@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from spavl_kedro.config import ImageSourceConfig
+from spavl_kedro.config import ImageSourceConfig, typed
 from spavl_kedro.schema import TABLES, validate
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def collect_source_images(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: Im
 
     Returns (images, quarantine, report); see `images_from_manifest` and `images_from_laion`.
     """
-    cfg = cfg if isinstance(cfg, ImageSourceConfig) else ImageSourceConfig.model_validate(cfg)
+    cfg = typed(ImageSourceConfig, cfg)
     if cfg.source == "synthetic":
         raise ValueError("images source 'synthetic' is rendered by render_images, not read from a manifest")
     if cfg.source == "manifest":

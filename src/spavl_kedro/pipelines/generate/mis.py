@@ -19,7 +19,7 @@ import pandas as pd
 
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
-from spavl_kedro.config import GenerateConfig, TeacherConfig
+from spavl_kedro.config import GenerateConfig, TeacherConfig, typed
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import MIS_QTYPES, validate
 from spavl_kedro.seeding import stream
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 PARTS = ("perception", "reasoning", "answer")
 
 
-def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """`mis.per_subcategory` samples of each MIS type per subcategory (not yet screened)."""
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     n = cfg.mis.per_subcategory
     keywords = dict(zip(taxonomy["class3"], taxonomy["keywords"]))
     by_sub = {k: g.sort_values("image_id") for k, g in images.groupby("class3", sort=True)}
@@ -67,13 +67,13 @@ def _slug(text: str) -> str:
 
 
 def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: pd.DataFrame,
-                      credentials: Mapping[str, Any], params: dict[str, Any]) -> pd.DataFrame:
+                      credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """A three-part safety chain-of-thought target for every kept MIS question.
 
     A model teacher's output that lacks a marked part is kept with the error, and counted; it is not
     trained on.
     """
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     teacher = cfg.mis.teacher
     mis = questions[questions["kept"] & questions["qtype"].isin(MIS_QTYPES)]
     meta = images.set_index("image_id")

@@ -20,7 +20,7 @@ from spavl_kedro.backends.tiny import (
 )
 from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.vlm import decode_image
-from spavl_kedro.config import GenerateConfig, TinyConfig
+from spavl_kedro.config import GenerateConfig, TinyConfig, typed
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
-                   params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+                   params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """The `images` table from the configured source, the rows set aside (quarantine) and the counts of
     what happened to the source's rows (see images.py).
 
     synthetic renders images; manifest and laion read `image_records` (the catalog's ImageManifestDataset).
     """
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     if cfg.images.source == "synthetic":
         images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed)
         return images, pd.DataFrame(columns=TABLES["image_quarantine"]), {"rows": len(images), "images": len(images)}
@@ -55,7 +55,7 @@ SEED_FAMILIES = ("refusals", "redirections", "compliances", "grounded", "vague")
 
 
 def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
-                       params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                       params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images tiny models are bootstrapped on, and the shape scenes they learn to answer capability
     questions about.
 
@@ -64,7 +64,7 @@ def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
     own stream (the evaluation's capability set checks by hash that it shares none). Only the synthetic
     source can be re-drawn: with another source there are no seed images, and bootstrapping a tiny model
     fails with a message saying so."""
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     if cfg.images.source != "synthetic":
         return images.iloc[:0], pd.DataFrame(columns=SEED_SCENE_COLUMNS)
     # their own seed, so no bootstrap image is ever a dataset or evaluation image
@@ -90,7 +90,7 @@ SEED_CORPUS_COLUMNS = ["image_id", "png", "caption", "class1", "question", "harm
 
 
 def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.DataFrame,
-                      seed_text: dict[str, list[str]], params: dict[str, Any]) -> pd.DataFrame:
+                      seed_text: dict[str, list[str]], params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """Bootstrap examples for tiny models, each with its image: per seed image, harmful and harmless seed
     prompts, and per questioned scene a colour, a shape and a count question, with the answers a model may learn for each (refusal,
     answer, vague; see `tiny.Behaviour`).
@@ -100,7 +100,7 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
     word on it); a capability question's answer is the one word asked for ("Three."). A harmless prompt's
     refusal is what an over-refusing model says; its vague answer names nothing.
     """
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     for key in SEED_FAMILIES:
         if not seed_text.get(key):
             raise ValueError(f"seed_text: missing or empty '{key}' list")
@@ -139,22 +139,22 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
 
 
 def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame,
-                         tiny: dict[str, Any]):
+                         tiny: TinyConfig | dict[str, Any]):
     """The tokenizer (trained on the project's own text, chain-of-thought targets included, so SFT on them
     needs no unknown tokens) and the image processor every tiny model shares."""
-    cfg = TinyConfig.model_validate(tiny)
+    cfg = typed(TinyConfig, tiny)
     texts = [*seed_corpus["question"], *seed_corpus["refusal"], *seed_corpus["answer"], *seed_corpus["vague"],
              *questions["text"], *mis_cot["target"], *GUARD_WORDS]
     return build_processor(texts, cfg.model)
 
 
 def bootstrap_foundation(seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, tiny_processor,
-                         tiny: dict[str, Any]) -> VLM:
+                         tiny: TinyConfig | dict[str, Any]) -> VLM:
     """The shared tiny base: its vision tower pretrained on the captions of the seed images and every seed
     scene (`tiny.vision`), then
     the seed corpus under a mixed behaviour (`tiny.foundation`), trained once, so each responder, the base
     policy and the guard need only a short bootstrap of their own."""
-    tcfg = TinyConfig.model_validate(tiny)
+    tcfg = typed(TinyConfig, tiny)
     vlm = VLM(model=build_model(tiny_processor, tcfg.model, tcfg.bootstrap.seed), processor=tiny_processor)
     if seed_corpus.empty:  # no rendered seed images (a real image source): nothing tiny to teach
         log.info("no seed corpus: the tiny foundation stays untrained")
@@ -173,10 +173,10 @@ def bootstrap_foundation(seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, t
     return vlm
 
 
-def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any], tiny: dict[str, Any]) -> dict[str, VLM]:
+def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: GenerateConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
     """One tiny LLaVA per `kind: tiny` responder: the foundation, taught its own refusal, over-refusal and
     vague rates."""
-    cfg, tcfg = GenerateConfig.model_validate(params), TinyConfig.model_validate(tiny)
+    cfg, tcfg = typed(GenerateConfig, params), typed(TinyConfig, tiny)
     # They answer SPA-VL's questions only; encoded once for all of them.
     examples = encode_seeds(tiny_foundation.processor, seed_examples(seed_corpus[~seed_corpus["capability"]]))
     models = {}

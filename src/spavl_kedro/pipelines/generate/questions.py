@@ -11,7 +11,7 @@ import pandas as pd
 
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
-from spavl_kedro.config import GenerateConfig, ModelWriterConfig, ScreenConfig
+from spavl_kedro.config import GenerateConfig, ModelWriterConfig, ScreenConfig, typed
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import SPA_QTYPES, validate
 from spavl_kedro.seeding import stream
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: Mapping[str, Any],
-                    params: dict[str, Any]) -> pd.DataFrame:
+                    params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """Three questions per image, one per SPA-VL type, by the configured writer (not yet screened)."""
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     subs = {row.class3: row for row in taxonomy.itertuples(index=False)}
     if cfg.questions.writer == "model":
         rows = _model_questions(images, subs, cfg.questions.model_writer, credentials, cfg)
@@ -78,14 +78,14 @@ def _first_line(text: str, max_chars: int) -> str:
 
 
 def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, images: pd.DataFrame,
-                     credentials: Mapping[str, Any], params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A harmfulness verdict for every question, then the keep rule of its type.
 
     Returns the `questions` table (kept and dropped, each dropped one with its reason) and the counts per
     subcategory and type. An undecided verdict (judge error, unreadable output) is never read as harmless
     or harmful: under a `harmful` or `benign` rule the question is dropped as undecided.
     """
-    cfg = GenerateConfig.model_validate(params)
+    cfg = typed(GenerateConfig, params)
     screen = cfg.questions.screen
     questions = pd.concat([spa_questions, mis_questions], ignore_index=True)
     verdicts = _screen(questions, images, screen, credentials, cfg)

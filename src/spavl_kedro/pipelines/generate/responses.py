@@ -19,8 +19,8 @@ import pandas as pd
 from spavl_kedro.backends.factory import OneAtATime, api_key, build_backend, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
-from spavl_kedro.config import GenerateConfig
-from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
+from spavl_kedro.config import GenerateConfig, typed
+from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.schema import TABLES, validate
 from spavl_kedro.seeding import response_seed
 
@@ -44,16 +44,18 @@ def plan_shards(questions: pd.DataFrame, images: pd.DataFrame, cfg: GenerateConf
                   weights_of(spec, responder_models)]
         for index, chunk in enumerate(cut(kept, cfg.shard_size)):
             content = [(q.question_id, q.text, [shas[i] for i in q.image_ids]) for q in chunk.itertuples(index=False)]
-            shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content)), n))
+            shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content), index), n))
     return shards
 
 
 def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
                          responder_models: Mapping[str, Any], credentials: Mapping[str, Any],
                          done_shards: Mapping[str, Callable[[], pd.DataFrame]],
-                         params: dict[str, Any]) -> dict[str, Callable[[], pd.DataFrame]]:
-    """One function per shard that still needs answers; the catalog runs and writes them one at a time."""
-    cfg = GenerateConfig.model_validate(params)
+                         params: GenerateConfig | dict[str, Any]
+                         ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+    """One function per shard that still needs answers, which the catalog runs and writes one at a time, and
+    the plan (`response_plan`) that `collect_responses` checks the shards against."""
+    cfg = typed(GenerateConfig, params)
     for spec in cfg.responders:  # a missing key fails now, not after hours of other responders' shards
         api_key(spec, credentials)
     pixels = dict(zip(images["image_id"], images["png"]))
@@ -62,9 +64,10 @@ def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
     todo = list(pending([shard for shard, _ in planned], done_shards, _failed))
     pool = _BackendPool(cfg, responder_models, credentials, Progress("response", len(todo)))
     log.info("responses: %d shard(s) to answer", len(todo))
-    return {shard.shard_id: partial(complete, shard, previous, "question_id", _failed,
+    work = {shard.shard_id: partial(complete, shard, previous, "question_id", _failed,
                                     partial(_answer, pool, pixels, shard, responder[shard.shard_id]))
             for shard, previous in todo}
+    return work, plan_table([shard for shard, _ in planned])
 
 
 def _answer(pool: "_BackendPool", pixels: Mapping[str, bytes], shard: Shard, n: int,
@@ -72,8 +75,7 @@ def _answer(pool: "_BackendPool", pixels: Mapping[str, bytes], shard: Shard, n: 
     spec = pool.cfg.responders[n]
     began = time.perf_counter()
     # A seed per shard: a shard's samples do not depend on which other shards ran in this process.
-    index = int(shard.shard_id.rsplit("/", 1)[1])
-    backend = pool.get(spec, seed=response_seed(pool.cfg.seed, n, index))
+    backend = pool.get(spec, seed=response_seed(pool.cfg.seed, n, shard.index))
     outputs = backend.generate([Prompt(q.text, tuple(pixels[i] for i in q.image_ids))
                                 for q in todo.itertuples(index=False)])
     fresh = pd.DataFrame({
@@ -105,15 +107,14 @@ class _BackendPool:
         return replace(backend, seed=seed)
 
 
-def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]], questions: pd.DataFrame,
-                      images: pd.DataFrame, responder_models: Mapping[str, Any], params: dict[str, Any]) -> pd.DataFrame:
+def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]], response_plan: pd.DataFrame,
+                      questions: pd.DataFrame, params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """The planned shards joined into `responses`; fails if any (question, responder) is missing or doubled.
 
     Shards on disk that the current plan does not name (another config, fewer questions) are not read.
     """
-    cfg = GenerateConfig.model_validate(params)
-    responses = gather([shard for shard, _ in plan_shards(questions, images, cfg, responder_models)], response_shards,
-                       "response")
+    cfg = typed(GenerateConfig, params)
+    responses = gather(response_plan, response_shards, "response")
     if responses.empty:
         responses = pd.DataFrame(columns=TABLES["responses"])
     doubled = responses[responses.duplicated(["question_id", "responder"], keep=False)]

@@ -23,21 +23,21 @@ from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, bu
 from spavl_kedro.backends.judges import GUARD_PROMPTS, Comparison, JudgeItem, PairItem
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
 from spavl_kedro.backends.settings import Behaviour
-from spavl_kedro.config import JudgeConfig, TinyConfig, VerdictJudgeSpec
+from spavl_kedro.config import JudgeConfig, TinyConfig, VerdictJudgeSpec, typed
 from spavl_kedro.grounding import helpfulness
 from spavl_kedro.metrics import for_mlflow
-from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending
+from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.schema import TABLES, validate
 from spavl_kedro.seeding import model_seed, sibling_seed, stream
 
 log = logging.getLogger(__name__)
 
-def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: dict[str, Any],
-                     tiny: dict[str, Any]) -> dict[str, VLM]:
+def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: JudgeConfig | dict[str, Any],
+                     tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
     """One tiny guard per guard judge whose backend is `kind: tiny`: the tiny foundation (which already
     tells harmful requests from harmless ones) taught MD-Judge's answers on the seed corpus through the
     judge's own prompt template (backends/guard.py)."""
-    cfg, tcfg = JudgeConfig.model_validate(params), TinyConfig.model_validate(tiny)
+    cfg, tcfg = typed(JudgeConfig, params), typed(TinyConfig, tiny)
     rows = seed_corpus[~seed_corpus["capability"]].drop(columns="png").to_dict("records")  # SPA-VL-style requests
     models = {}
     for n, spec in enumerate(j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"):
@@ -71,7 +71,7 @@ def _verdict_shards(judged: pd.DataFrame, cfg: JudgeConfig, judge_models: Mappin
         config = [spec.model_dump(exclude={"backend": set(TRANSPORT_FIELDS)}), weights_of(spec.backend, judge_models)]
         for index, chunk in enumerate(cut(judged, cfg.shard_size)):
             content = chunk[["response_id", "question", "text", "error", "image_shas"]].to_numpy().tolist()
-            shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content)), spec))
+            shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content), index), spec))
     return shards
 
 
@@ -83,20 +83,22 @@ def _judge_failed(verdicts: pd.DataFrame) -> pd.Series:
 
 def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
                         credentials: Mapping[str, Any], done_shards: Mapping[str, Callable[[], pd.DataFrame]],
-                        params: dict[str, Any], judge_models: Mapping[str, Any] | None = None
-                        ) -> dict[str, Callable[[], pd.DataFrame]]:
-    """One function per verdict shard still to judge; resumable like the response shards."""
-    cfg = JudgeConfig.model_validate(params)
+                        params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None
+                        ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+    """One function per verdict shard still to judge, resumable like the response shards, and the plan
+    (`verdict_plan`) that `collect_verdicts` checks them against."""
+    cfg = typed(JudgeConfig, params)
     judged = _judged(responses, questions, images)
     planned = _verdict_shards(judged, cfg, judge_models)
     todo = list(pending([s for s, _ in planned], done_shards, _judge_failed))
     specs = {s.shard_id: spec for s, spec in planned}
     progress, judges = Progress("verdict", len(todo)), OneAtATime()
     build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models)
-    return {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
+    work = {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
                                     partial(_judge_rows, judges, build, specs[shard.shard_id], progress,
                                             shard.shard_id))
             for shard, previous in todo}
+    return work, plan_table([shard for shard, _ in planned])
 
 
 def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], spec: VerdictJudgeSpec,
@@ -119,13 +121,11 @@ def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], sp
     return table
 
 
-def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], responses: pd.DataFrame,
-                     questions: pd.DataFrame, images: pd.DataFrame, params: dict[str, Any],
-                     judge_models: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], verdict_plan: pd.DataFrame,
+                     responses: pd.DataFrame, params: JudgeConfig | dict[str, Any]) -> pd.DataFrame:
     """The planned verdict shards joined: one verdict per (response, judge), or a clear error."""
-    cfg = JudgeConfig.model_validate(params)
-    shards = [s for s, _ in _verdict_shards(_judged(responses, questions, images), cfg, judge_models)]
-    verdicts = gather(shards, verdict_shards, "verdict")
+    cfg = typed(JudgeConfig, params)
+    verdicts = gather(verdict_plan, verdict_shards, "verdict")
     if verdicts.empty:
         verdicts = pd.DataFrame(columns=TABLES["verdicts"])
     if verdicts.duplicated(["response_id", "judge"]).any() or len(verdicts) != len(responses) * len(cfg.judges):
@@ -136,14 +136,14 @@ def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], r
 
 
 def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts: pd.DataFrame,
-                     images: pd.DataFrame, credentials: Mapping[str, Any], params: dict[str, Any]
+                     images: pd.DataFrame, credentials: Mapping[str, Any], params: JudgeConfig | dict[str, Any]
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """Pairs of responses per question (`pairing`), each decided in both orders.
 
     Returns the preferences, every candidate pair with its outcome (ties and disagreements included, so
     nothing disappears unseen), and counts for MLflow.
     """
-    cfg = JudgeConfig.model_validate(params)
+    cfg = typed(JudgeConfig, params)
     primary = verdicts.loc[verdicts["judge"] == cfg.primary, ["response_id", "safe"]]
     scored = responses.merge(primary, on="response_id", how="left")
     usable = scored[scored["safe"].notna() & scored["error"].isna()]
@@ -280,7 +280,7 @@ def construction_accuracy(verdicts: pd.DataFrame, responses: pd.DataFrame, quest
 
 
 def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: pd.DataFrame,
-                    pair_outcomes: pd.DataFrame, params: dict[str, Any]
+                    pair_outcomes: pd.DataFrame, params: JudgeConfig | dict[str, Any]
                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]], str]:
     """How far the judges agree: Cohen's kappa and the 2x2 confusion for every two judges, over all
     responses and per category (class2), plus the pairwise judge's order consistency, and each judge's
@@ -288,7 +288,7 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
 
     Only responses both judges decided enter kappa; how many each left undecided is reported beside it.
     """
-    cfg = JudgeConfig.model_validate(params)
+    cfg = typed(JudgeConfig, params)
     accuracy = construction_accuracy(verdicts, responses, questions, cfg.compliance_markers)
     category = responses.set_index("response_id")["question_id"].map(questions.set_index("question_id")["class2"])
     wide = verdicts.pivot(index="response_id", columns="judge", values="safe")
@@ -321,11 +321,11 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
     return table, accuracy, for_mlflow(metrics), _agreement_report(table, pair_outcomes, accuracy, cfg)
 
 
-def judge_templates(params: dict[str, Any]) -> dict[str, str]:
+def judge_templates(params: JudgeConfig | dict[str, Any]) -> dict[str, str]:
     """Which input format each verdict judge was asked in, as MLflow parameters `judge.template.<name>`
     (a template's origin and SHA-256, or the model's own chat template): numbers from two runs compare only
     when these match."""
-    cfg = JudgeConfig.model_validate(params)
+    cfg = typed(JudgeConfig, params)
     return {f"judge.template.{spec.name}": judge_template(spec) for spec in cfg.judges}
 
 

@@ -215,12 +215,11 @@ def _memory_checks(align: BaseModel) -> list[Check]:
     what this machine has. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
     import torch
 
-    from spavl_kedro.backends.methods import get_method, settings_for
+    from spavl_kedro.backends.methods import get_method
 
     if align.policy.kind != "transformers":
         return []
-    paths = {"output_dir": "unused", "checkpoint_dir": align.checkpoint_dir}
-    recipes = {method: settings_for(method, {**paths, **align.recipe(method)}) for method in align.methods}
+    recipes = {method: align.settings(method, output_dir="unused") for method in align.methods}
     try:
         shape = memory.model_shape(align.policy.model, recipes)
     except (OSError, ValueError) as exc:

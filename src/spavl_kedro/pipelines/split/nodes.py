@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import JudgeConfig, SplitConfig
+from spavl_kedro.config import JudgeConfig, SplitConfig, typed
 from spavl_kedro.datasets.spa_vl import path_segment
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES, validate
@@ -31,12 +31,12 @@ def normalise(text: str) -> str:
 
 
 def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame, mis_cot: pd.DataFrame,
-                  verdicts: pd.DataFrame, params: dict[str, Any], judge_params: dict[str, Any]
+                  verdicts: pd.DataFrame, params: SplitConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any]
                   ) -> tuple[pd.DataFrame, ...]:
     """train, validation, test_harm, test_help (published layout), mis_train, where each train and validation
     pair came from (question type, responders, reason), and the split's counts for MLflow."""
-    cfg = SplitConfig.model_validate(params)
-    verdicts = verdicts[verdicts["judge"] == JudgeConfig.model_validate(judge_params).primary]
+    cfg = typed(SplitConfig, params)
+    verdicts = verdicts[verdicts["judge"] == typed(JudgeConfig, judge_params).primary]
     kept = questions[questions["kept"] & questions["qtype"].isin(SPA_QTYPES)]
     harm, help_, held_images = _hold_out(kept, cfg)
     test_texts = {normalise(t) for t in pd.concat([harm, help_])["text"]}

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import SplitConfig
+from spavl_kedro.config import SplitConfig, typed
 from spavl_kedro.datasets.spa_vl_rlhf import PAIR_COLUMNS
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES
 
@@ -51,11 +51,11 @@ about validation and test.
 
 
 def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame,
-                       test_help: pd.DataFrame, pair_provenance: pd.DataFrame, params: dict[str, Any],
+                       test_help: pd.DataFrame, pair_provenance: pd.DataFrame, params: SplitConfig | dict[str, Any],
                        judge_params: dict[str, Any]) -> str:
     """A Hugging Face dataset card: configs, sizes, counts per class, question type and responder, and
     how the data was built."""
-    cfg = SplitConfig.model_validate(params)
+    cfg = typed(SplitConfig, params)
     sizes = {"train": len(train), "validation": len(validation), "test_harm": len(test_harm),
              "test_help": len(test_help)}
     header = ["---", f"license: {LICENCE}", "task_categories:", "- visual-question-answering", "configs:",

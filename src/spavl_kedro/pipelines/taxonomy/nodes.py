@@ -6,20 +6,20 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import TaxonomyConfig
+from spavl_kedro.config import TaxonomyConfig, typed
 from spavl_kedro.schema import validate
 
 PROVENANCES = {"released", "inferred_salad_bench"}
 
 
-def build_taxonomy(spec: dict[str, Any], release: dict[str, pd.DataFrame], params: dict[str, Any]) -> pd.DataFrame:
+def build_taxonomy(spec: dict[str, Any], release: dict[str, pd.DataFrame], params: TaxonomyConfig | dict[str, Any]) -> pd.DataFrame:
     """The taxonomy from the file (`source: file`) or from the official release's labelled splits.
 
     The file is checked for the published shape: a ValueError names the offending entry (by its path in
     the file) for a missing level or field, a duplicated (domain, category, subcategory) triplet, or counts
     that differ from the expected ones.
     """
-    expected = TaxonomyConfig.model_validate(params)
+    expected = typed(TaxonomyConfig, params)
     if expected.source == "official":
         return _check_counts(_from_release(release, _from_spec(spec)), expected)
     return _check_counts(_from_spec(spec), expected)
