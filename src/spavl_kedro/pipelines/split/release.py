@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import SplitConfig, typed
+from spavl_kedro.config import JudgeConfig, SplitConfig, typed
 from spavl_kedro.datasets.spa_vl_rlhf import PAIR_COLUMNS
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES
 
@@ -52,7 +52,7 @@ about validation and test.
 
 def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame,
                        test_help: pd.DataFrame, pair_provenance: pd.DataFrame, params: SplitConfig | dict[str, Any],
-                       judge_params: dict[str, Any]) -> str:
+                       judge_params: JudgeConfig | dict[str, Any]) -> str:
     """A Hugging Face dataset card: configs, sizes, counts per class, question type and responder, and
     how the data was built."""
     cfg = typed(SplitConfig, params)
@@ -73,7 +73,7 @@ def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm:
             f"{cfg.test_help_per_subcategory} easy questions, each on an image no training pair shows; no "
             "training question has the normalised text of a test question. Subset: question types "
             f"{cfg.subset.qtypes}, responders {cfg.subset.responders}, at most {cfg.subset.max_pairs or 'all'} "
-            f"pairs. Preferences judged by `{judge_params.get('primary')}`.", "", *LOADING.splitlines(), ""]
+            f"pairs. Preferences judged by `{typed(JudgeConfig, judge_params).primary}`.", "", *LOADING.splitlines(), ""]
     train_pairs = pair_provenance[pair_provenance["split"] == "train"]
     body += _counts("Train pairs per domain and category", train_pairs.groupby(["class1", "class2"]).size())
     body += _counts("Train pairs per question type", train_pairs.groupby("qtype").size())
