@@ -47,7 +47,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from kedro.config import OmegaConfigLoader  # noqa: E402
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
 from kedro.pipeline import Node, Pipeline  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
@@ -58,6 +57,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm
 from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 from spavl_kedro.backends.vlm import decode_image  # noqa: E402
+from spavl_kedro.config import load_parameters  # noqa: E402
 from spavl_kedro.pipelines.align.nodes import train_aligned  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -143,8 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env="base")
-    params = {key: copy.deepcopy(loader["parameters"][key]) for key in ("align", "judge")}
+    loaded = load_parameters("base")
+    params = {key: copy.deepcopy(loaded[key]) for key in ("align", "judge")}
     params["align"]["method"] = "dpo"
     # The RL reward block is unused by dpo but validated with the rest; give it a valid value if conf has none.
     params["align"].setdefault("rl", {"model_weight": 0.0, "judge_weight": 1.0})

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kedro.config import OmegaConfigLoader
 
 import spavl_kedro  # noqa: F401  (first: it pins the CPU kernels before any test imports torch, numerics.py)
+from spavl_kedro.config import load_parameters
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 @pytest.fixture(scope="session")
 def base_params() -> dict:
-    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env="base")
-    return dict(loader["parameters"])
+    return load_parameters("base")
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 import pytest
 
-from conftest import PROJECT
-from spavl_kedro.config import validate_parameters
+from spavl_kedro.config import load_parameters, validate_parameters
 
 
 def test_base_parameters_are_valid(params):
@@ -59,13 +58,7 @@ def test_kind_needs_its_fields(params):
 
 
 def _paper_parameters() -> dict:
-    from kedro.config import OmegaConfigLoader
-
-    from spavl_kedro.settings import CONFIG_LOADER_ARGS
-
-    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env="paper",
-                               merge_strategy=CONFIG_LOADER_ARGS["merge_strategy"])
-    return dict(loader["parameters"])
+    return load_parameters("paper")
 
 
 def test_paper_profile_is_valid_and_at_spa_vl_scale():

@@ -6,7 +6,7 @@ A key is documented when it is in backticks in the first cell of a table row: | 
 
 Keys that need a row:
 1. Every key conf/base or conf/paper sets, loaded with Kedro's OmegaConfigLoader as `kedro run` loads them
-   (`config_docs.parameters`), flattened to dotted paths:
+   (`config.load_parameters`), flattened to dotted paths:
    - a mapping adds `.key` (`generate.images.per_subcategory`);
    - a list of mappings adds `[]`, then its items' keys (`generate.responders[].name`);
    - a scalar, a null or a list of scalars is a leaf (`evaluate.sets`);
@@ -31,7 +31,8 @@ import sys
 import pytest
 
 from spavl_kedro import config_docs
-from spavl_kedro.config_docs import DOC, SPEC, WHOLE, field_keys, parameters
+from spavl_kedro.config import load_parameters as parameters
+from spavl_kedro.config_docs import DOC, SPEC, WHOLE, field_keys
 
 
 def _yaml_keys(value, path: str = ""):

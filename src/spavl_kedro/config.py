@@ -840,6 +840,23 @@ class EvaluateConfig(Strict):
 
 Block = TypeVar("Block", bound=BaseModel)
 
+# An environment (conf/paper, conf/local) overrides single keys deep inside a block: `soft` merges key by
+# key, where Kedro's default would replace the whole `generate:` block with the few keys it sets.
+# settings.py hands this to Kedro's loader; `load_parameters` reads conf/ the same way.
+MERGE_STRATEGY = {"parameters": "soft", "catalog": "soft"}
+PROJECT_CONF = Path(__file__).resolve().parents[2] / "conf"  # a source checkout's conf/
+
+
+def load_parameters(env: str = "base", conf_source: Path = PROJECT_CONF) -> dict[str, Any]:
+    """The parameters as `kedro run --env <env>` sees them (conf/<env> merged over conf/base), as plain
+    mappings, without importing settings.py (whose hooks import torch)."""
+    from kedro.config import OmegaConfigLoader
+
+    loader = OmegaConfigLoader(conf_source=str(conf_source), base_env="base", default_run_env=env,
+                               merge_strategy=MERGE_STRATEGY)
+    return dict(loader["parameters"])
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "taxonomy": TaxonomyConfig,
     "generate": GenerateConfig,

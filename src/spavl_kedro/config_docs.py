@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from annotated_types import Ge, Gt, Le, Lt, MinLen
-from kedro.config import OmegaConfigLoader
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from spavl_kedro.backends.methods import METHODS
 from spavl_kedro.backends.settings import NAME_PATTERN, BackendSpec
-from spavl_kedro.config import SECTIONS, EvalSetName, MethodName
+from spavl_kedro.config import SECTIONS, EvalSetName, MethodName, load_parameters
 from spavl_kedro.evalsets.registry import EVAL_SETS
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -76,14 +75,6 @@ class Row:
     def markdown(self) -> str:
         cells = [", ".join(f"`{key}`" for key in self.keys), self.type, self.base, self.paper, self.meaning]
         return "|" + "|".join(f" {_escape(cell)} " if cell else " " for cell in cells) + "|"
-
-
-def parameters(env: str) -> dict:
-    """Parameters as `kedro run --env <env>` sees them: conf/<env> merged over conf/base, key by key (the
-    merge strategy of settings.py, which is not imported because it imports torch through the hooks)."""
-    loader = OmegaConfigLoader(conf_source=str(PROJECT / "conf"), base_env="base", default_run_env=env,
-                               merge_strategy={"parameters": "soft"})
-    return dict(loader["parameters"])
 
 
 def models_in(annotation: Any) -> list[tuple[str, type[BaseModel]]]:
@@ -434,7 +425,7 @@ def _recipe_rows(base: list, paper: list) -> Iterator[_Raw]:
 
 def _all_rows() -> list[_Raw]:
     """Every row of the page, block by block, each followed by the rows of what it holds."""
-    base, paper = parameters("base"), parameters("paper")
+    base, paper = load_parameters("base"), load_parameters("paper")
     rows: list[_Raw] = []
     for block, model in SECTIONS.items():
         rows += _model_rows(model, block, [base.get(block)], [paper.get(block)])

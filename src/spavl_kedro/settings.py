@@ -2,6 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
+from spavl_kedro.config import MERGE_STRATEGY
 from spavl_kedro.hooks import ProjectHooks
 
 HOOKS = (ProjectHooks(),)
@@ -11,7 +12,5 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
-    # An environment (conf/paper) overrides single keys deep inside a block; the default (destructive)
-    # merge would replace the whole `generate:` block with the few keys the environment sets.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
+    "merge_strategy": MERGE_STRATEGY,  # key by key (config.py says why)
 }
