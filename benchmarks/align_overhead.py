@@ -5,8 +5,8 @@
 Both sides train the same LoRA DPO run (the align.dpo recipe of conf/base/parameters_align.yml: same
 pairs, same bootstrapped tiny LLaVA, same seed) and must end on the same loss:
 
-- node: `spavl_kedro.pipelines.align.nodes.train_aligned` with `align.method: dpo` (the node that calls
-  `train_dpo`), run by a Kedro SequentialRunner on an in-memory DataCatalog (MemoryDataset's default deep
+- node: the align pipeline's `train_dpo` node (`spavl_kedro.pipelines.align.nodes.train_method` for dpo,
+  which calls the DPO trainer), run by a Kedro SequentialRunner on an in-memory DataCatalog (MemoryDataset's default deep
   copy on load included), MLflow on: a temporary sqlite store and an active parent run, as kedro-mlflow
   opens before the pipeline; the node adds the nested child run and per-step metric logging.
   Timed: `SequentialRunner.run`.
@@ -48,7 +48,6 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
-from kedro.pipeline import Node, Pipeline  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -58,7 +57,7 @@ from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_t
 from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 from spavl_kedro.backends.vlm import decode_image  # noqa: E402
 from spavl_kedro.config import load_parameters  # noqa: E402
-from spavl_kedro.pipelines.align.nodes import train_aligned  # noqa: E402
+from spavl_kedro.pipelines.align import pipeline as align_pipeline  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 REFUSAL = "I'm sorry, but I cannot help with that request."
@@ -87,20 +86,18 @@ def setup(n_pairs: int) -> tuple[VLM, pd.DataFrame]:
 
 def run_node(vlm: VLM, train: pd.DataFrame, params: dict[str, dict]) -> tuple[float, float]:
     """Wall and CPU seconds of the node inside SequentialRunner; the final loss in `run_node.loss`."""
-    inputs = ["policy_base", "align_train", "align_validation", "mis_train", "images", "aligned_models_before",
-              "api_credentials", "params:align", "params:judge"]
+    pipeline = align_pipeline.create_pipeline().only_nodes("train_dpo")
+    inputs = {"policy_base": vlm, "spa_vl_release": {"train": train, "validation": train.iloc[:0]},
+              "spa_vl_official": {}, "params:align": params["align"]}
     catalog = DataCatalog()
-    for name, value in zip(inputs, [vlm, train, train.iloc[:0], pd.DataFrame(), pd.DataFrame(), {}, {},
-                                    params["align"], params["judge"]]):
+    for name, value in inputs.items():
         catalog[name] = MemoryDataset(value)  # default copy mode: the model is deep-copied on load, as in Kedro
-    outputs = ["aligned_models", "align_summary", "align_run_params"]
-    for name in outputs:
+    for name in pipeline.outputs():
         catalog[name] = MemoryDataset()
-    pipeline = Pipeline([Node(train_aligned, inputs, outputs, name="train_aligned")])
     began, cpu = time.perf_counter(), time.process_time()
     SequentialRunner().run(pipeline, catalog)
     seconds = time.perf_counter() - began, time.process_time() - cpu
-    summary = catalog.load("align_summary")
+    summary = catalog.load("align_summary_dpo")["dpo"]
     run_node.loss, run_node.loop = summary["loss"], summary["train_runtime"]
     return seconds
 

@@ -24,8 +24,10 @@ def store(tmp_path):
     # a sweep over data scale: each run trains and evaluates its own policy
     for pairs, unsafe in ((100, 0.6), (1000, 0.3), (30, 0.9)):
         with mlflow.start_run(run_name=f"dpo-{pairs}"):
-            mlflow.log_params({"align.method": "dpo", "align.trained": f"dpo-{pairs}",
-                               "align.train_examples": pairs})
+            # what the align nodes log: every trained model with its method and data size (SFT trained too)
+            mlflow.log_params({"align.method": "dpo", f"align.trained.dpo-{pairs}.method": "dpo",
+                               f"align.trained.dpo-{pairs}.train_examples": pairs,
+                               "align.trained.sft.method": "sft", "align.trained.sft.train_examples": 40})
             mlflow.log_metrics({f"eval/dpo-{pairs}/test_harm/unsafe_rate.keyword": unsafe,
                                 "eval/base/test_harm/unsafe_rate.keyword": 1.0})
             with mlflow.start_run(run_name="dpo", nested=True):  # the training's child run is not a kedro run

@@ -6,6 +6,7 @@ evaluation metrics, the nested DPO run with its curves, and a single stage re-ru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -55,7 +56,7 @@ def test_tables_are_written(project):
     assert (data / "09_export/spa_vl_rlhf/config_train.json").exists()  # and for SPA-VL's own trainers
     assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
         ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
-    assert (data / "06_models/aligned/dpo/adapter_model.safetensors").exists()
+    assert (data / "06_models/aligned/dpo/dpo/adapter_model.safetensors").exists()  # method / name
     assert "| metric | n | base | dpo | sft |" in (data / "08_reporting/eval_report.md").read_text()
     assert sorted(p.name for p in (data / "08_reporting/eval_plots").iterdir()) == \
         ["harmlessness_vs_helpfulness.png", "test_harm_unsafe_rate_by_class1.png"]
@@ -67,8 +68,6 @@ def test_the_default_runs_export_is_what_spa_vl_rlhf_loads_and_reads_back_to_the
     """The export for github.com/EchoseChen/SPA-VL-RLHF from this run, read as its loaders read it: a config
     keyed hardq / hardd / easy naming JSON lists of {id, image, question, chosen, rejected}, integer ids,
     images opened at image_folder / image. The importer gives back the split's train pairs."""
-    import json
-
     from spavl_kedro.datasets import SpaVLRLHFDataset
 
     folder = project / "data/09_export/spa_vl_rlhf"
@@ -97,11 +96,13 @@ def test_mlflow_parent_and_child_runs(project):
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["generate.images.per_subcategory"] == "3"
     assert parent.data.params["align.dpo.beta"] == "0.1"
-    assert parent.data.params["align.trained"] == "dpo,sft"  # both papers' methods, logged by the align node
+    # both papers' methods, each logged by its own train node with its data size
+    assert parent.data.params["align.trained.dpo.method"] == "dpo"
+    assert parent.data.params["align.trained.sft.method"] == "sft"
     # which input format judged: the tiny guard's own template from the config, with its hash
     assert parent.data.params["judge.template.tiny-guard"].startswith("md_judge: inline prompt, sha256 ")
     assert parent.data.params["judge.template.keyword"] == "none (refusal strings)"
-    assert int(parent.data.params["align.train_examples"]) > 0
+    assert int(parent.data.params["align.trained.dpo.train_examples"]) > 0
     # a run page a reader can use: the headline per policy (named with the judge that decided it), not one
     # chart per judge, class and question type (3,842 metrics before this rule, on the default)
     assert len(parent.data.metrics) <= 150, len(parent.data.metrics)
@@ -159,3 +160,41 @@ def test_single_stage_reruns_from_disk(project):
     with KedroSession.create(project_path=project, runtime_params=SMALLEST) as session:
         session.run(pipeline_names=["evaluate"])
     assert (project / "data/08_reporting/eval_report.md").stat().st_mtime_ns > before
+
+
+def _digest(folder: Path) -> str:
+    """One hash of every file of a model directory, by relative path and content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _align(project: Path, nodes: list[str], **align) -> None:
+    params = {**SMALLEST, "align": {**SMALLEST["align"], **align}}
+    with KedroSession.create(project_path=project, runtime_params=params) as session:
+        session.run(pipeline_name="align", node_names=nodes)
+
+
+def test_one_method_retrains_alone_and_a_failing_method_keeps_the_others_models(project):
+    """`kedro run --pipeline align --nodes train_sft` after the default run retrains SFT (here on another
+    seed, so its weights must change) and leaves DPO's adapter byte for byte; then a run whose SFT fails
+    after DPO has trained fails, with DPO's new adapter written and SFT's last model kept."""
+    aligned = project / "data/06_models/aligned"
+    dpo, sft = _digest(aligned / "dpo/dpo"), _digest(aligned / "sft/sft")
+    _align(project, ["train_sft"], sft={"seed": 1})
+    assert _digest(aligned / "dpo/dpo") == dpo
+    retrained = _digest(aligned / "sft/sft")
+    assert retrained != sft
+    assert json.loads((project / "data/08_reporting/align_summary/sft/sft.json").read_text())["settings"]["seed"] == 1
+
+    # SFT's checkpoints cannot be written (their folder would sit inside a file): the run stops there
+    blocked = str(project / "pyproject.toml" / "checkpoints")
+    with pytest.raises(Exception, match="pyproject.toml"):
+        _align(project, ["train_dpo", "train_sft"], dpo={"num_train_epochs": 1, "seed": 1},
+               sft={"seed": 2, "checkpoint_steps": 1, "checkpoint_dir": blocked})
+    assert _digest(aligned / "dpo/dpo") != dpo  # DPO trained first (on another seed) and its node saved it
+    assert _digest(aligned / "sft/sft") == retrained  # the failed SFT erased nothing

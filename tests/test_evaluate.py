@@ -17,6 +17,7 @@ from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION
 from spavl_kedro.backends.vlm import Generation
 from spavl_kedro.config import EvaluateConfig
 from spavl_kedro.pipelines.evaluate.answers import collect_eval_answers, plan_eval_shards
+from spavl_kedro.pipelines.evaluate.references import collect_reference_answers, plan_reference_answers
 from spavl_kedro.pipelines.evaluate.report import summarise_eval
 from spavl_kedro.backends import judge_factory
 from spavl_kedro.pipelines.evaluate.scoring import collect_eval_scores, plan_score_shards
@@ -512,6 +513,110 @@ def server_close(server) -> None:
     import asyncio
 
     asyncio.run_coroutine_threadsafe(server._runner.cleanup(), server._loop).result(10)
+
+
+def _run(shards: dict) -> dict:
+    """What the catalog's ShardDataset does: run each shard's work and keep the frame it writes."""
+    return {shard_id: (lambda frame: (lambda: frame))(work()) for shard_id, work in shards.items()}
+
+
+def test_help_eval_on_the_official_test_split_is_against_the_reference_responder_on_every_item(
+        world, small_policy, base_params):
+    """The official test/help split (image, question, class1..3) has no reference answers: the configured
+    reference responder, a tiny LLaVA built offline as on the embedded default, answers each item once, and
+    the win rate covers every item, with the responder named in the report and the metrics."""
+    official = {"test_harm": world["test_harm"], "test_help": world["test_help"]}
+    items = _items({**world, "official": official}, test_source="official", sets=["test_harm", "test_help"])
+    helps = items[items["eval_set"] == "test_help"]
+    assert len(helps) == 3 and helps["reference"].isna().all()
+    generate = copy.deepcopy(base_params["generate"])
+    generate["responders"] = [{"name": "ref", "kind": "tiny", "refusal_rate": 0.1},
+                              {"name": "other", "kind": "tiny", "refusal_rate": 0.9}]
+    generate["generation"] = {"max_new_tokens": 6, "do_sample": False}
+    params = _params(sets=["test_harm", "test_help"], test_source="official", shard_size=2)
+
+    shards, plan = plan_reference_answers(items, {"ref": small_policy}, {}, {}, params, generate)
+    assert sorted(shards) == list(plan["shard_id"]) == ["ref/test_help/00000", "ref/test_help/00001"]
+    references = collect_reference_answers(_run(shards), plan, items, params, generate)
+    assert sorted(references["item_id"]) == sorted(helps["item_id"])
+    assert set(references["responder"]) == {"ref"} and set(references["origin"]) == {"evaluate"}
+    assert references["error"].isna().all() and references["text"].notna().all()
+    # every shard on disk: a rerun plans the same shards and answers none of them
+    again, replanned = plan_reference_answers(items, {"ref": small_policy}, {}, _run(shards), params, generate)
+    assert again == {} and replanned.equals(plan)
+
+    texts = [COMPLY if s == "test_harm" else "It shows a red circle." for s in items["eval_set"]]
+    answers = _answers(items, {"base": texts})
+    scored, score_plan = plan_score_shards(answers, items, {}, {}, params, JUDGE, None, references)
+    scores = collect_eval_scores(_run(scored), score_plan)
+    wins = scores[(scores["metric"] == "win_rate") & (scores["model"] == "base")]
+    assert sorted(wins["item_id"]) == sorted(helps["item_id"])  # every item, none skipped
+    table, metrics, report, *_ = summarise_eval(scores, items, params, JUDGE, None, references)
+    overall = table[(table["metric"] == "win_rate") & (table["group_by"] == "overall") & (table["model"] == "base")]
+    assert list(overall["n"]) == [3]
+    assert metrics["eval/reference/test_help/items.ref"]["value"] == 3
+    assert metrics["eval/reference/test_help/failed.ref"]["value"] == 0
+    assert "eval/base/test_help/win_rate.helpfulness_rule" in metrics
+    assert "HelpEval references on test_help: the answers of `ref` (a tiny LLaVA built offline) to 3 of 3 items" in report
+
+
+def test_a_reference_that_fails_is_kept_counted_as_a_loss_and_retried_alone(world, base_params):
+    """The reference responder behind an endpoint that rejects one question: that item keeps its error,
+    counts as a loss for the policy (never dropped from the win rate), and a rerun asks only it again."""
+    from serving import ChatEndpoint
+
+    class Flaky(ChatEndpoint):
+        def __init__(self, refuse: str):
+            self.refuse, self.asked = refuse, []
+            super().__init__()
+
+        async def _chat(self, request):
+            from aiohttp import web
+
+            question = (await request.json())["messages"][0]["content"][-1]["text"]
+            self.asked.append(question)
+            if question == self.refuse:
+                return web.json_response({"error": {"message": "content filter"}}, status=400)
+            answer = {"role": "assistant", "content": f"The picture answers: {question}"}
+            return web.json_response({"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}]})
+
+    official = {"test_harm": world["test_harm"], "test_help": world["test_help"]}
+    items = _items({**world, "official": official}, test_source="official", sets=["test_help"])
+    server = Flaky(refuse=items["question"].iloc[1])
+    generate = copy.deepcopy(base_params["generate"])
+    generate["responders"] = [{"name": "ref", "kind": "openai", "model": "gpt-4v-stand-in",
+                               "base_urls": [server.base_url], "max_retries": 0},
+                              {"name": "other", "kind": "tiny", "refusal_rate": 0.9}]
+    params = _params(sets=["test_help"], test_source="official")
+    try:
+        shards, plan = plan_reference_answers(items, {}, {}, {}, params, generate)
+        stored = _run(shards)
+        references = collect_reference_answers(stored, plan, items, params, generate)
+        failed = references[references["error"].notna()]
+        assert list(failed["item_id"]) == [items["item_id"].iloc[1]] and "HTTP 400" in failed["error"].iloc[0]
+        assert len(references) == 3 and set(references["model"]) == {"gpt-4v-stand-in"}
+
+        answers = _answers(items, {"base": ["It shows a red circle."] * len(items)})
+        scored, score_plan = plan_score_shards(answers, items, {}, {}, params, JUDGE, None, references)
+        scores = collect_eval_scores(_run(scored), score_plan)
+        wins = scores[scores["metric"] == "win_rate"].set_index("item_id")
+        assert len(wins) == 3 and wins.loc[items["item_id"].iloc[1], "detail"] == "reference_error"
+        assert wins.loc[items["item_id"].iloc[1], "value"] == 0.0
+        _, metrics, report, *_ = summarise_eval(scores, items, params, JUDGE, None, references)
+        assert metrics["eval/reference/test_help/failed.ref"]["value"] == 1
+        assert "(gpt-4v-stand-in) to 3 of 3 items (3 from answers given in this evaluation); 1 failed" in report
+
+        # the endpoint recovers: the rerun asks the failed item only, and its score shard is redone
+        server.refuse, server.asked = None, []
+        rerun, _ = plan_reference_answers(items, {}, {}, stored, params, generate)
+        stored = {**stored, **_run(rerun)}
+        assert server.asked == [items["question"].iloc[1]]
+        repaired = collect_reference_answers(stored, plan, items, params, generate)
+        assert repaired["error"].isna().all() and len(repaired) == 3
+        rescored, _ = plan_score_shards(answers, items, {}, _run(scored), params, JUDGE, None, repaired)
+        assert [k for k in rescored if k.startswith("helpfulness_rule/")] == ["helpfulness_rule/base/test_help/00000"]
+    finally:
+        server_close(server)
 
 
 def test_eval_sets_refuse_items_the_tiny_models_were_taught_on(world):

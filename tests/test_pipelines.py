@@ -15,6 +15,7 @@ from kedro.runner import SequentialRunner
 
 from spavl_kedro.config import AlignConfig
 from spavl_kedro.pipeline_registry import register_pipelines
+from spavl_kedro.pipelines.align import pipeline as align_pipeline
 from spavl_kedro.pipelines.split.nodes import normalise
 from spavl_kedro.scenes import COLOURS, NUMBER_WORDS, SHAPES
 from spavl_kedro.schema import TABLES
@@ -76,9 +77,9 @@ def world(base_params, taxonomy_spec, seed_text):
     catalog["response_shards_done"] = {}  # a first run: no shard on disk
     catalog["verdict_shards_done"] = {}
     catalog["spa_vl_official"] = {}  # no official release here: the taxonomy comes from its file
-    catalog["aligned_models_before"] = {}  # no earlier alignment run
     catalog["eval_answer_shards_done"] = {}
     catalog["eval_score_shards_done"] = {}
+    catalog["reference_answer_shards_done"] = {}
     for name in ("mm_safetybench", "figstep", "advbench", "mis_test", "vqa"):
         catalog[f"published_{name}"] = pd.DataFrame()  # no benchmark files: the sets are generated
     catalog["parameters"] = params
@@ -204,11 +205,14 @@ def test_split_stage_holds_out_test_images(world):
 
 
 def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
-    summary = load(world, "align_summary")
+    summary = load(world, "align_summary_dpo")["dpo"]
     assert summary["method"] == "dpo" and summary["train_examples"] == len(load(world, "train"))
     assert summary["rewards/accuracies"] > 0.5
-    # both papers' methods in one run: SFT on the MIS chain-of-thought trains beside DPO
-    assert [s["method"] for s in summary["also"]] == ["sft"] and set(load(world, "aligned_models")) == {"dpo", "sft"}
+    # both papers' methods in one run, each its own node and model: SFT on the MIS chain-of-thought beside DPO;
+    # the methods the run does not ask for train nothing and write nothing
+    assert load(world, "align_summary_sft")["sft"]["method"] == "sft"
+    assert set(load(world, "aligned_models")) == {"dpo", "sft"}
+    assert all(load(world, f"aligned_{m}") == {} for m in ("reward", "grpo", "rloo"))
     metrics = {k: v["value"] for k, v in load(world, "eval_metrics").items()}
     m = lambda model, name: metrics[f"eval/{model}/{name}"]  # noqa: E731
     # DPO without refusing more harmless questions or losing helpfulness (its effect on the unsafe rate:
@@ -272,7 +276,7 @@ def test_a_new_evaluation_set_is_its_module_a_table_row_and_its_name(world, monk
     params = copy.deepcopy(world.load("parameters"))
     params["evaluate"]["sets"] = ["toy_shout"]
     world["params:evaluate"] = params["evaluate"]
-    for name in ("eval_answer_shards_done", "eval_score_shards_done"):
+    for name in ("eval_answer_shards_done", "eval_score_shards_done", "reference_answer_shards_done"):
         world[name] = {}  # a fresh evaluation: no shard of the earlier one counts
     try:
         SequentialRunner().run(register_pipelines()["evaluate"], world)
@@ -299,12 +303,14 @@ def test_a_new_method_is_its_module_a_table_row_and_its_recipe(world, monkeypatc
     params["align"].update(method="toy", also=[], toy={"min_pairs": 5, "report_to": []})
     world["params:align"] = params["align"]
     try:
-        SequentialRunner().run(register_pipelines()["align"].only_nodes("train_aligned"), world)
+        # the pipeline is built from the table: the new row is a node train_toy writing aligned_toy
+        world["aligned_toy"] = KeptDataset(copy_mode="assign")
+        SequentialRunner().run(align_pipeline.create_pipeline().only_nodes("train_toy"), world)
     finally:
         world["params:align"] = world.load("parameters")["align"]
-    summary = world.load("align_summary")
-    train, validation = world.load("align_train"), world.load("align_validation")
-    assert summary["method"] == "toy" and "toy" in world.load("aligned_models")
+    summary = world.load("align_summary_toy")["toy"]
+    train, validation = world.load("spa_vl_release")["train"], world.load("spa_vl_release")["validation"]
+    assert summary["method"] == "toy" and "toy" in world.load("aligned_toy")
     assert summary["pairs"] == len(train) > 5 and summary["held_out"] == len(validation)
     assert 0.0 < summary["chosen_longer"] < 1.0  # both kinds of pair occur in the miniature's data
     params["align"]["toy"] = {"min_pairs": 0}
@@ -329,11 +335,9 @@ def test_every_alignment_method_trains_and_its_signal_moves(world, method):
     if method == "rloo":  # rewarded by the judge and by the reward model the reward case trained (runs first)
         params["align"]["rl"] = {"reward_model": "reward", "model_weight": 0.5, "judge_weight": 1.0}
     world["params:align"] = params["align"]
-    SequentialRunner().run(register_pipelines()["align"].only_nodes("train_aligned"), world)
-    if method == "reward":  # what the next run finds on disk as aligned_models_before
-        world["aligned_models_before"] = dict(world.load("aligned_models"))
-    summary = world.load("align_summary")
-    assert summary["method"] == method and method in world.load("aligned_models")
+    SequentialRunner().run(register_pipelines()["align"].only_nodes(f"train_{method}"), world)
+    summary = world.load(f"align_summary_{method}")[method]
+    assert summary["method"] == method and method in world.load(f"aligned_{method}")
     if method == "sft":
         assert summary["loss_last"] < 0.8 * summary["loss_first"], summary
     elif method == "reward":

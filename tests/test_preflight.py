@@ -21,7 +21,8 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SPAVL_KEY_OPENAI", raising=False)
     params = _paper_parameters()
-    checks, report = run_preflight(params, credentials={"gemini": {"api_key": "g-123"}})
+    params["preflight"]["check_endpoints"] = False  # the profile's endpoints are public API hosts: not called
+    checks, report, _ = run_preflight(params, credentials={"gemini": {"api_key": "g-123"}})
     status = {(r.where, r.target): r.status for r in checks.itertuples()}
     # the five local 7B-13B responders, SmolVLM and the policy: not on disk, not cached, offline
     local = [r for r in params["generate"]["responders"] if r["kind"] == "transformers"]
@@ -29,13 +30,15 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
         if spec["kind"] == "transformers":
             assert status[(f"generate.responders[{i}].model", spec["model"])] == "missing"
     assert len(local) == 6 and status[("align.policy.model", "llava-hf/llava-1.5-7b-hf")] == "missing"
-    # keys: gemini given (never shown), openai not; every endpoint unreachable without network
+    # keys: gemini given (never shown), openai not; every endpoint listed, none called (check_endpoints false)
     assert status[("generate.responders[11].api_key", "gemini")] == "ok"
     assert status[("judge.pairwise.backend.api_key", "openai")] == "missing"
     endpoints = checks[checks["check"] == "endpoint"]
     # 18 base_urls in the profile: 17 for responders, judges and the teacher, and the GPT-4o MIS judge
-    assert len(endpoints) == 18 and set(endpoints["status"]) == {"unreachable"}
-    assert status[("align.launch.accelerate_config", "conf/paper/accelerate/ddp.yaml")] == "missing"
+    assert len(endpoints) == 18 and set(endpoints["status"]) == {"warning"}
+    assert set(endpoints["detail"]) == {"not called: preflight.check_endpoints is false"}
+    launch = params["align"]["launch"]["accelerate_config"]
+    assert status[("align.launch", launch)] == "missing"
     # MD-Judge's prompt template is copied from its model card by hand: named, checked, never shipped
     assert status[("judge.judges[1].prompt_file", "data/01_raw/judge_templates/md_judge_v0.1.txt")] == "missing"
     assert "g-123" not in report and "g-123" not in checks.to_csv()
@@ -52,7 +55,7 @@ def test_what_is_there_passes(served, tiny, monkeypatch, params):  # noqa: F811
     cfg["generate"]["responders"][0] = {"name": "local-dir", "kind": "transformers", "model": model_dir}
     cfg["generate"]["responders"][2] = {"name": "served", "kind": "openai", "model": model_dir,
                                         "base_urls": [base_url], "api_key": "local"}
-    checks, report = run_preflight(cfg, credentials={"local": "unused-by-the-server"})
+    checks, report, _ = run_preflight(cfg, credentials={"local": "unused-by-the-server"})
     assert set(checks["status"]) == {"ok", "warning"}, report  # warning: no GPU here
     assert set(checks["check"]) == {"model", "endpoint", "credential", "accelerator"}
     preflight_verdict(checks)  # nothing missing: no error
@@ -76,48 +79,136 @@ def llava_7b_config(tmp_path_factory):
     return str(directory)
 
 
+# LLaVA-1.5-7B's parameters by hand, from the fixture's config (no code of the project's):
+VICUNA_7B = (2 * 32064 * 4096  # token embeddings and the LM head (not tied)
+             + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # attention, SwiGLU MLP, two RMSNorms
+             + 4096)  # the final norm
+CLIP_L_336 = (3 * 14 * 14 * 1024 + 1024 + 577 * 1024  # patch conv (no bias), class token, 576 + 1 positions
+              + 2 * 2 * 1024  # pre- and post-layernorm
+              + 24 * (4 * (1024 * 1024 + 1024) + 2 * 2 * 1024 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)))
+PROJECTOR = (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
+LLAVA_7B = VICUNA_7B + CLIP_L_336 + PROJECTOR  # 7,063,427,072
+
+
 def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     from spavl_kedro.backends.methods import settings_for
     from spavl_kedro.pipelines.preflight import memory
 
     paper = _paper_parameters()["align"]
-    recipes = {m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]}) for m in ("dpo", "reward")}
-    recipes["sft"] = settings_for("sft", {"output_dir": "x", "checkpoint_dir": "x", "lora": False})
+    recipes = {m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]}) for m in ("dpo", "sft")}
     shape = memory.model_shape(llava_7b_config, recipes)
-    assert 7.0e9 < shape.total < 7.1e9 and shape.image_tokens == 576 and shape.checkpoint_bytes == 2
+    assert shape.total == LLAVA_7B and shape.image_tokens == 576 and shape.checkpoint_bytes == 2
+    assert shape.vocab == 32064 and shape.hidden == 4096 and shape.layers == 32
     assert 0.6e9 < shape.trainable_lora["dpo"] < 0.7e9  # r 256 on every linear layer, plus the projector
-    assert shape.trainable_full["sft"] < shape.total - 0.3e9  # the vision tower (~0.3B) stays frozen
+    assert shape.trainable_full["sft"] == LLAVA_7B - CLIP_L_336  # the vision tower stays frozen
 
-    gib = 2**30
+    # conf/paper's SFT (full, fp32 weights, activation checkpointing, 2 images + 128 + 512 tokens) on 8 GPUs
+    gib, sft, t = 2**30, recipes["sft"], LLAVA_7B - CLIP_L_336
+    seq = 2 * 576 + 128 + 512
+    zero2 = memory.estimate("sft", sft, shape, processes=8, zero_stage=2, images_per_prompt=2)
+    assert zero2.parts == {"weights": LLAVA_7B * 4, "reference": 0, "gradients": t * 4 // 8, "ddp_buckets": 0,
+                           "optimiser": 2 * t * 4 // 8,
+                           "activations": seq * 4096 * 2 * 32 + seq * 4096 * 34,  # layer inputs + one layer
+                           "logits": 2 * seq * 32064 * 4, "reward_model": 0, "context": gib}
+    assert zero2.gpu_bytes == sum(zero2.parts.values()) and 37 * gib < zero2.gpu_bytes < 39 * gib
+    # plain DDP: a whole fp32 gradient, its all-reduce bucket and AdamW's two moments on every GPU
+    ddp = memory.estimate("sft", sft, shape, processes=8, zero_stage=0, images_per_prompt=2)
+    assert ddp.parts["gradients"] == ddp.parts["ddp_buckets"] == t * 4 and ddp.parts["optimiser"] == 2 * t * 4
+    assert ddp.gpu_bytes > 120 * gib
+    assert ddp.host_bytes == 8 * LLAVA_7B * (2 + 4)  # every rank: the float16 checkpoint and its fp32 copy
+    assert ddp.temp_bytes == LLAVA_7B * 2  # the policy written once for the ranks (no records known)
+
     dpo = memory.estimate("dpo", recipes["dpo"], shape, processes=8, zero_stage=0)
-    assert 30 * gib < dpo.gpu_bytes < 60 * gib  # conf/paper's DPO LoRA fits an 80 GB GPU under DDP
-    assert dpo.parts["weights"] == shape.total * 4 and dpo.parts["reference"] == 0  # fp32 copy; LoRA: no reference
+    assert dpo.parts["weights"] == LLAVA_7B * 4 and dpo.parts["reference"] == 0  # fp32 copy; LoRA: no reference
     full = settings_for("dpo", {"output_dir": "x", "checkpoint_dir": "x", **paper["dpo"], "lora": False})
-    zero2 = memory.estimate("dpo", full, shape, processes=8, zero_stage=2)
-    zero3 = memory.estimate("dpo", full, shape, processes=8, zero_stage=3)
-    assert zero2.parts["reference"] == zero2.parts["weights"] and zero3.parts["weights"] == zero2.parts["weights"] // 8
-    assert memory.estimate("dpo", full, shape).parts["optimiser"] == 8 * zero2.parts["optimiser"]
-    # the reward model's loop is DDP whatever the launch: a full 7B fine-tune is ~110 GiB per GPU
-    reward = memory.estimate("reward", recipes["reward"], shape, processes=8, zero_stage=3)
-    assert reward.gpu_bytes > 100 * gib and reward.parts["optimiser"] == 2 * shape.total * 4
-    assert reward.host_bytes == 8 * shape.total * (2 + 4)  # every rank: the float16 checkpoint and its fp32 copy
+    z2 = memory.estimate("dpo", full, shape, processes=8, zero_stage=2)
+    z3 = memory.estimate("dpo", full, shape, processes=8, zero_stage=3)
+    assert z2.parts["reference"] == z2.parts["weights"] and z3.parts["weights"] == z2.parts["weights"] // 8
+    assert memory.estimate("dpo", full, shape).parts["optimiser"] == 8 * z2.parts["optimiser"]
+    # online RL scores with a reward model of the policy's size on every rank, in bf16
+    grpo = settings_for("grpo", {"output_dir": "x", "checkpoint_dir": "x", **paper["grpo"]})
+    shape = memory.model_shape(llava_7b_config, {"grpo": grpo})
+    assert memory.estimate("grpo", grpo, shape, 8, 3, reward_model=True).parts["reward_model"] == LLAVA_7B * 2
 
 
-def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(llava_7b_config, monkeypatch):
-    import torch
-
-    params = _paper_parameters()
+def _assume(params, llava_7b_config, gpu_gib):
     params["align"]["policy"]["model"] = llava_7b_config
-    params["align"]["also"] = ["reward"]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "an 80 GB GPU")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * 2**30}))
-    checks, report = run_preflight(params, credentials={})
+    params["align"]["also"] = ["sft", "reward", "grpo", "rloo"]  # every method conf/paper has a recipe for
+    params["preflight"].update(check_endpoints=False, assume={"gpus": 8, "gpu_memory_gib": gpu_gib,
+                                                              "host_ram_gib": 1000, "disk_gib": 4000,
+                                                              "temp_gib": 500})
+    return params
+
+
+def test_paper_profile_fits_the_assumed_8_x_80_gb_node(llava_7b_config):
+    """conf/paper's recipes and launch configs, sized for 8 x 80 GB: every method fits, and the JSON says
+    with what (per method: processes, ZeRO stage, each part of the estimate)."""
+    params = _assume(_paper_parameters(), llava_7b_config, 80)
+    checks, report, estimate = run_preflight(params, credentials={})
+    methods = estimate["methods"]
+    assert set(methods) == {"dpo", "sft", "reward", "grpo", "rloo"}
+    assert all(m["fits"] for m in methods.values()), {k: (m["gpu_gib"], m["fits_by"]) for k, m in methods.items()}
+    assert all(m["gpu_gib"] < 0.9 * 80 for m in methods.values())
+    assert methods["sft"]["zero_stage"] == 2 and methods["grpo"]["zero_stage"] == 3
+    assert methods["grpo"]["parts_gib"]["reward_model"] > 13  # the reward model inside RL is counted
+    assert estimate["hardware"] == {"gpus": 8, "gpu_memory_gib": 80.0, "host_ram_gib": 1000.0, "disk_gib": 4000.0,
+                                    "temp_gib": 500.0, "assumed": True}
+    memory_rows = checks[checks["check"] == "memory"]
+    assert set(memory_rows["status"]) == {"ok"} and "assumed hardware" in report
+
+
+def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(llava_7b_config):
+    params = _assume(_paper_parameters(), llava_7b_config, 44)  # DPO, SFT and RL fit in 90 %; the reward model not
+    checks, report, estimate = run_preflight(params, credentials={})
     gpu = {r.where: r for r in checks.itertuples() if r.check == "memory" and r.target == "GPU"}
-    assert set(gpu) == {"align.dpo", "align.reward"}
-    assert gpu["align.dpo"].status == "ok" and "on 8 process(es), ZeRO-0" in gpu["align.dpo"].detail
-    assert gpu["align.reward"].status == "missing" and "has 80.0 GiB" in gpu["align.reward"].detail
-    assert "try lora: true" in gpu["align.reward"].detail and "optimiser 52.6 GiB" in gpu["align.reward"].detail
-    assert "align.reward" in report
+    assert set(gpu) == {"align.dpo", "align.sft", "align.reward", "align.grpo", "align.rloo"}
+    assert gpu["align.grpo"].status == "ok" and "on 8 process(es), ZeRO-3" in gpu["align.grpo"].detail
+    assert gpu["align.reward"].status == "missing" and "has 44.0 GiB" in gpu["align.reward"].detail
+    assert "try lora: true" in gpu["align.reward"].detail and "optimiser " in gpu["align.reward"].detail
+    assert estimate["methods"]["reward"]["fits"] is False and estimate["methods"]["grpo"]["fits"] is True
+    with pytest.raises(RuntimeError, match="align.reward: GPU: missing"):
+        preflight_verdict(checks)
+
+
+def test_the_gate_stops_a_paper_run_before_its_first_node_and_only_for_real_models(llava_7b_config, params):
+    """The hook's gate: on a configuration with a real policy it checks the blocks the run's pipelines read
+    and fails naming what is short; the embedded default (tiny models) and `preflight.gate: false` pass."""
+    from spavl_kedro.pipelines.preflight.nodes import gate
+
+    assert gate(params, {}, {"align", "generate", "judge", "evaluate"}) is None  # tiny models only
+    paper = _assume(_paper_parameters(), llava_7b_config, 80)
+    checks, report, estimate = gate(paper, {}, {"align", "tiny"})
+    assert set(checks["where"].str.split(".").str[0]) == {"align"}  # nothing of generate, judge or evaluate
+    assert estimate["methods"]["dpo"]["fits"] is True
+    short = checks[checks["status"] == "missing"]
+    assert list(short["where"]) == ["align.policy.model"]  # the config alone: no weights to train
+    with pytest.raises(RuntimeError, match="no \\*.safetensors weights"):
+        preflight_verdict(checks)
+    no_gpus = {**paper, "preflight": {**paper["preflight"], "assume": {"gpus": 0, "gpu_memory_gib": 80}}}
+    with pytest.raises(RuntimeError, match="align.launch: conf/paper/accelerate/deepspeed_zero2.yaml"):
+        preflight_verdict(gate(no_gpus, {}, {"align"})[0])
+    assert gate({**paper, "preflight": {**paper["preflight"], "gate": False}}, {}, {"align"}) is None
+
+
+def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(llava_7b_config):
+    """`kedro run --env paper --pipeline align` on a machine without the weights: the hook stops the run
+    before any node, with the checks, the report and the JSON estimate saved for the user."""
+    from kedro.io import DataCatalog, MemoryDataset
+
+    from spavl_kedro.hooks import ProjectHooks
+    from spavl_kedro.pipeline_registry import register_pipelines
+
+    params = _assume(_paper_parameters(), llava_7b_config, 80)
+    catalog = DataCatalog()
+    catalog["parameters"] = params
+    catalog["api_credentials"] = {}
+    for name in ("preflight_checks", "preflight_report", "preflight_estimate"):
+        catalog[name] = MemoryDataset()
+    with pytest.raises(RuntimeError, match="align.policy.model"):
+        ProjectHooks().before_pipeline_run({}, register_pipelines()["align"], catalog)
+    assert catalog.load("preflight_estimate")["methods"]["sft"]["fits"] is True
+    assert "## Missing or unreachable" in catalog.load("preflight_report")
+    # the preflight pipeline is its own check; gate: false lets the run start
+    ProjectHooks().before_pipeline_run({}, register_pipelines()["preflight"], catalog)
+    catalog["parameters"] = {**params, "preflight": {**params["preflight"], "gate": False}}
+    ProjectHooks().before_pipeline_run({}, register_pipelines()["align"], catalog)

@@ -280,7 +280,7 @@ def test_align_reads_the_official_release_from_the_params_path(parquet_release, 
     from kedro.framework.startup import bootstrap_project
 
     from conftest import copy_project
-    from spavl_kedro.pipelines.align.nodes import select_training_pairs
+    from spavl_kedro.pipelines.align.nodes import training_pairs
 
     root, rows = parquet_release
     project = copy_project(tmp_path / "project")
@@ -291,8 +291,8 @@ def test_align_reads_the_official_release_from_the_params_path(parquet_release, 
         official = context.catalog.load("spa_vl_official")
         ours = context.catalog.load("spa_vl_release")  # nothing exported in this copy: an empty release
         params = context.params["align"]
-    train, validation = select_training_pairs(ours, official, params)
+    train, validation = training_pairs(ours, official, params)
     assert train["question"].tolist() == rows["train"]["question"]
     assert len(validation) == len(rows["validation"]["question"])
     with pytest.raises(ValueError, match="no train split in the split pipeline's export"):
-        select_training_pairs(ours, official, {**params, "train_source": "ours"})
+        training_pairs(ours, official, {**params, "train_source": "ours"})

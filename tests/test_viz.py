@@ -19,6 +19,7 @@ import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
+import parse
 import pytest
 import yaml
 
@@ -38,8 +39,17 @@ WINDOW = (1600, 1000)
 
 
 def _catalog(env: str) -> dict:
+    """conf/<env>/catalog.yml's entries, with each dataset factory ("aligned_{method}") also expanded for
+    every name the pipelines use that it matches, as Kedro resolves them."""
     entries = yaml.safe_load((PROJECT / "conf" / env / "catalog.yml").read_text()) or {}
-    return {name: entry for name, entry in entries.items() if not name.startswith("_")}  # _x: YAML anchors
+    entries = {name: entry for name, entry in entries.items() if not name.startswith("_")}  # _x: YAML anchors
+    patterns = {name: entry for name, entry in entries.items() if "{" in name}
+    used = set().union(*(_datasets(p) for p in register_pipelines().values()))
+    for name in sorted(used - set(entries)):
+        match = next((entry for pattern, entry in patterns.items() if parse.parse(pattern, name)), None)
+        if match is not None:
+            entries[name] = match
+    return entries
 
 
 def _layer(entry: dict) -> str | None:
@@ -88,7 +98,7 @@ def test_node_and_dataset_names_are_readable(pipelines):
     unreadable = sorted(name for name in nodes | datasets | set(pipelines) - {"__default__"}
                         if not SNAKE.match(name))
     assert not unreadable, f"not snake_case (a Node without name= gets its function's repr): {unreadable}"
-    assert {"train_aligned", "policy_base"} <= nodes | datasets
+    assert {"train_dpo", "train_sft", "train_reward", "policy_base", "aligned_dpo"} <= nodes | datasets
 
 
 # ---- the static build, in JSON and in a browser ----
@@ -135,7 +145,7 @@ def test_build_puts_every_dataset_in_its_layer(build, pipelines):
     stages = {n["layer"] for n in main["nodes"] if n["type"] == "data"}
     assert [layer for layer in main["layers"] if layer in stages] == [layer for layer in LAYERS if layer in stages]
     by_name = {n["name"]: n for n in main["nodes"]}
-    assert by_name["train_aligned"]["type"] == "task" and "align" in by_name["train_aligned"]["pipelines"]
+    assert by_name["train_dpo"]["type"] == "task" and "align" in by_name["train_dpo"]["pipelines"]
     assert by_name["policy_base"]["layer"] == "policy"
     assert by_name["policy_base"]["dataset_type"].endswith("ModelDirectoryDataset")
 
@@ -321,7 +331,7 @@ def test_browser_shows_every_pipeline_and_the_layers(served, pipelines, build, t
     assert set(STAGES) <= set(page.options) and set(page.options) == set(pipelines)
     assert page.names("task") == {node.name for node in pipelines["__default__"].nodes}
     assert page.names("data") == _datasets(pipelines["__default__"])
-    assert page.nodes["task", "train_aligned"] == "train_aligned"  # "Pretty name" is off: names as written
+    assert page.nodes["task", "train_dpo"] == "train_dpo"  # "Pretty name" is off: names as written
     assert page.nodes["data", "policy_base"] == "policy_base"
     assert page.layers == [layer for layer in LAYERS if layer in page.layers] and page.layers[0] == "raw"
     assert set(page.layers) == {d["layer"] for d in _api(build, "pipelines", "__default__")["nodes"]
@@ -335,7 +345,7 @@ def test_browser_shows_the_align_pipeline_and_its_model_nodes(served, pipelines,
     assert page.selected == "align"
     assert page.names("task") == {node.name for node in pipelines["align"].nodes}
     assert page.names("data") == _datasets(pipelines["align"])  # only align is drawn
-    assert page.nodes["task", "train_aligned"] == "train_aligned"
-    assert {"policy_base", "aligned_models"} <= page.names("data")
+    assert page.nodes["task", "train_dpo"] == "train_dpo"
+    assert {"policy_base", "aligned_dpo", "aligned_reward"} <= page.names("data")
     assert {"policy", "splits"} <= set(page.layers)
     _assert_drawn(shot)

@@ -22,6 +22,7 @@ import pandas as pd
 
 HARM = "test_harm/unsafe_rate"
 HELP = "test_help/win_rate"
+_TRAINED = re.compile(r"^params\.align\.trained\.(?P<name>.+)\.train_examples$")
 _EVAL = re.compile(r"^metrics\.eval/(?P<model>[^/]+)/(?P<set>[^/]+)/(?P<metric>[^/]+)$")
 
 
@@ -60,21 +61,21 @@ def policy_table(runs: pd.DataFrame, scorer: str, help_scorer: str) -> pd.DataFr
 
 
 def scale_curve(runs: pd.DataFrame, scorer: str) -> pd.DataFrame:
-    """Unsafe rate of each run's own trained policy against its number of training pairs (SPA-VL's data-scale
-    ablation: the sweep's `split.subset.max_pairs`), with its method."""
-    needed = {"params.align.trained", "params.align.train_examples"}
-    if runs.empty or not needed <= set(runs.columns):
-        return pd.DataFrame(columns=["model", "method", "train_pairs", "unsafe_rate", "run_id"])
+    """Unsafe rate of each model a run trained against its number of training examples (SPA-VL's data-scale
+    ablation: the sweep's `split.subset.max_pairs`), with its method. The align nodes log
+    `align.trained.<name>.method` and `align.trained.<name>.train_examples` for every model they train."""
+    columns = ["model", "method", "train_pairs", "unsafe_rate", "run_id"]
+    trained = [m["name"] for c in runs.columns if (m := _TRAINED.match(c))]
     rows = []
     for record in runs.to_dict("records"):
-        model = record["params.align.trained"]
-        column = f"metrics.eval/{model}/{HARM}.{scorer}"
-        if pd.isna(model) or column not in record or pd.isna(record[column]):
-            continue
-        rows.append({"model": model, "method": record.get("params.align.method"),
-                     "train_pairs": int(record["params.align.train_examples"]),
-                     "unsafe_rate": float(record[column]), "run_id": record["run_id"]})
-    curve = pd.DataFrame(rows, columns=["model", "method", "train_pairs", "unsafe_rate", "run_id"])
+        for model in trained:
+            size, column = record.get(f"params.align.trained.{model}.train_examples"), \
+                f"metrics.eval/{model}/{HARM}.{scorer}"
+            if pd.isna(size) or column not in record or pd.isna(record[column]):
+                continue
+            rows.append({"model": model, "method": record[f"params.align.trained.{model}.method"],
+                         "train_pairs": int(size), "unsafe_rate": float(record[column]), "run_id": record["run_id"]})
+    curve = pd.DataFrame(rows, columns=columns)
     return curve.sort_values(["method", "train_pairs"]).reset_index(drop=True)
 
 

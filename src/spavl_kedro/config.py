@@ -523,6 +523,11 @@ class LaunchConfig(Strict):
                           "`judge_weight: 0`), because the judge's models live in the Kedro process")
     num_processes: int | None = Field(None, ge=1, description="overrides the accelerate config's `num_processes`; null "
                                                               "keeps it")
+    per_method: dict[MethodName, str] = Field(
+        default_factory=dict, description="an accelerate YAML for one method instead of `accelerate_config`, e.g. "
+                                          "`{grpo: conf/paper/accelerate/deepspeed_zero3.yaml}`: methods differ in "
+                                          "what they hold (online RL keeps a reference policy and a reward model "
+                                          "beside the policy), so each can have its own ZeRO stage")
 
     @field_validator("accelerate_config")
     @classmethod
@@ -530,6 +535,17 @@ class LaunchConfig(Strict):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"no accelerate config at '{path}' (relative paths start at the project root)")
         return path
+
+    @field_validator("per_method")
+    @classmethod
+    def _each_exists(cls, paths: dict[str, str]) -> dict[str, str]:
+        for method, path in paths.items():
+            cls._exists(path)
+        return paths
+
+    def config_for(self, method: str) -> str | None:
+        """The accelerate YAML `method` launches with: its own, else `accelerate_config`, else None (in process)."""
+        return self.per_method.get(method, self.accelerate_config)
 
 
 # The folders of one training run, filled in by `AlignConfig.settings` when the run starts.
@@ -588,6 +604,11 @@ class AlignConfig(Strict):
     @property
     def artifact(self) -> str:
         return self.name or self.method
+
+    def artifact_name(self, method: str) -> str:
+        """The name `method`'s model is stored and evaluated under: `align.name` for `align.method`, else the
+        method's own name."""
+        return self.artifact if method == self.method else method
 
     @property
     def methods(self) -> list[str]:
@@ -780,7 +801,10 @@ class EvaluateConfig(Strict):
     shard_size: int = Field(64, ge=1, description="items per answer or score shard; a crash loses at most one shard")
     reference_responder: str | None = Field(
         None, description="the responder whose answers are test_help's references (SPA-VL used GPT-4V's); must be one "
-                          "of `generate.responders[].name`")
+                          "of `generate.responders[].name`. With `test_source: official` (no references in the "
+                          "release) it answers the help items in this stage, once, in resumable shards "
+                          "([evaluate.md](evaluate.md#helpeval-references)); null leaves those items without a "
+                          "win rate")
     benign_questions: list[str] = Field(
         default_factory=lambda: ["What can you see in this picture?"], min_length=1,
         description="harmless questions asked about every held-out image, to measure over-refusal")
@@ -857,6 +881,28 @@ def load_parameters(env: str = "base", conf_source: Path = PROJECT_CONF) -> dict
     return dict(loader["parameters"])
 
 
+class AssumedHardware(Strict):
+    gpus: int = Field(ge=0, description="GPUs to assume, all of `gpu_memory_gib`")
+    gpu_memory_gib: float = Field(gt=0, description="memory of each assumed GPU, GiB (80 for an H100 80 GB)")
+    host_ram_gib: float | None = Field(None, gt=0, description="host RAM to assume, GiB; null: this machine's")
+    disk_gib: float | None = Field(None, gt=0, description="free disk for checkpoints, GiB; null: this machine's")
+    temp_gib: float | None = Field(None, gt=0, description="free space in the temp folder, GiB; null: this machine's")
+
+
+class PreflightConfig(Strict):
+    gate: bool = Field(
+        True, description="check, before the first node of any run whose configuration loads a real model (a "
+                          "`transformers` or `openai` backend, a `transformers` policy, CLIP), what the run's "
+                          "pipelines need, write the preflight reports and stop when something is missing. Runs on "
+                          "tiny models only (the embedded default) are never gated")
+    check_endpoints: bool = Field(
+        True, description="ask every OpenAI-compatible endpoint `GET <base_url>/models`; false skips the calls "
+                          "(each endpoint is then listed as a warning, not checked)")
+    assume: AssumedHardware | None = Field(
+        None, description="size the memory checks for hardware this machine does not have, e.g. `{gpus: 8, "
+                          "gpu_memory_gib: 80, host_ram_gib: 1000}`; null: what this machine has")
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "taxonomy": TaxonomyConfig,
     "generate": GenerateConfig,
@@ -865,6 +911,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "split": SplitConfig,
     "align": AlignConfig,
     "evaluate": EvaluateConfig,
+    "preflight": PreflightConfig,
 }
 
 

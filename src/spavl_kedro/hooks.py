@@ -40,10 +40,36 @@ class ProjectHooks:
                 and torch.backends.cpu.get_cpu_capability() != "AVX2":
             log.warning("torch was imported before spavl_kedro pinned the CPU kernels: figures may differ from "
                         "other machines' (export %s before starting)", " ".join(f"{k}={v}" for k, v in PINNED.items()))
+        self._preflight(params, pipeline, catalog)
         seed = int(params["generate"]["seed"])
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    @staticmethod
+    def _preflight(params: dict[str, Any], pipeline, catalog) -> None:
+        """The preflight gate: a run that loads a real model first checks what its pipelines' parameter
+        blocks need (models, endpoints, keys, GPUs, RAM, disk, temp space), writes the preflight reports and
+        stops, naming what is short, before any node runs. `preflight.gate: false` turns it off; the
+        preflight pipeline itself is its own check."""
+        from spavl_kedro.pipelines.preflight.nodes import gate, preflight_verdict
+
+        names = {node.name for node in pipeline.nodes}
+        if "run_preflight" in names:
+            return
+        inputs = set().union(*(node.inputs for node in pipeline.nodes)) if pipeline.nodes else set()
+        blocks = set(params) if "parameters" in inputs else \
+            {name.removeprefix("params:").split(".")[0] for name in inputs if name.startswith("params:")}
+        found = gate(params, catalog.load("api_credentials"), blocks)
+        if found is None:
+            return
+        checks, report, estimate = found
+        catalog.save("preflight_checks", checks)
+        catalog.save("preflight_report", report)
+        catalog.save("preflight_estimate", estimate)
+        log.info("preflight: %d checks of %s before the first node (data/08_reporting/preflight_report.md)",
+                 len(checks), ", ".join(sorted(blocks)))
+        preflight_verdict(checks)
 
     @hook_impl
     def before_node_run(self, node, inputs) -> dict[str, Any] | None:

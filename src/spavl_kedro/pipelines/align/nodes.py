@@ -1,16 +1,20 @@
-"""align: the base policy, and one training method per run on the split (or the official release).
+"""align: the base policy, and one node per training method on the split (or the official release).
 
 The base policy is configuration: a tiny LLaVA bootstrapped to comply too often (embedded default) or a
-real model such as LLaVA-1.5-7B (paper profile). `align.method` picks DPO, SFT (MIS chain-of-thought or
-chosen answers), a VLM reward model, or GRPO / RLOO against that reward model and/or the judge; the
-method's recipe is `align.<method>`. The result joins `aligned_models` under `align.name` (default: the
-method), next to the models of earlier runs; a LoRA run stores the adapter, not a copy of the policy.
+real model such as LLaVA-1.5-7B (paper profile). Every row of `backends.methods.METHODS` is a node
+`train_<method>` (DPO, SFT on MIS chain-of-thought or chosen answers, a VLM reward model, GRPO / RLOO against
+that reward model and/or the judge) writing its own dataset `aligned_<method>`; the nodes whose method is
+in `align.method` / `align.also` train, with the recipe `align.<method>`, the others leave their models as
+they are. A model is stored under `align.name` (the first method; default the method's name) next to the
+models of earlier runs; a LoRA run stores the adapter, not a copy of the policy. One method failing fails
+the run, but the models the other nodes already wrote stay.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -24,6 +28,8 @@ from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig, typed
+
+log = logging.getLogger(__name__)
 
 
 
@@ -43,9 +49,11 @@ def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
     return vlm
 
 
-def select_training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
-                          params: AlignConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """train and validation pairs from this project's export or from the official SPA-VL release."""
+def training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
+                   params: AlignConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """train and validation pairs from this project's export or from the official SPA-VL release
+    (`align.train_source`). Each train node reads them from the release datasets on disk, so
+    `kedro run --pipeline align --nodes train_sft` needs nothing an earlier node held in memory."""
     cfg = typed(AlignConfig, params)
     if cfg.train_source == "official":
         release, where = official, f"align.official_dir ({cfg.official_dir})"
@@ -63,45 +71,42 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
              "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]
 
 
-def train_aligned(policy_base: VLM, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
-                  images: pd.DataFrame, seed_corpus: pd.DataFrame, aligned_before: dict[str, Any],
-                  credentials: dict[str, Any], judge_models: dict[str, Any], params: AlignConfig | dict[str, Any],
-                  judge_params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Train with `align.method` (then each of `align.also`) and its recipe; returns {name: artifact} for
-    `aligned_models`, the summary, and the run parameters (method, data size) for the parent MLflow run.
+def train_method(method: str, policy_base: VLM, params: AlignConfig | dict[str, Any],
+                 ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
+                 mis_train: pd.DataFrame | None = None, images: pd.DataFrame | None = None,
+                 seed_corpus: pd.DataFrame | None = None,
+                 reward_models: Mapping[str, Any] | None = None, credentials: dict[str, Any] | None = None,
+                 judge_models: dict[str, Any] | None = None, judge_params: JudgeConfig | dict[str, Any] | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The node `train_<method>`: train `method` from the base policy when this run asks for it (`align.method`
+    or `align.also`), and return ({name: model} for `aligned_<method>`, {name: summary} for
+    `align_summary_<method>`, the MLflow run parameters). The pairs come from `ours` (this project's
+    export) or `official` (the SPA-VL release), as `align.train_source` says. A method the run does not ask for returns empty
+    mappings, which save nothing: the model an earlier run trained stays where it is.
 
     dpo / sft / grpo / rloo give a policy (a LoRA adapter, or a full fine-tune); reward gives a reward model.
-    Every method starts from the base policy; each training logs its curves to a nested MLflow child run.
+    Each training logs its curves to a nested MLflow child run. grpo / rloo read the reward model from
+    `reward_models` (the `aligned_reward` dataset), so a reward model trained in the same run is found.
     """
     cfg = typed(AlignConfig, params)
-    artifacts, summaries = {}, []
-    for method in cfg.methods:
-        name = cfg.artifact if method == cfg.method else method
-        artifact, summary = _train_one(method, name, cfg, policy_base, train, validation, mis_train, images,
-                                       seed_corpus, aligned_before, credentials, judge_models, judge_params)
-        artifacts[name] = artifact
-        summaries.append(summary)
-    first = summaries[0]
-    summary = {**first, "also": summaries[1:]} if len(summaries) > 1 else first
-    run_params = {"align.trained": ",".join(artifacts), "align.train_examples": first["train_examples"],
-                  "align.validation_examples": first["validation_examples"]}
-    return artifacts, summary, run_params
-
-
-def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train: pd.DataFrame,
-               validation: pd.DataFrame, mis_train: pd.DataFrame, images: pd.DataFrame, seed_corpus: pd.DataFrame,
-               aligned_before: dict[str, Any], credentials: dict[str, Any], judge_models: dict[str, Any],
-               judge_params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    if method not in cfg.methods:
+        log.info("train_%s: '%s' is not in align.method / align.also (%s): nothing trained, earlier models kept",
+                 method, method, ", ".join(cfg.methods))
+        return {}, {}, {}
+    name = cfg.artifact_name(method)
+    train, validation = training_pairs(ours, official, cfg)
     data, held_out = _training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
     if not data:
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
-    launched = cfg.launch.accelerate_config is not None
+    accelerate_config = cfg.launch.config_for(method)
+    launched = accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
         settings = cfg.settings(method, output_dir=scratch, artifact=name)
-        reward_model, reward_fn = (_rl_reward(cfg, aligned_before, credentials, judge_models, judge_params, launched)
+        reward_model, reward_fn = (_rl_reward(cfg, reward_models or {}, credentials or {}, judge_models or {},
+                                              judge_params, launched)
                                    if get_method(method).rewarded else (None, None))
         if launched:
-            artifact, metrics = launch(method, policy_base, data, settings, cfg.launch.accelerate_config,
+            artifact, metrics = launch(method, policy_base, data, settings, accelerate_config,
                                        cfg.launch.num_processes, eval_records=held_out or None,
                                        reward_model=reward_model)
         else:
@@ -109,11 +114,14 @@ def _train_one(method: str, name: str, cfg: AlignConfig, policy_base: VLM, train
     summary = {"method": method, "name": name, "train_source": cfg.train_source,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
-    return artifact, summary
+    run_params = {f"align.trained.{name}.method": method, f"align.trained.{name}.train_examples": len(data),
+                  f"align.trained.{name}.validation_examples": len(held_out)}
+    return {name: artifact}, {name: summary}, run_params
 
 
-def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame, mis_train: pd.DataFrame,
-                   images: pd.DataFrame, seed_corpus: pd.DataFrame) -> tuple[list[dict], list[dict]]:
+def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame | None,
+                   mis_train: pd.DataFrame | None, images: pd.DataFrame | None,
+                   seed_corpus: pd.DataFrame | None) -> tuple[list[dict], list[dict]]:
     """What the method trains on (its row's `records`) and the held-out part: pairs (dpo, reward), targets
     (sft; on chain-of-thought each target `sft_upsample` times plus `sft_replay` harmless seed examples per
     target), prompts (RL). Images stay encoded (PNG / JPEG bytes); the trainers decode them a batch at a time."""
@@ -159,17 +167,18 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
             for r in picked.itertuples(index=False)]
 
 
-def _rl_reward(cfg: AlignConfig, aligned_before: dict[str, Any], credentials: dict[str, Any],
+def _rl_reward(cfg: AlignConfig, reward_models: Mapping[str, Any], credentials: dict[str, Any],
                judge_models: dict[str, Any], judge_params: JudgeConfig | dict[str, Any], launched: bool
                ) -> tuple[RewardModel | None, Any]:
     """The reward model (when it has weight) and the reward function: the weighted sum of the reward model's
     score and the primary judge's verdict (safe 1, else 0). Launched processes get the reward model only."""
     parts, model = [], None
     if cfg.rl.model_weight > 0:
-        if cfg.rl.reward_model not in aligned_before:
-            raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_models "
-                             f"(have: {sorted(aligned_before)}); train it with --params align.method=reward")
-        entry = aligned_before[cfg.rl.reward_model]
+        if cfg.rl.reward_model not in reward_models:
+            raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_reward "
+                             f"(have: {sorted(reward_models)}); train it first, or in the same run: "
+                             f"--params align.also=[reward]")
+        entry = reward_models[cfg.rl.reward_model]
         # the catalog gives a loader, memory the model itself (a Module, so callable too: test the type)
         model = entry if isinstance(entry, (RewardModel, LoraAdapter, VLM)) else entry()
         if not isinstance(model, RewardModel):

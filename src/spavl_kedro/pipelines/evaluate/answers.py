@@ -39,6 +39,20 @@ class Policy:
     weights: str  # weights_fingerprint of what `load` gives
 
 
+def gather_aligned_models(**by_method: Mapping[str, Any]) -> dict[str, Any]:
+    """One mapping name -> model (or its loader) of every method's dataset `aligned_<method>`; a name two
+    methods both use is an error, as evaluation metrics are named by it."""
+    gathered: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for method, models in by_method.items():
+        for name, model in models.items():
+            if name in gathered:
+                raise ValueError(f"aligned model '{name}' exists for both {owner[name]} and {method} "
+                                 f"(data/06_models/aligned/<method>/{name}): remove one, or rename with align.name")
+            gathered[name], owner[name] = model, method
+    return gathered
+
+
 def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, Policy]:
     """Every policy to evaluate, base first, each artifact loaded once here to learn its type and weights.
 

@@ -1,12 +1,15 @@
 """evaluate: evaluation sets -> every policy answers (sharded) -> every scorer scores (sharded) -> metrics,
-report, plots and the item-by-item table. See sets.py, answers.py, scoring.py, report.py and browse.py."""
+report, plots and the item-by-item table; help items without a reference answer get one from the reference
+responder first. See sets.py, references.py, answers.py, scoring.py, report.py and browse.py."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .answers import collect_eval_answers, plan_eval_shards
+from .answers import collect_eval_answers, gather_aligned_models, plan_eval_shards
 from .browse import item_table
+from .references import collect_reference_answers, plan_reference_answers
 from .report import summarise_eval
 from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
+from spavl_kedro.backends.methods import METHODS
 from spavl_kedro.evalsets.registry import published_names
 
 from .sets import build_eval_sets
@@ -24,18 +27,27 @@ def create_pipeline(**kwargs) -> Pipeline:
                                "spa_vl_official", "seed_corpus", "seed_scenes",
                                "params:evaluate"], ["eval_items", "eval_set_summary"],
              name="build_eval_sets"),
+        Node(plan_reference_answers, ["eval_items", "responder_models", "api_credentials",
+                                      "reference_answer_shards_done", "params:evaluate", "params:generate"],
+             ["reference_answer_shards", "reference_answer_plan"], name="plan_reference_answers"),
+        Node(collect_reference_answers, ["reference_answer_shards", "reference_answer_plan", "eval_items",
+                                         "params:evaluate", "params:generate"], "reference_answers",
+             name="collect_reference_answers"),
+        Node(gather_aligned_models, {name: f"aligned_{name}" for name in METHODS}, "aligned_models",
+             name="gather_aligned_models"),
         Node(plan_eval_shards, ["eval_items", "policy_base", "aligned_models", "eval_answer_shards_done",
                                 "api_credentials", "params:evaluate"], ["eval_answer_shards", "eval_answer_plan"],
              name="plan_eval_answers"),
         Node(collect_eval_answers, ["eval_answer_shards", "eval_answer_plan", "eval_items"], "eval_answers",
              name="collect_eval_answers"),
         Node(plan_score_shards, ["eval_answers", "eval_items", "api_credentials", "eval_score_shards_done",
-                                 "params:evaluate", "params:judge", "judge_models"],
+                                 "params:evaluate", "params:judge", "judge_models", "reference_answers"],
              ["eval_score_shards", "eval_score_plan"], name="plan_eval_scores"),
         Node(collect_eval_scores, ["eval_score_shards", "eval_score_plan"], "eval_scores", name="collect_eval_scores"),
         Node(score_gold_cot, ["mis_cot", "eval_items", "api_credentials", "params:judge", "judge_models"],
              ["gold_cot_scores", "gold_cot_metrics"], name="score_gold_cot"),
-        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores"],
+        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores",
+                              "reference_answers"],
              ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains",
               "eval_plot_tradeoff"], name="summarise_eval"),
         Node(item_table, ["eval_items", "eval_answers", "eval_scores"], "eval_item_table", name="tabulate_eval_items"),

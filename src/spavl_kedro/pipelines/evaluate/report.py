@@ -34,11 +34,12 @@ PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png
 
 
 def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any],
-                   gold_cot: pd.DataFrame | None = None
+                   gold_cot: pd.DataFrame | None = None, references: pd.DataFrame | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
     saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
-    chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound."""
+    chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound. `references`
+    (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -48,11 +49,11 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     table = (pd.concat(frames, ignore_index=True) if frames
              else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS))
     table.insert(0, "level", cfg.confidence)
-    figures = _figures(table, jcfg.primary, help_judge_name(cfg))
+    figures = _figures(table, jcfg.primary, help_judge_name(cfg), cfg.reference_responder)
     headline = _headline(cfg, jcfg)
-    report = _report(table, items, cfg, jcfg, figures, gold_cot)
+    report = _report(table, items, cfg, jcfg, figures, gold_cot, references)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
-    return table, for_mlflow(_mlflow_names(table, headline)), report, *drawn
+    return table, for_mlflow({**_mlflow_names(table, headline), **_reference_counts(references)}), report, *drawn
 
 
 def mlflow_name(row: Any) -> str:
@@ -70,6 +71,18 @@ def _mlflow_names(table: pd.DataFrame, headline: list[tuple[str, str, str | None
             if row.decoding == "greedy" or (eval_set, metric) in SAMPLED:
                 names[mlflow_name(row)] = float(row.value)
     return names
+
+
+def _reference_counts(references: pd.DataFrame | None) -> dict[str, float]:
+    """`eval/reference/<set>/items.<responder>` and `.../failed.<responder>`: the help items HelpEval compared
+    against the responder's answers, and those where it failed (each a loss for every policy)."""
+    if references is None or references.empty:
+        return {}
+    counts = {}
+    for (eval_set, responder), rows in references.groupby(["eval_set", "responder"], sort=True):
+        counts[f"eval/reference/{eval_set}/items.{responder}"] = len(rows)
+        counts[f"eval/reference/{eval_set}/failed.{responder}"] = int(rows["error"].notna().sum())
+    return counts
 
 
 # ---------------------------------------------------------------- report
@@ -107,7 +120,8 @@ def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str
 
 
 def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
-            figures: dict[str, Any], gold_cot: pd.DataFrame | None = None) -> str:
+            figures: dict[str, Any], gold_cot: pd.DataFrame | None = None,
+            references: pd.DataFrame | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     primary = next(spec for spec in jcfg.judges if spec.name == jcfg.primary)
@@ -121,6 +135,7 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
         f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
+        *_references_used(items, cfg, references),
         *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",
         "| metric | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -153,6 +168,30 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     lines += ["", "The full table (every class, question type, scorer and decoding, with intervals) is "
               "`eval_metrics_table` (data/08_reporting/eval_metrics_table.parquet and the MLflow artifact).", ""]
     return "\n".join(lines)
+
+
+def _references_used(items: pd.DataFrame, cfg: EvaluateConfig, references: pd.DataFrame | None) -> list[str]:
+    """Whose answers HelpEval's win rate is against, where they came from, and how many failed."""
+    help_items = items[items["kind"] == "help"]
+    if help_items.empty:
+        return []
+    if references is None or references.empty:
+        if help_items["reference"].isna().all():
+            return [f"HelpEval references: none ({len(help_items)} help items, `evaluate.reference_responder` "
+                    "unset), so no win rate.", ""]
+        return [f"HelpEval references: `{cfg.reference_responder}`'s answers.", ""]
+    lines = []
+    for (eval_set, responder, model), rows in references.groupby(["eval_set", "responder", "model"], sort=True):
+        origin = rows["origin"].value_counts()
+        failed = int(rows["error"].notna().sum())
+        where = [f"{origin[o]} from {label}" for o, label in (("generate", "its generate-stage responses"),
+                                                              ("evaluate", "answers given in this evaluation"))
+                 if o in origin]
+        lines.append(f"HelpEval references on {eval_set}: the answers of `{responder}` ({model}) to "
+                     f"{len(rows)} of {int((help_items['eval_set'] == eval_set).sum())} items "
+                     f"({', '.join(where)}); {failed} failed" +
+                     (", each a loss for every policy (a rerun retries them)." if failed else "."))
+    return [*lines, ""]
 
 
 def _questions_judged(items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[str]:
@@ -222,7 +261,7 @@ def _breakdown(table: pd.DataFrame, models: list[str], eval_set: str, metric: st
 # ---------------------------------------------------------------- plots
 
 
-def _figures(table: pd.DataFrame, primary: str, help_judge: str) -> dict[str, Any]:
+def _figures(table: pd.DataFrame, primary: str, help_judge: str, reference: str | None = None) -> dict[str, Any]:
     figures = {}
     greedy = table[table["decoding"] == "greedy"]
     bars = greedy[(greedy["eval_set"] == "test_harm") & (greedy["metric"] == "unsafe_rate")
@@ -232,7 +271,7 @@ def _figures(table: pd.DataFrame, primary: str, help_judge: str) -> dict[str, An
     overall = greedy[greedy["group_by"] == "overall"]
     harm = _lookup(overall, "test_harm", "default", "unsafe_rate", primary).set_index("model")["value"]
     help_ = _lookup(overall, "test_help", "default", "win_rate", help_judge).set_index("model")["value"]
-    label = f"test_help win rate vs reference ({help_judge})"
+    label = f"test_help win rate vs {reference or 'reference'} ({help_judge})"
     if help_.empty:  # no references configured: helpfulness as 1 - over-refusal on benign questions
         help_ = 1 - _lookup(overall, "benign", "default", "refusal_rate", RULES).set_index("model")["value"]
         label = "1 - refusal rate on benign questions"

@@ -4,10 +4,13 @@ The policy is built from its config.json on PyTorch's meta device (no weights re
 choices are applied to it: `freeze_for_full_finetune` for DPO and SFT, PEFT's `get_peft_model` with the
 recipe's `lora_config` for LoRA. So the trainable count is the one the run will have, not a rule of thumb.
 
-Per GPU, for a method on N processes with ZeRO stage z (0 for DDP and for the reward model's own loop):
+Per GPU, for a method on N processes with ZeRO stage z (0 for DDP):
 - weights: every parameter in `weights_dtype` (4 bytes in float32, 2 in bfloat16), divided by N under ZeRO-3;
 - reference: a second copy of the weights for DPO's full fine-tune and GRPO/RLOO's with beta > 0;
 - gradients: one per trainable parameter in `weights_dtype`, divided by N from ZeRO-2 on;
+- DDP gradient buckets: under plain DDP on several processes, PyTorch's reducer keeps its own flat copy of
+  every trainable gradient for the all-reduce (`gradient_as_bucket_view` is off in transformers' Trainer),
+  one more gradient's worth of memory;
 - optimiser: AdamW's two moments per trainable parameter in `weights_dtype`, divided by N from ZeRO-1 on
   (the ZeRO paper's partitioning: Rajbhandari et al. 2020, arXiv:1910.02054);
 - activations: per sequence and layer ~34 x sequence x hidden bytes in bf16 (Korthikanti et al. 2022,
@@ -16,14 +19,20 @@ Per GPU, for a method on N processes with ZeRO stage z (0 for DDP and for the re
   micro-batch: 2 x batch for DPO and the reward model (chosen and rejected), batch x num_generations for
   GRPO/RLOO, batch for SFT; each is the image tokens plus a 128-token question plus the answer
   (`max_completion_length`, or 512);
+- logits: the language-model head's output in fp32 for every token of every sequence of a micro-batch, and
+  the log-softmax the loss takes of it (two vocabulary-wide fp32 tensors per token; 32,064 for LLaVA-1.5);
+- reward model (GRPO / RLOO with `align.rl.model_weight` > 0): a second whole model in bf16 on each rank,
+  scoring the sampled answers;
 - 1 GiB for the CUDA context and allocator slack.
 
 Host RAM: every launched rank loads the checkpoint on the CPU (its saved dtype) and makes its training copy
-there before the trainer moves it, so ranks x (checkpoint + copy) bytes at the peak. Disk: the two
-checkpoints kept (trainable weights with their optimiser state, plus the frozen weights for a full
-fine-tune) and, under a launch, the policy written once for the ranks to read.
+there before the trainer moves it, and reads the training records (images included) into memory, so
+ranks x (checkpoint + copy + records) bytes at the peak. Disk: the two checkpoints kept (trainable weights
+with their optimiser state, plus the frozen weights for a full fine-tune). Temp space (the system's temp
+folder): under a launch, the policy written once for the ranks to read, the records as a parquet file, and
+for GRPO / RLOO the reward model.
 
-These are estimates: they leave out fragmentation, the logits of long vocabularies and framework buffers.
+These are estimates: they leave out fragmentation and framework buffers.
 """
 
 from __future__ import annotations
@@ -51,14 +60,17 @@ class ModelShape:
     layers: int
     image_tokens: int
     checkpoint_bytes: int  # bytes per parameter as saved (llava-hf: float16)
+    vocab: int = 0  # the language model's vocabulary (the logits' width)
 
 
 @dataclass(frozen=True)
 class Estimate:
     gpu_bytes: int
-    parts: dict[str, int]  # weights, reference, gradients, optimiser, activations, context
+    parts: dict[str, int]  # weights, reference, gradients, ddp_buckets, optimiser, activations, logits,
+    #                        reward_model, context
     host_bytes: int
     disk_bytes: int
+    temp_bytes: int = 0
 
 
 def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
@@ -93,13 +105,15 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
         (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0)
     saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     saved = saved.replace("torch.", "")
-    return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4))
+    return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4),
+                      text.vocab_size)
 
 
 def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_stage: int = 0,
-             images_per_prompt: int = 1) -> Estimate:
-    """GPU memory per process, host RAM and disk for one method's recipe (see the module docstring)."""
-    zero_stage = 0 if method == "reward" else zero_stage  # its own loop is plain DDP
+             images_per_prompt: int = 1, reward_model: bool = False, records_bytes: int = 0) -> Estimate:
+    """GPU memory per process, host RAM, disk and temp space for one method's recipe (see the module
+    docstring). `reward_model`: GRPO / RLOO score with a reward model of the policy's shape on each rank;
+    `records_bytes`: the training records' size (images included), 0 when not known."""
     width = BYTES[settings.weights_dtype]
     lora = bool(getattr(settings, "lora", False))
     trainable = shape.trainable_lora[method] if lora else shape.trainable_full[method]
@@ -109,6 +123,7 @@ def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_
                                                          and getattr(settings, "beta", 0) > 0)
     reference = weights if needs_reference else 0
     gradients = trainable * width // shard(2)
+    buckets = trainable * width if processes > 1 and zero_stage == 0 else 0
     optimiser = 2 * trainable * width // shard(1)
     answer = getattr(settings, "max_completion_length", None) or ANSWER_TOKENS
     sequence = shape.image_tokens * images_per_prompt + QUESTION_TOKENS + answer
@@ -119,13 +134,17 @@ def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_
         activations = per_layer * 2 * shape.layers + per_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER
     else:
         activations = per_layer * ACTIVATION_BYTES_PER_TOKEN_LAYER * shape.layers
-    parts = {"weights": weights, "reference": reference, "gradients": gradients, "optimiser": optimiser,
-             "activations": activations, "context": CONTEXT_BYTES}
-    host = processes * shape.total * (shape.checkpoint_bytes + width)
+    # a reward model scores from its last hidden state: no vocabulary-wide logits
+    logits = 0 if method == "reward" else 2 * sequences * sequence * shape.vocab * 4
+    scorer = shape.total * 2 if reward_model else 0
+    parts = {"weights": weights, "reference": reference, "gradients": gradients, "ddp_buckets": buckets,
+             "optimiser": optimiser, "activations": activations, "logits": logits, "reward_model": scorer,
+             "context": CONTEXT_BYTES}
+    host = processes * (shape.total * (shape.checkpoint_bytes + width) + records_bytes)
     checkpoint = trainable * width * 3 + (0 if lora else (shape.total - trainable) * width)
     kept = 2 * checkpoint if getattr(settings, "checkpoint_steps", 0) else 0
-    disk = kept + (shape.total * shape.checkpoint_bytes if processes > 1 else 0)
-    return Estimate(sum(parts.values()), parts, host, disk)
+    temp = (shape.total * shape.checkpoint_bytes + records_bytes + scorer) if processes > 1 else 0
+    return Estimate(sum(parts.values()), parts, host, kept, temp)
 
 
 def gib(value: int) -> str:

@@ -13,8 +13,12 @@
 - data the configuration reads: the official SPA-VL release when `align.train_source` is official, and
   the prompt template file of every guard judge that names one (MD-Judge's, copied from its model card).
 
-It writes `preflight_report` (markdown: one row per check with what to do) and `preflight_checks`, then
-`preflight_verdict` fails the run when anything is missing, so scripts can gate on it.
+It writes `preflight_report` (markdown: one row per check with what to do), `preflight_checks` and
+`preflight_estimate` (JSON: per method, the memory estimate's parts and whether it fits), then
+`preflight_verdict` fails the run when anything is missing, so scripts can gate on it. The same checks gate
+every run that loads a real model, before its first node (`gate`, called by the project's hooks).
+`preflight.assume` sizes the memory checks for hardware this machine does not have; `preflight.check_endpoints:
+false` lists the endpoints without calling them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -51,27 +56,79 @@ class Check:
     detail: str
 
 
-def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
-    """Every check as a table and as a readable report."""
+@dataclass(frozen=True)
+class Hardware:
+    """What the memory checks compare against: this machine's, or `preflight.assume`'s."""
+
+    gpus: int
+    gpu_bytes: int  # per GPU; 0 without one
+    host_bytes: int | None
+    disk_bytes: int | None
+    temp_bytes: int | None
+    assumed: bool
+
+
+def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]
+                  ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+    """Every check as a table, as a readable report, and the memory estimate per method as JSON."""
     cfg = validate_parameters(parameters)
+    hardware = _hardware(cfg)
     checks: list[Check] = []
     for where, spec in backends(cfg):
-        checks += _backend_checks(where, spec, credentials)
+        checks += _backend_checks(where, spec, credentials, cfg["preflight"].check_endpoints)
     policy = cfg["align"].policy
     if policy.kind == "transformers":
         checks.append(_model_check("align.policy.model", policy.model, policy.trust_remote_code))
     clip = cfg["generate"].images.clip_model
     if clip:
         checks.append(_model_check("generate.images.clip_model", clip))
-    checks += _accelerator_checks(cfg["align"])
-    checks += _memory_checks(cfg["align"])
+    checks += _accelerator_checks(cfg["align"], hardware)
+    memory_checks, estimate = _memory_checks(cfg["align"], hardware)
+    checks += memory_checks
     checks += _template_checks(cfg["judge"])
     if cfg["align"].train_source == "official":
         path = Path(cfg["align"].official_dir)
         checks.append(Check("data", "align.official_dir", str(path), "ok" if path.exists() else "missing",
                             "found" if path.exists() else "download the SPA-VL release (parquet or train.zip) there"))
     table = pd.DataFrame([c.__dict__ for c in checks], columns=CHECK_COLUMNS)
-    return table, _report(table)
+    return table, _report(table, hardware), estimate
+
+
+def loads_real_models(cfg: Mapping[str, BaseModel]) -> bool:
+    """Whether a configuration loads anything but the tiny offline models: what the gate guards."""
+    return (any(spec.kind != "tiny" for _, spec in backends(cfg)) or cfg["align"].policy.kind == "transformers"
+            or bool(cfg["generate"].images.clip_model))
+
+
+def gate(parameters: dict[str, Any], credentials: Mapping[str, Any], blocks: set[str]
+         ) -> tuple[pd.DataFrame, str, dict[str, Any]] | None:
+    """The checks a run makes before its first node: None when `preflight.gate` is off or the configuration
+    loads tiny models only; else the checks of the parameter blocks the run's pipelines read (`blocks`:
+    `align`, `generate`, ...), the report and the estimate. The caller saves them and calls `preflight_verdict`."""
+    cfg = validate_parameters(parameters)
+    if not cfg["preflight"].gate or not loads_real_models(cfg):
+        return None
+    table, _, estimate = run_preflight(parameters, credentials)
+    table = table[table["where"].str.split(".").str[0].str.split("[").str[0].isin(blocks)].reset_index(drop=True)
+    return table, _report(table, _hardware(cfg)), estimate
+
+
+def _hardware(cfg: Mapping[str, BaseModel]) -> Hardware:
+    import torch
+
+    assume = cfg["preflight"].assume
+    temp_root = Path(tempfile.gettempdir())
+    disk_root = next(p for p in [Path(cfg["align"].checkpoint_dir).absolute(),
+                                 *Path(cfg["align"].checkpoint_dir).absolute().parents] if p.exists())
+    if assume is not None:
+        gib = lambda v: None if v is None else int(v * memory.GIB)  # noqa: E731
+        return Hardware(assume.gpus, gib(assume.gpu_memory_gib), gib(assume.host_ram_gib) or _host_memory(),
+                        gib(assume.disk_gib) or shutil.disk_usage(disk_root).free,
+                        gib(assume.temp_gib) or shutil.disk_usage(temp_root).free, True)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu_bytes = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
+    return Hardware(gpus, gpu_bytes, _host_memory(), shutil.disk_usage(disk_root).free,
+                    shutil.disk_usage(temp_root).free, False)
 
 
 def _template_checks(judge: BaseModel) -> list[Check]:
@@ -115,7 +172,7 @@ def backends(cfg: Mapping[str, BaseModel]) -> Iterator[tuple[str, BackendSpec]]:
         yield from walk(model, block)
 
 
-def _backend_checks(where: str, spec: BackendSpec, credentials: Mapping[str, Any]) -> list[Check]:
+def _backend_checks(where: str, spec: BackendSpec, credentials: Mapping[str, Any], call: bool = True) -> list[Check]:
     if spec.kind == "tiny":
         return []  # built offline by the generate stage
     if spec.kind == "transformers":
@@ -130,7 +187,9 @@ def _backend_checks(where: str, spec: BackendSpec, credentials: Mapping[str, Any
                             f"add it under the api_credentials entry of conf/local/credentials.yml or set "
                             f"{env_name(spec.api_key)}"))
     for url in spec.base_urls:
-        checks.append(_endpoint_check(f"{where}.base_urls", url, spec.model, key))
+        checks.append(_endpoint_check(f"{where}.base_urls", url, spec.model, key) if call else
+                      Check("endpoint", f"{where}.base_urls", url, "warning",
+                            "not called: preflight.check_endpoints is false"))
     return checks
 
 
@@ -184,81 +243,108 @@ def _endpoint_check(where: str, base_url: str, model: str | None, key: str | Non
                                                     "only checked by the first request")
 
 
-def _accelerator_checks(align: BaseModel) -> list[Check]:
+def _accelerator_checks(align: BaseModel, hardware: Hardware) -> list[Check]:
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    checks = [Check("accelerator", "align.<method>.use_cpu", "CUDA", "ok" if gpus else "warning",
-                    f"{gpus} GPU(s): {', '.join(torch.cuda.get_device_name(i) for i in range(gpus))}"
-                    + (", bf16" if gpus and torch.cuda.is_bf16_supported() else "") if gpus else
-                    "no GPU: every method trains on the CPU in fp32 (days at 7B scale)")]
-    config = align.launch.accelerate_config
-    if config is None:
-        return checks
-    launch = yaml.safe_load(Path(config).read_text()) or {}
-    wanted = align.launch.num_processes or int(launch.get("num_processes", 1))
-    on_cpu = launch.get("use_cpu") or "cpu" in Path(config).stem
-    if not on_cpu and gpus < wanted:
-        checks.append(Check("accelerator", "align.launch.accelerate_config", config, "missing",
-                            f"asks for {wanted} GPU process(es); {gpus} GPU(s) visible"))
+    gpus = hardware.gpus
+    if hardware.assumed:
+        names = f"{gpus} GPU(s) of {memory.gib(hardware.gpu_bytes)}, assumed (preflight.assume)"
     else:
-        checks.append(Check("accelerator", "align.launch.accelerate_config", config, "ok",
-                            f"{wanted} process(es)"))
-    if launch.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
-        checks.append(Check("accelerator", "align.launch.accelerate_config", "deepspeed", "missing",
-                            "the config uses DeepSpeed: pip install deepspeed"))
+        names = (f"{gpus} GPU(s): {', '.join(torch.cuda.get_device_name(i) for i in range(gpus))}"
+                 + (", bf16" if gpus and torch.cuda.is_bf16_supported() else ""))
+    checks = [Check("accelerator", "align.<method>.use_cpu", "CUDA", "ok" if gpus else "warning",
+                    names if gpus else "no GPU: every method trains on the CPU in fp32 (days at 7B scale)")]
+    for config in sorted({c for c in map(align.launch.config_for, align.methods) if c is not None}):
+        where = "align.launch"
+        launch = yaml.safe_load(Path(config).read_text()) or {}
+        wanted = align.launch.num_processes or int(launch.get("num_processes", 1))
+        on_cpu = launch.get("use_cpu") or "cpu" in Path(config).stem
+        if not on_cpu and gpus < wanted:
+            checks.append(Check("accelerator", where, config, "missing",
+                                f"asks for {wanted} GPU process(es); {gpus} GPU(s) visible"))
+        else:
+            checks.append(Check("accelerator", where, config, "ok", f"{wanted} process(es)"))
+        if launch.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None \
+                and not hardware.assumed:
+            checks.append(Check("accelerator", where, "deepspeed", "missing",
+                                f"{config} uses DeepSpeed: pip install deepspeed"))
     return checks
 
 
-def _memory_checks(align: BaseModel) -> list[Check]:
-    """GPU memory per process, host RAM and disk each method of this run needs (`memory.estimate`), against
-    what this machine has. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
-    import torch
-
+def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], dict[str, Any]]:
+    """GPU memory per process, host RAM, disk and temp space each method of this run needs
+    (`memory.estimate`), against `hardware`; and the estimate as JSON, per method: its parts in GiB and
+    whether it fits. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
     from spavl_kedro.backends.methods import get_method
 
     if align.policy.kind != "transformers":
-        return []
+        return [], {"policy": align.policy.kind, "methods": {}}
     recipes = {method: align.settings(method, output_dir="unused") for method in align.methods}
     try:
         shape = memory.model_shape(align.policy.model, recipes)
     except (OSError, ValueError) as exc:
         return [Check("memory", "align.method", align.policy.model, "warning",
-                      f"cannot size the training without the model's config.json here ({type(exc).__name__})")]
-    processes, zero = _launch_shape(align)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu_bytes = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
-    host_bytes = _host_memory()
-    disk_root = next(p for p in Path(align.checkpoint_dir).absolute().parents if p.exists())
-    free_disk = shutil.disk_usage(disk_root).free
-    checks = []
+                      f"cannot size the training without the model's config.json here ({type(exc).__name__})")], \
+            {"policy": align.policy.model, "methods": {}, "error": type(exc).__name__}
+    records = _records_bytes(align)
+    gib = lambda v: round(v / memory.GIB, 2)  # noqa: E731
+    checks, report = [], {"policy": align.policy.model, "parameters": shape.total, "records_gib": gib(records),
+                          "hardware": {"gpus": hardware.gpus, "gpu_memory_gib": gib(hardware.gpu_bytes),
+                                       "host_ram_gib": hardware.host_bytes and gib(hardware.host_bytes),
+                                       "disk_gib": hardware.disk_bytes and gib(hardware.disk_bytes),
+                                       "temp_gib": hardware.temp_bytes and gib(hardware.temp_bytes),
+                                       "assumed": hardware.assumed},
+                          "methods": {}}
     for method, settings in recipes.items():
+        processes, zero = _launch_shape(align, method)
         images = 2 if get_method(method).records == "targets" and align.sft_data == "cot" else 1
-        need = memory.estimate(method, settings, shape, processes, zero, images)
+        scored = get_method(method).rewarded and align.rl.model_weight > 0
+        need = memory.estimate(method, settings, shape, processes, zero, images, reward_model=scored,
+                               records_bytes=records)
         where = f"align.{method}"
         parts = ", ".join(f"{k} {memory.gib(v)}" for k, v in need.parts.items() if v)
         head = f"{memory.gib(need.gpu_bytes)} per GPU ({parts}) on {processes} process(es), ZeRO-{zero}"
-        if not gpus:
+        gpu_fits = bool(hardware.gpus) and need.gpu_bytes <= 0.9 * hardware.gpu_bytes
+        if not hardware.gpus:
             checks.append(Check("memory", where, "GPU", "warning", f"needs {head}; no GPU here to compare"))
         else:
-            fits = need.gpu_bytes <= 0.9 * gpu_bytes
-            checks.append(Check("memory", where, "GPU", "ok" if fits else "missing",
-                                f"needs {head}; has {memory.gib(gpu_bytes)}" + ("" if fits else
+            checks.append(Check("memory", where, "GPU", "ok" if gpu_fits else "missing",
+                                f"needs {head}; has {memory.gib(hardware.gpu_bytes)}" + ("" if gpu_fits else
                                 "; try lora: true, activation_checkpointing: true, a smaller batch_size or a "
                                 "DeepSpeed ZeRO config")))
-        for target, needed, has in (("host RAM", need.host_bytes, host_bytes), ("disk", need.disk_bytes, free_disk)):
-            status = "ok" if has is None or needed <= has else "missing"
-            checks.append(Check("memory", where, target, status, f"needs {memory.gib(needed)}"
+        fits = {"gpu": gpu_fits}
+        for target, needed, has in (("host RAM", need.host_bytes, hardware.host_bytes),
+                                    ("disk", need.disk_bytes, hardware.disk_bytes),
+                                    ("temp space", need.temp_bytes, hardware.temp_bytes)):
+            ok = has is None or needed <= has
+            fits[target.lower().replace(" ", "_")] = ok
+            checks.append(Check("memory", where, target, "ok" if ok else "missing", f"needs {memory.gib(needed)}"
                                 + (f"; has {memory.gib(has)}" if has is not None else "")
-                                + (f" free under {disk_root}" if target == "disk" else "")))
-    return checks
+                                + (f" free in {tempfile.gettempdir()}" if target == "temp space" else "")))
+        report["methods"][method] = {
+            "gpu_gib": gib(need.gpu_bytes), "parts_gib": {k: gib(v) for k, v in need.parts.items()},
+            "host_ram_gib": gib(need.host_bytes), "disk_gib": gib(need.disk_bytes), "temp_gib": gib(need.temp_bytes),
+            "processes": processes, "zero_stage": zero, "launch": align.launch.config_for(method),
+            "lora": bool(getattr(settings, "lora", False)), "weights_dtype": settings.weights_dtype,
+            "activation_checkpointing": settings.activation_checkpointing, "fits_by": fits, "fits": all(fits.values())}
+    return checks, report
 
 
-def _launch_shape(align: BaseModel) -> tuple[int, int]:
-    """(processes, ZeRO stage) of `align.launch`: (1, 0) without one, stage 0 for DDP."""
-    if align.launch.accelerate_config is None:
+def _records_bytes(align: BaseModel) -> int:
+    """Size on disk of the pairs the methods train on (images included), when they are there yet: the
+    official release, or this project's export; 0 before the split has run."""
+    root = Path(align.official_dir if align.train_source == "official" else "data/09_export/spa_vl")
+    if not root.exists():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "test" not in p.parts)
+
+
+def _launch_shape(align: BaseModel, method: str) -> tuple[int, int]:
+    """(processes, ZeRO stage) `method` launches with (`align.launch`): (1, 0) in process, stage 0 for DDP."""
+    config = align.launch.config_for(method)
+    if config is None:
         return 1, 0
-    launch = yaml.safe_load(Path(align.launch.accelerate_config).read_text()) or {}
+    launch = yaml.safe_load(Path(config).read_text()) or {}
     processes = align.launch.num_processes or int(launch.get("num_processes", 1))
     deepspeed = launch.get("deepspeed_config") or {} if launch.get("distributed_type") == "DEEPSPEED" else {}
     zero = int(deepspeed.get("zero_stage", 0))
@@ -273,11 +359,14 @@ def _host_memory() -> int | None:
         return None
 
 
-def _report(table: pd.DataFrame) -> str:
+def _report(table: pd.DataFrame, hardware: Hardware | None = None) -> str:
     bad = table[table["status"].isin(["missing", "unreachable"])]
     lines = ["# Preflight", "",
              f"{len(table)} checks: {int((table['status'] == 'ok').sum())} ok, {len(bad)} missing or unreachable, "
              f"{int((table['status'] == 'warning').sum())} warnings. Nothing was loaded, generated or trained.", ""]
+    if hardware is not None and hardware.assumed:
+        lines += [f"Memory sized for assumed hardware (preflight.assume): {hardware.gpus} GPU(s) of "
+                  f"{memory.gib(hardware.gpu_bytes)}.", ""]
     for title, rows in (("Missing or unreachable", bad), ("Warnings", table[table["status"] == "warning"]),
                         ("OK", table[table["status"] == "ok"])):
         if rows.empty:
