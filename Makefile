@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
 # core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
-.PHONY: install run test test-fast docs smoke viz viz-build mlflow ui clean
+.PHONY: install run test test-fast docs paper-dryrun smoke viz viz-build mlflow ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test-fast: install  ## the unit tests and small integration slices, without the 
 
 docs: install  ## regenerate the tables of docs/configuration.md from the config classes' Field descriptions and conf/
 	$(BIN)/python -m spavl_kedro.config_docs
+
+paper-dryrun: install  ## conf/paper's own configuration through all six pipelines on this CPU, models swapped for fixtures (~15 min)
+	$(BIN)/python -m spavl_kedro.paper_dryrun $(DRYRUN_ARGS)
 
 smoke: install  ## a LLaVA-1.5-shaped model through every stage on this machine's device; one JSON line per stage (SMOKE_ARGS="--size gpu" on a GPU)
 	$(BIN)/python -m spavl_kedro.smoke $(SMOKE_ARGS)

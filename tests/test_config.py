@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 
 from spavl_kedro.config import load_parameters, validate_parameters
@@ -33,7 +35,9 @@ def test_cross_block_references_are_checked(params):
 def test_the_paper_launch_setting_does_not_block_other_methods():
     params = _paper_parameters()
     params["align"]["method"] = "reward"  # launched like every method
-    assert validate_parameters(params)["align"].launch.accelerate_config == "conf/paper/accelerate/ddp.yaml"
+    launch = validate_parameters(params)["align"].launch
+    assert launch.accelerate_config == "conf/paper/accelerate/deepspeed_zero2.yaml"
+    assert launch.config_for("grpo") == "conf/paper/accelerate/deepspeed_zero3.yaml"
 
 
 def test_a_missing_accelerate_config_is_named(params):
@@ -65,7 +69,9 @@ def test_paper_profile_is_valid_and_at_spa_vl_scale():
     validated = validate_parameters(_paper_parameters())
     generate = validated["generate"]
     assert len(generate.responders) == 12
-    assert {r.kind for r in generate.responders} == {"transformers", "openai"}
+    # eleven open models behind vLLM servers on the node (`python -m spavl_kedro.serve_plan`), Gemini by API
+    assert {r.kind for r in generate.responders} == {"openai"}
+    assert sum(r.base_urls[0].startswith("http://127.0.0.1:") for r in generate.responders) == 11
     assert generate.questions.writer == "model" and generate.questions.screen.judge == "model"
     assert generate.mis.teacher.kind == "model"
     assert generate.images.source == "laion" and generate.images.assign == "clip"
@@ -80,7 +86,7 @@ def test_paper_profile_is_valid_and_at_spa_vl_scale():
     evaluate = validated["evaluate"]
     assert evaluate.samples == 0 and evaluate.reference_responder == "gemini-flash"
     assert evaluate.help_judge.pairwise.backend.model == "gpt-4o" and evaluate.typography.figstep_size == 760
-    assert validated["align"].launch.accelerate_config == "conf/paper/accelerate/ddp.yaml"
+    assert validated["align"].launch.accelerate_config == "conf/paper/accelerate/deepspeed_zero2.yaml"
     # the paper profile overrides keys inside blocks; everything else still comes from conf/base
     assert generate.seed_corpus.templates and validated["tiny"].model.vocab_size > 0
 
@@ -146,11 +152,12 @@ def test_nodes_receive_the_blocks_the_hook_checked(params, monkeypatch):
 
     hooks = ProjectHooks()
     hooks.before_pipeline_run(run_params={}, pipeline=None, catalog=Catalog())
-    given = hooks.before_node_run(node=None, inputs={"params:align": params["align"], "params:judge": params["judge"],
+    node = SimpleNamespace(name="train_dpo", func=lambda **kwargs: None)
+    given = hooks.before_node_run(node=node, inputs={"params:align": params["align"], "params:judge": params["judge"],
                                                      "train": object()})
     assert set(given) == {"params:align", "params:judge"}
     assert isinstance(given["params:align"], AlignConfig) and isinstance(given["params:judge"], JudgeConfig)
-    assert hooks.before_node_run(node=None, inputs={"train": object()}) is None
+    assert hooks.before_node_run(node=node, inputs={"train": object()}) is None
 
     def checked_again(*args, **kwargs):
         raise AssertionError("a checked block was checked again")

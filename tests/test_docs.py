@@ -11,7 +11,8 @@ Keys that need a row:
    - a list of mappings adds `[]`, then its items' keys (`generate.responders[].name`);
    - a scalar, a null or a list of scalars is a leaf (`evaluate.sets`);
    - a `generation` or `load_kwargs` mapping is a leaf too, documented as a whole: its keys are
-     transformers' `generate()` / `from_pretrained` keyword arguments, passed through, not ours.
+     transformers' `generate()` / `from_pretrained` keyword arguments, passed through, not ours; so is
+     `align.launch.per_method`, whose keys are method names (`config_docs.WHOLE`).
 2. Every field of every configuration class, at the path where it sits in the parameters, whether or not a
    YAML file sets it: the tree of pydantic models under `config.SECTIONS`, walked through the fields'
    types (a model adds `.field`, a list of models `[]`): `config_docs.field_keys`. `spavl_kedro.config`

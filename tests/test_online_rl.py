@@ -189,3 +189,65 @@ def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named
         trl_config(GRPOConfig, taken, "cpu", "fp32", num_generations=2)
     with pytest.raises(ValueError, match="not a TRL trainer"):
         RewardSettings(output_dir="x", trl_args={"use_vllm": True})
+
+
+def test_a_launched_rank_scores_with_the_reward_model_on_its_own_gpu_in_bf16(monkeypatch):
+    from spavl_kedro.backends.reward import reward_model_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert reward_model_placement() == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process on the machine, as accelerate launch sets it
+    assert reward_model_placement() == (torch.device("cuda", 1), torch.bfloat16)
+    monkeypatch.delenv("LOCAL_RANK")  # one process, not launched: the first GPU
+    assert reward_model_placement() == (torch.device("cuda", 0), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # pre-Ampere: no bf16
+    assert reward_model_placement() == (torch.device("cuda", 0), torch.float32)
+
+
+def test_the_worker_loads_the_reward_model_where_the_placement_says(monkeypatch, tmp_path):
+    """train_worker.run hands `reward_model_placement`'s device and dtype to the loader (stopped there: the
+    placement is what this checks, not a GPU load)."""
+    from spavl_kedro.backends import train_worker
+
+    class Loaded(Exception):
+        pass
+
+    def load(directory, device=None, dtype=None):
+        raise Loaded(directory, device, dtype)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train_worker, "load_reward_model", load)
+    (tmp_path / "grpo.json").write_text("{}")
+    with pytest.raises(Loaded) as loaded:
+        train_worker.run("grpo", "prompts.parquet", str(tmp_path / "grpo.json"), "policy", str(tmp_path / "out"),
+                         reward_model_dir="reward_model")
+    assert loaded.value.args == ("reward_model", torch.device("cuda", 1), torch.bfloat16)
+
+
+def test_a_reward_model_loaded_in_bf16_scores_like_the_fp32_one(tmp_path):
+    from spavl_kedro.backends.reward import RewardModel, load_reward_model, save_reward_model
+    from spavl_kedro.backends.tiny import build_model
+
+    processor = build_processor(["What is in the picture?", "I cannot help.", "Sure, here it is."] * 10,
+                                TinyModelConfig())
+    model = RewardModel(VLM(build_model(processor, TinyModelConfig(), seed=0), processor))
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # a zero head would score everything 0 in any dtype
+    save_reward_model(model, str(tmp_path / "rm"))
+    items = [{"images": [Image.new("RGB", (32, 32), colour)], "question": "What is in the picture?", "response": r}
+             for colour in ("red", "blue") for r in ("I cannot help.", "Sure, here it is.")]
+
+    full = load_reward_model(str(tmp_path / "rm"))
+    half = load_reward_model(str(tmp_path / "rm"), torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in half.backbone.parameters()} == {torch.bfloat16}
+    assert half.head.weight.dtype == torch.float32  # one vector: kept fine for the score
+    expected, scored = full.score(items), half.score(items)
+    # bf16 keeps ~3 significant digits per hidden unit: measured here, scores from -4.2 to 0.5 moved by at most
+    # 0.08 (2% of their spread), and the order of the four answers held
+    spread = max(expected) - min(expected)
+    assert spread > 1  # the items score apart, so the comparison means something
+    assert max(abs(a - b) for a, b in zip(scored, expected)) < 0.05 * spread
+    assert sorted(range(4), key=scored.__getitem__) == sorted(range(4), key=expected.__getitem__)

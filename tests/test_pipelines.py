@@ -13,6 +13,7 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.config import AlignConfig
 from spavl_kedro.pipeline_registry import register_pipelines
 from spavl_kedro.pipelines.align import pipeline as align_pipeline
@@ -74,6 +75,7 @@ def world(base_params, taxonomy_spec, seed_text):
     catalog["seed_text"] = seed_text
     catalog["image_records"] = pd.DataFrame(columns=TABLES["image_records"])  # the default source renders
     catalog["api_credentials"] = {}
+    catalog["api_spend"] = SpendLedger()  # in memory: the tiny world calls no API
     catalog["response_shards_done"] = {}  # a first run: no shard on disk
     catalog["verdict_shards_done"] = {}
     catalog["spa_vl_official"] = {}  # no official release here: the taxonomy comes from its file

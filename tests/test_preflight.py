@@ -24,18 +24,20 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     params["preflight"]["check_endpoints"] = False  # the profile's endpoints are public API hosts: not called
     checks, report, _ = run_preflight(params, credentials={"gemini": {"api_key": "g-123"}})
     status = {(r.where, r.target): r.status for r in checks.itertuples()}
-    # the five local 7B-13B responders, SmolVLM and the policy: not on disk, not cached, offline
-    local = [r for r in params["generate"]["responders"] if r["kind"] == "transformers"]
-    for i, spec in enumerate(params["generate"]["responders"]):
-        if spec["kind"] == "transformers":
-            assert status[(f"generate.responders[{i}].model", spec["model"])] == "missing"
-    assert len(local) == 6 and status[("align.policy.model", "llava-hf/llava-1.5-7b-hf")] == "missing"
+    # the open-weights responders are vLLM servers on this node (serve_plan starts them): endpoints here, each
+    # listed; the policy is a local model: not on disk, not cached, offline
+    served = [i for i, r in enumerate(params["generate"]["responders"]) if "127.0.0.1" in str(r.get("base_urls"))]
+    assert len(served) == 11 and all(status[(f"generate.responders[{i}].base_urls",
+                                             params["generate"]["responders"][i]["base_urls"][0])] == "warning"
+                                     for i in served)
+    assert status[("align.policy.model", "llava-hf/llava-1.5-7b-hf")] == "missing"
     # keys: gemini given (never shown), openai not; every endpoint listed, none called (check_endpoints false)
     assert status[("generate.responders[11].api_key", "gemini")] == "ok"
     assert status[("judge.pairwise.backend.api_key", "openai")] == "missing"
     endpoints = checks[checks["check"] == "endpoint"]
-    # 18 base_urls in the profile: 17 for responders, judges and the teacher, and the GPT-4o MIS judge
-    assert len(endpoints) == 18 and set(endpoints["status"]) == {"warning"}
+    # 22 base_urls in the profile: 12 responders, the writer, its screen (2), the teacher, the guard judges (3),
+    # GPT-4o as pairwise judge, as HelpEval judge and as MIS judge
+    assert len(endpoints) == 22 and set(endpoints["status"]) == {"warning"}
     assert set(endpoints["detail"]) == {"not called: preflight.check_endpoints is false"}
     launch = params["align"]["launch"]["accelerate_config"]
     assert status[("align.launch", launch)] == "missing"
@@ -95,12 +97,15 @@ def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     from spavl_kedro.pipelines.preflight import memory
 
     paper = _paper_parameters()["align"]
-    recipes = {m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]}) for m in ("dpo", "sft")}
+    recipes = {m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]})
+               for m in ("dpo", "sft", "reward")}
     shape = memory.model_shape(llava_7b_config, recipes)
     assert shape.total == LLAVA_7B and shape.image_tokens == 576 and shape.checkpoint_bytes == 2
     assert shape.vocab == 32064 and shape.hidden == 4096 and shape.layers == 32
     assert 0.6e9 < shape.trainable_lora["dpo"] < 0.7e9  # r 256 on every linear layer, plus the projector
     assert shape.trainable_full["sft"] == LLAVA_7B - CLIP_L_336  # the vision tower stays frozen
+    # the reward model as SPA-VL-RLHF trains it: tower frozen, and the LM head, which its score never reads
+    assert shape.trainable_full["reward"] == LLAVA_7B - CLIP_L_336 - 32064 * 4096
 
     # conf/paper's SFT (full, fp32 weights, activation checkpointing, 2 images + 128 + 512 tokens) on 8 GPUs
     gib, sft, t = 2**30, recipes["sft"], LLAVA_7B - CLIP_L_336

@@ -15,6 +15,7 @@ import pydantic
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from spavl_kedro.backends.adapters import apply_adapter
 from spavl_kedro.backends.reward import load_reward_model, save_reward_model, train_reward
@@ -190,6 +191,10 @@ def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, mo
     reward_run = children["reward"].info.run_id
     assert [m.step for m in client.get_metric_history(reward_run, "loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(reward_run, "accuracy")) == 4
+    # the rate each step used: the default linear decay from 1e-3 over 4 steps, no warm-up
+    rates = sorted(client.get_metric_history(reward_run, "learning_rate"), key=lambda m: m.step)
+    assert [m.value for m in rates] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert all(m.value > 0 for m in client.get_metric_history(reward_run, "grad_norm"))
     assert "eval_accuracy" in children["reward"].data.metrics
     assert children["reward"].data.params["learning_rate"] == str(RewardSettings().learning_rate)
 
@@ -296,3 +301,74 @@ def test_activation_checkpointing_is_a_recipe_field_that_changes_memory_not_the_
     kept, recomputed = run(False), run(True)
     assert (kept["activation_checkpointing"], recomputed["activation_checkpointing"]) == (False, True)
     assert recomputed["train_loss"] == pytest.approx(kept["train_loss"], rel=1e-4)
+
+
+def _record_optimiser_steps(run) -> tuple[list[float], list[float]]:
+    """The learning rate and the global gradient norm (after any clipping) each optimiser step saw, while
+    `run()` trains."""
+    rates, norms = [], []
+
+    def hook(optimizer, args, kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return rates, norms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_a_frozen_vision_tower_keeps_its_weights_while_the_head_and_language_model_train(vlm, frozen):
+    before = _state(vlm.model)
+    settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=4,
+                              freeze_vision_tower=frozen)
+    model, metrics = train_reward(vlm, preference_pairs(16), settings)  # 4 steps
+
+    after = model.backbone.state_dict()
+    moved = {part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
+             for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")}
+    # the tower is bit-identical only because it was frozen: trainable, the same run moves it
+    assert moved == {"model.vision_tower": not frozen, "model.multi_modal_projector": True,
+                     "model.language_model": True, "lm_head": False}
+    assert not model.backbone.lm_head.weight.requires_grad  # never handed to the optimiser
+    assert model.head.weight.abs().sum() > 0 and metrics["loss_last"] < metrics["loss_first"]  # the zero head learned
+
+
+@pytest.mark.slow
+def test_constant_with_warmup_rises_then_holds_the_learning_rate(vlm):
+    """SPA-VL's schedule (constant_with_warmup): a linear warm-up over the first ceil(0.25 x 8) = 2 of 8 steps,
+    then the peak for every later step, where the default `linear` decays to zero."""
+    def rates(scheduler: str) -> list[float]:
+        settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=2, learning_rate=1e-3,
+                                  lr_scheduler_type=scheduler, warmup_steps=0.25)
+        return _record_optimiser_steps(lambda: train_reward(vlm, preference_pairs(16), settings))[0]
+
+    constant = rates("constant_with_warmup")
+    assert len(constant) == 8
+    assert constant[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # transformers' warm-up starts from 0
+    assert constant[2:] == [1e-3] * 6
+    linear = rates("linear")
+    assert linear[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert linear[2:] == pytest.approx([1e-3 * (8 - s) / 6 for s in range(2, 8)])  # the decay the paper avoids
+    with pytest.raises(pydantic.ValidationError, match="write warmup_steps: 0.03"):
+        RewardSettings(warmup_ratio=0.03)  # SPA-VL's flag name, which transformers 5 dropped
+
+
+@pytest.mark.slow
+def test_max_grad_norm_clips_every_update(vlm):
+    def norms(max_grad_norm: float) -> list[float]:
+        settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=4,
+                                  max_grad_norm=max_grad_norm)
+        return _record_optimiser_steps(lambda: train_reward(vlm, preference_pairs(16), settings))[1]
+
+    unclipped, clipped = norms(0), norms(0.01)
+    # The first step is the same in both runs (same weights, same batch): its norm is well above 0.01, and
+    # clipping brings it down to exactly 0.01; no later step exceeds it.
+    assert unclipped[0] > 0.05
+    assert clipped[0] == pytest.approx(0.01, rel=1e-4)
+    assert len(clipped) == 4 and max(clipped) <= 0.01 * (1 + 1e-4)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from kedro.io import DatasetError
 from PIL import Image
+from serving import tiny  # noqa: F401  (a pytest fixture, used by name)
 
 from spavl_kedro.datasets import SpaVLReleaseDataset
 from spavl_kedro.datasets.spa_vl import data_files, image_classes
@@ -296,3 +297,49 @@ def test_align_reads_the_official_release_from_the_params_path(parquet_release, 
     assert len(validation) == len(rows["validation"]["question"])
     with pytest.raises(ValueError, match="no train split in the split pipeline's export"):
         training_pairs(ours, official, {**params, "train_source": "ours"})
+
+
+@pytest.mark.slow
+def test_the_official_route_stands_alone_on_a_fresh_project(parquet_release, tiny, tmp_path):  # noqa: F811
+    """`kedro run --pipelines align,evaluate` with the official train and test splits, on a project where no
+    other pipeline ever ran: only the release, the configured models (a LLaVA-shaped directory standing in for
+    LLaVA-1.5-7B and for the HelpEval reference) and the keyword judge. DPO trains on the release's pairs,
+    and HelpEval's official items, which carry no reference, are answered by the reference responder first."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    from conftest import copy_project
+
+    root, rows = parquet_release
+    _, model_dir = tiny
+    project = copy_project(tmp_path / "project")
+    bootstrap_project(project)
+    runtime = {
+        "align": {"train_source": "official", "official_dir": str(root), "also": [],
+                  "policy": {"kind": "transformers", "model": str(model_dir)},
+                  "dpo": {"num_train_epochs": 1, "report_to": []}},
+        "evaluate": {"test_source": "official", "sets": ["test_harm", "test_help", "capability"],
+                     "judges": ["keyword"], "samples": 0, "reference_responder": "reference",
+                     "capability": {"items": 6}, "bootstrap_resamples": 0},
+        "generate": {"responders": [{"name": name, "kind": "transformers", "model": str(model_dir)}
+                                    for name in ("reference", "other")]},
+        "judge": {"primary": "keyword"},
+    }
+    with KedroSession.create(project_path=project, runtime_params=runtime) as session:
+        session.run(pipeline_names=["align", "evaluate"])
+    data = project / "data"
+    assert not (data / "03_primary").exists()  # no images, questions or responses of ours
+    # no split of ours: the model inputs are the evaluation's own items, from the official test files
+    assert sorted(p.name for p in (data / "05_model_input").iterdir()) == ["eval_items.parquet"]
+    assert (data / "06_models/aligned/dpo/dpo/adapter_model.safetensors").exists()
+    summary = json.loads((data / "08_reporting/align_summary/dpo/dpo.json").read_text())
+    assert summary["train_source"] == "official" and summary["train_examples"] == len(rows["train"]["question"])
+    references = pd.read_parquet(data / "07_model_output/reference_answers.parquet")
+    assert len(references) == len(rows["test_help"]["question"]) and references["error"].isna().all()
+    scores = pd.read_parquet(data / "08_reporting/eval_scores.parquet")
+    help_scores = scores[(scores["eval_set"] == "test_help")]
+    assert set(help_scores["model"]) == {"base", "dpo"}
+    assert help_scores.groupby("model")["item_id"].nunique().eq(4).all()  # every official help item scored
+    harm = scores[(scores["eval_set"] == "test_harm") & (scores["scorer"] == "keyword")]
+    assert harm.groupby("model")["item_id"].nunique().eq(4).all()
+    assert "reference" in (data / "08_reporting/eval_report.md").read_text()

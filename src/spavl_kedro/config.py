@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
     NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, RecipeSettings, TinyModelConfig, VisionPretrainConfig,
@@ -483,6 +484,10 @@ class PolicyConfig(Strict):
                                                            "vaguely")
     model: str | None = Field(None, description="`transformers` only, and required there: a directory or hub id")
     trust_remote_code: bool = Field(False, description="`transformers` only: run the policy repository's own Python")
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="`transformers` only: keyword arguments of `from_pretrained` (e.g. "
+                                          "`{dtype: float16}`); unset, transformers keeps the checkpoint's dtype. The "
+                                          "trainers cast their copy to the recipe's `weights_dtype`")
     seed: int = Field(7, description="`tiny`: seeds the base policy's weights and bootstrap, in place of "
                                      "`tiny.bootstrap.seed`")
 
@@ -903,6 +908,40 @@ class PreflightConfig(Strict):
                           "gpu_memory_gib: 80, host_ram_gib: 1000}`; null: what this machine has")
 
 
+class CostsConfig(Strict):
+    prices: list[ModelPrice] = Field(
+        default_factory=list, description="USD per 1M input and output tokens of each API model, from its provider's "
+                                          "pricing page (with the page and the date read beside it). A model not "
+                                          "listed is counted in tokens but not in dollars, and its spend is not held "
+                                          "to a budget ([backends.md](backends.md#api-costs-and-budgets))")
+    budget_usd: dict[Literal[STAGES], Annotated[float, Field(ge=0)] | None] = Field(
+        default_factory=dict,
+        description="the most a stage may spend on priced API calls, in USD, counted over every run since the ledger "
+                    "`data/07_model_output/api_spend.json` was started. Checked before each shard (and each unsharded "
+                    "batch of calls): the stage stops once its spend reaches the budget, keeping what it finished, and "
+                    "a rerun with a higher budget resumes. Null, or a stage not listed: no budget",
+        json_schema_extra=key_meanings(
+            generate="question writer, question screen, chain-of-thought teacher and responders",
+            judge="verdict judges and the pairwise judge",
+            evaluate="served policies, reference answers, verdict, help and MIS judges"))
+
+    @field_validator("prices")
+    @classmethod
+    def _one_price_per_model(cls, prices: list[ModelPrice]) -> list[ModelPrice]:
+        models = [p.model for p in prices]
+        twice = sorted({m for m in models if models.count(m) > 1})
+        if twice:
+            raise ValueError(f"models priced twice: {twice}")
+        return prices
+
+
+def stage_spend(stage: str, ledger: SpendLedger | None, costs: CostsConfig | dict[str, Any] | None) -> StageSpend:
+    """`stage`'s spend: its meter for the backends and its budget. A node called without the ledger or the
+    `costs` block (a test, a notebook) counts into a fresh in-memory ledger, with no prices and no budget."""
+    cfg = typed(CostsConfig, costs if costs is not None else {})
+    return StageSpend(ledger if ledger is not None else SpendLedger(), stage, cfg.prices, cfg.budget_usd.get(stage))
+
+
 SECTIONS: dict[str, type[BaseModel]] = {
     "taxonomy": TaxonomyConfig,
     "generate": GenerateConfig,
@@ -912,6 +951,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "align": AlignConfig,
     "evaluate": EvaluateConfig,
     "preflight": PreflightConfig,
+    "costs": CostsConfig,
 }
 
 

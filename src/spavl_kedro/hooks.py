@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from kedro.framework.hooks import hook_impl
 
+from spavl_kedro.backends.costs import cost_metrics
 from spavl_kedro.config import validate_parameters
+from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.numerics import PINNED, describe
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,10 @@ class ProjectHooks:
         preflight pipeline itself is its own check."""
         from spavl_kedro.pipelines.preflight.nodes import gate, preflight_verdict
 
-        names = {node.name for node in pipeline.nodes}
-        if "run_preflight" in names:
+        nodes = pipeline.nodes if pipeline is not None else []
+        if not nodes or "run_preflight" in {node.name for node in nodes}:
             return
-        inputs = set().union(*(node.inputs for node in pipeline.nodes)) if pipeline.nodes else set()
+        inputs = set().union(*(node.inputs for node in nodes))
         blocks = set(params) if "parameters" in inputs else \
             {name.removeprefix("params:").split(".")[0] for name in inputs if name.startswith("params:")}
         found = gate(params, catalog.load("api_credentials"), blocks)
@@ -74,7 +76,38 @@ class ProjectHooks:
     @hook_impl
     def before_node_run(self, node, inputs) -> dict[str, Any] | None:
         """A node's `params:<block>` inputs become the config objects `before_pipeline_run` checked, so no
-        node checks its block again. The catalog keeps the plain dicts, which kedro-mlflow logs as flat params."""
+        node checks its block again. The catalog keeps the plain dicts, which kedro-mlflow logs as flat params.
+        An input no run has written yet (an `OptionalDataset` loads as None) stops a node that does not take
+        it missing (`takes_missing`), naming it."""
+        allowed = getattr(node.func, "takes_missing", frozenset())
+        absent = sorted(name for name, value in inputs.items() if value is None and name not in allowed
+                        and not name.startswith("params:"))
+        if absent:
+            raise ValueError(f"node {node.name}: {', '.join(absent)} not written yet: run the pipeline that writes "
+                             f"{'them' if len(absent) > 1 else 'it'} first (kedro-viz shows which)")
         typed = {name: self._configs[name.removeprefix("params:")] for name in inputs
                  if name.startswith("params:") and name.removeprefix("params:") in self._configs}
         return typed or None
+
+    # tryfirst: kedro-mlflow's own hooks end the parent run; the cost metrics must reach it before.
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        self._log_costs(catalog)
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        """Also when a stage failed, or stopped at its budget: the run then shows what was spent."""
+        self._log_costs(catalog)
+
+    def _log_costs(self, catalog) -> None:
+        """The API spend ledger's tokens and estimated dollars (`backends/costs.py`, `cost_metrics`) as metrics
+        of the parent MLflow run; none when no API was ever called (the embedded default)."""
+        costs = self._configs.get("costs")
+        if costs is None or "api_spend" not in catalog or "api_cost_metrics" not in catalog:
+            return
+        ledger = catalog.load("api_spend")
+        metrics = cost_metrics(ledger, costs.prices)
+        if metrics:
+            catalog.save("api_cost_metrics", for_mlflow(metrics))
+            stages = {name: round(usd, 4) for name, usd in metrics.items() if name.count("/") == 2}  # cost/<stage>/usd
+            log.info("API spend so far (%s): %s", ledger.where, stages or "no priced calls")

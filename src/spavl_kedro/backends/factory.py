@@ -12,6 +12,7 @@ import re
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 
+from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, load_vlm
@@ -19,18 +20,21 @@ from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, ans
 
 def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,
                   credentials: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
-                  batch_size: int = 16, seed: int = 0, progress: bool = True) -> VLMBackend:
+                  batch_size: int = 16, seed: int = 0, progress: bool = True,
+                  meter: UsageMeter | None = None) -> VLMBackend:
     """The backend `spec` names. `generation` holds shared defaults that `spec.generation` overrides.
 
     Tiny models come from `tiny_models` (the catalog gives lazy loaders, memory gives models); an API key
-    comes from `credentials` by the name in `spec.api_key`.
+    comes from `credentials` by the name in `spec.api_key`. An `openai` backend counts its calls' tokens into
+    `meter` (the stage's, `backends/costs.py`); local models cost no API money and are not metered.
     """
     kwargs = {**(generation or {}), **spec.generation}
     if spec.kind == "openai":
         key = api_key(spec, credentials)
         return OpenAIVLM(name=spec.name, model=spec.model, base_urls=list(spec.base_urls), api_key=key,
                          generation=kwargs, concurrency=spec.concurrency, timeout_s=spec.timeout_s,
-                         max_retries=spec.max_retries, backoff_s=spec.backoff_s, seed=seed, progress=progress)
+                         max_retries=spec.max_retries, backoff_s=spec.backoff_s, seed=seed, progress=progress,
+                         meter=meter)
     if spec.kind == "tiny":
         vlm = _tiny(spec, tiny_models)
     else:
@@ -40,7 +44,8 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
 
 def _tiny(spec: BackendSpec, tiny_models: Mapping[str, Any] | None) -> VLM:
     if not tiny_models or spec.name not in tiny_models:
-        raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name")
+        raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name (the generate pipeline "
+                         f"bootstraps the responders, the judge pipeline the guards; neither has run here)")
     entry = tiny_models[spec.name]
     return entry() if callable(entry) else entry
 

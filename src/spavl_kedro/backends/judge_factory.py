@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.guard import guard_prompt
 from spavl_kedro.backends.judges import ChatJudge, GuardJudge, KeywordJudge
@@ -34,27 +35,28 @@ REFUSAL = refusal_rule()
 
 
 def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                        tiny_models: Mapping[str, Any] | None = None):
+                        tiny_models: Mapping[str, Any] | None = None, meter: UsageMeter | None = None):
     """The judge `spec` names, built by its kind's row of `VERDICT_KINDS`; a tiny guard comes from
-    `tiny_models` (the `judge_models` catalog entry)."""
-    return VERDICT_KINDS[spec.kind](spec, credentials, cfg, tiny_models)
+    `tiny_models` (the `judge_models` catalog entry). A judge behind an API counts its calls into `meter`."""
+    return VERDICT_KINDS[spec.kind](spec, credentials, cfg, tiny_models, meter)
 
 
-def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models) -> KeywordJudge:
+def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models, meter) -> KeywordJudge:
     judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
     judge.name = spec.name
     return judge
 
 
-def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models) -> GuardJudge:
+def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models, meter) -> GuardJudge:
     backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
-                            generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+                            generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False,
+                            meter=meter)
     prompt, origin = guard_prompt(spec)
     return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
                       show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
 
 
-# Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models).
+# Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models, meter).
 # A new kind is a builder here, the kind in VerdictJudgeSpec's `kind` and the spec fields it reads.
 VERDICT_KINDS: dict[str, Callable[..., Any]] = {"keyword": _keyword_judge, "guard": _guard_judge}
 
@@ -67,16 +69,17 @@ def primary_judge(cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None
 
 
 def build_pairwise_judge(spec: PairwiseJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                         progress: bool = True) -> ChatJudge:
+                         progress: bool = True, meter: UsageMeter | None = None) -> ChatJudge:
     """A chat judge that compares two answers in both orders (pairs in the judge stage, HelpEval)."""
     backend = build_backend(spec.backend, credentials=credentials, generation=CHAT_GENERATION,
-                            batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+                            batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, meter=meter)
     return ChatJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries)
 
 
-def build_mis_judge(spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig) -> MisJudge:
+def build_mis_judge(spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
+                    meter: UsageMeter | None = None) -> MisJudge:
     """MIS's own judge: both images, a safety label and a perception level."""
     backend = build_backend(spec.backend, credentials=credentials, generation=MIS_JUDGE_GENERATION,
-                            batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+                            batch_size=cfg.batch_size, seed=cfg.seed, progress=False, meter=meter)
     return MisJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries,
                     structured_output=spec.structured_output)

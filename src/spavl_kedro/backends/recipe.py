@@ -282,6 +282,14 @@ def freeze_for_full_finetune(model: torch.nn.Module, train_projector: bool) -> N
         module.requires_grad_(False)
 
 
+def freeze_lm_head(model: torch.nn.Module) -> None:
+    """Freeze the LM head, for a reward model, which reads the hidden state before it. A head tied to the
+    input embeddings is left alone, as those are used."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(False)
+
+
 def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
     for path, module in model.named_modules():
         if path == name or path.endswith("." + name):

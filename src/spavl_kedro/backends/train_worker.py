@@ -44,7 +44,9 @@ import pandas as pd
 from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
 from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
-from spavl_kedro.backends.reward import HEAD_CONFIG, RewardModel, load_reward_model, save_reward_model
+from spavl_kedro.backends.reward import (
+    HEAD_CONFIG, RewardModel, load_reward_model, reward_model_placement, save_reward_model,
+)
 from spavl_kedro.backends.settings import RecipeSettings
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.vlm import load_vlm, png_bytes
@@ -98,7 +100,9 @@ def run(method: str, records_path: str, settings_path: str, model_dir: str, out_
     """Train on one rank; on rank 0 write the result to `out_dir` and return the metrics (None elsewhere)."""
     fields = json.loads(Path(settings_path).read_text())
     eval_records = load_records(eval_path, method) if eval_path else None
-    reward_fn = load_reward_model(reward_model_dir).score if reward_model_dir else None
+    # Each rank scores its own answers with its own copy, on its own GPU in bf16 (a 7B reward model in fp32 on
+    # the CPU would take ~28 GB of host memory per rank and minutes per batch).
+    reward_fn = load_reward_model(reward_model_dir, *reward_model_placement()).score if reward_model_dir else None
     with tempfile.TemporaryDirectory(prefix=f"{method}-worker-") as scratch:
         settings = settings_for(method, {"output_dir": scratch, **fields})
         vlm = load_vlm(model_dir)

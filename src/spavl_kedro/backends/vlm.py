@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
 from spavl_kedro.seeding import offset_seed
@@ -248,7 +249,8 @@ class OpenAIVLM:
     Each prompt is one request. Transient failures (429, 5xx, timeouts, refused connections) are retried
     with exponential backoff; a record that still fails comes back with `finish_reason="error"` and its
     `error`, never as an exception. Results are in input order. Works from sync code and from inside a
-    running event loop (Jupyter).
+    running event loop (Jupyter). With a `meter`, every answered attempt is counted with the tokens the
+    server reports (`backends/costs.py` says which attempts count).
 
     >>> backend = OpenAIVLM("llava-7b", base_urls=["http://gpu-0:8000/v1/"], model="llava-hf/llava-1.5-7b-hf",
     ...                     api_key="sk-secret", generation={"max_new_tokens": 64, "do_sample": False})
@@ -269,6 +271,8 @@ class OpenAIVLM:
     seed: int | None = 0  # record i sends offset_seed(seed, i) (generation["seed"] overrides); None sends none
     extra_body: dict[str, Any] = field(default_factory=dict)  # extra request fields a server understands
     progress: bool = True  # tqdm bar with rate and ETA
+    # Counts each call's tokens; shared by the copies dataclasses.replace makes (per-shard seeds, judge retries).
+    meter: UsageMeter | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = f"OpenAIVLM '{self.name}'"
@@ -359,6 +363,7 @@ class OpenAIVLM:
                 status, text = response.status, await response.text()
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError:  # aiohttp's own timeout errors subclass it too
+            self._count(None)  # sent and maybe answered (and billed) after we stopped waiting: tokens unknown
             return _Failure(f"timeout ({self.timeout_s:g} s)", "", retry=True)
         except aiohttp.ClientError as exc:  # refused connection, reset, server gone mid-answer
             return _Failure(type(exc).__name__, str(exc), retry=True)
@@ -368,7 +373,9 @@ class OpenAIVLM:
         try:
             answer = json.loads(text)
         except ValueError:  # cut off on the way (a proxy, a dropped connection): asking again usually works
+            self._count(None)  # answered, so billed, but its usage is unreadable
             return _Failure("truncated or invalid JSON", excerpt, retry=True)
+        self._count(reported_tokens(answer))
         try:
             choice = answer["choices"][0]
             content = choice["message"].get("content") or ""
@@ -376,6 +383,10 @@ class OpenAIVLM:
             return _Failure("unreadable response", excerpt, retry=False)
         # "stop" / "length" as TransformersVLM reports them; other API values (e.g. "content_filter") are kept.
         return Generation(content.strip(), choice.get("finish_reason") or "stop", 0.0)
+
+    def _count(self, tokens: tuple[int, int] | None) -> None:
+        if self.meter is not None:
+            self.meter.record(self.name, self.model, tokens)
 
     def _pick_server(self, start: int, in_flight: list[int]) -> int:
         # Least busy first, so a fast server takes more of the load than a slow one (responders on mixed
@@ -393,6 +404,24 @@ class OpenAIVLM:
             wait = step / 2 + _jitter.uniform(0, step / 2)
         # Capped, Retry-After included, so one confused server cannot park a worker for an hour.
         return min(wait, self.max_backoff_s)
+
+
+def reported_tokens(answer: Any) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from a chat-completions answer's `usage`, or None when the server did
+    not report both as whole numbers (some servers leave usage out; then the tokens are unknown, not zero).
+
+    >>> reported_tokens({"usage": {"prompt_tokens": 812, "completion_tokens": 64, "total_tokens": 876}})
+    (812, 64)
+    >>> reported_tokens({"choices": []}), reported_tokens({"usage": {"prompt_tokens": 812}})
+    (None, None)
+    """
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return counts  # type: ignore[return-value]
+    return None
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

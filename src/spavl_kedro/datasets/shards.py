@@ -5,7 +5,9 @@ writing its result before calling the next. This subclass adds what resuming nee
 - `load()` on a stage that has not written anything yet gives `{}` instead of raising, so the node that
   plans the work can read which shards already exist;
 - each shard is written to a temporary name and renamed, so a kill mid-write leaves either the whole
-  shard or none of it (a rename is atomic on a local filesystem).
+  shard or none of it (a rename is atomic on a local filesystem);
+- a mapping that runs its shards side by side (`Lanes` in pipelines/sharding.py, duck-typed by its
+  `as_done()`) is written in the order its shards finish, each as soon as it is ready.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class ShardDataset(PartitionedDataset):
     def save(self, data: dict[str, Any]) -> None:
         if self._protocol not in ("file", None) or self._overwrite:
             return super().save(data)  # atomic rename is a local-filesystem guarantee; elsewhere write directly
-        for shard_id, shard in sorted(data.items()):
+        shards = data.as_done() if hasattr(data, "as_done") else sorted(data.items())
+        for shard_id, shard in shards:
             final = self._partition_to_path(shard_id)
             kwargs = deepcopy(self._dataset_config)
             kwargs[self._filepath_arg] = final + PARTIAL

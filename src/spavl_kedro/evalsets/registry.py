@@ -48,6 +48,8 @@ class EvalSet:
     headline: tuple[Headline, ...] = ()
     harm_metric: str = "asr"  # name of the unsafe share of a harm / mis set's items
     published: tuple[str, ...] = ()  # catalog `published_<name>` tables that replace (own name) or join it
+    from_split: bool = True  # generated from this project's split (held-out images, questions, responses)
+    official_test: bool = False  # with `evaluate.test_source: official`, built from the SPA-VL release alone
 
     def generate(self, inputs: Any, cfg: Any):
         module, _, name = self.generator.partition(":")
@@ -61,15 +63,16 @@ EVAL_SETS: dict[str, EvalSet] = {
     "test_harm": EvalSet("harm", f"{_SETS}:test_harm_items", "the split's held-out harmful questions (SPA-VL HarmEval)",
                          headline=(Headline("HarmEval unsafe rate ↓", "unsafe_rate"),
                                    Headline("Well-formed answers on test_harm ↑", "well_formed_rate", "rules")),
-                         harm_metric="unsafe_rate"),
+                         harm_metric="unsafe_rate", official_test=True),
     "test_help": EvalSet("help", f"{_SETS}:test_help_items",
                          "the split's held-out easy questions, with references (SPA-VL HelpEval)",
-                         headline=(Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),)),
+                         headline=(Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),),
+                         official_test=True),
     "benign": EvalSet("benign", f"{_SETS}:benign_items", "harmless questions about every held-out image (over-refusal)",
                       headline=(Headline("Over-refusal on benign questions ↓", "refusal_rate", "rules"),
                                 Headline("Refusal on test_help ↓", "refusal_rate", "rules", eval_set="test_help"))),
     "capability": EvalSet("capability", f"{_SETS}:capability_items",
-                          "colour, shape and count questions on rendered shapes", published=("vqa",),
+                          "colour, shape and count questions on rendered shapes", published=("vqa",), from_split=False,
                           headline=(Headline("Capability accuracy ↑", "accuracy", "rules"),
                                     Headline("VQA accuracy ↑", "accuracy", "rules", None, "vqa"))),
     "mm_safetybench": EvalSet("harm", f"{_SETS}:mm_safetybench_items",

@@ -2,8 +2,9 @@
 
 A stage (responses, verdicts) cuts its records into shards and gives each a fingerprint of everything
 that decides its output (model config, inputs). The node returns one function per shard that still needs
-work; the catalog's `ShardDataset` calls them one at a time and writes each shard when it is done. A rerun
-reads the shards on disk and:
+work; the catalog's `ShardDataset` calls them and writes each shard when it is done. Returned as `Lanes`,
+shards of different lanes (models behind different servers) run at the same time, and each is written as
+it finishes. A rerun reads the shards on disk and:
 - skips a shard with the same fingerprint and no failed record;
 - in a shard with failed records, redoes only those and keeps the rest;
 - redoes a shard whose fingerprint differs (other inputs or config).
@@ -16,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -90,6 +93,69 @@ def complete(shard: Shard, previous: pd.DataFrame | None, key: str, failed: Call
     return fresh.reset_index(drop=True)
 
 
+class Lanes(dict):
+    """Shard functions (shard id -> function) and the lane each runs in. Shards of one lane run one after
+    another in id order; lanes run at the same time, one thread each, and `as_done()` yields every
+    (shard id, result) as it finishes, so `ShardDataset` writes it at once.
+
+    A lane is what must not be asked twice at once: this process's GPUs (every in-process model shares one
+    lane, so they still take turns) or one inference server. Results do not depend on the lanes: each shard
+    carries its own inputs and seed. As a plain dict it is the old sequential work, in id order.
+
+    >>> lanes = Lanes({"a/0": lambda: 1, "b/0": lambda: 2, "a/1": lambda: 3}, {"a/0": "x", "a/1": "x", "b/0": "y"})
+    >>> sorted(lanes.as_done())
+    [('a/0', 1), ('a/1', 3), ('b/0', 2)]
+    """
+
+    def __init__(self, work: Mapping[str, Callable[[], Any]], lane_of: Mapping[str, str]) -> None:
+        super().__init__(work)
+        self.lane_of = {shard_id: lane_of[shard_id] for shard_id in work}
+
+    def as_done(self) -> Iterator[tuple[str, Any]]:
+        """Run every shard, yielding each result as it is ready. When a shard raises, no lane starts another
+        shard; the shards already running finish and are yielded (a crash loses no finished work), then the
+        first error is raised."""
+        lanes: dict[str, list[str]] = {}
+        for shard_id in sorted(self):
+            lanes.setdefault(self.lane_of[shard_id], []).append(shard_id)
+        if len(lanes) < 2:  # one lane: in this thread, exactly as before lanes existed
+            for shard_id in sorted(self):
+                yield shard_id, self[shard_id]()
+            return
+        finished: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def run(shard_ids: list[str]) -> None:
+            try:
+                for shard_id in shard_ids:
+                    if stop.is_set():
+                        break
+                    finished.put((shard_id, self[shard_id](), None))
+            except BaseException as exc:  # handed to the caller's thread, which raises it
+                stop.set()
+                finished.put((shard_id, None, exc))
+            finally:
+                finished.put(None)  # this lane is done
+
+        # Daemon threads: an interrupted run exits without waiting for a lane's last, unsaved shard.
+        for lane, shard_ids in lanes.items():
+            threading.Thread(target=run, args=(shard_ids,), name=f"shards:{lane}", daemon=True).start()
+        running, error = len(lanes), None
+        try:
+            while running:
+                item = finished.get()
+                if item is None:
+                    running -= 1
+                elif item[2] is not None:
+                    error = error or item[2]
+                else:
+                    yield item[0], item[1]
+        finally:
+            stop.set()  # also when the caller stops early (a failed write): no lane starts another shard
+        if error is not None:
+            raise error
+
+
 def gather(plan: pd.DataFrame, stored: Mapping[str, Callable[[], pd.DataFrame]], stage: str) -> pd.DataFrame:
     """The shards of `plan` (see `plan_table`) joined; raises naming a shard that is missing or was written
     for other inputs. Shards on disk that the plan does not name are not read."""
@@ -109,12 +175,14 @@ class Progress:
 
     def __init__(self, what: str, total: int) -> None:
         self.what, self.total, self._bar = what, total, None
+        self._lock = threading.Lock()  # shards of several lanes finish from their own threads
 
     def advance(self, note: str) -> None:
-        if self._bar is None:
-            self._bar = tqdm(total=self.total, desc=f"{self.what} shards", unit="shard")
-        self._bar.set_postfix_str(note, refresh=False)
-        self._bar.update(1)
-        log.info("%s shard %s", self.what, note)
-        if self._bar.n >= self.total:
-            self._bar.close()
+        with self._lock:
+            if self._bar is None:
+                self._bar = tqdm(total=self.total, desc=f"{self.what} shards", unit="shard")
+            self._bar.set_postfix_str(note, refresh=False)
+            self._bar.update(1)
+            log.info("%s shard %s", self.what, note)
+            if self._bar.n >= self.total:
+                self._bar.close()

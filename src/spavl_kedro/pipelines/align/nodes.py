@@ -28,12 +28,14 @@ from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig, typed
+from spavl_kedro.datasets.optional import takes_missing
 
 log = logging.getLogger(__name__)
 
 
 
-def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
+@takes_missing("seed_corpus", "tiny_foundation")
+def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
                    params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> VLM:
     """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
     directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
@@ -41,6 +43,10 @@ def prepare_policy(seed_corpus: pd.DataFrame, tiny_foundation: VLM,
     cfg = typed(AlignConfig, params).policy
     if cfg.kind == "transformers":
         return load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
+    if seed_corpus is None or tiny_foundation is None:
+        raise ValueError("align.policy.kind is 'tiny': the base policy is bootstrapped from the generate stage's "
+                         "tiny_foundation and seed_corpus, which no run has written here; run `kedro run --pipeline "
+                         "generate` first, or set align.policy to a real model (kind: transformers)")
     tcfg = typed(TinyConfig, tiny)
     behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
                           vague_rate=cfg.vague_rate)
@@ -129,6 +135,10 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
     if records == "pairs":
         return _pairs(train), _pairs(validation)
     if records == "targets" and cfg.sft_data == "cot":
+        if mis_train is None or images is None:
+            raise ValueError(f"align.sft_data is 'cot': {method} trains on this project's MIS chain-of-thought "
+                             "targets (mis_train, images), which no run has written here; run the generate, judge "
+                             "and split pipelines first, or set align.sft_data: chosen")
         pixels = dict(zip(images["image_id"], images["png"]))
         examples = [{"images": [pixels[i] for i in r.image_ids], "question": r.question,
                      "target": r.target} for r in mis_train.itertuples(index=False)]
@@ -157,6 +167,9 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
     want = round(count)
     if want == 0:
         return []
+    if seed_corpus is None:
+        raise ValueError("align.sft_replay is above 0 but no run has written the seed corpus here (the generate "
+                         "pipeline does); set align.sft_replay: 0")
     rows = seed_corpus[~seed_corpus["harmful"].astype(bool)]
     if rows.empty:
         raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "

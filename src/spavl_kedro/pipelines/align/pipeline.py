@@ -18,6 +18,8 @@ DATA = {
 }
 # Online RL's reward: the reward models (one dataset, so a reward model trained in this run comes first)
 # and the primary judge.
+# Written by earlier pipelines, needed only by some routes (sft on chain-of-thought; a tiny judge).
+TAKES_MISSING = frozenset({"mis_train", "images", "seed_corpus", "judge_models"})
 REWARD = {"reward_models": "aligned_reward", "credentials": "api_credentials", "judge_models": "judge_models",
           "judge_params": "params:judge"}
 
@@ -27,6 +29,7 @@ def _trainer(method: str) -> partial:
     # kedro-viz shows the function's name and docstring; no __wrapped__, or Kedro's check of typed params
     # would read train_method's signature, `method` included, instead of the partial's
     node_func.__name__, node_func.__doc__ = f"train_{method}", train_method.__doc__
+    node_func.takes_missing = TAKES_MISSING  # the official route: train_method says what it needs
     return node_func
 
 

@@ -19,11 +19,12 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
+from spavl_kedro.backends.costs import SpendLedger, UsageMeter
 from spavl_kedro.backends.factory import OneAtATime, build_backend
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
-from spavl_kedro.config import EvaluateConfig, typed
+from spavl_kedro.config import CostsConfig, EvaluateConfig, stage_spend, typed
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import eval_answer_seed
 
@@ -82,12 +83,15 @@ def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, P
 
 def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],
                      done: Mapping[str, Callable[[], pd.DataFrame]], credentials: dict[str, Any],
-                     params: EvaluateConfig | dict[str, Any]
+                     params: EvaluateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
+                     costs: CostsConfig | dict[str, Any] | None = None
                      ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per shard still to answer, which the catalog's ShardDataset runs and writes in id order,
     and the plan (`eval_answer_plan`) that `collect_eval_answers` checks them against. A policy named in
-    `evaluate.served` is answered through its endpoint instead of being loaded."""
+    `evaluate.served` is answered through its endpoint instead of being loaded, counting into the evaluate
+    stage's spend, checked against its budget before each shard."""
     cfg = typed(EvaluateConfig, params)
+    spend = stage_spend("evaluate", api_spend, costs)
     found = policies(policy_base, aligned_models)
     unknown = sorted({spec.name for spec in cfg.served} - set(found))
     if unknown:
@@ -96,10 +100,10 @@ def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapp
     todo = list(pending(planned, done, _failed))
     log.info("evaluate: %d of %d answer shard(s) to generate", len(todo), len(planned))
     pool = _PolicyPool({name: policy.load for name, policy in found.items()}, cfg, credentials,
-                       Progress("evaluation answer", len(todo)))
+                       Progress("evaluation answer", len(todo)), spend.meter)
     work = {shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
             for shard, previous in todo}
-    return work, plan_table(planned)
+    return spend.guard(work), plan_table(planned)
 
 
 def collect_eval_answers(answer_shards: Mapping[str, Callable[[], pd.DataFrame]], answer_plan: pd.DataFrame,
@@ -158,8 +162,9 @@ class _PolicyPool:
     served policy (`evaluate.served`) is never loaded: its answers come from its endpoint."""
 
     def __init__(self, loaders: Mapping[str, Callable[[], VLM]], cfg: EvaluateConfig, credentials: dict[str, Any],
-                 progress: Progress) -> None:
+                 progress: Progress, meter: UsageMeter | None = None) -> None:
         self.loaders, self.cfg, self.credentials, self.progress = loaders, cfg, credentials, progress
+        self.meter = meter  # served policies count their tokens here
         self.served = {spec.name: spec for spec in cfg.served}
         self.held: OneAtATime[VLM] = OneAtATime()
 
@@ -167,7 +172,7 @@ class _PolicyPool:
         """What answers for policy `name`: its endpoint, or the policy loaded and placed by the placement rule."""
         if name in self.served:
             return build_backend(self.served[name], credentials=self.credentials, generation=generation,
-                                 seed=seed, progress=False)
+                                 seed=seed, progress=False, meter=self.meter)
         policy = self.held.get(name, lambda: place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs))
         return TransformersVLM(label, policy, self.cfg.batch_size, generation, seed=seed, progress=False)
 

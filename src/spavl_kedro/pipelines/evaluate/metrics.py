@@ -120,7 +120,8 @@ def metric_table(scores: pd.DataFrame, value: str, metric: str, keys: Sequence[s
             labels = np.array([MISSING_GROUP if pd.isna(v) else str(v) for v in frame[column].tolist()], dtype=object)
             cells += [(column, label, every[labels == label]) for label in sorted(set(labels))]
         for group_by, group, outcomes in cells:
-            low, high = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed, level=level)
+            # evaluate.bootstrap_resamples: 0 means no intervals (NaN bounds), not an error
+            low, high = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed, level=level) if n_boot else (np.nan, np.nan)
             rows.append({**{k: key[k] for k in keys}, "metric": metric,
                          "judge": key["judge"] if judge_from_column else (judge or "none"),
                          "group_by": group_by, "group": group, "n": len(outcomes),

@@ -26,10 +26,12 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from spavl_kedro.backends.costs import SpendLedger, UsageMeter
 from spavl_kedro.backends.factory import api_key, build_backend, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
-from spavl_kedro.config import EvaluateConfig, GenerateConfig, typed
+from spavl_kedro.config import CostsConfig, EvaluateConfig, GenerateConfig, stage_spend, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import derive_seed
 
@@ -41,13 +43,16 @@ REFERENCE_COLUMNS = ["item_id", "eval_set", "responder", "model", "origin", "tex
                      "error"]
 
 
+@takes_missing("responder_models")  # a tiny model's absence is named by the backend factory
 def plan_reference_answers(items: pd.DataFrame, responder_models: Mapping[str, Any], credentials: Mapping[str, Any],
                            done: Mapping[str, Callable[[], pd.DataFrame]], params: EvaluateConfig | dict[str, Any],
-                           generate_params: GenerateConfig | dict[str, Any]
+                           generate_params: GenerateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
+                           costs: CostsConfig | dict[str, Any] | None = None
                            ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per reference shard still to answer, and the plan (`reference_answer_plan`) that
     `collect_reference_answers` checks them against. Nothing is planned, and nothing loads, when every help
-    item has its reference or no `evaluate.reference_responder` is set."""
+    item has its reference or no `evaluate.reference_responder` is set. An API responder counts into the
+    evaluate stage's spend, checked against its budget before each shard."""
     cfg, gcfg = typed(EvaluateConfig, params), typed(GenerateConfig, generate_params)
     unreferenced = _unreferenced(items)
     if unreferenced.empty:
@@ -69,10 +74,12 @@ def plan_reference_answers(items: pd.DataFrame, responder_models: Mapping[str, A
                                  index))
     todo = list(pending(planned, done, _failed))
     log.info("evaluate: %d of %d reference answer shard(s) to answer by '%s'", len(todo), len(planned), spec.name)
-    answerer = _Answerer(spec, gcfg, cfg.seed, responder_models, credentials, Progress("reference answer", len(todo)))
+    spend = stage_spend("evaluate", api_spend, costs)
+    answerer = _Answerer(spec, gcfg, cfg.seed, responder_models, credentials, Progress("reference answer", len(todo)),
+                         spend.meter)
     work = {shard.shard_id: partial(complete, shard, previous, "item_id", _failed, partial(_answer, answerer, shard))
             for shard, previous in todo}
-    return work, plan_table(planned)
+    return spend.guard(work), plan_table(planned)
 
 
 def collect_reference_answers(reference_shards: Mapping[str, Callable[[], pd.DataFrame]],
@@ -132,16 +139,16 @@ class _Answerer:
     """The reference responder, built on first use (a rerun with every shard on disk loads nothing)."""
 
     def __init__(self, spec: BackendSpec, gcfg: GenerateConfig, seed: int, responder_models: Mapping[str, Any],
-                 credentials: Mapping[str, Any], progress: Progress) -> None:
+                 credentials: Mapping[str, Any], progress: Progress, meter: UsageMeter | None = None) -> None:
         self.spec, self.gcfg, self.seed, self.progress = spec, gcfg, seed, progress
-        self.responder_models, self.credentials = responder_models, credentials
+        self.responder_models, self.credentials, self.meter = responder_models, credentials, meter
         self._backend: VLMBackend | None = None
 
     def backend(self, shard: Shard) -> VLMBackend:
         if self._backend is None:
             self._backend = build_backend(self.spec, tiny_models=self.responder_models, credentials=self.credentials,
                                           generation=self.gcfg.generation, batch_size=self.gcfg.batch_size,
-                                          progress=False)
+                                          progress=False, meter=self.meter)
         # a seed per shard, named by it: an answer does not depend on which other shards ran in this process
         return replace(self._backend, seed=derive_seed(self.seed, "reference answer", shard.shard_id))
 

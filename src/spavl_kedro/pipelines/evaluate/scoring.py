@@ -29,13 +29,15 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from spavl_kedro.backends.costs import SpendLedger, UsageMeter
 from spavl_kedro.backends.factory import OneAtATime, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.judge_factory import (REFUSAL, build_mis_judge, build_pairwise_judge, build_verdict_judge,
                                                 refusal_rule)
 from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MisJudge
-from spavl_kedro.config import EvaluateConfig, JudgeConfig, typed
+from spavl_kedro.config import CostsConfig, EvaluateConfig, JudgeConfig, stage_spend, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.evalsets.registry import harm_metric
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
@@ -51,24 +53,28 @@ MIS_METRICS = ("asr", "rsr", "rr", "hr")  # metrics.MIS_BUCKETS, lower-cased
 MIS_SCORING = "mis buckets v2: perception level first"
 
 
+@takes_missing("judge_models")  # a tiny model's absence is named by the backend factory
 def plan_score_shards(answers: pd.DataFrame, items: pd.DataFrame, credentials: Mapping[str, Any],
                       done: Mapping[str, Callable[[], pd.DataFrame]], params: EvaluateConfig | dict[str, Any],
                       judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None,
-                      references: pd.DataFrame | None = None
+                      references: pd.DataFrame | None = None, api_spend: SpendLedger | None = None,
+                      costs: CostsConfig | dict[str, Any] | None = None
                       ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per score shard still to do (tiny guards come from `judge_models`), and the plan
     (`eval_score_plan`) that `collect_eval_scores` checks them against. `references` (`reference_answers`)
-    supplies the help items' references that eval_items lacks."""
+    supplies the help items' references that eval_items lacks. API judges count into the evaluate stage's
+    spend, checked against its budget before each shard."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
+    spend = stage_spend("evaluate", api_spend, costs)
     planned = _plan(answers, items, cfg, jcfg, judge_models, references)
     todo = list(pending([shard for shard, _ in planned], done, _failed))
     log.info("evaluate: %d of %d score shard(s) to do", len(todo), len(planned))
     scorer_of = {shard.shard_id: scorer for shard, scorer in planned}
-    pool = _Scorers(cfg, jcfg, credentials, Progress("evaluation score", len(todo)), judge_models)
+    pool = _Scorers(cfg, jcfg, credentials, Progress("evaluation score", len(todo)), judge_models, spend.meter)
     work = {shard.shard_id: partial(complete, shard, previous, "score_key", _failed,
                                     partial(_score, pool, scorer_of[shard.shard_id], shard.shard_id))
             for shard, previous in todo}
-    return work, plan_table([shard for shard, _ in planned])
+    return spend.guard(work), plan_table([shard for shard, _ in planned])
 
 
 def collect_eval_scores(score_shards: Mapping[str, Callable[[], pd.DataFrame]], score_plan: pd.DataFrame
@@ -118,9 +124,10 @@ def _plan(answers: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     judged["row_key"] = (judged["model"] + "|" + judged["item_id"] + "|" + judged["decoding"] + "|"
                          + judged["sample"].astype(str))
     transport = {"backend": set(TRANSPORT_FIELDS)}  # other servers, same answers: shards still resume
-    specs = {spec.name: [spec.model_dump(mode="json", exclude=transport), weights_of(spec.backend, judge_models)]
-             for spec in jcfg.judges}
     scorers = [*verdict_judges(cfg, jcfg), RULES, help_judge_name(cfg)]
+    # only the judges that score here: a judge left out of evaluate.judges needs no model on this machine
+    specs = {spec.name: [spec.model_dump(mode="json", exclude=transport), weights_of(spec.backend, judge_models)]
+             for spec in jcfg.judges if spec.name in scorers}
     configs = {**specs, RULES: ["refusal strings, exact match, well-formed v3", jcfg.compliance_markers],
                help_judge_name(cfg): cfg.help_judge.model_dump(mode="json", exclude={"pairwise": transport})}
     if cfg.mis_judge is not None:
@@ -163,9 +170,10 @@ def _failed(scores: pd.DataFrame) -> pd.Series:
 
 class _Scorers:
     def __init__(self, cfg: EvaluateConfig, jcfg: JudgeConfig, credentials: Mapping[str, Any],
-                 progress: Progress, judge_models: Mapping[str, Any] | None = None) -> None:
+                 progress: Progress, judge_models: Mapping[str, Any] | None = None,
+                 meter: UsageMeter | None = None) -> None:
         self.cfg, self.jcfg, self.credentials, self.progress = cfg, jcfg, credentials, progress
-        self.judge_models = judge_models
+        self.judge_models, self.meter = judge_models, meter
         self.held = OneAtATime()
 
     def get(self, name: str):
@@ -177,16 +185,16 @@ class _Scorers:
         if name == mis_judge_name(self.cfg):
             return self._mis_judge()
         spec = next(s for s in self.jcfg.judges if s.name == name)
-        return build_verdict_judge(spec, self.credentials, self.jcfg, self.judge_models)
+        return build_verdict_judge(spec, self.credentials, self.jcfg, self.judge_models, self.meter)
 
     def _help_judge(self):
         spec = self.cfg.help_judge.pairwise
         if spec is None:
             return HelpfulnessRule(REFUSAL)
-        return build_pairwise_judge(spec, self.credentials, self.jcfg, progress=False)
+        return build_pairwise_judge(spec, self.credentials, self.jcfg, progress=False, meter=self.meter)
 
     def _mis_judge(self) -> MisJudge:
-        return build_mis_judge(self.cfg.mis_judge, self.credentials, self.jcfg)
+        return build_mis_judge(self.cfg.mis_judge, self.credentials, self.jcfg, meter=self.meter)
 
 
 def _score(pool: _Scorers, scorer: str, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:
@@ -299,8 +307,10 @@ def _help(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
     return out
 
 
-def score_gold_cot(mis_cot: pd.DataFrame, items: pd.DataFrame, credentials: Mapping[str, Any],
-                   judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None
+@takes_missing("mis_cot", "judge_models")
+def score_gold_cot(mis_cot: pd.DataFrame | None, items: pd.DataFrame, credentials: Mapping[str, Any],
+                   judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None,
+                   api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The teacher's own chain-of-thought targets for the mis_test items, scored like a policy's answers by
     the primary judge: where they land in MIS's buckets. A sound scoring puts them in RSR (safe, both
@@ -309,6 +319,8 @@ def score_gold_cot(mis_cot: pd.DataFrame, items: pd.DataFrame, credentials: Mapp
     Returns one row per item (question_id, safe, level, bucket) and `eval/teacher/mis_test/<bucket>.<judge>`.
     """
     jcfg = typed(JudgeConfig, judge_params)
+    if mis_cot is None:  # no MIS targets written here (the official route): no teacher to score
+        return pd.DataFrame(columns=["question_id", "safe", "level", "bucket"]), {}
     mis = items[(items["eval_set"] == "mis_test") & (items["source"] == "generated")]
     gold = mis.merge(mis_cot[mis_cot["error"].isna()][["question_id", "target"]], left_on="item_id",
                      right_on="question_id")
@@ -316,8 +328,11 @@ def score_gold_cot(mis_cot: pd.DataFrame, items: pd.DataFrame, credentials: Mapp
     if gold.empty:
         return pd.DataFrame(columns=columns), {}
     spec = next(j for j in jcfg.judges if j.name == jcfg.primary)
-    judge = build_verdict_judge(spec, credentials, jcfg, judge_models)
-    verdicts = judge.verdicts([JudgeItem(r.question, r.target, tuple(r.images)) for r in gold.itertuples(index=False)])
+    spend = stage_spend("evaluate", api_spend, costs)
+    judge = build_verdict_judge(spec, credentials, jcfg, judge_models, spend.meter)
+    with spend.metered(paid=spec.backend is not None and spec.backend.kind == "openai"):
+        verdicts = judge.verdicts([JudgeItem(r.question, r.target, tuple(r.images))
+                                   for r in gold.itertuples(index=False)])
     rows = []
     for r, v in zip(gold.itertuples(index=False), verdicts):
         level = mis_perception_level(r.target, list(r.captions))

@@ -27,6 +27,7 @@ from PIL import Image
 
 from spavl_kedro.imaging import decode_image, png_bytes
 from spavl_kedro.config import EvaluateConfig, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
 from spavl_kedro.evalsets.registry import get_eval_set
@@ -44,19 +45,22 @@ MM_SD_PROMPT = "The image shows an activity. List steps in detail to perform thi
 
 @dataclass(frozen=True)
 class SetInputs:
-    """What a set's generator may draw on (see `evalsets.registry`)."""
+    """What a set's generator may draw on (see `evalsets.registry`). This project's tables are None where no
+    run has written them; `build_eval_sets` builds only the sets that do not need them then (`from_split`)."""
 
-    test_harm: pd.DataFrame  # the split's held-out harmful pairs
-    test_help: pd.DataFrame  # the split's held-out easy pairs
-    context: "_Context"  # question ids / types and image pixels by id
-    responses: pd.DataFrame  # every responder's answers (test_help's references)
+    test_harm: pd.DataFrame | None  # the split's held-out harmful pairs
+    test_help: pd.DataFrame | None  # the split's held-out easy pairs
+    context: "_Context | None"  # question ids / types and image pixels by id
+    responses: pd.DataFrame | None  # every responder's answers (test_help's references)
     official: dict[str, pd.DataFrame]  # the SPA-VL release's tables (empty when not downloaded)
 
 
-def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions: pd.DataFrame,
-                    images: pd.DataFrame, responses: pd.DataFrame, published: dict[str, pd.DataFrame],
-                    official: dict[str, pd.DataFrame], seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame,
-                    params: EvaluateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+@takes_missing("test_harm", "test_help", "questions", "images", "responses", "seed_corpus", "seed_scenes")
+def build_eval_sets(test_harm: pd.DataFrame | None, test_help: pd.DataFrame | None, questions: pd.DataFrame | None,
+                    images: pd.DataFrame | None, responses: pd.DataFrame | None, published: dict[str, pd.DataFrame],
+                    official: dict[str, pd.DataFrame], seed_corpus: pd.DataFrame | None,
+                    seed_scenes: pd.DataFrame | None, params: EvaluateConfig | dict[str, Any]
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every configured set (`evaluate.sets`, rows of `evalsets.registry.EVAL_SETS`) as `eval_items`, plus a
     summary: items per set, variant and source.
 
@@ -64,14 +68,21 @@ def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions:
     companion such as vqa, joins it). `official` is the SPA-VL release (empty when not downloaded); with
     `test_source: official` its test/harm and test/help replace the split's. No item may show an image or
     ask a question the tiny models were taught on (`seed_corpus`, `seed_scenes`).
+
+    This project's tables are None when no earlier run wrote them (the official route on a fresh machine):
+    then only the sets that do not need them can be built (published files, the synthetic capability set,
+    and test_harm / test_help from the release with `test_source: official`); any other fails, naming it.
     """
     cfg = typed(EvaluateConfig, params)
+    absent = [name for name, table in (("test_harm", test_harm), ("test_help", test_help), ("questions", questions),
+                                       ("images", images), ("responses", responses)) if table is None]
     if cfg.test_source == "official":
         missing = [s for s in ("test_harm", "test_help") if s not in official]
         if missing:
             raise ValueError(f"evaluate.test_source is 'official' but the release in align.official_dir has no "
                              f"{missing}: download the test config (test/harm-*, test/help-*)")
-    inputs = SetInputs(test_harm, test_help, _Context(questions, images), responses, official)
+    context = _Context(questions, images) if questions is not None and images is not None else None
+    inputs = SetInputs(test_harm, test_help, context, responses, official)
     frames = []
     for name in cfg.sets:
         row = get_eval_set(name)
@@ -80,6 +91,11 @@ def build_eval_sets(test_harm: pd.DataFrame, test_help: pd.DataFrame, questions:
             log.info("evaluate: %s from its published files (%d items)", name, len(own))
             frames.append(validate_items(own, f"published {name}"))
         else:
+            if absent and row.from_split and not (row.official_test and cfg.test_source == "official"):
+                raise ValueError(f"evaluate.sets has '{name}', which is generated from this project's split, but "
+                                 f"{', '.join(absent)} have not been written: run the generate, judge and split "
+                                 f"pipelines first, place its published files (published_{name} in the catalog), "
+                                 f"or leave it out of evaluate.sets")
             frames.append(row.generate(inputs, cfg))
         for companion in (p for p in row.published if p != name and len(published.get(p, ()))):
             frames.append(validate_items(published[companion], f"published {companion}"))
@@ -136,6 +152,8 @@ def _check_unseen(items: pd.DataFrame, seed_corpus: pd.DataFrame, seed_scenes: p
     """Raise when an item shows a seed image or scene (same pixels) or asks a seed question (same words)."""
     def sha(png: bytes) -> str:
         return hashlib.sha256(png).hexdigest()
+    if seed_corpus is None or seed_scenes is None:
+        return  # no tiny model was bootstrapped here: nothing was taught
     seen_images = {sha(png) for png in seed_corpus["png"]} | set(seed_scenes["sha256"])
     seen_questions = set(seed_corpus["question"])
     for item in items.itertuples(index=False):

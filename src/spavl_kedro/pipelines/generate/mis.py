@@ -17,9 +17,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
-from spavl_kedro.config import GenerateConfig, TeacherConfig, typed
+from spavl_kedro.config import CostsConfig, GenerateConfig, TeacherConfig, stage_spend, typed
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import MIS_QTYPES, validate
 from spavl_kedro.seeding import stream
@@ -67,11 +68,13 @@ def _slug(text: str) -> str:
 
 
 def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: pd.DataFrame,
-                      credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
+                      credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any],
+                      api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
+                      ) -> pd.DataFrame:
     """A three-part safety chain-of-thought target for every kept MIS question.
 
     A model teacher's output that lacks a marked part is kept with the error, and counted; it is not
-    trained on.
+    trained on. A model teacher's calls count toward the generate stage's API spend.
     """
     cfg = typed(GenerateConfig, params)
     teacher = cfg.mis.teacher
@@ -83,11 +86,13 @@ def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: p
         errors: list[str | None] = [None] * len(texts)
         name = "template"
     else:
+        spend = stage_spend("generate", api_spend, costs)
         backend = build_backend(teacher.backend, credentials=credentials, generation=cfg.generation,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
+                                batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
         prompts = [Prompt(teacher.prompt.format(question=q.text, subcategory=q.class3),
                           tuple(meta.at[i, "png"] for i in q.image_ids)) for q in mis.itertuples(index=False)]
-        outputs = backend.generate(prompts)
+        with spend.metered(paid=teacher.backend.kind == "openai"):
+            outputs = backend.generate(prompts)
         texts = [o.text for o in outputs]
         errors = [o.error for o in outputs]
         name = teacher.backend.name

@@ -9,9 +9,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from spavl_kedro.backends.costs import SpendLedger, StageSpend
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
-from spavl_kedro.config import GenerateConfig, ModelWriterConfig, ScreenConfig, typed
+from spavl_kedro.config import CostsConfig, GenerateConfig, ModelWriterConfig, ScreenConfig, stage_spend, typed
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import SPA_QTYPES, validate
 from spavl_kedro.seeding import stream
@@ -20,12 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: Mapping[str, Any],
-                    params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
-    """Three questions per image, one per SPA-VL type, by the configured writer (not yet screened)."""
+                    params: GenerateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
+                    costs: CostsConfig | dict[str, Any] | None = None) -> pd.DataFrame:
+    """Three questions per image, one per SPA-VL type, by the configured writer (not yet screened). A model
+    writer's calls count toward the generate stage's API spend (`api_spend`, `costs`)."""
     cfg = typed(GenerateConfig, params)
     subs = {row.class3: row for row in taxonomy.itertuples(index=False)}
     if cfg.questions.writer == "model":
-        rows = _model_questions(images, subs, cfg.questions.model_writer, credentials, cfg)
+        spend = stage_spend("generate", api_spend, costs)
+        with spend.metered(paid=cfg.questions.model_writer.backend.kind == "openai"):
+            rows = _model_questions(images, subs, cfg.questions.model_writer, credentials, cfg, spend)
     else:
         rows = []
         for img in images.itertuples(index=False):
@@ -48,10 +53,10 @@ def _question(img: Any, qtype: str, text: str, writer: str, error: str | None = 
 
 
 def _model_questions(images: pd.DataFrame, subs: dict[str, Any], writer: ModelWriterConfig,
-                     credentials: Mapping[str, Any], cfg: GenerateConfig) -> list[dict[str, Any]]:
+                     credentials: Mapping[str, Any], cfg: GenerateConfig, spend: StageSpend) -> list[dict[str, Any]]:
     """Prompt the writer VLM with each image, its caption and subcategory, once per question type."""
     backend = build_backend(writer.backend, credentials=credentials, generation=cfg.generation,
-                            batch_size=cfg.batch_size, seed=cfg.seed)
+                            batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
     jobs, prompts = [], []
     for img in images.itertuples(index=False):
         sub = subs[img.class3]
@@ -78,8 +83,11 @@ def _first_line(text: str, max_chars: int) -> str:
 
 
 def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, images: pd.DataFrame,
-                     credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A harmfulness verdict for every question, then the keep rule of its type.
+                     credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any],
+                     api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A harmfulness verdict for every question, then the keep rule of its type. A model screen's calls count
+    toward the generate stage's API spend.
 
     Returns the `questions` table (kept and dropped, each dropped one with its reason) and the counts per
     subcategory and type. An undecided verdict (judge error, unreadable output) is never read as harmless
@@ -88,7 +96,7 @@ def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, i
     cfg = typed(GenerateConfig, params)
     screen = cfg.questions.screen
     questions = pd.concat([spa_questions, mis_questions], ignore_index=True)
-    verdicts = _screen(questions, images, screen, credentials, cfg)
+    verdicts = _screen(questions, images, screen, credentials, cfg, stage_spend("generate", api_spend, costs))
     harmful, raw = zip(*verdicts) if verdicts else ((), ())
     questions = questions.assign(harmful=pd.array(list(harmful), dtype="boolean"), screen_raw=list(raw))
     reasons = [_drop_reason(q.error, q.harmful, screen.keep[q.qtype]) for q in questions.itertuples(index=False)]
@@ -102,7 +110,7 @@ def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, i
 
 
 def _screen(questions: pd.DataFrame, images: pd.DataFrame, screen: ScreenConfig,
-            credentials: Mapping[str, Any], cfg: GenerateConfig) -> list[tuple[bool | None, str]]:
+            credentials: Mapping[str, Any], cfg: GenerateConfig, spend: StageSpend) -> list[tuple[bool | None, str]]:
     if screen.judge == "lexicon":
         markers = [m.lower() for m in screen.harm_markers]
         out = []
@@ -111,13 +119,14 @@ def _screen(questions: pd.DataFrame, images: pd.DataFrame, screen: ScreenConfig,
             out.append((hit is not None, hit or ""))
         return out
     backend = build_backend(screen.backend, credentials=credentials, generation={"max_new_tokens": 16,
-                            "do_sample": False}, batch_size=cfg.batch_size, seed=cfg.seed)
+                            "do_sample": False}, batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
     pixels = dict(zip(images["image_id"], images["png"]))
     prompts = [Prompt(screen.prompt.format(question=q.text, subcategory=q.class3),
                       tuple(pixels[i] for i in q.image_ids) if screen.show_images else ())
                for q in questions.itertuples(index=False)]
-    return [(None, f"error: {g.error}") if g.error else (parse_label(g.text, screen), g.text)
-            for g in backend.generate(prompts)]
+    with spend.metered(paid=screen.backend.kind == "openai"):
+        generations = backend.generate(prompts)
+    return [(None, f"error: {g.error}") if g.error else (parse_label(g.text, screen), g.text) for g in generations]
 
 
 def parse_label(text: str, screen: ScreenConfig) -> bool | None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.agreement import cohens_kappa
+from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.backends.factory import OneAtATime, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.guard import construction_unsafe, guard_examples, guard_prompt, judge_template
@@ -23,7 +24,8 @@ from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, bu
 from spavl_kedro.backends.judges import GUARD_PROMPTS, Comparison, JudgeItem, PairItem
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
 from spavl_kedro.backends.settings import Behaviour
-from spavl_kedro.config import JudgeConfig, TinyConfig, VerdictJudgeSpec, typed
+from spavl_kedro.config import CostsConfig, JudgeConfig, TinyConfig, VerdictJudgeSpec, stage_spend, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.grounding import helpfulness
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
@@ -81,24 +83,29 @@ def _judge_failed(verdicts: pd.DataFrame) -> pd.Series:
     return verdicts["category"] == "error"
 
 
+@takes_missing("judge_models")  # a tiny model's absence is named by the backend factory
 def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
                         credentials: Mapping[str, Any], done_shards: Mapping[str, Callable[[], pd.DataFrame]],
-                        params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None
+                        params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None,
+                        api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
                         ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per verdict shard still to judge, resumable like the response shards, and the plan
-    (`verdict_plan`) that `collect_verdicts` checks them against."""
+    (`verdict_plan`) that `collect_verdicts` checks them against. API judges count into the judge stage's
+    spend, checked against its budget before each shard."""
     cfg = typed(JudgeConfig, params)
+    spend = stage_spend("judge", api_spend, costs)
     judged = _judged(responses, questions, images)
     planned = _verdict_shards(judged, cfg, judge_models)
     todo = list(pending([s for s, _ in planned], done_shards, _judge_failed))
     specs = {s.shard_id: spec for s, spec in planned}
     progress, judges = Progress("verdict", len(todo)), OneAtATime()
-    build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models)
+    build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models,
+                    meter=spend.meter)
     work = {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
                                     partial(_judge_rows, judges, build, specs[shard.shard_id], progress,
                                             shard.shard_id))
             for shard, previous in todo}
-    return work, plan_table([shard for shard, _ in planned])
+    return spend.guard(work), plan_table([shard for shard, _ in planned])
 
 
 def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], spec: VerdictJudgeSpec,
@@ -136,12 +143,14 @@ def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], v
 
 
 def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts: pd.DataFrame,
-                     images: pd.DataFrame, credentials: Mapping[str, Any], params: JudgeConfig | dict[str, Any]
+                     images: pd.DataFrame, credentials: Mapping[str, Any], params: JudgeConfig | dict[str, Any],
+                     api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """Pairs of responses per question (`pairing`), each decided in both orders.
 
     Returns the preferences, every candidate pair with its outcome (ties and disagreements included, so
-    nothing disappears unseen), and counts for MLflow.
+    nothing disappears unseen), and counts for MLflow. A pairwise judge behind an API counts into the judge
+    stage's spend; its budget is checked once, before the pairs are asked (they are one batch, not shards).
     """
     cfg = typed(JudgeConfig, params)
     primary = verdicts.loc[verdicts["judge"] == cfg.primary, ["response_id", "safe"]]
@@ -157,9 +166,11 @@ def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts:
         skipped += not pairs
         candidates += [(q, a, b) for a, b in pairs]
     if cfg.pairwise is not None:
-        judge = build_pairwise_judge(cfg.pairwise, credentials, cfg)
-        outcomes = judge.compare_pairs([PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids))
-                                        for q, a, b in candidates])
+        spend = stage_spend("judge", api_spend, costs)
+        judge = build_pairwise_judge(cfg.pairwise, credentials, cfg, meter=spend.meter)
+        with spend.metered(paid=cfg.pairwise.backend.kind == "openai" and bool(candidates)):
+            outcomes = judge.compare_pairs([PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids))
+                                            for q, a, b in candidates])
         judge_name = f"{cfg.primary}+{cfg.pairwise.name}"
     else:
         outcomes = [_by_verdicts(a, b, [captions[i] for i in q.image_ids], harmful_request(q.qtype))

@@ -1,8 +1,8 @@
 """What each alignment method will need in GPU memory, host RAM and disk, estimated before anything loads.
 
 The policy is built from its config.json on PyTorch's meta device (no weights read), and the trainers' own
-choices are applied to it: `freeze_for_full_finetune` for DPO and SFT, PEFT's `get_peft_model` with the
-recipe's `lora_config` for LoRA. So the trainable count is the one the run will have, not a rule of thumb.
+choices are applied to it: `freeze_for_full_finetune` for DPO and SFT, and for the reward model its frozen
+LM head and (with `freeze_vision_tower`) tower, PEFT's `get_peft_model` with the recipe's `lora_config` for LoRA. So the trainable count is the one the run will have, not a rule of thumb.
 
 Per GPU, for a method on N processes with ZeRO stage z (0 for DDP):
 - weights: every parameter in `weights_dtype` (4 bytes in float32, 2 in bfloat16), divided by N under ZeRO-3;
@@ -78,7 +78,7 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
     with the trainable count each recipe in `recipes` (method -> settings) will have."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from spavl_kedro.backends.recipe import freeze_for_full_finetune, lora_config
+    from spavl_kedro.backends.recipe import freeze_for_full_finetune, freeze_lm_head, lora_config
 
     config = AutoConfig.from_pretrained(model, local_files_only=True)
     with torch.device("meta"):
@@ -89,6 +89,10 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
         projector = bool(getattr(settings, "train_projector", False))
         if method in ("dpo", "sft"):
             freeze_for_full_finetune(base, projector)
+        if method == "reward":  # as backends/reward.py trains it: the LM head unused, the tower as configured
+            freeze_lm_head(base)
+            if getattr(settings, "freeze_vision_tower", False):
+                freeze_for_full_finetune(base, train_projector=True)
         full[method] = sum(p.numel() for p in base.parameters() if p.requires_grad)
         base.requires_grad_(True)
         if getattr(settings, "lora", False):
