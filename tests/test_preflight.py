@@ -217,3 +217,34 @@ def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(llava_7
     ProjectHooks().before_pipeline_run({}, register_pipelines()["preflight"], catalog)
     catalog["parameters"] = {**params, "preflight": {**params["preflight"], "gate": False}}
     ProjectHooks().before_pipeline_run({}, register_pipelines()["align"], catalog)
+
+
+def test_an_endpoint_check_names_a_model_the_server_does_not_list():
+    """GET /models on a loopback server: a configured model it lists passes (also as Gemini's "models/<name>"
+    ids), one it does not list is named with what the server does serve."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "models/gemini-2.5-flash"}, {"id": "gpt-4o"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        assert nodes._endpoint_check("w", url, "gemini-2.5-flash", None).status == "ok"
+        assert nodes._endpoint_check("w", url, "gpt-4o", None).status == "ok"
+        retired = nodes._endpoint_check("w", url, "gemini-1.5-flash", None)
+        assert retired.status == "missing" and "not 'gemini-1.5-flash'" in retired.detail
+        assert "gemini-2.5-flash" in retired.detail
+    finally:
+        server.shutdown()

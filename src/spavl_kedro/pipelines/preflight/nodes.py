@@ -227,7 +227,9 @@ def _endpoint_check(where: str, base_url: str, model: str | None, key: str | Non
         request.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=ENDPOINT_TIMEOUT_S) as response:
-            listed = [m.get("id") for m in json.loads(response.read() or b"{}").get("data", [])]
+            # Gemini's OpenAI-compatible endpoint lists "models/<name>" but takes "<name>" in a request.
+            listed = [str(m.get("id")).removeprefix("models/")
+                      for m in json.loads(response.read() or b"{}").get("data", [])]
     except urllib.error.HTTPError as exc:
         status = "missing" if exc.code in (401, 403) else "unreachable"
         return Check("endpoint", where, base_url, status, f"HTTP {exc.code} from /models"
