@@ -227,7 +227,8 @@ def _endpoint_check(where: str, base_url: str, model: str | None, key: str | Non
         request.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=ENDPOINT_TIMEOUT_S) as response:
-            # Gemini's OpenAI-compatible endpoint lists "models/<name>" but takes "<name>" in a request.
+            # Gemini names its models "models/<name>" and prefixes a requested "<name>" itself
+            # (ai.google.dev/api/compatibility), so a listed "models/<name>" serves "<name>".
             listed = [str(m.get("id")).removeprefix("models/")
                       for m in json.loads(response.read() or b"{}").get("data", [])]
     except urllib.error.HTTPError as exc:
