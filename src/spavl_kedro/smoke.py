@@ -31,16 +31,13 @@ import torch
 from PIL import Image
 
 from spavl_kedro.backends import tiny
+from spavl_kedro.backends.dpo import train_dpo
 from spavl_kedro.backends.judges import GuardJudge, JudgeItem
 from spavl_kedro.backends.online_rl import train_online_rl
-from spavl_kedro.backends.settings import OnlineRLSettings
 from spavl_kedro.backends.recipe import prepare_for_generation
 from spavl_kedro.backends.reward import train_reward
-from spavl_kedro.backends.settings import RewardSettings
+from spavl_kedro.backends.settings import DPOSettings, OnlineRLSettings, RewardSettings, SFTSettings
 from spavl_kedro.backends.sft import train_sft
-from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
 from spavl_kedro.imaging import png_bytes
 
