@@ -21,7 +21,7 @@ from spavl_kedro.backends import reward, tiny
 from spavl_kedro.backends.sft import examples_to_dataset, train_sft
 from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.dpo import pairs_to_dataset
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm
+from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm, with_system_sentence
 
 REFUSAL = "I cannot help with that."
 COMPLIANCE = "Sure, here are the steps."
@@ -73,10 +73,16 @@ def test_the_model_directory_has_llava_15s_formats(llava):
     assert ids == generation_ids(vlm.processor, QUESTION, 2)  # the saved tokenizer encodes as the trained one
 
 
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions.")  # conv_vicuna_v1's system, llava/conversation.py
+
+
 @pytest.mark.parametrize("n_images", [1, 2])
-def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images, tmp_path):
+@pytest.mark.parametrize("system", [None, VICUNA_V1])
+def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images, system, tmp_path):
     vlm, _ = llava
-    processor, tokenizer = vlm.processor, vlm.processor.tokenizer
+    processor = vlm.processor if system is None else with_system_sentence(vlm.processor, system)
+    tokenizer = processor.tokenizer
     prompt_ids = generation_ids(processor, QUESTION, n_images)
     answer_ids = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     images = [Image.new("RGB", (64, 64), "red")] * n_images
@@ -133,3 +139,76 @@ def test_the_llava_15_layout_is_a_configuration_choice():
     assert config.vision_feature_layer == -2 and tiny.TinyModelConfig().vision_feature_layer == -1
     with pytest.raises(ValueError, match="layout"):
         tiny.TinyModelConfig(layout="llava-2")
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's own padding (llava/mm_utils.py in github.com/haotian-liu/LLaVA), copied in its logic: the
+    image centred on a square of its longer side, filled with the image processor's mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def test_a_padded_policy_feeds_every_path_the_pixels_llava_pads_to(llava, tmp_path):
+    """`align.policy.image_preprocessing: pad` on a 3:1 image: generation, DPO's collator and the reward
+    model's encoding all see what LLaVA's expand2square + CLIP preprocessing gives, also after the policy is
+    saved and loaded as the catalog's policy_base; `default` centre-crops instead."""
+    import numpy as np
+    import torch
+
+    from spavl_kedro.datasets import ModelDirectoryDataset
+    from spavl_kedro.pipelines.align.nodes import prepare_policy
+
+    _, directory = llava
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 336, 3), dtype=np.uint8))
+    clip = load_vlm(str(directory)).processor.image_processor
+    expected = clip(expand2square(wide, tuple(int(x * 255) for x in clip.image_mean)),
+                    return_tensors="pt")["pixel_values"][0]
+    cropped = clip(wide, return_tensors="pt")["pixel_values"][0]
+    assert (expected - cropped).abs().max() > 1  # the two preprocessings differ on this image
+
+    def policy(mode: str):
+        align = {"policy": {"kind": "transformers", "model": str(directory), "image_preprocessing": mode}}
+        store = ModelDirectoryDataset(str(tmp_path / mode), kind="vlm")
+        store.save(prepare_policy(None, None, align, {}))
+        return store.load()
+
+    padded = policy("pad")
+    processor = padded.processor
+    prompt = processor.apply_chat_template(tiny.user_message(QUESTION, 1), add_generation_prompt=True)
+    generation = processor(text=[prompt], images=[wide], return_tensors="pt")["pixel_values"][0]
+    pair = {"images": [wide], "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE}
+    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(tmp_path))[0]])
+    scored = reward._encode(processor, [wide], QUESTION, REFUSAL).pixel_values[0]
+    for pixels in (generation, dpo["pixel_values"][0], scored):
+        assert torch.equal(pixels, expected)
+    default = policy("default").processor(text=[prompt], images=[wide], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(default, cropped)
+
+
+def test_the_system_sentence_renders_llavas_conv_vicuna_v1(llava, tmp_path):
+    """`align.policy.system_sentence` with conv_vicuna_v1's sentence: the prompt generation renders is the string
+    LLaVA's Conversation.get_prompt gives for SeparatorStyle.TWO (system + sep, then "USER: " + message + sep,
+    then "ASSISTANT:"), written out here from llava/conversation.py; an answered turn ends with sep2, </s>.
+    It survives saving the policy as the catalog's policy_base."""
+    from spavl_kedro.datasets import ModelDirectoryDataset
+    from spavl_kedro.pipelines.align.nodes import prepare_policy
+
+    _, directory = llava
+    align = {"policy": {"kind": "transformers", "model": str(directory), "system_sentence": VICUNA_V1}}
+    store = ModelDirectoryDataset(str(tmp_path / "policy"), kind="vlm")
+    store.save(prepare_policy(None, None, align, {}))
+    processor = store.load().processor
+    sep, sep2, question = " ", "</s>", "What is shown?"
+    llava_prompt = VICUNA_V1 + sep + "USER: " + "<image>\n" + question + sep + "ASSISTANT:"
+    rendered = processor.apply_chat_template(tiny.user_message(question, 1), add_generation_prompt=True)
+    assert rendered == llava_prompt
+    prompt, completion = tiny.prompt_and_completion(processor, question, 1, "It is red.")
+    assert completion == " It is red." + sep2 and prompt.endswith("ASSISTANT:")
+    # an explicit system turn replaces the sentence rather than adding a second one
+    own = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *tiny.user_message(question, 1)]
+    assert processor.apply_chat_template(own, add_generation_prompt=True).startswith("Be brief. USER:")

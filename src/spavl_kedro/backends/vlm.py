@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import copy
 import email.utils
 import io
 import json
@@ -77,6 +78,41 @@ def load_vlm(path_or_id: str, trust_remote_code: bool = False, **kwargs: Any) ->
         raise OSError(f"cannot load model '{path_or_id}' (safetensors weights only): {exc}") from exc
     model.eval()
     return VLM(model=model, processor=processor)
+
+
+# The image processor fields a padding processor keeps from the checkpoint's own.
+_IMAGE_FIELDS = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "resample",
+                 "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+
+
+def pad_images_to_square(processor: Any) -> Any:
+    """A copy of `processor` (sharing its tokenizer) whose image processor first pads each image to a square in the
+    image processor's mean colour, then resizes and normalises as before: LLaVA's `--image_aspect_ratio pad`
+    (`expand2square` in llava/mm_utils.py, github.com/haotian-liu/LLaVA), which LLaVA-1.5 was trained with.
+    The checkpoint's own CLIP processor would centre-crop a non-square image instead. Saved with the model,
+    the padding travels to every trainer, launched rank and evaluation that loads it."""
+    from transformers import LlavaImageProcessorPil
+
+    current = processor.image_processor.to_dict()
+    padded = copy.copy(processor)
+    padded.image_processor = LlavaImageProcessorPil(**{key: current[key] for key in _IMAGE_FIELDS if key in current},
+                                                    do_pad=True)
+    return padded
+
+
+def with_system_sentence(processor: Any, sentence: str) -> Any:
+    """A copy of `processor` (sharing its tokenizer) whose chat template begins every conversation that has no
+    system turn with `sentence` and a space, as LLaVA's `conv_vicuna_v1` does (llava/conversation.py,
+    SeparatorStyle.TWO: "<system> USER: <image>\\n{question} ASSISTANT:"). The template is the model's own,
+    prefixed; saved with the model, the sentence reaches generation, every trainer and evaluation."""
+    template = processor.chat_template
+    if not template:
+        raise ValueError("a system sentence needs the model's chat template, and this processor has none")
+    prefixed = copy.copy(processor)
+    literal = json.dumps(sentence + " ")  # a double-quoted string literal, which Jinja reads as Python would
+    prefixed.chat_template = ("{%- if not messages or messages[0]['role'] != 'system' %}{{ " + literal
+                            + " }}{%- endif %}" + template)
+    return prefixed
 
 
 def answering_kwargs(load_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
