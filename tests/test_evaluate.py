@@ -292,6 +292,14 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
     aligned[order.index("test_harm")] = None  # one harmful item fails: unsafe, never safe
     scores, params = _score(items, _answers(items, {"base": base, "dpo": aligned}))
     table, mlflow_metrics, report, *figures = summarise_eval(scores, items, params, JUDGE)
+    assert "Policy inputs" not in report  # no align block given: nothing claimed about the policies' inputs
+    llava = {"policy": {"kind": "transformers", "model": "m", "image_preprocessing": "pad",
+                        "system_sentence": "A chat between a curious user and an AI assistant."}}
+    named = summarise_eval(scores, items, params, JUDGE, None, None, llava)[2]
+    assert ('Policy inputs: the model\'s own chat template, each conversation opened by the system sentence "A chat '
+            'between a curious user and an AI assistant."; images padded to a square') in named
+    plain = summarise_eval(scores, items, params, JUDGE, None, None, {"policy": {"kind": "transformers", "model": "m"}})[2]
+    assert "no system sentence; images as the checkpoint's image processor prepares them" in plain
 
     def value(model, eval_set, metric, judge, variant="default"):
         row = table[(table["model"] == model) & (table["eval_set"] == eval_set) & (table["variant"] == variant)

@@ -50,7 +50,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                               "api_spend", "params:costs"], ["gold_cot_scores", "gold_cot_metrics"],
              name="score_gold_cot"),
         Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores",
-                              "reference_answers"],
+                              "reference_answers", "params:align"],
              ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains",
               "eval_plot_tradeoff"], name="summarise_eval"),
         Node(item_table, ["eval_items", "eval_answers", "eval_scores"], "eval_item_table", name="tabulate_eval_items"),

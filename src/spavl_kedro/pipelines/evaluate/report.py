@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no global state,
 import pandas as pd
 
 from spavl_kedro.backends.guard import judge_template
-from spavl_kedro.config import EvaluateConfig, JudgeConfig, typed
+from spavl_kedro.config import AlignConfig, EvaluateConfig, JudgeConfig, PolicyConfig, typed
 from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
@@ -34,12 +34,15 @@ PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png
 
 
 def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any],
-                   gold_cot: pd.DataFrame | None = None, references: pd.DataFrame | None = None
+                   gold_cot: pd.DataFrame | None = None, references: pd.DataFrame | None = None,
+                   align_params: AlignConfig | dict[str, Any] | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
     saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
     chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound. `references`
-    (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed."""
+    (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed.
+    `align_params` names how every evaluated policy was prompted and fed images: all of them carry the base
+    policy's processor (`align.policy.system_sentence`, `image_preprocessing`)."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -51,9 +54,22 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     table.insert(0, "level", cfg.confidence)
     figures = _figures(table, jcfg.primary, help_judge_name(cfg), cfg.reference_responder)
     headline = _headline(cfg, jcfg)
-    report = _report(table, items, cfg, jcfg, figures, gold_cot, references)
+    policy = typed(AlignConfig, align_params).policy if align_params is not None else None
+    report = _report(table, items, cfg, jcfg, figures, gold_cot, references, policy)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
     return table, for_mlflow({**_mlflow_names(table, headline), **_reference_counts(references)}), report, *drawn
+
+
+def _policy_inputs(policy: PolicyConfig | None) -> list[str]:
+    """How the evaluated policies were prompted and fed images (the base policy's processor, which each
+    aligned policy keeps): the paragraph naming it, or nothing when the align block was not given."""
+    if policy is None:
+        return []
+    prompt = (f'the model\'s own chat template, each conversation opened by the system sentence "{policy.system_sentence}"'
+              if policy.system_sentence is not None else "the model's own chat template, no system sentence")
+    images = ("padded to a square in the image processor's mean colour, then resized (LLaVA's `pad`)"
+              if policy.image_preprocessing == "pad" else "as the checkpoint's image processor prepares them")
+    return [f"Policy inputs: {prompt}; images {images} (`align.policy`).", ""]
 
 
 def mlflow_name(row: Any) -> str:
@@ -121,7 +137,7 @@ def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str
 
 def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
             figures: dict[str, Any], gold_cot: pd.DataFrame | None = None,
-            references: pd.DataFrame | None = None) -> str:
+            references: pd.DataFrame | None = None, policy: PolicyConfig | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     primary = next(spec for spec in jcfg.judges if spec.name == jcfg.primary)
@@ -135,6 +151,7 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
         f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
+        *_policy_inputs(policy),
         *_references_used(items, cfg, references),
         *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",
