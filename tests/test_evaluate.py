@@ -300,6 +300,10 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
             'between a curious user and an AI assistant."; images padded to a square') in named
     plain = summarise_eval(scores, items, params, JUDGE, None, None, {"policy": {"kind": "transformers", "model": "m"}})[2]
     assert "no system sentence; images as the checkpoint's image processor prepares them" in plain
+    template = "conf/paper/templates/llava_conv_vicuna_v1.jinja"
+    own = summarise_eval(scores, items, params, JUDGE, None, None,
+                         {"policy": {"kind": "transformers", "model": "m", "chat_template": template}})[2]
+    assert f"Policy inputs: the chat template in {template}; images as the checkpoint's" in own
 
     def value(model, eval_set, metric, judge, variant="default"):
         row = table[(table["model"] == model) & (table["eval_set"] == eval_set) & (table["variant"] == variant)

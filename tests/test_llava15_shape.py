@@ -10,6 +10,7 @@ in tests/test_smoke.py.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -18,6 +19,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from serving import transformers_serve
 from spavl_kedro.backends import reward, tiny
+from spavl_kedro.backends.families import family_named
 from spavl_kedro.backends.sft import examples_to_dataset, train_sft
 from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.dpo import pairs_to_dataset
@@ -27,6 +29,7 @@ REFUSAL = "I cannot help with that."
 COMPLIANCE = "Sure, here are the steps."
 QUESTION = "What do the two pictures show together?"
 GREEDY = {"max_new_tokens": 16, "do_sample": False}
+LLAVA = family_named("llava")
 
 
 def png(colour: str) -> bytes:
@@ -77,6 +80,27 @@ VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assis
              "detailed, and polite answers to the user's questions.")  # conv_vicuna_v1's system, llava/conversation.py
 
 
+def trainer_ids(processor, images, answer: str, scratch) -> dict[str, list[int]]:
+    """The ids each trainer feeds the model for one (images, QUESTION, answer) example: DPO's collator (the chosen
+    row), SFT's collator, the reward model's encoding and the tiny bootstrap's; GRPO / RLOO render and tokenize
+    their prompts with the processor's own `apply_chat_template(tokenize=True)`, given under "grpo_prompt"."""
+    pair = {"images": images, "question": QUESTION, "chosen": answer, "rejected": COMPLIANCE}
+    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(scratch))[0]])
+    sft = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(
+        [examples_to_dataset([{"images": images, "question": QUESTION, "target": answer}], processor, str(scratch))[0]])
+    seed = tiny._encode(processor, tiny.SeedExample.harmful_request(images, QUESTION, answer, COMPLIANCE))
+    asked = [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                          {"type": "text", "text": QUESTION}]}]
+    grpo = processor.apply_chat_template(conversation=[asked], add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)
+    return {"dpo": dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist(),  # the first row is the chosen
+            "sft": sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist(),
+            "sft_labels": sft["labels"][0][sft["labels"][0] != -100].tolist(),
+            "reward": reward._encode(processor, LLAVA, images, QUESTION, answer).input_ids.tolist(),
+            "bootstrap": seed.prompt.tolist() + seed.refusal.tolist(),
+            "grpo_prompt": list(grpo["input_ids"][0])}
+
+
 @pytest.mark.parametrize("n_images", [1, 2])
 @pytest.mark.parametrize("system", [None, VICUNA_V1])
 def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(llava, n_images, system, tmp_path):
@@ -85,23 +109,60 @@ def test_every_trainer_sees_the_generation_prompt_and_an_answer_ending_in_eos(ll
     tokenizer = processor.tokenizer
     prompt_ids = generation_ids(processor, QUESTION, n_images)
     answer_ids = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    images = [Image.new("RGB", (64, 64), "red")] * n_images
-
-    pair = {"images": images, "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE}
-    dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(tmp_path))[0]])
-    chosen = dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist()  # the first row is the chosen
-    sft = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(
-        [examples_to_dataset([{"images": images, "question": QUESTION, "target": REFUSAL}], processor, str(tmp_path))[0]])
-    sft_ids = sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist()
-    labels = sft["labels"][0][sft["labels"][0] != -100].tolist()
-    scored = reward._encode(processor, images, QUESTION, REFUSAL).input_ids.tolist()
-    seed = tiny._encode(processor, tiny.SeedExample.harmful_request(images, QUESTION, REFUSAL, COMPLIANCE))
+    seen = trainer_ids(processor, [Image.new("RGB", (64, 64), "red")] * n_images, REFUSAL, tmp_path)
 
     # llava-1.5's template has no BOS and ends an assistant turn with " " instead of </s>: rendered as it
     # is, training would drop the BOS generation sees and never teach the model to stop.
-    for ids in (chosen, sft_ids, scored, seed.prompt.tolist() + seed.refusal.tolist()):
-        assert ids == prompt_ids + answer_ids
-    assert labels == answer_ids
+    for path in ("dpo", "sft", "reward", "bootstrap"):
+        assert seen[path] == prompt_ids + answer_ids, path
+    assert seen["sft_labels"] == answer_ids
+    assert seen["grpo_prompt"] == prompt_ids
+
+
+CONV_VICUNA_V1 = Path(__file__).parents[1] / "conf" / "paper" / "templates" / "llava_conv_vicuna_v1.jinja"
+
+
+def llava_ids(tokenizer, image_token_id: int, n_images: int, answer: str | None) -> list[int]:
+    """The ids LLaVA itself feeds LLaVA-1.5 for a question about `n_images` images, written here from
+    github.com/haotian-liu/LLaVA: llava/conversation.py's `conv_vicuna_v1` (SeparatorStyle.TWO, sep " ", sep2
+    "</s>"; each image as DEFAULT_IMAGE_TOKEN + "\n" before the question) and `Conversation.get_prompt`, then
+    llava/mm_utils.py's `tokenizer_image_token`: the text split at each "<image>", every chunk tokenized on its
+    own (so with its BOS, kept for the first chunk only), and IMAGE_TOKEN_INDEX between chunks, which the model
+    replaces with the image's 576 features (here: 576 image tokens, as llava-hf's processor expands them)."""
+    seps = [" ", "</s>"]
+    messages = [("USER", "<image>\n" * n_images + QUESTION), ("ASSISTANT", answer)]
+    prompt = VICUNA_V1 + seps[0]
+    for i, (role, message) in enumerate(messages):
+        prompt += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    assert chunks[0][0] == tokenizer.bos_token_id
+    ids = [tokenizer.bos_token_id]
+    for n, chunk in enumerate(chunks):
+        ids += ([image_token_id] * 576 if n else []) + chunk[1:]
+    return ids
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_the_conv_vicuna_v1_template_feeds_llavas_own_token_ids(llava, n_images, tmp_path):
+    """conf/paper's `align.policy.chat_template` on the LLaVA-1.5-shaped policy: generation and every trainer
+    feed exactly the ids LLaVA's own code gives. llava-hf's template with conv_vicuna_v1's sentence renders the
+    same text, yet its ids differ by the "▁" LLaVA's chunked tokenization puts after each image."""
+    from spavl_kedro.pipelines.align.nodes import prepare_policy
+
+    vlm, directory = llava
+    align = {"policy": {"kind": "transformers", "model": str(directory), "chat_template": str(CONV_VICUNA_V1)}}
+    processor = prepare_policy(None, None, align, {}).processor
+    tokenizer, image_id = processor.tokenizer, vlm.model.config.image_token_id
+    images = [Image.new("RGB", (64, 64), "red")] * n_images
+    prompt = llava_ids(tokenizer, image_id, n_images, None)
+    assert generation_ids(processor, QUESTION, n_images) == prompt
+    seen = trainer_ids(processor, images, REFUSAL, tmp_path)
+    answered = llava_ids(tokenizer, image_id, n_images, REFUSAL)
+    for path in ("dpo", "sft", "reward", "bootstrap"):
+        assert seen[path] == answered, path
+    assert seen["sft_labels"] == answered[len(prompt):] and seen["grpo_prompt"] == prompt
+    # the sentence through llava-hf's own template: the same text, not the same ids
+    assert generation_ids(with_system_sentence(vlm.processor, VICUNA_V1), QUESTION, n_images) != prompt
 
 
 @pytest.mark.slow
@@ -183,7 +244,7 @@ def test_a_padded_policy_feeds_every_path_the_pixels_llava_pads_to(llava, tmp_pa
     generation = processor(text=[prompt], images=[wide], return_tensors="pt")["pixel_values"][0]
     pair = {"images": [wide], "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE}
     dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(tmp_path))[0]])
-    scored = reward._encode(processor, [wide], QUESTION, REFUSAL).pixel_values[0]
+    scored = reward._encode(processor, LLAVA, [wide], QUESTION, REFUSAL).images["pixel_values"][0]
     for pixels in (generation, dpo["pixel_values"][0], scored):
         assert torch.equal(pixels, expected)
     default = policy("default").processor(text=[prompt], images=[wide], return_tensors="pt")["pixel_values"][0]

@@ -17,7 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
-    NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, RecipeSettings, TinyModelConfig, VisionPretrainConfig,
+    NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, InputFormat, RecipeSettings, TinyModelConfig,
+    VisionPretrainConfig,
 )
 from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
 
@@ -473,7 +474,10 @@ class SplitConfig(Strict):
         return self
 
 
-class PolicyConfig(Strict):
+class PolicyConfig(Strict, InputFormat):
+    """The base policy; `chat_template`, `system_sentence` and `image_preprocessing` (`InputFormat`) are saved
+    with its processor, so every trainer and evaluation feeds it the same way."""
+
     kind: Literal["tiny", "transformers"] = Field(description="`tiny`: bootstrapped offline with `tiny.*`; "
                                                               "`transformers`: loaded from `model`")
     refusal_rate: float | None = Field(
@@ -490,19 +494,6 @@ class PolicyConfig(Strict):
                                           "trainers cast their copy to the recipe's `weights_dtype`")
     seed: int = Field(7, description="`tiny`: seeds the base policy's weights and bootstrap, in place of "
                                      "`tiny.bootstrap.seed`")
-    image_preprocessing: Literal["default", "pad"] = Field(
-        "default", description="how the policy's images become pixels, in every trainer and in evaluation (saved "
-                               "with the policy). `default`: the checkpoint's image processor (llava-hf's LLaVA-1.5: "
-                               "resize, then centre-crop); `pad`: pad to a square in the processor's mean colour "
-                               "first, as LLaVA's `--image_aspect_ratio pad` (`expand2square`, github.com/haotian-liu/"
-                               "LLaVA), with which LLaVA-1.5 was trained (`backends.vlm.pad_images_to_square`)")
-    system_sentence: str | None = Field(
-        None, description="a sentence every conversation with the policy begins with, in generation, every trainer "
-                          "and evaluation, through the model's own chat template (saved with the policy; "
-                          "`backends.vlm.with_system_sentence`). LLaVA-1.5 was trained with `conv_vicuna_v1`'s "
-                          "(llava/conversation.py, github.com/haotian-liu/LLaVA), which llava-hf's template leaves "
-                          "out; null: the template as it is")
-
     @model_validator(mode="after")
     def _kind_fields(self):
         if self.kind == "tiny" and self.refusal_rate is None:

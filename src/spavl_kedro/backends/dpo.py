@@ -114,7 +114,7 @@ def train_dpo(
         per_device_eval_batch_size=settings.per_device_train_batch_size,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
     )
-    peft_config = lora_config(settings, settings.train_projector) if settings.lora else None
+    peft_config = lora_config(settings, model, settings.train_projector) if settings.lora else None
 
     with child_run(settings):
         trainer = DPOTrainer(

@@ -15,7 +15,9 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.settings import BackendSpec
-from spavl_kedro.backends.vlm import OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, load_vlm
+from spavl_kedro.backends.vlm import (
+    OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, as_configured, load_vlm,
+)
 
 
 def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,
@@ -38,7 +40,8 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
     if spec.kind == "tiny":
         vlm = _tiny(spec, tiny_models)
     else:
-        vlm = load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **answering_kwargs(spec.load_kwargs))
+        vlm = as_configured(load_vlm(spec.model, trust_remote_code=spec.trust_remote_code,
+                                     **answering_kwargs(spec.load_kwargs)), spec)
     return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
 
 

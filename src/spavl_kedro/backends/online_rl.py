@@ -119,7 +119,7 @@ def train_online_rl(
     # learning rate, epochs, batch (answers, whole groups), num_generations, max_completion_length,
     # temperature and beta pass through under TRL's names
     args = trl_config(config_cls, settings, device, precision)
-    peft_config = lora_config(settings) if settings.lora else None
+    peft_config = lora_config(settings, model) if settings.lora else None
 
     with child_run(settings):
         trainer = trainer_cls(

@@ -7,7 +7,8 @@
   by default, whatever dtype the checkpoint recorded: llava-hf's record float16, and transformers 5 loads a
   checkpoint's own dtype).
 - `lora_config`: where adapters go. The vision tower never gets one, even with target "all-linear"; the
-  multi-modal projector is either trained whole (PEFT's `modules_to_save`) or left alone.
+  multi-modal projector is either trained whole (PEFT's `modules_to_save`) or left alone. Module names come
+  from the model's row of the architecture table (`families.py`).
 - `child_run`: the nested MLflow run a training is logged to.
 - `prepare_for_generation`: a trained model back into eval mode with its KV cache on.
 - `trainer_args`, `trl_config`, `run_trainer`: the TrainingArguments every TRL trainer here shares, a TRL
@@ -41,15 +42,11 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from spavl_kedro.backends.families import family_of
 from spavl_kedro.backends.tiny import weights_fingerprint
 from spavl_kedro.backends.settings import RecipeSettings
 
 log = logging.getLogger(__name__)
-
-# LLaVA-family module names (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision in transformers 5).
-VISION_TOWER = "vision_tower"
-PROJECTOR = "multi_modal_projector"
-
 
 # `RecipeSettings.weights_dtype` -> torch dtype
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -143,19 +140,18 @@ def trl_config(config_class: type, settings: RecipeSettings, device: str, precis
     return config_class(**ours, **settings.trl_args)
 
 
-def lora_config(settings: RecipeSettings, train_projector: bool = False, task_type: str | None = "CAUSAL_LM"
-                ) -> LoraConfig:
-    excluded = [VISION_TOWER] if train_projector else [VISION_TOWER, PROJECTOR]
-    # A regex, not a list: a list entry only excludes the module of that exact name, not the linear layers
-    # inside it (model.vision_tower.vision_model...q_proj).
-    exclude = r".*\b(" + "|".join(excluded) + r")(\..*)?"
+def lora_config(settings: RecipeSettings, model: torch.nn.Module, train_projector: bool = False,
+                task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+    """The recipe's LoRA on `model`'s language model: its family's tower (and projector, unless trained whole
+    through PEFT's `modules_to_save`) excluded from the targets."""
+    family = family_of(model)
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=settings.lora_target_modules,
-        exclude_modules=exclude,
-        modules_to_save=[PROJECTOR] if train_projector else None,
+        exclude_modules=family.lora_exclude(train_projector),
+        modules_to_save=[family.projector_to_save()] if train_projector else None,
         bias="none",
         task_type=task_type,
     )
@@ -270,16 +266,12 @@ def curve_summary(log_history: list[dict], keys: Iterable[str]) -> dict[str, flo
 
 
 def freeze_for_full_finetune(model: torch.nn.Module, train_projector: bool) -> None:
-    """Freeze the vision tower (and the projector unless `train_projector`); everything else trains."""
-    frozen = [VISION_TOWER] if train_projector else [VISION_TOWER, PROJECTOR]
-    for name in frozen:
-        module = _find_module(model, name)
-        if module is None:
-            raise ValueError(
-                f"{type(model).__name__} has no '{name}' module: full fine-tuning only knows LLaVA-style "
-                f"models (vision_tower, multi_modal_projector, language_model)"
-            )
-        module.requires_grad_(False)
+    """Freeze the vision tower (and the projector unless `train_projector`); everything else trains. The module
+    names are the model's row of the architecture table; a projector inside the tower (Qwen2-VL's merger) is
+    thawed again when it trains."""
+    family = family_of(model)
+    family.modules(model, "vision_tower").requires_grad_(False)
+    family.modules(model, "projector").requires_grad_(train_projector)
 
 
 def freeze_lm_head(model: torch.nn.Module) -> None:
@@ -288,13 +280,6 @@ def freeze_lm_head(model: torch.nn.Module) -> None:
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is not embeddings.weight:
         head.requires_grad_(False)
-
-
-def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    for path, module in model.named_modules():
-        if path == name or path.endswith("." + name):
-            return module
-    return None
 
 
 # The column type of a chat prompt (a list of turns whose content is a list of typed parts), for GRPO / RLOO.

@@ -55,6 +55,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
+from spavl_kedro.backends.families import Family, family_of
 from spavl_kedro.backends.recipe import (
     COMPLETE_MARKERS, checkpoint_step, child_run, finish_checkpoints, freeze_for_full_finetune, freeze_lm_head,
     is_checkpointing,
@@ -83,13 +84,13 @@ class RewardModel(torch.nn.Module):
             torch.nn.init.zeros_(head.bias)
         self.head = head.to(dtype=next(self.backbone.parameters()).dtype)
 
-    def forward(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
-        """Rewards of a padded batch, shape (batch,); inputs follow the model to its device."""
+    def forward(self, input_ids, attention_mask, **images) -> torch.Tensor:
+        """Rewards of a padded batch, shape (batch,); inputs follow the model to its device. `images`: what the
+        family's row says its forward takes besides the token ids (`pixel_values`, `image_grid_thw`, ...)."""
         device = self.head.weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device)
-        hidden = _trunk(self.backbone)(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+        images = {key: value.to(device) for key, value in images.items()}
+        hidden = _trunk(self.backbone)(input_ids=input_ids, attention_mask=attention_mask, **images,
                                        use_cache=False).last_hidden_state
         # Position of the last attended token, whichever side the padding is on.
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -101,10 +102,10 @@ class RewardModel(torch.nn.Module):
     def score(self, items: Sequence[dict], batch_size: int = 8) -> list[float]:
         """Rewards of `{"images", "question", "response"}` items, in order; the model is left in eval mode."""
         self.eval()
-        pad_id = self.processor.tokenizer.pad_token_id
+        pad_id, family = self.processor.tokenizer.pad_token_id, family_of(self.backbone)
         scores: list[float] = []
         for start in range(0, len(items), batch_size):
-            encoded = [_encode(self.processor, item["images"], item["question"], item["response"])
+            encoded = [_encode(self.processor, family, item["images"], item["question"], item["response"])
                        for item in items[start : start + batch_size]]
             scores.extend(self(**_collate(encoded, pad_id)).float().tolist())
         return scores
@@ -181,7 +182,7 @@ def train_reward(
         "step": 0, "curve": [], "window": [], "losses": []}
     resumed_from, step = progress["step"], 0
     curve, window, all_losses = progress["curve"], progress["window"], progress["losses"]
-    pad_id = vlm.processor.tokenizer.pad_token_id
+    pad_id, family = vlm.processor.tokenizer.pad_token_id, family_of(vlm.model)
     with child_run(settings):
         if track:
             mlflow.log_params(settings.model_dump())
@@ -192,7 +193,7 @@ def train_reward(
                 if step < resumed_from:  # done before the checkpoint: the same shuffle, so the same batches
                     step += 1
                     continue
-                batch = _encode_pairs(vlm.processor, [pairs[i] for i in mine])
+                batch = _encode_pairs(vlm.processor, family, [pairs[i] for i in mine])
                 chosen, rejected = _pair_rewards(model, batch, pad_id)
                 loss = -torch.nn.functional.logsigmoid(chosen.float() - rejected.float()).mean()
                 learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
@@ -278,7 +279,7 @@ def _trainable_reward_model(vlm: VLM, settings: RewardSettings) -> RewardModel:
     if settings.activation_checkpointing:
         backbone.activation_checkpointing_enable({"use_reentrant": False})  # frozen inputs still pass gradients
     if settings.lora:
-        backbone = get_peft_model(backbone, lora_config(settings, task_type=None))  # the head is not PEFT's: it trains
+        backbone = get_peft_model(backbone, lora_config(settings, backbone, task_type=None))  # the head is not PEFT's: it trains
     elif settings.freeze_vision_tower:
         freeze_for_full_finetune(backbone, train_projector=True)
     return RewardModel(VLM(backbone, vlm.processor))
@@ -396,23 +397,28 @@ def load_reward_model(directory: str, device: torch.device | str | None = None,
 @dataclass
 class _Encoded:
     input_ids: torch.Tensor  # prompt + completion (prompt_and_completion), image tokens expanded
-    pixel_values: torch.Tensor | None
+    images: dict[str, torch.Tensor]  # per-image inputs of the family's forward: pixel_values, image_grid_thw, ...
+    tokens: dict[str, torch.Tensor]  # per-token inputs besides the ids (mm_token_type_ids), one row
 
 
-def _encode(processor, images, question: str, response: str) -> _Encoded:
+def _encode(processor, family: Family, images, question: str, response: str) -> _Encoded:
     images = [as_image(image) for image in images]
     prompt, completion = prompt_and_completion(processor, question, len(images), response)
     enc = processor(text=[prompt + completion], images=images or None, return_tensors="pt", add_special_tokens=False)
-    return _Encoded(enc["input_ids"][0], enc.get("pixel_values"))
+    inputs = family.model_inputs(enc)
+    tokens = {key: inputs.pop(key)[0] for key in family.token_inputs if key in inputs}
+    return _Encoded(enc["input_ids"][0], inputs, tokens)
 
 
-def _encode_pairs(processor, pairs: Sequence[dict]) -> list[tuple[_Encoded, _Encoded]]:
-    return [(_encode(processor, p["images"], p["question"], p["chosen"]),
-             _encode(processor, p["images"], p["question"], p["rejected"])) for p in pairs]
+def _encode_pairs(processor, family: Family, pairs: Sequence[dict]) -> list[tuple[_Encoded, _Encoded]]:
+    return [(_encode(processor, family, p["images"], p["question"], p["chosen"]),
+             _encode(processor, family, p["images"], p["question"], p["rejected"])) for p in pairs]
 
 
 def _collate(rows: Sequence[_Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: positions then count from 0 for every row without needing position ids."""
+    """Right-padded batch: positions then count from 0 for every row without needing position ids. Per-token
+    inputs are padded with 0 like the ids; per-image ones are concatenated row by row, which keeps them in the
+    order of the image tokens they belong to."""
     width = max(len(row.input_ids) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -420,9 +426,13 @@ def _collate(rows: Sequence[_Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(row.input_ids)] = row.input_ids
         attention[i, : len(row.input_ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention}
-    pixels = [row.pixel_values for row in rows if row.pixel_values is not None]
-    if pixels:  # images are matched to <image> tokens in order, so concatenating row by row keeps them aligned
-        batch["pixel_values"] = torch.cat(pixels)
+    for key in rows[0].tokens:
+        padded = torch.zeros((len(rows), width), dtype=rows[0].tokens[key].dtype)
+        for i, row in enumerate(rows):
+            padded[i, : len(row.tokens[key])] = row.tokens[key]
+        batch[key] = padded
+    for key in {key for row in rows for key in row.images}:
+        batch[key] = torch.cat([row.images[key] for row in rows if key in row.images])
     return batch
 
 

@@ -9,10 +9,11 @@ against them).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:  # annotations only: importing these would pull in torch
     import random
@@ -31,8 +32,50 @@ TRANSPORT_FIELDS = frozenset({"concurrency", "timeout_s", "max_retries", "backof
                               "batch_size"})
 
 
-class BackendSpec(BaseModel):
+class InputFormat(BaseModel):
+    """How a locally run model is prompted and fed images: the same for generation, every trainer's encoding, the
+    reward model and evaluation, since all of them read the processor these settings make
+    (`backends.vlm.as_configured`), and a policy's processor is saved with it."""
+
     model_config = ConfigDict(extra="forbid")
+
+    chat_template: str | None = Field(
+        None, description="a Jinja chat-template file that replaces the model's own, for a model whose authors' "
+                          "format is not in its checkpoint (conf/paper: LLaVA's `conv_vicuna_v1`, "
+                          "`conf/paper/templates/llava_conv_vicuna_v1.jinja`); null: the model's own chat template")
+    system_sentence: str | None = Field(
+        None, description="a sentence every conversation begins with, through the chat template in use (null: none "
+                          "added; `backends.vlm.with_system_sentence`). For a template that writes no system turn, as "
+                          "llava-hf's, which leaves out LLaVA's `conv_vicuna_v1` sentence (llava/conversation.py, "
+                          "github.com/haotian-liu/LLaVA)")
+    image_preprocessing: Literal["default", "pad"] = Field(
+        "default", description="`default`: the checkpoint's image processor (llava-hf's LLaVA-1.5: resize, then "
+                               "centre-crop); `pad`: pad to a square in the processor's mean colour first, as "
+                               "LLaVA's `--image_aspect_ratio pad` (`expand2square`, github.com/haotian-liu/LLaVA), "
+                               "with which LLaVA-1.5 was trained (`backends.vlm.pad_images_to_square`; families whose "
+                               "row has `pads_to_square`)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"chat_template {path!r} is not a file (paths are relative to the project root)")
+        return path
+
+    def describe(self) -> str:
+        """The prompt format and image preprocessing in words, for reports and summaries."""
+        prompt = (f"the chat template in {self.chat_template}" if self.chat_template
+                  else "the model's own chat template")
+        if self.system_sentence is not None:
+            prompt += f', each conversation opened by the system sentence "{self.system_sentence}"'
+        elif not self.chat_template:
+            prompt += ", no system sentence"
+        images = ("padded to a square in the image processor's mean colour, then resized (LLaVA's `pad`)"
+                  if self.image_preprocessing == "pad" else "as the checkpoint's image processor prepares them")
+        return f"{prompt}; images {images}"
+
+
+class BackendSpec(InputFormat):
 
     # The name is also a shard folder and part of MLflow metric names: letters, digits, '_', '.', '-' only.
     name: str = Field(pattern=NAME_PATTERN, description="a unique name; it is the `responder` (or writer, teacher, "
@@ -91,6 +134,10 @@ class BackendSpec(BaseModel):
             raise ValueError(f"{where}: base_urls and api_key are for kind 'openai' only")
         if self.kind != "transformers" and self.trust_remote_code:
             raise ValueError(f"{where}: trust_remote_code is for kind 'transformers' only")
+        if self.kind != "transformers" and (self.chat_template or self.system_sentence is not None
+                                            or self.image_preprocessing != "default"):
+            raise ValueError(f"{where}: chat_template, system_sentence and image_preprocessing are for kind "
+                             "'transformers' only (a served model is prompted by its server's template)")
         if {"trust_remote_code", "use_safetensors"} & set(self.load_kwargs):
             raise ValueError(f"{where}: load_kwargs must not set trust_remote_code or use_safetensors (weights are "
                              "always safetensors; remote code is the spec's trust_remote_code field)")

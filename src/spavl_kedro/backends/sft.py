@@ -94,7 +94,7 @@ def train_sft(
         completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
     )
-    peft_config = lora_config(settings) if settings.lora else None
+    peft_config = lora_config(settings, model) if settings.lora else None
 
     with child_run(settings):
         trainer = SFTTrainer(

@@ -19,6 +19,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import aiohttp
@@ -28,6 +29,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from spavl_kedro.backends.costs import UsageMeter
+from spavl_kedro.backends.families import family_of
+from spavl_kedro.backends.settings import InputFormat
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
 from spavl_kedro.seeding import offset_seed
@@ -113,6 +116,24 @@ def with_system_sentence(processor: Any, sentence: str) -> Any:
     prefixed.chat_template = ("{%- if not messages or messages[0]['role'] != 'system' %}{{ " + literal
                             + " }}{%- endif %}" + template)
     return prefixed
+
+
+def as_configured(vlm: VLM, fmt: InputFormat) -> VLM:
+    """`vlm` with its processor made to prompt and feed images as `fmt` says: the chat template file, then the
+    image padding, then the system sentence. The model is shared; `vlm` itself is unchanged when nothing is set."""
+    processor = vlm.processor
+    if fmt.chat_template:
+        processor = copy.copy(processor)
+        processor.chat_template = Path(fmt.chat_template).read_text()
+    if fmt.image_preprocessing == "pad":
+        family = family_of(vlm.model)
+        if not family.pads_to_square:
+            raise ValueError(f"image_preprocessing 'pad' is LLaVA's expand2square; the '{family.name}' family's "
+                             "processor sizes images its own way (backends/families.py: pads_to_square)")
+        processor = pad_images_to_square(processor)
+    if fmt.system_sentence is not None:
+        processor = with_system_sentence(processor, fmt.system_sentence)
+    return vlm if processor is vlm.processor else VLM(vlm.model, processor)
 
 
 def answering_kwargs(load_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.families import family_of
 from spavl_kedro.backends.judge_factory import primary_judge
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
@@ -26,7 +27,7 @@ from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
 from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
-from spavl_kedro.backends.vlm import load_vlm, pad_images_to_square, with_system_sentence
+from spavl_kedro.backends.vlm import as_configured, load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, PolicyConfig, TinyConfig, typed
 from spavl_kedro.datasets.optional import takes_missing
 
@@ -43,7 +44,7 @@ def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None
     cfg = typed(AlignConfig, params).policy
     if cfg.kind == "transformers":
         vlm = load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
-        return _preprocessed(vlm, cfg)
+        return as_configured(vlm, cfg)
     if seed_corpus is None or tiny_foundation is None:
         raise ValueError("align.policy.kind is 'tiny': the base policy is bootstrapped from the generate stage's "
                          "tiny_foundation and seed_corpus, which no run has written here; run `kedro run --pipeline "
@@ -53,18 +54,7 @@ def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None
                           vague_rate=cfg.vague_rate)
     vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus), behaviour,
                             tcfg.model, tcfg.bootstrap, seed=cfg.seed, init=tiny_foundation)
-    return _preprocessed(vlm, cfg)
-
-
-def _preprocessed(vlm: VLM, cfg: PolicyConfig) -> VLM:
-    """The policy with the configured image preprocessing and system sentence, which its saved processor carries
-    to every trainer, launched rank and evaluation."""
-    processor = vlm.processor
-    if cfg.image_preprocessing == "pad":
-        processor = pad_images_to_square(processor)
-    if cfg.system_sentence is not None:
-        processor = with_system_sentence(processor, cfg.system_sentence)
-    return vlm if processor is vlm.processor else VLM(vlm.model, processor)
+    return as_configured(vlm, cfg)
 
 
 def training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
@@ -130,7 +120,8 @@ def train_method(method: str, policy_base: VLM, params: AlignConfig | dict[str, 
         else:
             artifact, metrics = get_method(method).train(policy_base, data, settings, held_out or None, reward_fn)
     summary = {"method": method, "name": name, "train_source": cfg.train_source,
-               "image_preprocessing": cfg.policy.image_preprocessing, "system_sentence": cfg.policy.system_sentence,
+               "chat_template": cfg.policy.chat_template, "image_preprocessing": cfg.policy.image_preprocessing,
+               "system_sentence": cfg.policy.system_sentence, "family": family_of(policy_base.model).name,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
     run_params = {f"align.trained.{name}.method": method, f"align.trained.{name}.train_examples": len(data),

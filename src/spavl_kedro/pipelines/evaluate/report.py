@@ -42,7 +42,7 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound. `references`
     (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed.
     `align_params` names how every evaluated policy was prompted and fed images: all of them carry the base
-    policy's processor (`align.policy.system_sentence`, `image_preprocessing`)."""
+    policy's processor (`align.policy.chat_template`, `system_sentence`, `image_preprocessing`)."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -65,11 +65,7 @@ def _policy_inputs(policy: PolicyConfig | None) -> list[str]:
     aligned policy keeps): the paragraph naming it, or nothing when the align block was not given."""
     if policy is None:
         return []
-    prompt = (f'the model\'s own chat template, each conversation opened by the system sentence "{policy.system_sentence}"'
-              if policy.system_sentence is not None else "the model's own chat template, no system sentence")
-    images = ("padded to a square in the image processor's mean colour, then resized (LLaVA's `pad`)"
-              if policy.image_preprocessing == "pad" else "as the checkpoint's image processor prepares them")
-    return [f"Policy inputs: {prompt}; images {images} (`align.policy`).", ""]
+    return [f"Policy inputs: {policy.describe()} (`align.policy`).", ""]
 
 
 def mlflow_name(row: Any) -> str:

@@ -78,6 +78,7 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
     with the trainable count each recipe in `recipes` (method -> settings) will have."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from spavl_kedro.backends.families import image_tokens_per_image
     from spavl_kedro.backends.recipe import freeze_for_full_finetune, freeze_lm_head, lora_config
 
     config = AutoConfig.from_pretrained(model, local_files_only=True)
@@ -101,16 +102,24 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
             with torch.device("meta"):
                 copy = AutoModelForImageTextToText.from_config(config)
                 task = None if method == "reward" else "CAUSAL_LM"
-                peft = get_peft_model(copy, lora_config(settings, projector, task_type=task))
+                peft = get_peft_model(copy, lora_config(settings, copy, projector, task_type=task))
             lora[method] = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     text = config.get_text_config()
-    vision = getattr(config, "vision_config", None)
-    image_tokens = getattr(config, "image_seq_length", None) or (
-        (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0)
+    image_tokens = image_tokens_per_image(config, _processor_settings(model))
     saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     saved = saved.replace("torch.", "")
     return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4),
                       text.vocab_size)
+
+
+def _processor_settings(model: str) -> dict | None:
+    """The model's saved image-processor settings (preprocessor_config.json), or None when it has none here."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        return ImageProcessingMixin.get_image_processor_dict(model, local_files_only=True)[0]
+    except OSError:
+        return None
 
 
 def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_stage: int = 0,
