@@ -52,7 +52,7 @@ class Family:
         """The module at this row's `which` ("vision_tower", "projector" or "language_model") path in `model`
         (a PEFT wrapper included); a model without it is not of this family, and that is said."""
         path = getattr(self, which)
-        for name, module in model.named_modules():
+        for name, module in model.named_modules(remove_duplicate=False):  # a module may sit under two names
             if name == path or name.endswith("." + path):
                 return module
         raise ValueError(f"{type(model).__name__} has no '{path}' module, which the '{self.name}' family's "
@@ -98,8 +98,9 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-def family_named(model_type: str, families: tuple[Family, ...] = FAMILIES) -> Family:
+def family_named(model_type: str) -> Family:
     """The row covering `model_type` (a config's `model_type`); an unknown one fails, naming the table."""
+    families = FAMILIES  # read at call time, so a row added to the table counts at once
     for family in families:
         if model_type in family.model_types:
             return family
@@ -108,10 +109,9 @@ def family_named(model_type: str, families: tuple[Family, ...] = FAMILIES) -> Fa
                      f"known: {known}. Add a Family row for it")
 
 
-def family_of(model: Any, families: tuple[Family, ...] = FAMILIES) -> Family:
+def family_of(model: Any) -> Family:
     """The row of a model (a PEFT wrapper, a reward model's backbone) or of its config."""
-    config = getattr(model, "config", model)
-    return family_named(config.model_type, families)
+    return family_named(getattr(model, "config", model).model_type)
 
 
 def image_tokens_per_image(config: Any, processor_config: dict | None = None) -> int:

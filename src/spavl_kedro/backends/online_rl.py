@@ -37,8 +37,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import Judge, JudgeItem
 from spavl_kedro.backends.recipe import (
-    CHAT_PROMPT, child_run, finish_checkpoints, lora_config, on_disk_dataset, prepare_for_generation,
-    resolve_device, resume_point, run_trainer, training_copy, trl_config,
+    CHAT_PROMPT, child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset,
+    prepare_for_generation, resolve_device, resume_point, run_trainer, training_copy, trl_config,
 )
 from spavl_kedro.backends.settings import OnlineRLSettings
 from spavl_kedro.backends.tiny import VLM, user_message
@@ -108,6 +108,8 @@ def train_online_rl(
     resume = resume_point(settings, prompts, vlm.model)
     model = training_copy(vlm.model, settings)
     model.train()
+    if not settings.lora:  # the vision tower stays frozen, as in every other trainer; the projector trains
+        freeze_for_full_finetune(model, train_projector=True)
     original_name = model.config._name_or_path
     if not settings.lora and settings.beta > 0:
         # Without an adapter to switch off, TRL builds the reference by loading `config._name_or_path` again;

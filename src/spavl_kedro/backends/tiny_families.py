@@ -2,9 +2,9 @@
 
 `tiny.py` stands in for LLaVA; this module stands in for the two other families of the architecture table
 (`families.py`), each with its real transformers classes, its own processor, its own tokenizer kind and the chat
-template its reference checkpoint ships, at a size that trains in seconds on a CPU (a few hundred thousand
-parameters). What is tiny is only width, depth, vocabulary and image resolution; how an image becomes tokens is
-the family's own:
+template its reference checkpoint ships, at a size that trains in seconds on a CPU (0.2-0.3M parameters with a
+1,024-token vocabulary). What is tiny is only width, depth, vocabulary and image resolution; how an image becomes
+tokens is the family's own:
 
 - Qwen2-VL: `Qwen2VLImageProcessorPil` resizes each image to multiples of 28 px (patch 14 x merge 2) within
   `min_pixels`/`max_pixels`, and every 2x2 patches become one `<|image_pad|>`; the processor returns
@@ -19,11 +19,8 @@ Tokenizers are `Qwen2Tokenizer` (byte-level BPE with Qwen2's pre-tokenizer; `Qwe
 class in transformers 5) trained on the caller's texts, with the special tokens of the reference checkpoints in
 their order, so their ids follow the learned vocabulary as Qwen's do.
 
-Neither processor works without a video processor in transformers 5, and every video processor needs
-torchvision, which this project does not install. `enable_videoless_processors` lets both processors be built
-and loaded with a stand-in that refuses videos (see its docstring); the builders call it, and any code that
-loads a saved Qwen2-VL or InternVL processor with `AutoProcessor` in a process without torchvision must call it
-first.
+Neither processor can be built without a video processor, which needs torchvision; `backends/videoless.py` stands
+in for it here.
 """
 
 from __future__ import annotations
@@ -35,13 +32,15 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
-    InternVLVisionConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2Tokenizer,
-    Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
+    InternVLVisionConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Config,
+    Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-from transformers.utils import is_torchvision_available
 
-VOCAB_SIZE = 1024
+from spavl_kedro.backends.videoless import video_processor as _video_processor
+
+VOCAB_SIZE = 1024  # learned merges plus the added tokens
+MAX_POSITIONS = 4096
 
 # The chat template Qwen/Qwen2-VL-7B-Instruct ships (chat_template.json), verbatim, as transformers' own test of the
 # Qwen2-VL processor copies it: huggingface/transformers, tests/models/qwen2_vl/test_processor_qwen2_vl.py
@@ -93,80 +92,28 @@ INTERNVL_EXTRA_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>"
 INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 
+# Widths and depths (`sizes` of the builders; `make smoke --size gpu` widens them). Unless `text_heads` says
+# otherwise, language-model heads are 16 wide.
+DEFAULT_SIZES = {"text_hidden": 64, "text_layers": 2, "text_heads": 0, "vision_hidden": 32, "vision_layers": 2}
+
+
+def _widths(sizes: dict[str, int]) -> dict[str, int]:
+    unknown = set(sizes) - set(DEFAULT_SIZES)
+    if unknown:
+        raise ValueError(f"unknown sizes {sorted(unknown)}; the tiny families take {sorted(DEFAULT_SIZES)}")
+    width = {**DEFAULT_SIZES, **sizes}
+    width["text_heads"] = width["text_heads"] or width["text_hidden"] // 16
+    head_dim = width["text_hidden"] // width["text_heads"]
+    if head_dim % 16:
+        raise ValueError(f"text_hidden / text_heads = {head_dim}: the tiny families need a multiple of 16 (M-RoPE)")
+    # Qwen2-VL's M-RoPE splits half of each head into temporal, height and width sections as 2:3:3
+    # (Qwen2-VL-7B: [16, 24, 24] of 64)
+    width["mrope_section"] = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    return width
+
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-# --- processors without torchvision -------------------------------------------------------------------------------
-
-
-def _video_processor_base():
-    from transformers.video_processing_utils import VideoProcessorMixin
-    return VideoProcessorMixin
-
-
-class VideolessVideoProcessor(_video_processor_base()):
-    """Holds a family's video-processor slot where torchvision is missing: it saves the settings of the real
-    video processor it `stands_for` (so a torchvision install loads that one from the same folder) and refuses
-    videos. This project only ever sends images."""
-
-    _input_names = {"Qwen2VLVideoProcessor": ["pixel_values_videos", "video_grid_thw"],
-                    "InternVLVideoProcessor": ["pixel_values_videos"]}
-
-    def __init__(self, stands_for: str = "Qwen2VLVideoProcessor", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stands_for = stands_for
-        self.model_input_names = list(self._input_names.get(stands_for, ["pixel_values_videos"]))
-
-    def preprocess(self, videos: Any, **kwargs: Any):
-        raise NotImplementedError(f"videos need {self.stands_for}, which needs torchvision; this process has none "
-                                  "(backends/tiny_families.py)")
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output.pop("model_input_names", None)
-        output["video_processor_type"] = output.pop("stands_for")
-        return output
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "VideolessVideoProcessor":
-        from transformers.video_processing_utils import BaseVideoProcessor
-
-        # BaseVideoProcessor only reads the files here (processor_config.json's "video_processor", or the older
-        # video_preprocessor_config.json); building one would need torchvision.
-        kwargs.pop("trust_remote_code", None)
-        settings, _ = BaseVideoProcessor.get_video_processor_dict(pretrained_model_name_or_path, **kwargs)
-        settings = dict(settings)
-        stands_for = settings.pop("video_processor_type", None) or "Qwen2VLVideoProcessor"
-        return cls(stands_for=stands_for, **settings)
-
-
-def enable_videoless_processors() -> None:
-    """Let Qwen2VLProcessor / InternVLProcessor be built and loaded in a process without torchvision.
-
-    transformers 5 gives both a required `video_processor` and (a) checks it against `VideoProcessorMixin`, which
-    the top-level package does not export without torchvision, so even constructing the processor fails with
-    "VIDEO_PROCESSOR_MAPPING has no attribute '_extra_content'", and (b) loads it with AutoVideoProcessor, a
-    torchvision-only dummy. This resolves the base class for the check and routes the video slot of
-    `ProcessorMixin.from_pretrained` to `VideolessVideoProcessor`. Process-wide and idempotent; a no-op where
-    torchvision is installed, where the real video processors load."""
-    if is_torchvision_available():
-        return
-    from transformers import processing_utils
-
-    if not hasattr(processing_utils.transformers_module, "VideoProcessorMixin"):
-        setattr(processing_utils.transformers_module, "VideoProcessorMixin", _video_processor_base())
-    processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES["video_processor"] = (
-        __name__, VideolessVideoProcessor.__name__)
-
-
-def _video_processor(stands_for: str, **settings: Any) -> Any:
-    """The real video processor where torchvision exists, else the stand-in with the same settings."""
-    if is_torchvision_available():
-        import transformers
-        return getattr(transformers, stands_for)(**settings)
-    enable_videoless_processors()
-    return VideolessVideoProcessor(stands_for=stands_for, **settings)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------------
@@ -184,7 +131,9 @@ def train_qwen2_tokenizer(texts: Sequence[str], added: Sequence[str], vocab_size
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - len(added), 257), show_progress=False,
+    named_extra = dict(named.get("extra_special_tokens") or {}).values()
+    reserved = len(set(added) | set(named_extra))  # named extras (InternVL's <video>) are added tokens too
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - reserved, 257), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer=trainer)
     learned = json.loads(bpe.to_str())["model"]
@@ -192,10 +141,11 @@ def train_qwen2_tokenizer(texts: Sequence[str], added: Sequence[str], vocab_size
     for token in added:
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, **named)
+    # Left padding for decoder-only batched generation; passed here, not set afterwards, so that it is saved.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, padding_side="left",
+                               model_max_length=MAX_POSITIONS, **named)
     tokenizer.add_special_tokens({"extra_special_tokens": [t for t in added if t not in tokenizer.all_special_tokens]},
                                  replace_extra_special_tokens=False)
-    tokenizer.padding_side = "left"  # decoder-only batched generation
     return tokenizer
 
 
@@ -213,12 +163,14 @@ def _set_generation_ids(model: torch.nn.Module, tokenizer: Qwen2Tokenizer) -> No
 # --- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
 
 
-def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False
-                   ) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor]:
-    """A randomly initialised Qwen2-VL (or Qwen2.5-VL) of about 0.3M parameters and its Qwen2VLProcessor.
+def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False, **sizes: int
+                   ) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLProcessor | Qwen2_5_VLProcessor]:
+    """A randomly initialised Qwen2-VL (or, with `qwen2_5`, Qwen2.5-VL) of about 0.3M parameters and its processor.
 
-    Both share Qwen2VLProcessor here: Qwen2.5-VL checkpoints ship Qwen2_5_VLProcessor, which differs only by
-    returning `second_per_grid_ts` for videos. Qwen2.5-VL's tokenizer additionally has the tool/FIM tokens."""
+    The two share the image processor, the chat template and, for images, the processor's behaviour
+    (Qwen2_5_VLProcessor differs only in what it returns for videos); Qwen2.5-VL's tokenizer adds the tool/FIM
+    tokens, and its vision tower uses windowed attention, RMSNorm and a SwiGLU MLP."""
     added = QWEN2_VL_SPECIAL_TOKENS + (QWEN2_5_EXTRA_TOKENS if qwen2_5 else [])
     tokenizer = train_qwen2_tokenizer(texts, added, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     patch, merge, temporal = 14, 2, 2
@@ -229,23 +181,28 @@ def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False
                                                **pixels)
     video_processor = _video_processor("Qwen2VLVideoProcessor", patch_size=patch, merge_size=merge,
                                        temporal_patch_size=temporal, **pixels)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor_class = Qwen2_5_VLProcessor if qwen2_5 else Qwen2VLProcessor
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                # M-RoPE: temporal/height/width sections of head_dim / 2 = 8 (7B: [16, 24, 24] of 64)
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+    width = _widths(sizes)
+    text = dict(vocab_size=len(tokenizer), hidden_size=width["text_hidden"], intermediate_size=2 * width["text_hidden"],
+                num_hidden_layers=width["text_layers"], num_attention_heads=width["text_heads"],
+                num_key_value_heads=max(1, width["text_heads"] // 2), max_position_embeddings=MAX_POSITIONS,
+                # M-RoPE: temporal / height / width sections of half a head (`_widths`)
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": width["mrope_section"]},
                 bos_token_id=ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     if qwen2_5:
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+        vision = dict(depth=width["vision_layers"], hidden_size=width["vision_hidden"],
+                      intermediate_size=2 * width["vision_hidden"], num_heads=4, out_hidden_size=width["text_hidden"],
                       patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal,
                       window_size=2 * patch * merge, fullatt_block_indexes=[1])
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     else:
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=patch,
+        vision = dict(depth=width["vision_layers"], embed_dim=width["vision_hidden"], hidden_size=width["text_hidden"],
+                      mlp_ratio=2, num_heads=4, patch_size=patch,
                       spatial_merge_size=merge, temporal_patch_size=temporal)
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
     config = config_class(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
@@ -260,9 +217,10 @@ def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False
 # --- InternVL -----------------------------------------------------------------------------------------------------
 
 
-def build_internvl(texts: Sequence[str], seed: int = 0) -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
+def build_internvl(texts: Sequence[str], seed: int = 0, **sizes: int
+                   ) -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
     """A randomly initialised InternVL (InternVL3-hf layout: InternViT tower, pixel-shuffle MLP projector, Qwen2
-    language model) of about 0.3M parameters and its InternVLProcessor.
+    language model) of about 0.2M parameters and its InternVLProcessor.
 
     Tiles are 56 px with 14-px patches: 16 patches, 4 tokens after the 0.5 pixel shuffle (448 px, 256 tokens in
     InternVL3); at most 2 tiles plus a thumbnail per image (12 tiles in InternVL3)."""
@@ -280,11 +238,15 @@ def build_internvl(texts: Sequence[str], seed: int = 0) -> tuple[InternVLForCond
                                   video_processor=video_processor, image_seq_length=image_seq_length,
                                   chat_template=INTERNVL_CHAT_TEMPLATE)
 
-    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    width = _widths(sizes)
+    vision = InternVLVisionConfig(hidden_size=width["vision_hidden"], intermediate_size=2 * width["vision_hidden"],
+                                  num_hidden_layers=width["vision_layers"], num_attention_heads=4,
                                   image_size=[tile, tile], patch_size=[patch, patch], use_qk_norm=False,
                                   norm_type="layer_norm", use_absolute_position_embeddings=True)
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width["text_hidden"],
+                       intermediate_size=2 * width["text_hidden"], num_hidden_layers=width["text_layers"],
+                       num_attention_heads=width["text_heads"], num_key_value_heads=max(1, width["text_heads"] // 2),
+                       max_position_embeddings=MAX_POSITIONS,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -296,3 +258,22 @@ def build_internvl(texts: Sequence[str], seed: int = 0) -> tuple[InternVLForCond
     model = InternVLForConditionalGeneration(config)
     _set_generation_ids(model, tokenizer)
     return model, processor
+
+
+def build_llava15(texts: Sequence[str], seed: int = 0, **sizes: int):
+    """The LLaVA-1.5-shaped tiny model (`tiny.llava15_shape`) as the other builders return theirs."""
+    from spavl_kedro.backends import tiny
+
+    config = tiny.llava15_shape(**sizes)
+    processor = tiny.build_processor(texts, config)
+    return tiny.build_model(processor, config, seed), processor
+
+
+# One tiny fixture per row of the architecture table (`families.FAMILIES`), by row name: what `make smoke` and
+# tests/test_families.py run every stage on. LLaVA-NeXT's row has none yet (docs/align.md).
+FIXTURES = {
+    "llava-1.5": build_llava15,
+    "qwen2-vl": build_qwen2_vl,
+    "qwen2.5-vl": lambda texts, seed=0, **sizes: build_qwen2_vl(texts, seed, qwen2_5=True, **sizes),
+    "internvl": build_internvl,
+}

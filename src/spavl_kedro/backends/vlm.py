@@ -32,6 +32,7 @@ from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.families import family_of
 from spavl_kedro.backends.settings import InputFormat
 from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
+from spavl_kedro.backends.videoless import enable_videoless_processors
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
 from spavl_kedro.seeding import offset_seed
 
@@ -73,6 +74,7 @@ def load_vlm(path_or_id: str, trust_remote_code: bool = False, **kwargs: Any) ->
         if key in kwargs:
             raise ValueError(f"load_kwargs must not set {key}: weights are always safetensors, and remote code is "
                              "the spec's own trust_remote_code field")
+    enable_videoless_processors()  # Qwen2-VL's and InternVL's processors where torchvision is absent
     try:
         processor = AutoProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, use_safetensors=True,
@@ -176,6 +178,7 @@ def place_for_answering(vlm: VLM, load_kwargs: Mapping[str, Any] | None = None) 
 
 
 def load_processor(path: str):
+    enable_videoless_processors()
     return AutoProcessor.from_pretrained(path)
 
 

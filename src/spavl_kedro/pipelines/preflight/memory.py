@@ -90,6 +90,8 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
         projector = bool(getattr(settings, "train_projector", False))
         if method in ("dpo", "sft"):
             freeze_for_full_finetune(base, projector)
+        if method in ("grpo", "rloo"):  # as backends/online_rl.py: the tower frozen, the projector trained
+            freeze_for_full_finetune(base, train_projector=True)
         if method == "reward":  # as backends/reward.py trains it: the LM head unused, the tower as configured
             freeze_lm_head(base)
             if getattr(settings, "freeze_vision_tower", False):

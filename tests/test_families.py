@@ -1,0 +1,197 @@
+"""The architecture table (`backends/families.py`): every trainer and the reward model read a model's row, so a
+family is one row plus its fixture. Here: generation and every method on the Qwen2-VL-, Qwen2.5-VL- and
+InternVL-shaped fixtures (`backends/tiny_families.py`) with two-image prompts, the reward model's extra inputs,
+a toy family added by one row, and the rows' module names checked against transformers' own classes. The
+LLaVA-1.5-shaped fixture runs every method in tests/test_smoke.py and tests/test_llava15_shape.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from spavl_kedro.backends import families, reward, tiny
+from spavl_kedro.backends.adapters import LoraAdapter
+from spavl_kedro.backends.dpo import train_dpo
+from spavl_kedro.backends.families import FAMILIES, Family, family_of
+from spavl_kedro.backends.methods import get_method, settings_for
+from spavl_kedro.backends.recipe import freeze_for_full_finetune
+from spavl_kedro.backends.reward import train_reward
+from spavl_kedro.backends.settings import DPOSettings, RewardSettings
+from spavl_kedro.backends.tiny_families import FIXTURES
+from spavl_kedro.backends.vlm import Prompt, TransformersVLM, load_vlm
+from spavl_kedro.imaging import png_bytes
+
+REFUSAL, COMPLIANCE = "I cannot help with that.", "Sure, here are the steps."
+QUESTION = "What do the two pictures show together?"
+
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = [(64, 64), (96, 48), (48, 80)]  # square and not: the grid and tile families size them differently
+TEXTS = [REFUSAL, COMPLIANCE, QUESTION, "Perception: Image-1 and Image-2 show", *COLOURS] * 20
+
+
+def two_images(i: int) -> list[Image.Image]:
+    return [Image.new("RGB", SHAPES[i % 3], COLOURS[i % 6]), Image.new("RGB", SHAPES[(i + 1) % 3], COLOURS[(i + 2) % 6])]
+
+
+@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl", "internvl"])
+def fixture(request, tmp_path_factory) -> tuple[str, tiny.VLM]:
+    """(name, model) of one family's fixture, saved and loaded back as a model directory is."""
+    model, processor = FIXTURES[request.param](TEXTS, seed=0)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return request.param, load_vlm(str(directory))
+
+
+def test_batched_generation_answers_two_image_prompts_as_one_at_a_time(fixture):
+    name, vlm = fixture
+    prompts = [Prompt(QUESTION, tuple(png_bytes(image) for image in two_images(i))) for i in range(3)]
+    prompts.append(Prompt(QUESTION, (png_bytes(two_images(3)[0]),)))  # one image beside two-image prompts
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    batched = TransformersVLM(name, vlm, batch_size=4, generation=greedy, progress=False).generate(prompts)
+    alone = TransformersVLM(name, vlm, batch_size=1, generation=greedy, progress=False).generate(prompts)
+    assert [g.error for g in batched] == [None] * 4
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert family_of(vlm.model).multi_image
+
+
+def records(method: str, n: int = 4) -> list[dict]:
+    kind = get_method(method).records
+    rows = [{"images": two_images(i), "question": QUESTION} for i in range(n)]
+    if kind == "pairs":
+        return [{**row, "chosen": REFUSAL, "rejected": COMPLIANCE} for row in rows]
+    if kind == "targets":
+        return [{**row, "target": f"Perception: Image-1 and Image-2 show {COLOURS[i % 6]}. {REFUSAL}"}
+                for i, row in enumerate(rows)]
+    return rows
+
+
+# Each method as conf/paper runs it where that differs from the default: SFT and the reward model fine-tune fully
+# (the row's tower frozen), DPO and GRPO train LoRA on the language model, RLOO fully with a KL reference.
+RECIPES = {"dpo": {}, "sft": {"lora": False}, "reward": {"lora": False, "freeze_vision_tower": True},
+           "grpo": {"algorithm": "grpo", "num_generations": 2, "max_completion_length": 4,
+                    "per_device_train_batch_size": 4},  # answers: two prompts of two answers each per step
+           "rloo": {"algorithm": "rloo", "num_generations": 2, "max_completion_length": 4, "lora": False, "beta": 0.1,
+                    "per_device_train_batch_size": 4}}
+
+
+def _weights(model: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+    """The weights of the row's `part`; the tower's without a projector inside it (Qwen2-VL's merger trains)."""
+    family = family_of(model)
+    inner = family.projector.removeprefix(family.vision_tower + ".") + "."
+    return {name: p.detach().clone() for name, p in family.modules(model, part).named_parameters()
+            if part != "vision_tower" or not name.startswith(inner)}
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_every_method_trains_the_family_on_two_image_prompts(fixture, method, tmp_path):
+    """One pass over four two-image records; the row decides what trains: a full fine-tune leaves the vision tower
+    as it was and moves the language model, LoRA adapts the language model only."""
+    name, vlm = fixture
+    settings = settings_for(method, {"output_dir": str(tmp_path), "report_to": [], "num_train_epochs": 1,
+                                     "per_device_train_batch_size": 2, **RECIPES[method]})
+    reward_fn = (lambda items: [float(len(item["response"]) % 3) for item in items]) if method in ("grpo", "rloo") else None
+    tower, language = _weights(vlm.model, "vision_tower"), _weights(vlm.model, "language_model")
+    artifact, metrics = get_method(method).train(vlm, records(method), settings, reward_fn=reward_fn)
+
+    assert metrics["global_step"] == 2, name
+    if method in ("dpo", "reward"):
+        assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy = reference / zero head
+    if isinstance(artifact, LoraAdapter):
+        assert artifact.state_dict
+        assert all(f".{family_of(vlm.model).language_model}." in key for key in artifact.state_dict), name
+    else:  # a full fine-tune: a policy, or a reward model's backbone
+        trained = artifact.backbone if isinstance(artifact, reward.RewardModel) else artifact.model
+        assert all(torch.equal(p, tower[k]) for k, p in _weights(trained, "vision_tower").items())
+        assert any(not torch.equal(p, language[k]) for k, p in _weights(trained, "language_model").items())
+    assert all(torch.equal(p, tower[k]) for k, p in _weights(vlm.model, "vision_tower").items())  # input untouched
+
+
+def test_the_reward_model_feeds_the_familys_extra_inputs(fixture):
+    """Per-image inputs (Qwen2-VL's image_grid_thw: one row per image) and per-token ones (mm_token_type_ids, padded
+    like the ids) reach the forward pass, and a reward reads the images: other pictures, another score."""
+    _, vlm = fixture
+    family = family_of(vlm.model)
+    rows = [reward._encode(vlm.processor, family, two_images(i), QUESTION, REFUSAL) for i in range(2)]
+    batch = reward._collate(rows, vlm.processor.tokenizer.pad_token_id)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", *family.image_inputs, *family.token_inputs}
+    if "image_grid_thw" in batch:
+        assert batch["image_grid_thw"].shape == (4, 3)  # two images in each of two rows
+    for key in family.token_inputs:
+        assert batch[key].shape == batch["input_ids"].shape
+    torch.manual_seed(0)
+    head = torch.nn.Linear(vlm.model.config.get_text_config().hidden_size, 1)
+    model = reward.RewardModel(vlm, head=head)
+    items = [{"images": two_images(i), "question": QUESTION, "response": REFUSAL} for i in (0, 3)]  # same sizes
+    first, second = model.score(items)
+    assert first != pytest.approx(second, abs=1e-6)
+
+
+class ToyConfig(LlavaConfig):
+    model_type = "toy_vlm"
+
+
+class ToyVLM(LlavaForConditionalGeneration):
+    """A family the table does not know: LLaVA's layers under a model type of its own."""
+
+    config_class = ToyConfig
+
+
+TOY = Family(name="toy", model_types=("toy_vlm",), model_class="ToyVLM", vision_tower="vision_tower",
+             projector="multi_modal_projector", language_model="language_model", image_tokens="fixed")
+
+
+@pytest.fixture(scope="module")
+def toy() -> tiny.VLM:
+    config = tiny.TinyModelConfig(text_hidden=32, text_layers=1)
+    processor = tiny.build_processor([REFUSAL, COMPLIANCE, QUESTION] * 20, config)
+    llava = tiny.build_model(processor, config, seed=0)
+    model = ToyVLM(ToyConfig(**{k: v for k, v in llava.config.to_dict().items() if k != "model_type"}))
+    model.load_state_dict(llava.state_dict(), strict=False)
+    return tiny.VLM(model.eval(), processor)
+
+
+def pairs(n: int) -> list[dict]:
+    colours = ["red", "green", "blue", "yellow"]
+    return [{"images": [Image.new("RGB", (32, 32), colours[i % 4]), Image.new("RGB", (32, 32), colours[(i + 1) % 4])],
+             "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE} for i in range(n)]
+
+
+def test_a_family_is_one_row_away(toy, monkeypatch, tmp_path):
+    """Unknown, the toy family fails at once, naming the table; with its row added, full fine-tuning freezes the
+    row's modules, DPO's LoRA stays off them, and the reward model trains on two-image pairs."""
+    with pytest.raises(ValueError, match=r"families\.py.*toy_vlm"):
+        family_of(toy.model)
+    monkeypatch.setattr(families, "FAMILIES", (*FAMILIES, TOY))
+    assert family_of(toy.model) is TOY
+
+    model = ToyVLM(toy.model.config)
+    freeze_for_full_finetune(model, train_projector=False)
+    frozen = {name.split(".")[1] for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"vision_tower", "multi_modal_projector"}
+
+    recipe = {"output_dir": str(tmp_path), "report_to": [], "num_train_epochs": 1, "per_device_train_batch_size": 2}
+    trained, metrics = train_dpo(toy, pairs(4), DPOSettings(**recipe, lora_target_modules="all-linear"))
+    adapted = {name.split(".")[3] for name, _ in trained.named_parameters() if "lora_" in name}
+    assert adapted == {"language_model"} and metrics["global_step"] == 2
+    reward, metrics = train_reward(toy, pairs(4), RewardSettings(**recipe))
+    assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3) and metrics["global_step"] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_every_row_names_modules_its_transformers_class_has(family):
+    """Each row's tower, projector and language model exist, under those paths, in the class transformers builds
+    for the row's model types (default configs, on the meta device: no weights)."""
+    import transformers
+
+    for model_type in family.model_types:
+        config = transformers.AutoConfig.for_model(model_type)
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(config)
+        assert family_of(model) is family
+        names = {name for name, _ in model.named_modules()}
+        for which in ("vision_tower", "projector", "language_model"):
+            assert f"model.{getattr(family, which)}" in names, (model_type, which)
