@@ -44,7 +44,7 @@ docs: install  ## regenerate the tables of docs/configuration.md from the config
 paper-dryrun: install  ## conf/paper's own configuration through all six pipelines on this CPU, models swapped for fixtures (~15 min)
 	$(BIN)/python -m spavl_kedro.paper_dryrun $(DRYRUN_ARGS)
 
-smoke: install  ## a tiny model of every family (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, InternVL) through every stage on this device; one JSON line per stage and family (SMOKE_ARGS="--size gpu" on a GPU)
+smoke: install  ## a tiny model of every family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL) through every stage on this device; one JSON line per stage and family (SMOKE_ARGS="--size gpu" on a GPU)
 	$(BIN)/python -m spavl_kedro.smoke $(SMOKE_ARGS)
 
 viz: install  ## kedro-viz on http://127.0.0.1:4141: lineage of the six pipelines, previews of tables and plots

@@ -1,6 +1,6 @@
 """The architecture table (`backends/families.py`): every trainer and the reward model read a model's row, so a
-family is one row plus its fixture. Here: generation and every method on the Qwen2-VL-, Qwen2.5-VL- and
-InternVL-shaped fixtures (`backends/tiny_families.py`) with two-image prompts, the reward model's extra inputs,
+family is one row plus its fixture. Here: generation and every method on the LLaVA-NeXT-, Qwen2-VL-, Qwen2.5-VL-
+and InternVL-shaped fixtures (`backends/tiny_families.py`) with two-image prompts, the reward model's extra inputs,
 a toy family added by one row, and the rows' module names checked against transformers' own classes. The
 LLaVA-1.5-shaped fixture runs every method in tests/test_smoke.py and tests/test_llava15_shape.py."""
 
@@ -36,7 +36,7 @@ def two_images(i: int) -> list[Image.Image]:
     return [Image.new("RGB", SHAPES[i % 3], COLOURS[i % 6]), Image.new("RGB", SHAPES[(i + 1) % 3], COLOURS[(i + 2) % 6])]
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl", "internvl"])
+@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen2.5-vl", "internvl"])
 def fixture(request, tmp_path_factory) -> tuple[str, tiny.VLM]:
     """(name, model) of one family's fixture, saved and loaded back as a model directory is."""
     model, processor = FIXTURES[request.param](TEXTS, seed=0)

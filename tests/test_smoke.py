@@ -1,5 +1,5 @@
-"""`make smoke` at its smallest size on the CPU: a tiny model of every family (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL,
-InternVL) through generation, a guard-format judge, DPO, SFT on two-image prompts, the reward model, GRPO, RLOO
+"""`make smoke` at its smallest size on the CPU: a tiny model of every family (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL,
+Qwen2.5-VL, InternVL) through generation, a guard-format judge, DPO, SFT on two-image prompts, the reward model, GRPO, RLOO
 and evaluation, one JSON line per stage and family."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 STAGES = ["build", "generate", "judge", "dpo", "sft", "reward", "grpo", "rloo", "evaluate"]
-FAMILIES = ["llava-1.5", "qwen2-vl", "qwen2.5-vl", "internvl"]
+FAMILIES = ["llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "internvl"]
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@ present, in minutes.
 
 Each model is built offline in its family's formats (`backends/tiny_families.FIXTURES`): LLaVA-1.5's
 (SentencePiece tokenizer with BOS, llava-hf's chat template, 336-px CLIP tower with 576 image tokens per image,
-features from its second-to-last layer), Qwen2-VL's and Qwen2.5-VL's (byte-level BPE, Qwen's template, a grid of
-image tokens with `image_grid_thw`) and InternVL's (-hf format, tiles of `<IMG_CONTEXT>` tokens). So a GPU
+features from its second-to-last layer), LLaVA-NeXT's (tiles of an "anyres" grid, `image_sizes`), Qwen2-VL's and
+Qwen2.5-VL's (byte-level BPE, Qwen's template, a grid of image tokens with `image_grid_thw`) and InternVL's (-hf
+format, tiles of `<IMG_CONTEXT>` tokens). So a GPU
 machine's first run exercises the code paths the real checkpoints will take, on the same backends the pipelines
 use: batched generation, a guard-format judge, DPO, SFT on two-image MIS prompts, the reward model, GRPO and
 RLOO scored by that reward model, and evaluation of the DPO policy.

@@ -432,8 +432,20 @@ def _collate(rows: Sequence[_Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             padded[i, : len(row.tokens[key])] = row.tokens[key]
         batch[key] = padded
     for key in {key for row in rows for key in row.images}:
-        batch[key] = torch.cat([row.images[key] for row in rows if key in row.images])
+        batch[key] = _stack_images([row.images[key] for row in rows if key in row.images])
     return batch
+
+
+def _stack_images(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image tensors of several rows as one, image after image. Tiles per image may differ between rows
+    (LLaVA-NeXT's pixel_values: images x tiles x C x H x W, each row padded to its own widest image): they are
+    zero-padded to the widest, as the processor pads within one call, and the model drops the padding again by
+    `image_sizes`."""
+    widest = max(part.shape[1] for part in parts) if parts[0].dim() > 2 else None
+    if widest is not None and any(part.shape[1] != widest for part in parts):
+        parts = [torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, widest - part.shape[1]))
+                 for part in parts]
+    return torch.cat(parts)
 
 
 def _pair_rewards(model: RewardModel, batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,10 +269,53 @@ def build_llava15(texts: Sequence[str], seed: int = 0, **sizes: int):
     return tiny.build_model(processor, config, seed), processor
 
 
-# One tiny fixture per row of the architecture table (`families.FAMILIES`), by row name: what `make smoke` and
-# tests/test_families.py run every stage on. LLaVA-NeXT's row has none yet (docs/align.md).
+def build_llava_next(texts: Sequence[str], seed: int = 0, **sizes: int):
+    """A randomly initialised LLaVA-NeXT (`LlavaNextForConditionalGeneration`) and its `LlavaNextProcessor`: the
+    LLaVA-1.5-shaped tokenizer and chat template (the Vicuna-based LLaVA-NeXT checkpoints keep LLaVA's
+    `USER: ... ASSISTANT:` format), and LLaVA-NeXT's "anyres" images. Each image is cut into the tiles of the
+    `image_grid_pinpoints` grid that fits it best plus the whole image at tile size, 4 tokens per 28-px tile
+    (576 per 336-px tile in llava-v1.6), with a newline embedding after each row of tile features; the processor
+    returns `image_sizes` so that the model can undo the padding of the tiles."""
+    from transformers import (
+        CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from spavl_kedro.backends import tiny
+
+    width = _widths(sizes)
+    tile, patch = 28, 14
+    tokenizer = tiny.train_sentencepiece(texts, VOCAB_SIZE)
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]  # llava-v1.6: up to 2 x 2 of 336 px
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tiny.LLAVA15_CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=width["vision_hidden"], intermediate_size=2 * width["vision_hidden"],
+                              num_hidden_layers=width["vision_layers"], num_attention_heads=4, image_size=tile,
+                              patch_size=patch, projection_dim=width["vision_hidden"])
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width["text_hidden"],
+                       intermediate_size=2 * width["text_hidden"], num_hidden_layers=width["text_layers"],
+                       num_attention_heads=width["text_heads"], num_key_value_heads=width["text_heads"],
+                       max_position_embeddings=MAX_POSITIONS, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_id=tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN),
+                             image_seq_length=(tile // patch) ** 2, vision_feature_select_strategy="default",
+                             vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model, processor
+
+
+# One tiny fixture per row of the architecture table (`families.FAMILIES`), by row name (Qwen2.5-VL beside
+# Qwen2-VL, whose row it shares): what `make smoke` and tests/test_families.py run every stage on.
 FIXTURES = {
     "llava-1.5": build_llava15,
+    "llava-next": build_llava_next,
     "qwen2-vl": build_qwen2_vl,
     "qwen2.5-vl": lambda texts, seed=0, **sizes: build_qwen2_vl(texts, seed, qwen2_5=True, **sizes),
     "internvl": build_internvl,
