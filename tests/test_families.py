@@ -6,6 +6,8 @@ LLaVA-1.5-shaped fixture runs every method in tests/test_smoke.py and tests/test
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -195,3 +197,44 @@ def test_every_row_names_modules_its_transformers_class_has(family):
         names = {name for name, _ in model.named_modules()}
         for which in ("vision_tower", "projector", "language_model"):
             assert f"model.{getattr(family, which)}" in names, (model_type, which)
+
+
+MIS_INTERNVL = Path(__file__).parents[1] / "conf" / "paper" / "templates" / "mis_internvl2_5.jinja"
+INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_conversation(tmp_path):
+    """conf/paper/templates/mis_internvl2_5.jinja as `align.policy.chat_template` of an InternVL policy: the ids
+    generation and SFT feed are those of InternVL's "internvl2_5" conversation (internvl/conversation.py,
+    github.com/OpenGVLab/InternVL: system_template "<|im_start|>system\\n{system_message}", roles
+    "<|im_start|>user\\n" / "<|im_start|>assistant\\n", SeparatorStyle.MPT with sep "<|im_end|>\\n") around MIS's
+    two-image prompt "Image-1: <image>\\nImage-2: <image>\\n\\n{question}" (github.com/DripNowhy/MIS), each <image>
+    replaced as InternVL's `chat` does: <img>, one <IMG_CONTEXT> per visual token, </img>."""
+    from spavl_kedro.backends.sft import examples_to_dataset
+    from spavl_kedro.pipelines.align.nodes import prepare_policy
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    model, processor = FIXTURES["internvl"](TEXTS, seed=0)
+    model.save_pretrained(tmp_path / "internvl")
+    processor.save_pretrained(tmp_path / "internvl")
+    align = {"policy": {"kind": "transformers", "model": str(tmp_path / "internvl"), "chat_template": str(MIS_INTERNVL)}}
+    policy = prepare_policy(None, None, align, {})
+    tokenizer, images = policy.processor.tokenizer, [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+
+    tokens = "<img>" + "<IMG_CONTEXT>" * model.config.image_seq_length + "</img>"  # a square image: one tile
+    message = f"Image-1: {tokens}\nImage-2: {tokens}\n\n{QUESTION}"
+    internvl = (f"<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n"
+                f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
+    expected = tokenizer(internvl, add_special_tokens=False)["input_ids"]
+    rendered = policy.processor.apply_chat_template(tiny.user_message(QUESTION, 2), add_generation_prompt=True)
+    assert policy.processor(text=[rendered], images=images)["input_ids"][0] == expected
+
+    target = "Perception: Image-1 and Image-2 show red and blue."
+    sft = DataCollatorForVisionLanguageModeling(policy.processor, completion_only_loss=True)(
+        [examples_to_dataset([{"images": images, "question": QUESTION, "target": target}], policy.processor,
+                             str(tmp_path))[0]])
+    # the turn as the template ends it, "<|im_end|>\n" (what TRL keeps after the EOS; InternVL's own training
+    # turns end with the same separator)
+    answer = tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert sft["input_ids"][0].tolist() == expected + answer
+    assert sft["labels"][0][sft["labels"][0] != -100].tolist() == answer
