@@ -76,7 +76,6 @@ class InputFormat(BaseModel):
 
 
 class BackendSpec(InputFormat):
-
     # The name is also a shard folder and part of MLflow metric names: letters, digits, '_', '.', '-' only.
     name: str = Field(pattern=NAME_PATTERN, description="a unique name; it is the `responder` (or writer, teacher, "
                                                         "judge) column, a shard folder and part of MLflow metric names")

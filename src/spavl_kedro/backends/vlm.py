@@ -14,7 +14,6 @@ import base64
 import concurrent.futures
 import copy
 import email.utils
-import io
 import json
 import random
 import time
@@ -24,7 +23,6 @@ from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import aiohttp
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

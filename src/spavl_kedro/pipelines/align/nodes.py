@@ -28,7 +28,7 @@ from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
 from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import as_configured, load_vlm
-from spavl_kedro.config import AlignConfig, JudgeConfig, PolicyConfig, TinyConfig, typed
+from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig, typed
 from spavl_kedro.datasets.optional import takes_missing
 
 log = logging.getLogger(__name__)
