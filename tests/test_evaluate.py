@@ -296,14 +296,19 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
     llava = {"policy": {"kind": "transformers", "model": "m", "image_preprocessing": "pad",
                         "system_sentence": "A chat between a curious user and an AI assistant."}}
     named = summarise_eval(scores, items, params, JUDGE, None, None, llava)[2]
-    assert ('Policy inputs: the model\'s own chat template, each conversation opened by the system sentence "A chat '
-            'between a curious user and an AI assistant."; images padded to a square') in named
+    assert ('Policy inputs: `base` (`align.policy`): the model\'s own chat template, each conversation opened by the '
+            'system sentence "A chat between a curious user and an AI assistant."; images padded to a square') in named
     plain = summarise_eval(scores, items, params, JUDGE, None, None, {"policy": {"kind": "transformers", "model": "m"}})[2]
     assert "no system sentence; images as the checkpoint's image processor prepares them" in plain
     template = "conf/paper/templates/llava_conv_vicuna_v1.jinja"
     own = summarise_eval(scores, items, params, JUDGE, None, None,
                          {"policy": {"kind": "transformers", "model": "m", "chat_template": template}})[2]
-    assert f"Policy inputs: the chat template in {template}; images as the checkpoint's" in own
+    assert f"Policy inputs: `base` (`align.policy`): the chat template in {template}; images as the checkpoint's" in own
+    mis = "conf/paper/templates/mis_internvl2_5.jinja"  # a second base, which SFT trains from: both are named
+    two = summarise_eval(scores, items, params, JUDGE, None, None, {
+        "policy": {"kind": "transformers", "model": "m"}, "also": ["sft"], "base_of": {"sft": "internvl"},
+        "bases": {"internvl": {"kind": "transformers", "model": "i", "chat_template": mis}}})[2]
+    assert f"`internvl` (`align.bases.internvl`, base of sft): the chat template in {mis}" in two
 
     def value(model, eval_set, metric, judge, variant="default"):
         row = table[(table["model"] == model) & (table["eval_set"] == eval_set) & (table["variant"] == variant)

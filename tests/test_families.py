@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -238,3 +239,51 @@ def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_co
     answer = tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert sft["input_ids"][0].tolist() == expected + answer
     assert sft["labels"][0][sft["labels"][0] != -100].tolist() == answer
+
+
+def test_a_method_trains_from_the_base_align_base_of_names_and_is_evaluated_beside_it(tmp_path):
+    """MIS's recipe as conf/paper runs it: SFT trains from a second base policy (`align.bases`, an InternVL with
+    MIS's template) while the others train from `align.policy` (LLaVA). The adapter remembers its base through
+    the catalog, and evaluation answers with `base`, the InternVL base and SFT merged into the InternVL."""
+    from spavl_kedro.datasets import ModelDirectoryDataset
+    from spavl_kedro.pipelines.align.nodes import prepare_bases, prepare_policy, train_method
+    from spavl_kedro.pipelines.evaluate.answers import policies
+
+    for name in ("llava-1.5", "internvl"):
+        model, processor = FIXTURES[name](TEXTS, seed=0)
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    align = {"policy": {"kind": "transformers", "model": str(tmp_path / "llava-1.5")},
+             "bases": {"internvl": {"kind": "transformers", "model": str(tmp_path / "internvl"),
+                                    "chat_template": str(MIS_INTERNVL)}},
+             "base_of": {"sft": "internvl"}, "method": "sft", "sft_data": "cot",
+             "checkpoint_dir": str(tmp_path / "checkpoints"),
+             "sft": {"lora": True, "num_train_epochs": 1, "per_device_train_batch_size": 2}}
+    policy, bases = prepare_policy(None, None, align, {}), prepare_bases(None, None, align, {})
+    assert list(bases) == ["internvl"] and family_of(bases["internvl"].model).name == "internvl"
+    pictures = [png_bytes(image) for i in range(6) for image in two_images(i)]
+    images = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(pictures))], "png": pictures})
+    mis_train = pd.DataFrame({"image_ids": [[f"i{2 * i}", f"i{2 * i + 1}"] for i in range(6)],
+                              "question": [QUESTION] * 6,
+                              "target": [f"Perception: Image-1 and Image-2 show {COLOURS[i]}. {REFUSAL}"
+                                         for i in range(6)]})
+
+    trained, summary, _ = train_method("sft", policy, bases, align, {"train": pd.DataFrame()}, {}, mis_train, images)
+    assert summary["sft"]["base"] == "internvl" and summary["sft"]["family"] == "internvl"
+    assert summary["sft"]["chat_template"] == str(MIS_INTERNVL)
+    store = ModelDirectoryDataset(str(tmp_path / "aligned"), kind="auto", collection=True, merge=True)
+    store.save(trained)
+    adapter = store.load()["sft"]()
+    assert isinstance(adapter, LoraAdapter) and adapter.base == "internvl"  # kept in the weights' metadata
+
+    found = policies(policy, {"sft": adapter}, bases)
+    assert list(found) == ["base", "internvl", "sft"]
+    assert found["sft"].weights != found["internvl"].weights
+    merged = found["sft"].load()
+    assert family_of(merged.model).name == "internvl" and family_of(found["base"].load().model).name == "llava-1.5"
+    prompt = Prompt(QUESTION, tuple(png_bytes(image) for image in two_images(0)))
+    answer = TransformersVLM("sft", merged, generation={"max_new_tokens": 4, "do_sample": False},
+                             progress=False).generate([prompt])[0]
+    assert answer.error is None and answer.finish_reason == "length"  # random weights: four tokens, maybe special
+    with pytest.raises(ValueError, match="LoRA adapter of base 'internvl', which is not a base policy here"):
+        policies(policy, {"sft": adapter})  # its base gone: never merged into LLaVA

@@ -41,7 +41,8 @@ def _flat(value, path=""):
 def test_the_dry_run_changes_only_what_it_lists_and_sends_nothing_off_the_machine():
     paper = load_parameters("paper")
     before = copy.deepcopy(paper)
-    overrides = plan(paper, Fixtures(policy="/fixtures/llava", md_judge_prompt="x.txt"), Endpoint())
+    bases = {"internvl2_5_8b": ("/fixtures/internvl", "internvl")}
+    overrides = plan(paper, Fixtures(policy="/fixtures/llava", md_judge_prompt="x.txt", bases=bases), Endpoint())
     params = runtime_params(overrides, paper)
     assert paper == before  # conf/paper's parameters are read, never edited
 
@@ -63,6 +64,9 @@ def test_the_dry_run_changes_only_what_it_lists_and_sends_nothing_off_the_machin
 
     printed = not_exercised(overrides)
     assert "align.policy.model: llava-hf/llava-1.5-7b-hf -> /fixtures/llava" in printed
+    # MIS's own model: SFT trains from InternVL, whose stand-in is a fixture of the InternVL family
+    assert "align.bases.internvl2_5_8b.model: OpenGVLab/InternVL2_5-8B-MPO-hf -> /fixtures/internvl" in printed
+    assert merged["align"]["base_of"] == {"sft": "internvl2_5_8b"}
     assert "align.launch.accelerate_config: conf/paper/accelerate/deepspeed_zero2.yaml -> " + CPU_LAUNCH in printed
     assert "judge.pairwise.backend.base_urls: ['https://api.openai.com/v1'] -> " in printed
     validate_parameters(merged)  # the dry run's parameters pass the same checks as a real run's

@@ -81,6 +81,24 @@ def llava_7b_config(tmp_path_factory):
     return str(directory)
 
 
+@pytest.fixture(scope="module")
+def internvl_8b_config(tmp_path_factory):
+    """config.json of InternVL2.5-8B in transformers' format (InternViT-300M at 448 px, InternLM2.5-7B as Llama;
+    its model card and transformers' convert_internvl_weights_to_hf.py), without weights."""
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
+
+    vision = InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14],
+                                  use_qk_norm=False, norm_type="layer_norm", use_absolute_position_embeddings=True)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=92553, max_position_embeddings=32768)
+    directory = tmp_path_factory.mktemp("internvl-8b-config")
+    InternVLConfig(vision_config=vision, text_config=text, image_token_id=92546, downsample_ratio=0.5,
+                   tie_word_embeddings=False,  # InternLM2 keeps its own output head
+                   dtype="bfloat16").save_pretrained(directory)
+    return str(directory)
+
+
 # LLaVA-1.5-7B's parameters by hand, from the fixture's config (no code of the project's):
 VICUNA_7B = (2 * 32064 * 4096  # token embeddings and the LM head (not tied)
              + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # attention, SwiGLU MLP, two RMSNorms
@@ -136,8 +154,14 @@ def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     assert memory.estimate("grpo", grpo, shape, 8, 3, reward_model=True).parts["reward_model"] == LLAVA_7B * 2
 
 
-def _assume(params, llava_7b_config, gpu_gib):
-    params["align"]["policy"]["model"] = llava_7b_config
+@pytest.fixture(scope="module")
+def paper_models(llava_7b_config, internvl_8b_config):
+    """conf/paper's base policies as config.json files: LLaVA-1.5-7B, and MIS's InternVL for SFT."""
+    return llava_7b_config, internvl_8b_config
+
+
+def _assume(params, paper_models, gpu_gib):
+    params["align"]["policy"]["model"], params["align"]["bases"]["internvl2_5_8b"]["model"] = paper_models
     params["align"]["also"] = ["sft", "reward", "grpo", "rloo"]  # every method conf/paper has a recipe for
     params["preflight"].update(check_endpoints=False, assume={"gpus": 8, "gpu_memory_gib": gpu_gib,
                                                               "host_ram_gib": 1000, "disk_gib": 4000,
@@ -145,16 +169,19 @@ def _assume(params, llava_7b_config, gpu_gib):
     return params
 
 
-def test_paper_profile_fits_the_assumed_8_x_80_gb_node(llava_7b_config):
+def test_paper_profile_fits_the_assumed_8_x_80_gb_node(paper_models):
     """conf/paper's recipes and launch configs, sized for 8 x 80 GB: every method fits, and the JSON says
     with what (per method: processes, ZeRO stage, each part of the estimate)."""
-    params = _assume(_paper_parameters(), llava_7b_config, 80)
+    params = _assume(_paper_parameters(), paper_models, 80)
     checks, report, estimate = run_preflight(params, credentials={})
     methods = estimate["methods"]
     assert set(methods) == {"dpo", "sft", "reward", "grpo", "rloo"}
     assert all(m["fits"] for m in methods.values()), {k: (m["gpu_gib"], m["fits_by"]) for k, m in methods.items()}
     assert all(m["gpu_gib"] < 0.9 * 80 for m in methods.values())
     assert methods["sft"]["zero_stage"] == 2 and methods["grpo"]["zero_stage"] == 3
+    # SFT is sized on the base it trains from (MIS's InternVL2.5-8B, ~8.1B parameters), the others on LLaVA-1.5-7B
+    assert methods["sft"]["policy"] == paper_models[1] and 8.0e9 < methods["sft"]["parameters"] < 8.2e9
+    assert {m["parameters"] for k, m in methods.items() if k != "sft"} == {LLAVA_7B}
     assert methods["grpo"]["parts_gib"]["reward_model"] > 13  # the reward model inside RL is counted
     assert estimate["hardware"] == {"gpus": 8, "gpu_memory_gib": 80.0, "host_ram_gib": 1000.0, "disk_gib": 4000.0,
                                     "temp_gib": 500.0, "assumed": True}
@@ -162,8 +189,8 @@ def test_paper_profile_fits_the_assumed_8_x_80_gb_node(llava_7b_config):
     assert set(memory_rows["status"]) == {"ok"} and "assumed hardware" in report
 
 
-def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(llava_7b_config):
-    params = _assume(_paper_parameters(), llava_7b_config, 44)  # DPO, SFT and RL fit in 90 %; the reward model not
+def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(paper_models):
+    params = _assume(_paper_parameters(), paper_models, 44)  # DPO, SFT and RL fit in 90 %; the reward model not
     checks, report, estimate = run_preflight(params, credentials={})
     gpu = {r.where: r for r in checks.itertuples() if r.check == "memory" and r.target == "GPU"}
     assert set(gpu) == {"align.dpo", "align.sft", "align.reward", "align.grpo", "align.rloo"}
@@ -175,18 +202,18 @@ def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(llava_7b_
         preflight_verdict(checks)
 
 
-def test_the_gate_stops_a_paper_run_before_its_first_node_and_only_for_real_models(llava_7b_config, params):
+def test_the_gate_stops_a_paper_run_before_its_first_node_and_only_for_real_models(paper_models, params):
     """The hook's gate: on a configuration with a real policy it checks the blocks the run's pipelines read
     and fails naming what is short; the embedded default (tiny models) and `preflight.gate: false` pass."""
     from spavl_kedro.pipelines.preflight.nodes import gate
 
     assert gate(params, {}, {"align", "generate", "judge", "evaluate"}) is None  # tiny models only
-    paper = _assume(_paper_parameters(), llava_7b_config, 80)
+    paper = _assume(_paper_parameters(), paper_models, 80)
     checks, report, estimate = gate(paper, {}, {"align", "tiny"})
     assert set(checks["where"].str.split(".").str[0]) == {"align"}  # nothing of generate, judge or evaluate
     assert estimate["methods"]["dpo"]["fits"] is True
     short = checks[checks["status"] == "missing"]
-    assert list(short["where"]) == ["align.policy.model"]  # the config alone: no weights to train
+    assert list(short["where"]) == ["align.policy.model", "align.bases.internvl2_5_8b.model"]  # configs, no weights
     with pytest.raises(RuntimeError, match="no \\*.safetensors weights"):
         preflight_verdict(checks)
     no_gpus = {**paper, "preflight": {**paper["preflight"], "assume": {"gpus": 0, "gpu_memory_gib": 80}}}
@@ -195,7 +222,7 @@ def test_the_gate_stops_a_paper_run_before_its_first_node_and_only_for_real_mode
     assert gate({**paper, "preflight": {**paper["preflight"], "gate": False}}, {}, {"align"}) is None
 
 
-def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(llava_7b_config):
+def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(paper_models):
     """`kedro run --env paper --pipeline align` on a machine without the weights: the hook stops the run
     before any node, with the checks, the report and the JSON estimate saved for the user."""
     from kedro.io import DataCatalog, MemoryDataset
@@ -203,7 +230,7 @@ def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(llava_7
     from spavl_kedro.hooks import ProjectHooks
     from spavl_kedro.pipeline_registry import register_pipelines
 
-    params = _assume(_paper_parameters(), llava_7b_config, 80)
+    params = _assume(_paper_parameters(), paper_models, 80)
     catalog = DataCatalog()
     catalog["parameters"] = params
     catalog["api_credentials"] = {}

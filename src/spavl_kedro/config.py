@@ -8,6 +8,7 @@ object (`typed` passes it through; a node called with a plain dict checks it the
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -17,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
-    NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, InputFormat, RecipeSettings, TinyModelConfig,
+    BASE, NAME_PATTERN, BackendSpec, BootstrapConfig, FoundationConfig, InputFormat, RecipeSettings, TinyModelConfig,
     VisionPretrainConfig,
 )
 from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
@@ -605,6 +606,14 @@ class AlignConfig(Strict):
     policy: PolicyConfig = Field(description="the policy to align. Base is a tiny LLaVA bootstrapped to refuse only "
                                              "30% of the time, an unaligned VLM that complies with harmful requests "
                                              "too often")
+    bases: dict[str, PolicyConfig] = Field(
+        default_factory=dict, description="further base policies by name, each prepared as `align.policy` is (node "
+                                          "`prepare_bases`), evaluated under its name and trained from by the methods "
+                                          "`base_of` gives it: MIS fine-tunes its own model (InternVL2.5-8B), not "
+                                          "SPA-VL's LLaVA")
+    base_of: dict[MethodName, str] = Field(
+        default_factory=dict, description="method -> the name in `bases` it trains from; a method not named trains "
+                                          "from `align.policy`, evaluated as `base`")
     _settings: dict[str, RecipeSettings] = PrivateAttr(default_factory=dict)  # the recipes, checked
     recipes: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="align.<method>: each method's recipe, written as its own key (align.dpo, "
@@ -628,6 +637,25 @@ class AlignConfig(Strict):
         if self.name is not None and self.name in self.also:
             raise ValueError(f"align.name '{self.name}' clashes with the artifact of align.also method '{self.name}'")
         return self
+
+    @model_validator(mode="after")
+    def _base_names(self):
+        for name in self.bases:
+            if not re.fullmatch(NAME_PATTERN, name) or name == BASE or name in METHODS or name == self.name:
+                raise ValueError(f"align.bases: '{name}' cannot name a base policy: it is evaluated under that name, "
+                                 f"so it must be letters, digits, '_', '.' or '-' and differ from '{BASE}' and from "
+                                 "the trained models' names")
+        unknown = {method: name for method, name in self.base_of.items() if name not in self.bases}
+        if unknown:
+            raise ValueError(f"align.base_of names bases that align.bases does not define: {unknown} "
+                             f"(have: {sorted(self.bases)})")
+        return self
+
+    def policy_of(self, method: str) -> tuple[str, PolicyConfig]:
+        """(name, spec) of the base policy `method` trains from: `base` and `align.policy`, or the entry of
+        `align.bases` that `align.base_of` names."""
+        name = self.base_of.get(method)
+        return (name, self.bases[name]) if name else (BASE, self.policy)
 
     def recipe(self, method: str) -> dict[str, Any]:
         """The recipe fields of `method` (align.<method>), empty when the YAML gives none."""

@@ -39,7 +39,8 @@ from spavl_kedro.evalsets.registry import EVAL_SETS
 PROJECT = Path(__file__).resolve().parents[2]
 DOC = PROJECT / "docs" / "configuration.md"
 SPEC = "generate.responders[]"  # where BackendSpec's fields are documented; any other model spec is one row
-WHOLE = frozenset({"generation", "load_kwargs", "max_new_tokens_per_set", "per_method"})  # mappings documented as a whole
+# mappings documented as a whole
+WHOLE = frozenset({"generation", "load_kwargs", "max_new_tokens_per_set", "per_method", "bases", "base_of"})
 # One table per entry, in page order. A row belongs to the table with the longest path its key starts with;
 # a table of several paths (same settings class) has one row per field, naming the key under each path.
 TABLES: tuple[tuple[str, ...], ...] = (
@@ -281,7 +282,11 @@ def _render(value: Any, annotation: Any, key: str) -> str:
         flow = _flow(value)
         if len(flow) <= LONGEST_FLOW:
             return f"`{flow}`"
-        return _noun(key, len(value)) if isinstance(value, list) else f"{len(value)} keys"
+        if isinstance(value, list):
+            return _noun(key, len(value))
+        if all(isinstance(item, dict) for item in value.values()):  # named entries (align.bases): their names
+            return _distinct([f"`{name}`" for name in value])
+        return f"{len(value)} keys"
     if isinstance(value, str) and ("\n" in value or len(value) > LONGEST_STRING):
         return _quote(value)
     return f"`{_scalar(value) if value != '' else chr(34) * 2}`"

@@ -1,7 +1,8 @@
 """LoRA adapters as plain data: a PEFT config and its tensors, independent of any loaded base model.
 
 The DPO node returns one, the catalog saves it in PEFT's own file layout (so `PeftModel.from_pretrained`
-reads it too), and evaluation merges it into a copy of the base policy.
+reads it too), and evaluation merges it into a copy of the base policy it was trained from: `base` names it
+(`base`, or an entry of `align.bases`), kept in the weights file's metadata.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from spavl_kedro.backends.settings import BASE
 from spavl_kedro.backends.tiny import VLM
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_KEY = "spavl_kedro.base"  # safetensors metadata: the base policy's name
 
 
 @dataclass
 class LoraAdapter:
     config: PeftConfig
     state_dict: dict[str, torch.Tensor]
+    base: str = BASE  # the base policy it was trained from, as evaluation names it
 
     @classmethod
     def from_peft(cls, model: PeftModel) -> "LoraAdapter":
@@ -32,12 +37,14 @@ class LoraAdapter:
 
 def save_adapter(adapter: LoraAdapter, directory: str) -> None:
     adapter.config.save_pretrained(directory)
-    save_file(adapter.state_dict, str(Path(directory) / WEIGHTS_NAME))
+    save_file(adapter.state_dict, str(Path(directory) / WEIGHTS_NAME), metadata={BASE_KEY: adapter.base})
 
 
 def load_adapter(directory: str) -> LoraAdapter:
-    return LoraAdapter(config=PeftConfig.from_pretrained(directory),
-                       state_dict=load_file(str(Path(directory) / WEIGHTS_NAME)))
+    weights = str(Path(directory) / WEIGHTS_NAME)
+    with safe_open(weights, framework="pt") as opened:
+        base = (opened.metadata() or {}).get(BASE_KEY, BASE)  # adapters saved before bases existed: the one base
+    return LoraAdapter(config=PeftConfig.from_pretrained(directory), state_dict=load_file(weights), base=base)
 
 
 def apply_adapter(base: VLM, adapter: LoraAdapter) -> VLM:

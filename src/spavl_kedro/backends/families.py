@@ -26,7 +26,7 @@ Adding a family is one `Family(...)` in `FAMILIES` plus a tiny fixture for the t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -126,12 +126,19 @@ def image_tokens_per_image(config: Any, processor_config: dict | None = None) ->
         patch = settings.get("patch_size", getattr(vision, "patch_size", 14))
         max_pixels = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge", 12845056)
         return int(max_pixels // (patch * merge) ** 2)
-    per_tile = getattr(config, "image_seq_length", None) or (vision.image_size // vision.patch_size) ** 2
+    per_tile = (settings.get("image_seq_length") or getattr(config, "image_seq_length", None)
+                or int((_side(vision.image_size) // _side(vision.patch_size)) ** 2  # InternVL's pixel shuffle:
+                       * getattr(config, "downsample_ratio", 1) ** 2))         # a quarter of the patches
     if family.image_tokens == "tiles":
         # the tiles of the largest grid the processor may choose, plus one thumbnail / base image
         tiles = settings.get("max_patches", 12)
         pinpoints = settings.get("image_grid_pinpoints")
         if pinpoints:  # LLaVA-NeXT's "anyres" grids, in pixels of tiles of the tower's own size
-            tiles = max(h // vision.image_size * (w // vision.image_size) for h, w in pinpoints)
+            tiles = max(h // _side(vision.image_size) * (w // _side(vision.image_size)) for h, w in pinpoints)
         return int(per_tile * (tiles + 1))
     return int(per_tile)
+
+
+def _side(size: int | Sequence[int]) -> int:
+    """A square size as one number (InternVL's vision config writes [height, width])."""
+    return size if isinstance(size, int) else int(size[0])

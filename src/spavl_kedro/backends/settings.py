@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # annotations only: importing these would pull in torch
 
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+BASE = "base"  # the name `align.policy` is evaluated under (`align.bases` add others)
 
 
 # BackendSpec fields that decide where and how fast a request goes, not what it answers: resumable stages

@@ -1,17 +1,19 @@
 """align: the base policy, and one node per training method on the split (or the official release).
 
 The base policy is configuration: a tiny LLaVA bootstrapped to comply too often (embedded default) or a
-real model such as LLaVA-1.5-7B (paper profile). Every row of `backends.methods.METHODS` is a node
-`train_<method>` (DPO, SFT on MIS chain-of-thought or chosen answers, a VLM reward model, GRPO / RLOO against
-that reward model and/or the judge) writing its own dataset `aligned_<method>`; the nodes whose method is
-in `align.method` / `align.also` train, with the recipe `align.<method>`, the others leave their models as
-they are. A model is stored under `align.name` (the first method; default the method's name) next to the
-models of earlier runs; a LoRA run stores the adapter, not a copy of the policy. One method failing fails
-the run, but the models the other nodes already wrote stay.
+real model such as LLaVA-1.5-7B (paper profile); `align.bases` adds further base policies by name (MIS's
+InternVL in the paper profile), which the methods `align.base_of` names train from. Every row of
+`backends.methods.METHODS` is a node `train_<method>` (DPO, SFT on MIS chain-of-thought or chosen answers, a
+VLM reward model, GRPO / RLOO against that reward model and/or the judge) writing its own dataset
+`aligned_<method>`; the nodes whose method is in `align.method` / `align.also` train, with the recipe
+`align.<method>`, the others leave their models as they are. A model is stored under `align.name` (the first
+method; default the method's name) next to the models of earlier runs; a LoRA run stores the adapter, not a
+copy of the policy. One method failing fails the run, but the models the other nodes already wrote stay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from typing import Any, Mapping
@@ -23,12 +25,12 @@ from spavl_kedro.backends.families import family_of
 from spavl_kedro.backends.judge_factory import primary_judge
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.settings import Behaviour
+from spavl_kedro.backends.settings import BASE, Behaviour
 from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
 from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import as_configured, load_vlm
-from spavl_kedro.config import AlignConfig, JudgeConfig, TinyConfig, typed
+from spavl_kedro.config import AlignConfig, JudgeConfig, PolicyConfig, TinyConfig, typed
 from spavl_kedro.datasets.optional import takes_missing
 
 log = logging.getLogger(__name__)
@@ -38,23 +40,47 @@ log = logging.getLogger(__name__)
 @takes_missing("seed_corpus", "tiny_foundation")
 def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
                    params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> VLM:
-    """The policy to align: bootstrapped offline from the tiny foundation (kind tiny) or loaded from a
-    directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
+    """The policy to align (`align.policy`): bootstrapped offline from the tiny foundation (kind tiny) or loaded
+    from a directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
     `weights_dtype`, whatever dtype this loads in)."""
-    cfg = typed(AlignConfig, params).policy
+    return _prepared(typed(AlignConfig, params).policy, "align.policy", seed_corpus, tiny_foundation, tiny)
+
+
+@takes_missing("seed_corpus", "tiny_foundation")
+def prepare_bases(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
+                  params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
+    """Every further base policy of `align.bases`, by name, prepared as `prepare_policy` prepares the policy:
+    the methods `align.base_of` names train from them, and evaluation answers with each."""
+    bases = typed(AlignConfig, params).bases
+    return {name: _prepared(spec, f"align.bases.{name}", seed_corpus, tiny_foundation, tiny)
+            for name, spec in bases.items()}
+
+
+def _prepared(cfg: PolicyConfig, where: str, seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
+              tiny: TinyConfig | dict[str, Any]) -> VLM:
     if cfg.kind == "transformers":
         vlm = load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
         return as_configured(vlm, cfg)
     if seed_corpus is None or tiny_foundation is None:
-        raise ValueError("align.policy.kind is 'tiny': the base policy is bootstrapped from the generate stage's "
+        raise ValueError(f"{where}.kind is 'tiny': the policy is bootstrapped from the generate stage's "
                          "tiny_foundation and seed_corpus, which no run has written here; run `kedro run --pipeline "
-                         "generate` first, or set align.policy to a real model (kind: transformers)")
+                         f"generate` first, or set {where} to a real model (kind: transformers)")
     tcfg = typed(TinyConfig, tiny)
     behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
                           vague_rate=cfg.vague_rate)
     vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus), behaviour,
                             tcfg.model, tcfg.bootstrap, seed=cfg.seed, init=tiny_foundation)
     return as_configured(vlm, cfg)
+
+
+def _base(policy_bases: Mapping[str, Any] | None, name: str) -> VLM:
+    """The base policy `name` of `policy_bases` (prepare_bases), loaded."""
+    found = policy_bases or {}
+    if name not in found:
+        raise ValueError(f"align.base_of trains from base '{name}', which no run of prepare_bases has written "
+                         f"(data/06_models/policy_bases has {sorted(found)}): run the align pipeline whole first")
+    entry = found[name]
+    return entry if isinstance(entry, VLM) else entry()
 
 
 def training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
@@ -79,15 +105,16 @@ def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
              "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]
 
 
-def train_method(method: str, policy_base: VLM, params: AlignConfig | dict[str, Any],
-                 ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
+def train_method(method: str, policy_base: VLM, policy_bases: Mapping[str, Any] | None,
+                 params: AlignConfig | dict[str, Any], ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
                  mis_train: pd.DataFrame | None = None, images: pd.DataFrame | None = None,
                  seed_corpus: pd.DataFrame | None = None,
                  reward_models: Mapping[str, Any] | None = None, credentials: dict[str, Any] | None = None,
                  judge_models: dict[str, Any] | None = None, judge_params: JudgeConfig | dict[str, Any] | None = None,
                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The node `train_<method>`: train `method` from the base policy when this run asks for it (`align.method`
-    or `align.also`), and return ({name: model} for `aligned_<method>`, {name: summary} for
+    """The node `train_<method>`: train `method` from its base policy (`policy_base`, or the entry of
+    `policy_bases` that `align.base_of` names) when this run asks for it (`align.method` or `align.also`), and
+    return ({name: model} for `aligned_<method>`, {name: summary} for
     `align_summary_<method>`, the MLflow run parameters). The pairs come from `ours` (this project's
     export) or `official` (the SPA-VL release), as `align.train_source` says. A method the run does not ask for returns empty
     mappings, which save nothing: the model an earlier run trained stays where it is.
@@ -106,6 +133,8 @@ def train_method(method: str, policy_base: VLM, params: AlignConfig | dict[str, 
     data, held_out = _training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
     if not data:
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
+    base_name, base_spec = cfg.policy_of(method)
+    policy = policy_base if base_name == BASE else _base(policy_bases, base_name)
     accelerate_config = cfg.launch.config_for(method)
     launched = accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
@@ -114,14 +143,17 @@ def train_method(method: str, policy_base: VLM, params: AlignConfig | dict[str, 
                                               judge_params, launched)
                                    if get_method(method).rewarded else (None, None))
         if launched:
-            artifact, metrics = launch(method, policy_base, data, settings, accelerate_config,
+            artifact, metrics = launch(method, policy, data, settings, accelerate_config,
                                        cfg.launch.num_processes, eval_records=held_out or None,
                                        reward_model=reward_model)
         else:
-            artifact, metrics = get_method(method).train(policy_base, data, settings, held_out or None, reward_fn)
+            artifact, metrics = get_method(method).train(policy, data, settings, held_out or None, reward_fn)
+    if isinstance(artifact, LoraAdapter):  # evaluation merges it into the base it was trained from
+        artifact = dataclasses.replace(artifact, base=base_name)
     summary = {"method": method, "name": name, "train_source": cfg.train_source,
-               "chat_template": cfg.policy.chat_template, "image_preprocessing": cfg.policy.image_preprocessing,
-               "system_sentence": cfg.policy.system_sentence, "family": family_of(policy_base.model).name,
+               "base": base_name, "chat_template": base_spec.chat_template,
+               "image_preprocessing": base_spec.image_preprocessing, "system_sentence": base_spec.system_sentence,
+               "family": family_of(policy.model).name,
                "train_examples": len(data), "validation_examples": len(held_out), **metrics,
                "settings": settings.model_dump(exclude={"output_dir"})}
     run_params = {f"align.trained.{name}.method": method, f"align.trained.{name}.train_examples": len(data),

@@ -4,7 +4,7 @@ from kedro.pipeline import Node, Pipeline
 
 from spavl_kedro.backends.methods import METHODS
 
-from .nodes import prepare_policy, train_method
+from .nodes import prepare_bases, prepare_policy, train_method
 
 # What each kind of record is built from (backends.methods.RECORDS), as train_method's keyword -> dataset:
 # kedro-viz then shows which data made which model.
@@ -19,7 +19,8 @@ DATA = {
 # Online RL's reward: the reward models (one dataset, so a reward model trained in this run comes first)
 # and the primary judge.
 # Written by earlier pipelines, needed only by some routes (sft on chain-of-thought; a tiny judge).
-TAKES_MISSING = frozenset({"mis_train", "images", "seed_corpus", "judge_models"})
+# policy_bases: written by prepare_bases; a method that trains from `align.policy` alone needs none.
+TAKES_MISSING = frozenset({"mis_train", "images", "seed_corpus", "judge_models", "policy_bases"})
 REWARD = {"reward_models": "aligned_reward", "credentials": "api_credentials", "judge_models": "judge_models",
           "judge_params": "params:judge"}
 
@@ -35,12 +36,14 @@ def _trainer(method: str) -> partial:
 
 def create_pipeline(**kwargs) -> Pipeline:
     train_nodes = [
-        Node(_trainer(name), {"policy_base": "policy_base", "params": "params:align", **DATA[row.records],
-                              **(REWARD if row.rewarded else {})},
+        Node(_trainer(name), {"policy_base": "policy_base", "policy_bases": "policy_bases", "params": "params:align",
+                              **DATA[row.records], **(REWARD if row.rewarded else {})},
              [f"aligned_{name}", f"align_summary_{name}", f"align_run_params_{name}"], name=f"train_{name}")
         for name, row in METHODS.items()]
     return Pipeline([
         Node(prepare_policy, ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
              "policy_base", name="prepare_policy"),
+        Node(prepare_bases, ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
+             "policy_bases", name="prepare_bases"),
         *train_nodes,
     ])

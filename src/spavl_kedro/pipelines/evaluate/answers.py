@@ -1,7 +1,7 @@
 """Every policy answers every evaluation item, in shards that survive a crash (see pipelines/sharding.py).
 
-Policies: `base` and each policy in `aligned_models` (a LoRA adapter is merged into a copy of the base, a
-full fine-tune is used as it is, a reward model is skipped: it scores answers, it does not write them).
+Policies: `base`, each further base of `align.bases` under its name, and each policy in `aligned_models` (a
+LoRA adapter is merged into a copy of the base it was trained from, a full fine-tune is used as it is, a reward model is skipped: it scores answers, it does not write them).
 A shard is `<model>/<eval_set>/<index>`; its fingerprint covers the model's weights, the items and the
 decoding settings, so retraining a policy under the same name re-answers its shards and nothing else.
 Decoding: greedy (SPA-VL's evaluation), plus `samples` sampled answers per item, recorded per row.
@@ -24,7 +24,8 @@ from spavl_kedro.backends.factory import OneAtATime, build_backend
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
-from spavl_kedro.config import CostsConfig, EvaluateConfig, stage_spend, typed
+from spavl_kedro.config import BASE, CostsConfig, EvaluateConfig, stage_spend, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import eval_answer_seed
 
@@ -54,45 +55,70 @@ def gather_aligned_models(**by_method: Mapping[str, Any]) -> dict[str, Any]:
     return gathered
 
 
-def policies(policy_base: VLM, aligned_models: Mapping[str, Any]) -> dict[str, Policy]:
-    """Every policy to evaluate, base first, each artifact loaded once here to learn its type and weights.
+def policies(policy_base: VLM, aligned_models: Mapping[str, Any],
+             policy_bases: Mapping[str, Any] | None = None) -> dict[str, Policy]:
+    """Every policy to evaluate, base first, then the further bases (`policy_bases`, by their names), then the
+    aligned models, each artifact loaded once here to learn its type and weights.
 
-    A LoRA adapter is kept (it is small) and merged into a copy of the base when needed; a full model is
-    not kept: its catalog loader runs again when its shards are answered, so several 7B policies never
-    sit in memory together. Reward models score answers; they do not write them.
+    A LoRA adapter is kept (it is small) and merged into a copy of the base it was trained from when needed;
+    a full model is not kept: its catalog loader runs again when its shards are answered, so several 7B
+    policies never sit in memory together. Reward models score answers; they do not write them.
     """
-    base = weights_fingerprint(policy_base.model.state_dict())
-    found = {"base": Policy(lambda: policy_base, base)}
+    found = {BASE: Policy(lambda: policy_base, weights_fingerprint(policy_base.model.state_dict()))}
+    for name in sorted(policy_bases or {}):
+        found[name] = _full_model(name, policy_bases[name])
+    bases = list(found)
     for name in sorted(aligned_models):
+        if name in found:
+            raise ValueError(f"aligned model '{name}' has the name of a base policy: rename it with align.name")
         entry = aligned_models[name]
         # the catalog gives loaders, memory the models (a reward model is a Module, callable too: test types)
         artifact = entry if isinstance(entry, (LoraAdapter, VLM, RewardModel)) else entry()
         if isinstance(artifact, RewardModel):
             continue
-        if isinstance(artifact, LoraAdapter):  # the merged policy is the base plus the adapter
-            found[name] = Policy(partial(apply_adapter, policy_base, artifact),
-                                 fingerprint(base, weights_fingerprint(artifact.state_dict)))
+        if isinstance(artifact, LoraAdapter):  # the merged policy is its base plus the adapter
+            if artifact.base not in bases:
+                raise ValueError(f"aligned model '{name}' is a LoRA adapter of base '{artifact.base}', which is not a "
+                                 f"base policy here (have: {bases}): add it to align.bases and run prepare_bases")
+            base = found[artifact.base]
+            found[name] = Policy(partial(_merged, base.load, artifact),
+                                 fingerprint(base.weights, weights_fingerprint(artifact.state_dict)))
         elif isinstance(artifact, VLM):
-            load = (lambda vlm=artifact: vlm) if artifact is entry else entry
-            found[name] = Policy(load, weights_fingerprint(artifact.model.state_dict()))
+            found[name] = _full_model(name, entry, artifact)
         else:
             raise ValueError(f"aligned_models['{name}'] is a {type(artifact).__name__}, not a policy or reward model")
         del artifact
     return found
 
 
+def _full_model(name: str, entry: Any, loaded: VLM | None = None) -> Policy:
+    """A whole model as a policy: `entry` is the model or its catalog loader (then loaded again when answered)."""
+    model = loaded if loaded is not None else (entry if isinstance(entry, VLM) else entry())
+    if not isinstance(model, VLM):
+        raise ValueError(f"policy '{name}' is a {type(model).__name__}, not a VLM")
+    load = (lambda vlm=model: vlm) if model is entry else entry
+    return Policy(load, weights_fingerprint(model.model.state_dict()))
+
+
+def _merged(load_base: Callable[[], VLM], adapter: LoraAdapter) -> VLM:
+    return apply_adapter(load_base(), adapter)
+
+
+@takes_missing("policy_bases")
 def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],
                      done: Mapping[str, Callable[[], pd.DataFrame]], credentials: dict[str, Any],
                      params: EvaluateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
-                     costs: CostsConfig | dict[str, Any] | None = None
+                     costs: CostsConfig | dict[str, Any] | None = None,
+                     policy_bases: Mapping[str, Any] | None = None
                      ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per shard still to answer, which the catalog's ShardDataset runs and writes in id order,
     and the plan (`eval_answer_plan`) that `collect_eval_answers` checks them against. A policy named in
     `evaluate.served` is answered through its endpoint instead of being loaded, counting into the evaluate
-    stage's spend, checked against its budget before each shard."""
+    stage's spend, checked against its budget before each shard. `policy_bases` (prepare_bases) are answered
+    under their names beside `base`."""
     cfg = typed(EvaluateConfig, params)
     spend = stage_spend("evaluate", api_spend, costs)
-    found = policies(policy_base, aligned_models)
+    found = policies(policy_base, aligned_models, policy_bases)
     unknown = sorted({spec.name for spec in cfg.served} - set(found))
     if unknown:
         raise ValueError(f"evaluate.served names {unknown}, which are not policies here (have: {sorted(found)})")

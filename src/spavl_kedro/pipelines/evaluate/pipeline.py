@@ -37,7 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(gather_aligned_models, {name: f"aligned_{name}" for name in METHODS}, "aligned_models",
              name="gather_aligned_models"),
         Node(plan_eval_shards, ["eval_items", "policy_base", "aligned_models", "eval_answer_shards_done",
-                                "api_credentials", "params:evaluate", "api_spend", "params:costs"],
+                                "api_credentials", "params:evaluate", "api_spend", "params:costs", "policy_bases"],
              ["eval_answer_shards", "eval_answer_plan"], name="plan_eval_answers"),
         Node(collect_eval_answers, ["eval_answer_shards", "eval_answer_plan", "eval_items"], "eval_answers",
              name="collect_eval_answers"),

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # figures without pyplot: no global state,
 import pandas as pd
 
 from spavl_kedro.backends.guard import judge_template
-from spavl_kedro.config import AlignConfig, EvaluateConfig, JudgeConfig, PolicyConfig, typed
+from spavl_kedro.config import BASE, AlignConfig, EvaluateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
@@ -41,8 +41,9 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
     chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound. `references`
     (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed.
-    `align_params` names how every evaluated policy was prompted and fed images: all of them carry the base
-    policy's processor (`align.policy.chat_template`, `system_sentence`, `image_preprocessing`)."""
+    `align_params` names how every evaluated policy was prompted and fed images: each carries the processor of
+    the base policy it was trained from (`chat_template`, `system_sentence`, `image_preprocessing` of
+    `align.policy` or of its entry in `align.bases`)."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -54,18 +55,23 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     table.insert(0, "level", cfg.confidence)
     figures = _figures(table, jcfg.primary, help_judge_name(cfg), cfg.reference_responder)
     headline = _headline(cfg, jcfg)
-    policy = typed(AlignConfig, align_params).policy if align_params is not None else None
-    report = _report(table, items, cfg, jcfg, figures, gold_cot, references, policy)
+    align = typed(AlignConfig, align_params) if align_params is not None else None
+    report = _report(table, items, cfg, jcfg, figures, gold_cot, references, align)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
     return table, for_mlflow({**_mlflow_names(table, headline), **_reference_counts(references)}), report, *drawn
 
 
-def _policy_inputs(policy: PolicyConfig | None) -> list[str]:
-    """How the evaluated policies were prompted and fed images (the base policy's processor, which each
-    aligned policy keeps): the paragraph naming it, or nothing when the align block was not given."""
-    if policy is None:
+def _policy_inputs(align: AlignConfig | None) -> list[str]:
+    """How the evaluated policies were prompted and fed images (each base policy's processor, which every
+    policy trained from it keeps): the paragraph naming it, or nothing when the align block was not given."""
+    if align is None:
         return []
-    return [f"Policy inputs: {policy.describe()} (`align.policy`).", ""]
+    lines = [f"Policy inputs: `{BASE}` (`align.policy`): {align.policy.describe()}."]
+    for name, spec in align.bases.items():
+        trained = sorted(align.artifact_name(m) for m, b in align.base_of.items() if b == name)
+        lines.append(f"`{name}` (`align.bases.{name}`{', base of ' + ', '.join(trained) if trained else ''}): "
+                     f"{spec.describe()}.")
+    return [" ".join(lines), ""]
 
 
 def mlflow_name(row: Any) -> str:
@@ -112,8 +118,8 @@ def _cell(row: Any) -> str:
 
 
 def _models(table: pd.DataFrame) -> list[str]:
-    names = sorted(set(table["model"]) - {"base"})
-    return (["base"] if "base" in set(table["model"]) else []) + names
+    names = sorted(set(table["model"]) - {BASE})
+    return ([BASE] if BASE in set(table["model"]) else []) + names
 
 
 def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, str | None, str, str]]:
@@ -133,7 +139,7 @@ def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str
 
 def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
             figures: dict[str, Any], gold_cot: pd.DataFrame | None = None,
-            references: pd.DataFrame | None = None, policy: PolicyConfig | None = None) -> str:
+            references: pd.DataFrame | None = None, align: AlignConfig | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     primary = next(spec for spec in jcfg.judges if spec.name == jcfg.primary)
@@ -147,7 +153,7 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
         f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
-        *_policy_inputs(policy),
+        *_policy_inputs(align),
         *_references_used(items, cfg, references),
         *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",

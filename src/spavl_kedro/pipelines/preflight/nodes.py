@@ -76,9 +76,9 @@ def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]
     checks: list[Check] = []
     for where, spec in backends(cfg):
         checks += _backend_checks(where, spec, credentials, cfg["preflight"].check_endpoints)
-    policy = cfg["align"].policy
-    if policy.kind == "transformers":
-        checks.append(_model_check("align.policy.model", policy.model, policy.trust_remote_code))
+    for where, policy in _policies(cfg["align"]):
+        if policy.kind == "transformers":
+            checks.append(_model_check(f"{where}.model", policy.model, policy.trust_remote_code))
     clip = cfg["generate"].images.clip_model
     if clip:
         checks.append(_model_check("generate.images.clip_model", clip))
@@ -96,8 +96,14 @@ def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]
 
 def loads_real_models(cfg: Mapping[str, BaseModel]) -> bool:
     """Whether a configuration loads anything but the tiny offline models: what the gate guards."""
-    return (any(spec.kind != "tiny" for _, spec in backends(cfg)) or cfg["align"].policy.kind == "transformers"
+    return (any(spec.kind != "tiny" for _, spec in backends(cfg))
+            or any(policy.kind == "transformers" for _, policy in _policies(cfg["align"]))
             or bool(cfg["generate"].images.clip_model))
+
+
+def _policies(align: BaseModel) -> list[tuple[str, BaseModel]]:
+    """(where, spec) of every base policy: `align.policy` and each of `align.bases`."""
+    return [("align.policy", align.policy), *((f"align.bases.{name}", spec) for name, spec in align.bases.items())]
 
 
 def gate(parameters: dict[str, Any], credentials: Mapping[str, Any], blocks: set[str]
@@ -277,31 +283,41 @@ def _accelerator_checks(align: BaseModel, hardware: Hardware) -> list[Check]:
 def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], dict[str, Any]]:
     """GPU memory per process, host RAM, disk and temp space each method of this run needs
     (`memory.estimate`), against `hardware`; and the estimate as JSON, per method: its parts in GiB and
-    whether it fits. A tiny policy is skipped; a policy whose config.json is not here cannot be sized."""
+    whether it fits, sized on the base each method trains from (`align.policy_of`). A tiny policy is skipped; a
+    policy whose config.json is not here cannot be sized."""
     from spavl_kedro.backends.methods import get_method
 
-    if align.policy.kind != "transformers":
-        return [], {"policy": align.policy.kind, "methods": {}}
     recipes = {method: align.settings(method, output_dir="unused") for method in align.methods}
-    try:
-        shape = memory.model_shape(align.policy.model, recipes)
-    except (OSError, ValueError) as exc:
-        return [Check("memory", "align.method", align.policy.model, "warning",
-                      f"cannot size the training without the model's config.json here ({type(exc).__name__})")], \
-            {"policy": align.policy.model, "methods": {}, "error": type(exc).__name__}
+    bases = {method: align.policy_of(method)[1] for method in recipes}
+    sized = {m: spec.model for m, spec in bases.items() if spec.kind == "transformers"}  # method -> model
+    if not sized:
+        return [], {"policy": align.policy.kind, "methods": {}}
+    checks, shapes, errors = [], {}, {}
+    for model in dict.fromkeys(sized.values()):
+        try:
+            shapes[model] = memory.model_shape(model, {m: recipes[m] for m, its in sized.items() if its == model})
+        except (OSError, ValueError) as exc:
+            where = ", ".join(f"align.{m}" for m, its in sized.items() if its == model)
+            checks.append(Check("memory", where, model, "warning",
+                                f"cannot size the training without the model's config.json here ({type(exc).__name__})"))
+            errors[model] = type(exc).__name__
     records = _records_bytes(align)
     gib = lambda v: round(v / memory.GIB, 2)  # noqa: E731
-    checks, report = [], {"policy": align.policy.model, "parameters": shape.total, "records_gib": gib(records),
-                          "hardware": {"gpus": hardware.gpus, "gpu_memory_gib": gib(hardware.gpu_bytes),
-                                       "host_ram_gib": hardware.host_bytes and gib(hardware.host_bytes),
-                                       "disk_gib": hardware.disk_bytes and gib(hardware.disk_bytes),
-                                       "temp_gib": hardware.temp_bytes and gib(hardware.temp_bytes),
-                                       "assumed": hardware.assumed},
-                          "methods": {}}
+    main = shapes.get(align.policy.model)
+    report = {"policy": align.policy.model or align.policy.kind, "parameters": main.total if main else None,
+              "records_gib": gib(records),
+              "hardware": {"gpus": hardware.gpus, "gpu_memory_gib": gib(hardware.gpu_bytes),
+                           "host_ram_gib": hardware.host_bytes and gib(hardware.host_bytes),
+                           "disk_gib": hardware.disk_bytes and gib(hardware.disk_bytes),
+                           "temp_gib": hardware.temp_bytes and gib(hardware.temp_bytes),
+                           "assumed": hardware.assumed},
+              "methods": {}, **({"errors": errors} if errors else {})}
+    recipes = {m: settings for m, settings in recipes.items() if sized.get(m) in shapes}
     for method, settings in recipes.items():
         processes, zero = _launch_shape(align, method)
         images = 2 if get_method(method).records == "targets" and align.sft_data == "cot" else 1
         scored = get_method(method).rewarded and align.rl.model_weight > 0
+        shape = shapes[sized[method]]
         need = memory.estimate(method, settings, shape, processes, zero, images, reward_model=scored,
                                records_bytes=records)
         where = f"align.{method}"
@@ -327,6 +343,7 @@ def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], d
         report["methods"][method] = {
             "gpu_gib": gib(need.gpu_bytes), "parts_gib": {k: gib(v) for k, v in need.parts.items()},
             "host_ram_gib": gib(need.host_bytes), "disk_gib": gib(need.disk_bytes), "temp_gib": gib(need.temp_bytes),
+            "policy": sized[method], "parameters": shape.total,
             "processes": processes, "zero_stage": zero, "launch": align.launch.config_for(method),
             "lora": bool(getattr(settings, "lora", False)), "weights_dtype": settings.weights_dtype,
             "activation_checkpointing": settings.activation_checkpointing, "fits_by": fits, "fits": all(fits.values())}
