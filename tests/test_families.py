@@ -113,6 +113,25 @@ def test_every_method_trains_the_family_on_two_image_prompts(fixture, method, tm
     assert all(torch.equal(p, tower[k]) for k, p in _weights(vlm.model, "vision_tower").items())  # input untouched
 
 
+def test_preflight_sizes_an_image_at_least_as_long_as_the_processor_makes_it(fixture):
+    """`image_tokens_per_image`, which preflight sizes sequences by, against the tokens the family's own
+    processor writes for square, wide and tall images: never fewer, and exact for the tile families' largest
+    grid (InternVL: tiles x the tokens a tile keeps after the 0.5 pixel shuffle, plus the thumbnail;
+    LLaVA-NeXT: 2 x 2 tiles and the base image, plus a newline token after each row of patches)."""
+    name, vlm = fixture
+    bound = families.image_tokens_per_image(vlm.model.config, vlm.processor.image_processor.to_dict())
+    prompt = vlm.processor.apply_chat_template(tiny.user_message(QUESTION, 1), add_generation_prompt=True)
+    counts = []
+    for size in [*SHAPES, (160, 40), (40, 160), (224, 224)]:
+        ids = vlm.processor(text=[prompt], images=[Image.new("RGB", size, "red")])["input_ids"][0]
+        counts.append(sum(i == vlm.model.config.image_token_id for i in ids))
+    assert max(counts) <= bound, (name, counts, bound)
+    if name == "internvl":
+        assert max(counts) == bound == 3 * 4, counts  # two 56-px tiles and a thumbnail, 4 tokens each
+    if name == "llava-next":
+        assert max(counts) == bound == 5 * 4 + 2 * 2, counts  # 28-px tiles of 2 x 2 patches; 4 rows of patches
+
+
 def test_the_reward_model_feeds_the_familys_extra_inputs(fixture):
     """Per-image inputs (Qwen2-VL's image_grid_thw: one row per image) and per-token ones (mm_token_type_ids, padded
     like the ids) reach the forward pass, and a reward reads the images: other pictures, another score."""

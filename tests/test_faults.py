@@ -1,6 +1,7 @@
 """Crash and determinism on a small world, in real `kedro run` processes.
 
-Run A goes through all six pipelines uninterrupted. Run B, in a second copy with the same seed, is killed
+Run A goes through all six pipelines uninterrupted. Run B, in a second copy with the same seed and at the
+same time (a stage behind A), is killed
 with SIGKILL at seeded random points of the three long stages (generate's answers, judge's verdicts,
 evaluate's answers: ten kills in all), each time rerun until it finishes; a shard finished before a kill
 is never written again. Then every table both runs wrote
@@ -35,12 +36,13 @@ PARAMS = {
     "align.dpo.num_train_epochs": 1,
     "evaluate.shard_size": 4, "evaluate.samples": 1,
 }
-# (stage to run, its shard folder or None, how many kills); kill points are drawn from a seeded generator
+# (stage to run, its shard folder or None, how many kills, the table written once the folder is complete);
+# kill points are drawn from a seeded generator
 STAGES = [
-    (["--pipelines", "taxonomy,generate"], "07_model_output/response_shards", 4),
-    (["--pipeline", "judge"], "07_model_output/verdict_shards", 3),
-    (["--pipelines", "split,align"], None, 0),
-    (["--pipeline", "evaluate"], "07_model_output/eval_answer_shards", 3),
+    (["--pipelines", "taxonomy,generate"], "07_model_output/response_shards", 4, "07_model_output/responses.parquet"),
+    (["--pipeline", "judge"], "07_model_output/verdict_shards", 3, "07_model_output/verdicts.parquet"),
+    (["--pipelines", "split,align"], None, 0, None),
+    (["--pipeline", "evaluate"], "07_model_output/eval_answer_shards", 3, "07_model_output/eval_answers.parquet"),
 ]
 TIMING = {"latency_s", "train_runtime", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
@@ -54,16 +56,28 @@ def _project(root: Path) -> Path:
     return root
 
 
-def _kedro(root: Path, *args: str) -> subprocess.Popen:
+def _kedro(root: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """`kedro run` in `root`, its output piped (or written to `log`, for a run nobody reads while it runs)."""
     params = ",".join(f"{k}={v}" for k, v in PARAMS.items())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    output = log.open("wb") if log is not None else subprocess.PIPE
     return subprocess.Popen([str(Path(sys.executable).parent / "kedro"), "run", "--params", params, *args],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(run: subprocess.Popen) -> None:
-    output = run.communicate(timeout=900)[0].decode()
+def _finish(run: subprocess.Popen, log: Path | None = None) -> None:
+    output = run.communicate(timeout=900)[0]
+    output = log.read_text() if log is not None else output.decode()
     assert run.returncode == 0, output[-4000:]
+
+
+def _wait_for(path: Path, run: subprocess.Popen, log: Path) -> None:
+    """Until run A has written `path` (the stage's shards are then all on disk), or fail if A stops first."""
+    deadline = time.monotonic() + 900
+    while not path.exists():
+        assert run.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"run A wrote no {path} in 900 s"
+        time.sleep(0.05)
 
 
 def _shards(folder: Path) -> int:
@@ -92,14 +106,18 @@ def _table_digests(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    # Run A goes through all six pipelines in one process while run B is killed and rerun stage by stage a
+    # stage behind it: each kedro process computes on one thread (OMP_NUM_THREADS=1), so the two share the
+    # machine's two cores. B draws a stage's kill points once A has finished that stage.
     a = _project(tmp_path_factory.mktemp("run_a"))
-    _finish(_kedro(a))  # all six pipelines in one run
-
     b = _project(tmp_path_factory.mktemp("run_b"))
+    log_a = a / "run_a.log"
+    run_a = _kedro(a, log=log_a)
     rng = random.Random(20261122)
     kills, written = [], {}
-    for args, folder, n_kills in STAGES:
+    for args, folder, n_kills, complete in STAGES:
         if folder is not None:
+            _wait_for(a / "data" / complete, run_a, log_a)
             total = _shards(a / "data" / folder)
             assert total > n_kills, (folder, total)
             for target in sorted(rng.sample(range(1, total), n_kills)):  # kill once this many shards are on disk
@@ -117,6 +135,7 @@ def runs(tmp_path_factory):
                 kills.append((folder, target, _shards(b / "data" / folder), run.returncode))
                 written.update(_mtimes(b / "data" / folder))
         _finish(_kedro(b, *args))
+    _finish(run_a, log_a)
     rewritten = [str(p) for p, mtime in written.items() if p.stat().st_mtime_ns != mtime]
     assert not rewritten, rewritten  # a shard finished before a kill is skipped by every later run
     return a, b, kills
@@ -126,7 +145,7 @@ def test_ten_sigkills_at_random_points_lose_and_duplicate_nothing(runs):
     a, b, kills = runs
     assert len(kills) >= 10, kills
     assert all(code == -signal.SIGKILL for *_, code in kills), kills  # each run really died mid-stage
-    assert {folder for folder, *_ in kills} == {folder for _, folder, _ in STAGES if folder}
+    assert {folder for folder, *_ in kills} == {folder for _, folder, *_ in STAGES if folder}
     for name in ("07_model_output/responses.parquet", "07_model_output/verdicts.parquet",
                  "07_model_output/eval_answers.parquet"):
         table = pd.read_parquet(b / "data" / name)

@@ -131,11 +131,15 @@ def image_tokens_per_image(config: Any, processor_config: dict | None = None) ->
                        * getattr(config, "downsample_ratio", 1) ** 2))         # a quarter of the patches
     if family.image_tokens == "tiles":
         # the tiles of the largest grid the processor may choose, plus one thumbnail / base image
-        tiles = settings.get("max_patches", 12)
+        tiles, newlines = settings.get("max_patches", 12), 0
         pinpoints = settings.get("image_grid_pinpoints")
         if pinpoints:  # LLaVA-NeXT's "anyres" grids, in pixels of tiles of the tower's own size
-            tiles = max(h // _side(vision.image_size) * (w // _side(vision.image_size)) for h, w in pinpoints)
-        return int(per_tile * (tiles + 1))
+            side = _side(vision.image_size)
+            tiles = max(h // side * (w // side) for h, w in pinpoints)
+            # and one image_newline token after each row of patches of the tiled image (LLaVA-NeXT's
+            # pack_image_features): at most the tallest grid's rows
+            newlines = max(h // side for h, _ in pinpoints) * (side // _side(vision.patch_size))
+        return int(per_tile * (tiles + 1) + newlines)
     return int(per_tile)
 
 
