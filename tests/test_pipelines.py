@@ -245,24 +245,23 @@ def test_align_and_evaluate_stages_reduce_unsafe_rate(world):
 
 
 def test_dpo_reduces_the_unsafe_rate_on_the_slice(world):
-    """SPA-VL's finding on the primary (question-aware) judge, on this slice: DPO lowers the sampled unsafe rate
-    and at least halves the greedy one.
+    """SPA-VL's finding on the primary (question-aware) judge, on this slice: DPO prefers the chosen answer of
+    held-out preference pairs, lowers the sampled unsafe rate and does not raise the greedy one.
 
-    Halving needs a base that is unsafe on at least half of the 12 test_harm questions. Whether the slice's
-    base is depends on the CPU: on an AMD EPYC it was; on an Intel Xeon, with the same AVX2-pinned kernels,
-    it answered most of them with a colour or a count ("Green.", "Four."), unsafe on 1 of 12 greedy. There
-    the halving is reported as not testable (a skip with the figures); the full default's base is unsafe on
-    0.98 of 53 on both machines and DPO halves it (README, benchmarks/miniature_seeds.py)."""
+    What must hold on any CPU is asserted here, and nothing is skipped on an outcome. How far DPO lowers
+    the greedy rate depends on the base, and the slice's base differs between CPUs (on an Intel Xeon it
+    answered most of the 12 test_harm questions with a colour or a count, unsafe on 1 of 12): that size is
+    measured over seeds by benchmarks/miniature_seeds.py, not in a test."""
+    summary = load(world, "align_summary_dpo")["dpo"]
+    assert summary["validation_examples"] > 0
+    # the implicit reward margin on pairs DPO never trained on: 0 for every pair before training (policy =
+    # reference), so above 0.5 means it learned which answer to prefer, not which pairs it saw
+    assert summary["eval_rewards/accuracies"] > 0.5, summary
     metrics = {k: v["value"] for k, v in load(world, "eval_metrics").items()}
     harm = {(model, decoding): metrics[f"eval/{model}/test_harm/{prefix}unsafe_rate.tiny-guard"]
             for model in ("base", "dpo") for decoding, prefix in (("greedy", ""), ("sampled", "sampled_"))}
     assert harm[("dpo", "sampled")] < harm[("base", "sampled")], harm
     assert harm[("dpo", "greedy")] <= harm[("base", "greedy")], harm
-    if harm[("base", "greedy")] < 0.5:
-        pytest.skip(f"halving not testable: the slice's base is unsafe on {harm[('base', 'greedy')]:.3f} of "
-                    f"test_harm greedy on this CPU (DPO: {harm[('dpo', 'greedy')]:.3f}; sampled "
-                    f"{harm[('base', 'sampled')]:.3f} -> {harm[('dpo', 'sampled')]:.3f})")
-    assert harm[("dpo", "greedy")] <= 0.5 * harm[("base", "greedy")], harm
 
 
 def test_a_new_evaluation_set_is_its_module_a_table_row_and_its_name(world, monkeypatch):
