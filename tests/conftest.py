@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 import spavl_kedro  # noqa: F401  (first: it pins the CPU kernels before any test imports torch, numerics.py)
+from spavl_kedro import paper_dryrun
 from spavl_kedro.config import load_parameters
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -41,15 +41,8 @@ def seed_text() -> dict:
 
 
 def copy_project(root: Path) -> Path:
-    """A runnable copy of the project at `root`: configuration, raw seeds, an empty conf/local. The package
-    itself is the installed one; Kedro only checks that src/ exists."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT / "pyproject.toml", root)
-    shutil.copytree(PROJECT / "conf" / "base", root / "conf" / "base")
-    (root / "conf" / "local").mkdir()
-    (root / "src").mkdir()
-    shutil.copytree(PROJECT / "data" / "01_raw", root / "data" / "01_raw")
-    return root
+    """A runnable copy of this project's conf/base and raw seeds at `root` (paper_dryrun.copy_project)."""
+    return paper_dryrun.copy_project(PROJECT, root)
 
 
 def shrink_taxonomy(root: Path, domains: int = 2, categories: int = 1, subcategories: int = 2) -> None:

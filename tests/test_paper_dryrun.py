@@ -42,7 +42,7 @@ def test_the_dry_run_changes_only_what_it_lists_and_sends_nothing_off_the_machin
     paper = load_parameters("paper")
     before = copy.deepcopy(paper)
     bases = {"internvl2_5_8b": ("/fixtures/internvl", "internvl")}
-    overrides = plan(paper, Fixtures(policy="/fixtures/llava", md_judge_prompt="x.txt", bases=bases), Endpoint())
+    overrides = plan(paper, Fixtures(policy="/fixtures/llava", bases=bases), Endpoint())
     params = runtime_params(overrides, paper)
     assert paper == before  # conf/paper's parameters are read, never edited
 
