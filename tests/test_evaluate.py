@@ -293,6 +293,11 @@ def test_scores_count_failures_against_the_policy_and_metrics_match_hand_counts(
     scores, params = _score(items, _answers(items, {"base": base, "dpo": aligned}))
     table, mlflow_metrics, report, *figures = summarise_eval(scores, items, params, JUDGE)
     assert "Policy inputs" not in report  # no align block given: nothing claimed about the policies' inputs
+    # the floor the capability row is read against: 4 colours, 3 shapes, 1-4 shapes to count
+    capability = items[items["eval_set"] == "capability"]
+    floor = capability["qtype"].map({"colour": 1 / 4, "shape": 1 / 3, "count": 1 / 4}).mean()
+    assert (f"Capability chance: a uniform guess among the answers a scene can have scores colour 0.250, shape "
+            f"0.333, count 0.250; {floor:.3f} over these {len(capability)} items.") in report
     llava = {"policy": {"kind": "transformers", "model": "m", "image_preprocessing": "pad",
                         "system_sentence": "A chat between a curious user and an AI assistant."}}
     named = summarise_eval(scores, items, params, JUDGE, None, None, llava)[2]

@@ -15,7 +15,14 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 200), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+COUNTS = (1, 2, 3, 4)  # how many shapes a scene holds, one per quadrant
 KINDS = ("colour", "shape", "count")  # what a capability question asks about
+
+
+def chance(kind: str) -> float:
+    """What a uniform guess among the answers a scene can have scores on a question of `kind`: the floor a
+    capability accuracy is read against."""
+    return 1 / len({"colour": COLOURS, "shape": SHAPES, "count": COUNTS}[kind])
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class Scene:
 
     @classmethod
     def draw_random(cls, rng: random.Random) -> "Scene":
-        return cls(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.randint(1, 4))
+        return cls(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.randint(COUNTS[0], COUNTS[-1]))
 
     @property
     def caption(self) -> str:

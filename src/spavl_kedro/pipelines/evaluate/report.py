@@ -22,6 +22,7 @@ from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
 from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, mis_judge_name, verdict_judges
+from spavl_kedro.scenes import KINDS, chance
 
 KEYS = ("model", "eval_set", "variant", "decoding")
 GROUPS = ("class1", "class2", "class3", "qtype")
@@ -166,6 +167,7 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         n = int(hit["n"].max())
         lines.append(f"| {label} | {n} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
                                                      for m in models) + " |")
+    lines += _capability_chance(items)
     if gold_cot is not None and len(gold_cot):
         shares = gold_cot["bucket"].value_counts(normalize=True)
         lines += ["", f"MIS scoring check: the teacher's own chain-of-thought answers to the {len(gold_cot)} "
@@ -187,6 +189,18 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
     lines += ["", "The full table (every class, question type, scorer and decoding, with intervals) is "
               "`eval_metrics_table` (data/08_reporting/eval_metrics_table.parquet and the MLflow artifact).", ""]
     return "\n".join(lines)
+
+
+def _capability_chance(items: pd.DataFrame) -> list[str]:
+    """The accuracy a uniform guess gets on the generated capability items, per question kind and over the
+    set, for reading the capability row against (published VQA items have no such floor)."""
+    generated = items[(items["eval_set"] == "capability") & (items["source"] == "generated")]
+    if generated.empty:
+        return []
+    kinds = generated["qtype"]
+    per_kind = ", ".join(f"{kind} {chance(kind):.3f}" for kind in KINDS if kind in set(kinds))
+    return ["", f"Capability chance: a uniform guess among the answers a scene can have scores {per_kind}; "
+                f"{kinds.map(chance).mean():.3f} over these {len(generated)} items."]
 
 
 def _references_used(items: pd.DataFrame, cfg: EvaluateConfig, references: pd.DataFrame | None) -> list[str]:
