@@ -60,9 +60,13 @@ def _kedro(root: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
     """`kedro run` in `root`, its output piped (or written to `log`, for a run nobody reads while it runs)."""
     params = ",".join(f"{k}={v}" for k, v in PARAMS.items())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    output = log.open("wb") if log is not None else subprocess.PIPE
-    return subprocess.Popen([str(Path(sys.executable).parent / "kedro"), "run", "--params", params, *args],
-                            cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [str(Path(sys.executable).parent / "kedro"), "run", "--params", params, *args]
+    if log is None:
+        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    with log.open("wb") as output:  # the child keeps its own descriptor
+        return subprocess.Popen(command, cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _finish(run: subprocess.Popen, log: Path | None = None) -> None:
