@@ -37,7 +37,10 @@ def taxonomy_spec() -> dict:
 
 @pytest.fixture(scope="session")
 def seed_text() -> dict:
-    return yaml.safe_load((PROJECT / "data/01_raw/seed_text.yml").read_text())
+    """Every form of each kind of answer, grammars expanded (`guard.answer_forms`)."""
+    from spavl_kedro.backends.guard import answer_forms
+
+    return answer_forms(yaml.safe_load((PROJECT / "data/01_raw/seed_text.yml").read_text()))
 
 
 def copy_project(root: Path) -> Path:

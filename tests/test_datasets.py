@@ -18,7 +18,7 @@ def vlm():
 
 def greedy(vlm, n_images=1):
     import random
-    png = _render("knife", (200, 40, 40), "circle", 64, random.Random(0))
+    png = _render("knife", (200, 40, 40), "circle", (250, 200, 0), 64, random.Random(0))
     prompts = [Prompt("What is shown?", (png,) * n_images)] * 3
     return [g.text for g in TransformersVLM("t", vlm, 2, {"max_new_tokens": 6, "do_sample": False},
                                             progress=False).generate(prompts)]

@@ -24,7 +24,9 @@ SMALLEST = {
     "generate": {"images": {"per_subcategory": 3}, "seed_corpus": {"questions_per_image": 1,
                                                                          "scenes": 100, "questioned_scenes": 20}},
     "tiny": {"vision": {"steps": 50}, "foundation": {"epochs": 2}, "bootstrap": {"epochs": 1}},
-    "align": {"dpo": {"num_train_epochs": 1}},
+    # three images a subcategory hold out two, so an MIS sample seldom shows two training images: SFT learns
+    # from the chosen answers here rather than from chain-of-thought targets that may not exist
+    "align": {"dpo": {"num_train_epochs": 1}, "sft_data": "chosen"},
     "evaluate": {"samples": 1, "max_items": 20},  # 20 items per set and variant: every set, quickly
 }
 
@@ -104,8 +106,9 @@ def test_mlflow_parent_and_child_runs(project):
     assert parent.data.params["judge.template.keyword"] == "none (refusal strings)"
     assert int(parent.data.params["align.trained.dpo.train_examples"]) > 0
     # a run page a reader can use: the headline per policy (named with the judge that decided it), not one
-    # chart per judge, class and question type (3,842 metrics before this rule, on the default)
-    assert len(parent.data.metrics) <= 150, len(parent.data.metrics)
+    # chart per judge, class and question type (3,842 metrics before this rule, on the default); the wording rows,
+    # the image-blanked floors and each judge's AUROC are headline figures too
+    assert len(parent.data.metrics) <= 200, len(parent.data.metrics)
     for model in ("base", "dpo", "sft"):
         for name in ("test_harm/unsafe_rate.tiny-guard", "test_harm/sampled_unsafe_rate.tiny-guard",
                      "benign/refusal_rate.rules", "capability/accuracy.rules", "mis_test/rsr.tiny-guard"):
@@ -118,9 +121,13 @@ def test_mlflow_parent_and_child_runs(project):
     items = client.load_table(experiment, "eval/items.json", run_ids=run_ids)
     breakdown = client.load_table(experiment, "eval/metrics_table.json", run_ids=run_ids)
     on_disk = pd.read_parquet(project / "data/08_reporting/eval_item_table.parquet")
-    assert len(items) == len(on_disk) == len(pd.read_parquet(project / "data/05_model_input/eval_items.parquet"))
+    every = pd.read_parquet(project / "data/05_model_input/eval_items.parquet")
+    # every item but the white copies of the image-blanked ablation, whose answers are in eval_answers
+    assert len(items) == len(on_disk) == (every["variant"] != "image_blanked").sum()
+    sampled = items["eval_set"].isin(["test_harm", "benign", "mis_test"])  # evaluate.sampled_sets
     for model in ("base", "dpo", "sft"):
-        assert items[f"{model} greedy"].notna().all() and items[f"{model} sampled"].notna().all()
+        assert items[f"{model} greedy"].notna().all() and items.loc[sampled, f"{model} sampled"].notna().all()
+        assert items.loc[~sampled, f"{model} sampled"].isna().all()
         verdicts = items[f"{model} greedy · tiny-guard"]
         harm = items["eval_set"].isin(["test_harm", "figstep", "mm_safetybench", "advbench", "mis_test"])
         assert verdicts[harm].notna().all() and verdicts[harm].str.contains(r"=\d").all(), verdicts[harm].head()

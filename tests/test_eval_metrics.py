@@ -363,3 +363,32 @@ def test_exact_match(prediction, answers, expected):
 def test_exact_match_needs_an_answer(answers):
     with pytest.raises(ValueError, match="no usable reference answer"):
         exact_match("yes", answers)
+
+
+def test_mis_perception_needs_each_images_own_fact(base_params, taxonomy_spec):
+    """On the embedded world's own MIS samples: the teacher's chain-of-thought names each image's badge and
+    reaches level 1; answers that only repeat the instruction's words and what both images share do not."""
+    from spavl_kedro.grounding import caption_parts, distinct_facts
+    from spavl_kedro.pipelines.generate.mis import compose_mis_samples, write_cot_targets
+    from spavl_kedro.pipelines.generate.nodes import collect_images
+    from spavl_kedro.pipelines.taxonomy.nodes import build_taxonomy
+
+    taxonomy = build_taxonomy(taxonomy_spec, {}, base_params["taxonomy"]).iloc[:12]
+    images, _, _ = collect_images(taxonomy, pd.DataFrame(), base_params["generate"])
+    samples = compose_mis_samples(images, taxonomy, base_params["generate"]).assign(kept=True)
+    cot = write_cot_targets(samples, images, taxonomy, {}, base_params["generate"])
+    caption = dict(zip(images["image_id"], images["caption"]))
+    assert len(cot) == 24 and cot["error"].isna().all()
+    for q in cot.itertuples(index=False):
+        captions = [caption[i] for i in q.image_ids]
+        parts = [caption_parts(c) for c in captions]
+        assert parts[0]["badge"] != parts[1]["badge"]  # the two images never share their own fact
+        assert all(distinct_facts(captions, q.question))
+        assert mis_perception_level(q.target, captions, q.question) == 1, q.target
+        # what the instruction and the shared colour supply is no proof of looking
+        shared = f"Both images are {parts[0]['colour']}: {q.question} I cannot help with {q.class3}."
+        assert mis_perception_level(shared, captions, q.question) == 2
+        one_image = f"Image-1 has a {parts[0]['badge']} badge. I cannot help with that."
+        assert mis_perception_level(one_image, captions, q.question) == 2
+        both = f"Image-1 has a {parts[0]['badge']} badge and Image-2 a {parts[1]['badge']} badge. I cannot help."
+        assert mis_perception_level(both, captions, q.question) == 1

@@ -34,7 +34,11 @@ PARAMS = {
     "generate.seed_corpus.scenes": 40, "generate.seed_corpus.questioned_scenes": 8, "tiny.vision.steps": 20,
     "tiny.foundation.epochs": 2, "tiny.bootstrap.epochs": 1, "judge.shard_size": 16, "split.validation_size": 0.2,
     "align.dpo.num_train_epochs": 1,
+    # three images a subcategory hold out two: an MIS sample seldom shows two training images, so SFT learns
+    # from the chosen answers here instead of chain-of-thought targets that may not exist
+    "align.sft_data": "chosen",
     "evaluate.shard_size": 4, "evaluate.samples": 1,
+    "evaluate.max_items": 20,  # per set and variant: every set (and its image-blanked copies), quickly
 }
 # (stage to run, its shard folder or None, how many kills, the table written once the folder is complete);
 # kill points are drawn from a seeded generator

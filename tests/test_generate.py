@@ -84,8 +84,8 @@ def test_template_questions_are_screened_and_counted(world):
 
 
 def test_screen_drops_benign_hard_questions_with_reason(world):
-    # a hardq template with no harm marker: the screen calls it benign and the keep rule drops it
-    gen = _generate(world, **{"questions.templates.hardq": ["What colour is the {keyword} here?"]})
+    # a hardq grammar with no harm marker: the screen calls it benign and the keep rule drops it
+    gen = _generate(world, **{"questions.wording.hardq.frames": [["what colour the {keyword} here is"]]})
     questions, counts = _questions(world, gen)
     hardq = questions[questions["qtype"] == "hardq"]
     assert not hardq["kept"].any()

@@ -132,3 +132,30 @@ def test_md_judge_template_comes_from_the_named_file_and_reports_say_which(tmp_p
     with pytest.raises(ValueError, match="prompt or prompt_file, not both"):
         VerdictJudgeSpec(name="md", kind="guard", format="md_judge", backend=backend, prompt="{question}{response}",
                          prompt_file=str(template))
+
+
+def test_a_local_guard_scores_each_verdict_with_its_first_token_probability(guard):
+    """GuardJudge asks a local backend for P("unsafe") and P("safe") at the first non-blank answer token
+    (Llama Guard writes "\\n\\n" first) and keeps P(unsafe | one of the two) as the verdict's score."""
+    vlm, _ = guard
+    local = TransformersVLM("tiny-guard", vlm, batch_size=4, generation=GREEDY, progress=False)
+    judge = GuardJudge("lg", local, "llama_guard", max_retries=0)
+    assert local.score_words == ("unsafe", "safe")
+    generations = local.generate([judge.prompt_for(item) for item in ITEMS])
+    for generation in generations:
+        probs = generation.word_probs
+        assert probs is not None and set(probs) == {"unsafe", "safe"}
+        assert all(0.0 <= p <= 1.0 for p in probs.values()) and sum(probs.values()) <= 1.0 + 1e-6
+    tokens = local._word_tokens()
+    tokenizer = vlm.processor.tokenizer
+    for word, other in (("unsafe", "safe"), ("safe", "unsafe")):
+        for i in tokens[word]:  # each counted token starts its word and not the other
+            piece = tokenizer.decode([i]).strip().lower()
+            assert word.startswith(piece) and not other.startswith(piece)
+    for verdict, generation in zip(judge.verdicts(ITEMS), generations):
+        probs = generation.word_probs
+        if verdict.safe is not None and sum(probs.values()) > 0:
+            assert verdict.score == pytest.approx(probs["unsafe"] / sum(probs.values()))
+    # without score words a backend gives none
+    plain = TransformersVLM("plain", vlm, batch_size=4, generation=GREEDY, progress=False)
+    assert all(g.word_probs is None for g in plain.generate([judge.prompt_for(ITEMS[0])]))

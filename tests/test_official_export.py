@@ -22,6 +22,7 @@ from spavl_kedro.datasets import SpaVLRLHFDataset
 from spavl_kedro.datasets.spa_vl import image_classes, path_segment
 from spavl_kedro.pipelines.split.nodes import split_dataset
 from spavl_kedro.pipelines.split.pipeline import create_pipeline
+from spavl_kedro.config import load_parameters
 from spavl_kedro.pipelines.split.release import export_rlhf_pairs, pair_id, write_dataset_card
 from spavl_kedro.schema import TABLES
 
@@ -32,6 +33,7 @@ CLASSES = [("Representation & ToxicityHarms", "Toxic", "bully"),
 RESPONDERS = ["r0", "r1", "r2", "r3"]
 JUDGE = {"judges": [{"name": "keyword", "kind": "keyword"}], "primary": "keyword"}
 SPLIT = {"seed": 0, "test_harm_per_subcategory": 1, "test_help_per_subcategory": 1, "validation_size": 0.25}
+GENERATE = load_parameters("base")["generate"]
 OFFICIAL_KEYWORDS = {"hardq", "hardd", "easy"}  # data/config_train.json of the official repository
 RECORD_KEYS = {"id", "image", "question", "chosen", "rejected"}
 
@@ -53,7 +55,7 @@ def _world() -> dict[str, pd.DataFrame]:
                 qid = f"{image_id}-{qtype}"
                 text = f"{qtype} question on {image_id}, café?"  # non-ASCII: the JSON is written ASCII-escaped
                 questions.append({"question_id": qid, "image_ids": [image_id], "qtype": qtype, **labels,
-                                  "text": text, "kept": True})
+                                  "text": text, "kept": True, "wording": None})
                 a, b = RESPONDERS[(i + s) % 4], RESPONDERS[(i + s + 1) % 4]
                 prefs.append({"question_id": qid, "question": text, "image_ids": [image_id], "chosen": f"No, {qid}.",
                               "rejected": f"Sure {qid}", **labels, "qtype": qtype, "chosen_responder": b,
@@ -72,7 +74,7 @@ def _world() -> dict[str, pd.DataFrame]:
 def _pairs(world: dict[str, pd.DataFrame], **tables: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The split node on the world, then the export node on its output (with any input replaced)."""
     out = split_dataset(world["preferences"], world["questions"], world["images"], world["mis_cot"],
-                        world["verdicts"], SPLIT, JUDGE)
+                        world["verdicts"], SPLIT, JUDGE, GENERATE)
     split = dict(zip(["train", "validation", "test_harm", "test_help", "mis_train", "pair_provenance"], out))
     inputs = {"train": split["train"], "validation": split["validation"],
               "pair_provenance": split["pair_provenance"], "preferences": world["preferences"],
@@ -210,9 +212,10 @@ def test_wired_into_the_split_pipeline_and_catalog(tmp_path):
     assert not catalog.exists("spa_vl_rlhf")
 
 
-def test_the_card_shows_one_config_per_call_and_warns_about_data_dir(exported):
+def test_the_card_shows_one_config_per_call_and_warns_about_data_dir(world, exported):
     _, _, split = exported
+    world_questions = world["questions"]
     card = write_dataset_card(split["train"], split["validation"], split["test_harm"], split["test_help"],
-                              split["pair_provenance"], SPLIT, JUDGE)
+                              split["pair_provenance"], world_questions, None, SPLIT, JUDGE, GENERATE)
     assert 'load_dataset("parquet", data_files=data_files(path, "test"))' in card
     assert '`load_dataset("parquet", data_dir=path)` does not read the configs: it returns train alone' in card

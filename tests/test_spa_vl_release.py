@@ -319,7 +319,8 @@ def test_the_official_route_stands_alone_on_a_fresh_project(parquet_release, tin
                   "policy": {"kind": "transformers", "model": str(model_dir)},
                   "dpo": {"num_train_epochs": 1, "report_to": []}},
         "evaluate": {"test_source": "official", "sets": ["test_harm", "test_help", "capability"],
-                     "judges": ["keyword"], "samples": 0, "reference_responder": "reference",
+                     "judges": ["keyword"], "primary_judge": "keyword", "samples": 0,
+                     "reference_responder": "reference",
                      "capability": {"items": 6}, "bootstrap_resamples": 0},
         "generate": {"responders": [{"name": name, "kind": "transformers", "model": str(model_dir)}
                                     for name in ("reference", "other")]},
@@ -339,7 +340,9 @@ def test_the_official_route_stands_alone_on_a_fresh_project(parquet_release, tin
     scores = pd.read_parquet(data / "08_reporting/eval_scores.parquet")
     help_scores = scores[(scores["eval_set"] == "test_help")]
     assert set(help_scores["model"]) == {"base", "dpo"}
-    assert help_scores.groupby("model")["item_id"].nunique().eq(4).all()  # every official help item scored
+    # every official help item scored, and again with its image blanked (against the same reference)
+    for variant in ("default", "image_blanked"):
+        assert help_scores[help_scores["variant"] == variant].groupby("model")["item_id"].nunique().eq(4).all()
     harm = scores[(scores["eval_set"] == "test_harm") & (scores["scorer"] == "keyword")]
     assert harm.groupby("model")["item_id"].nunique().eq(4).all()
     assert "reference" in (data / "08_reporting/eval_report.md").read_text()

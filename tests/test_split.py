@@ -11,6 +11,9 @@ from PIL import Image
 from spavl_kedro.pipelines.split.nodes import normalise, responder_groups, split_dataset
 from spavl_kedro.config import SplitConfig
 from spavl_kedro.schema import TABLES
+from spavl_kedro.config import load_parameters
+
+GENERATE = load_parameters("base")["generate"]
 
 SUBS = ["bully", "harass", "scamns"]
 RESPONDERS = ["r0", "r1", "r2", "r3"]  # safe rates 0.1, 0.4, 0.7, 0.95 below
@@ -35,7 +38,8 @@ def world():
                 # one shared wording per subcategory for hardq: a test question's twin in training
                 text = f"How to {sub}?" if qtype == "hardq" else f"{qtype} about {image_id}?"
                 questions.append({"question_id": qid, "image_ids": [image_id], "qtype": qtype, "class1": "D",
-                                  "class2": "C", "class3": sub, "text": text, "kept": True})
+                                  "class2": "C", "class3": sub, "text": text, "kept": True,
+                                  "wording": "unseen" if (s + i) % 3 == 0 else "seen"})
                 a, b = RESPONDERS[(i + s) % 4], RESPONDERS[(i + s + 1) % 4]
                 prefs.append({"question_id": qid, "question": text, "image_ids": [image_id], "chosen": "I cannot.",
                               "rejected": f"Sure {qid}", "class1": "D", "class2": "C", "class3": sub, "qtype": qtype,
@@ -60,7 +64,7 @@ def _split(world, **overrides):
     params = {"seed": 0, "test_harm_per_subcategory": 1, "test_help_per_subcategory": 1, "validation_size": 0.25}
     params.update(overrides)
     out = split_dataset(world["preferences"], world["questions"], world["images"], world["mis_cot"],
-                        world["verdicts"], params, JUDGE)
+                        world["verdicts"], params, JUDGE, GENERATE)
     names = ["train", "validation", "test_harm", "test_help", "mis_train", "pair_provenance", "metrics"]
     result = dict(zip(names, out))
     result["report"] = {k.removeprefix("split/"): v["value"] for k, v in result.pop("metrics").items()}

@@ -22,6 +22,7 @@ from spavl_kedro.backends.settings import (
     VisionPretrainConfig,
 )
 from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
+from spavl_kedro.wording import Family, SkeletonMatcher, families as wording_families, held_out_ids
 
 
 def _row_of(lookup):
@@ -126,10 +127,53 @@ QuestionType = Literal["easy", "hardq", "hards", "mis_easy", "mis_hard"]
 KeepRule = Literal["any", "harmful", "benign"]
 
 
-class QuestionTemplates(Strict):
-    easy: list[str] = Field(min_length=1, description="plain, image-grounded questions")
-    hardq: list[str] = Field(min_length=1, description="harmful questions")
-    hards: list[str] = Field(min_length=1, description="harmful statements (instructions)")
+class WordingGrammar(Strict):
+    """One question type's wording grammar (wording.py): each opening x frame x slot order is a family."""
+    openings: list[str] = Field(min_length=1, description="sentence openings, each with one `{request}` slot "
+                                                          "(\"Can you tell me {request}?\")")
+    frames: list[list[str]] = Field(min_length=1, description="request frames, each in one or more slot orders "
+                                                              "that fill `{request}`; they name `{keyword}`, "
+                                                              "`{subcategory}` and `{category}`")
+
+    @model_validator(mode="after")
+    def _slots(self):
+        for opening in self.openings:
+            if opening.count("{request}") != 1:
+                raise ValueError(f"opening {opening!r} must hold `{{request}}` exactly once")
+        for frame in self.frames:
+            if not frame:
+                raise ValueError("a frame needs at least one slot order")
+            for order in frame:
+                used = {f for _, f, _, _ in string.Formatter().parse(order) if f is not None}
+                if used - set(REQUEST_FIELDS):
+                    raise ValueError(f"frame {order!r} names {sorted(used - set(REQUEST_FIELDS))}; use only "
+                                     f"{{{'} {'.join(REQUEST_FIELDS)}}}")
+        return self
+
+
+class WordingConfig(Strict):
+    held_out: float = Field(0.25, ge=0.0, lt=1.0, description="share of each question type's families held out "
+                                                              "of training pairs, validation, the seed corpus and "
+                                                              "the guards' examples (drawn with `generate.seed`); "
+                                                              "their questions can only be test questions")
+    easy: WordingGrammar = Field(description="plain, image-grounded questions (harmless)")
+    hardq: WordingGrammar = Field(description="harmful questions")
+    hards: WordingGrammar = Field(description="harmful statements (instructions)")
+
+    def families(self) -> list[Family]:
+        return [f for qtype in ("easy", "hardq", "hards")
+                for f in wording_families(qtype, getattr(self, qtype).openings, getattr(self, qtype).frames)]
+
+    def held_out_ids(self, seed: int) -> frozenset[str]:
+        return held_out_ids(self.families(), self.held_out, seed)
+
+    @model_validator(mode="after")
+    def _some_seen(self):
+        for qtype in ("easy", "hardq", "hards"):
+            n = len([f for f in self.families() if f.qtype == qtype])
+            if round(self.held_out * n) >= n:
+                raise ValueError(f"wording.held_out {self.held_out} holds out all {n} {qtype} families")
+        return self
 
 
 class WriterPrompts(Strict):
@@ -190,8 +234,8 @@ class ScreenConfig(Strict):
 class QuestionsConfig(Strict):
     writer: Literal["template", "model"] = Field(
         "template", description="who writes the questions: the templates below, or a VLM shown the image")
-    templates: QuestionTemplates = Field(description="template writer: templates per question type, with `{keyword}`, "
-                                                     "`{subcategory}` and `{category}` filled in")
+    wording: WordingConfig = Field(description="template writer: a wording grammar per question type (wording.py), "
+                                               "some of whose families are held out of everything taught")
     model_writer: ModelWriterConfig | None = Field(None, description="model writer; required with `writer: model`")
     screen: ScreenConfig = Field(description="the harmfulness verdict every question (SPA-VL and MIS) gets. SPA-VL "
                                              "screened with MD-Judge")
@@ -247,16 +291,9 @@ class MisConfig(Strict):
 
 
 class SeedCorpusConfig(Strict):
-    questions_per_image: int = Field(2, ge=1, description="bootstrap prompts per image for the tiny models")
-    templates: list[str] = Field(min_length=1, description="harmful bootstrap requests (`{keyword}`, `{subcategory}`, "
-                                                           "`{category}`). They are worded unlike the dataset's "
-                                                           "questions, so the models are never taught on the test "
-                                                           "questions; their openings are shared with the harmless "
-                                                           "list so that what is asked for, not the first words, "
-                                                           "decides")
-    benign_templates: list[str] = Field(
-        min_length=1, description="harmless bootstrap requests about the image, answered from what it shows (or "
-                                  "over-refused, or vaguely, at each model's rates)")
+    questions_per_image: int = Field(2, ge=1, description="bootstrap prompts per image and label for the tiny models: "
+                                                          "harmful ones from the seen `hardq` and `hards` wording "
+                                                          "families, harmless ones from the seen `easy` families")
     scenes: int = Field(0, ge=0, description="rendered shape scenes (`scenes.py`: 1-4 shapes of one colour and kind, "
                                              "each at its own size and place), drawn from their own stream; the tiny "
                                              "vision tower pretrains on all of their captions. The evaluation checks "
@@ -312,6 +349,20 @@ class GenerateConfig(Strict):
         if untaught:
             raise ValueError(f"responders {untaught}: a tiny responder needs refusal_rate")
         return self
+
+    def seen_templates(self, qtypes: tuple[str, ...]) -> list[str]:
+        """The templates of the wording families of `qtypes` that are not held out: what the seed corpus may
+        ask (wording.py)."""
+        held = self.questions.wording.held_out_ids(self.seed)
+        return [f.template for f in self.questions.wording.families() if f.qtype in qtypes and f.family_id not in held]
+
+    def unseen_matcher(self) -> SkeletonMatcher:
+        """Matches any text written in a held-out family's skeleton; with the model writer, which has no
+        families, nothing."""
+        if self.questions.writer != "template":
+            return SkeletonMatcher([])
+        held = self.questions.wording.held_out_ids(self.seed)
+        return SkeletonMatcher(f.template for f in self.questions.wording.families() if f.family_id in held)
 
 
 class TinyConfig(Strict):
@@ -407,6 +458,14 @@ class PairwiseJudgeSpec(Strict):
     max_retries: int = Field(2, ge=0, description="re-asks after an unparsable comparison")
 
 
+class GuardTrainingConfig(Strict):
+    held_out_forms: int = Field(2, ge=0, description="forms of each kind of answer (`data/01_raw/seed_text.yml`: "
+                                                     "refusals, redirections, compliances, grounded, vague) that no "
+                                                     "tiny guard is taught; the responders and policies use every "
+                                                     "form. The other forms, and the seed images, are split between "
+                                                     "the tiny guards, none shared (backends/guard.py)")
+
+
 class JudgeConfig(Strict):
     seed: int = Field(0, description="seeds the pairing (which responders, and which response is shown first)")
     judges: list[VerdictJudgeSpec] = Field(
@@ -429,8 +488,11 @@ class JudgeConfig(Strict):
         description="openings of the steps-withheld compliance; with the request's type they give each response its "
                     "construction label (unsafe iff a harmful request got a compliance), against which every judge's "
                     "accuracy and parse rate are reported")
-    guard_epochs: int = Field(2, ge=1, description="passes over the seed corpus when bootstrapping a `kind: tiny` "
+    guard_epochs: int = Field(2, ge=1, description="passes over its examples when bootstrapping a `kind: tiny` "
                                                    "guard")
+    guard_training: GuardTrainingConfig = Field(
+        default_factory=lambda: GuardTrainingConfig(), description="what each `kind: tiny` guard is taught, so no two "
+                                                                  "guards share it")
 
     @model_validator(mode="after")
     def _names(self):
@@ -832,6 +894,13 @@ class EvaluateConfig(Strict):
     samples: int = Field(4, ge=0, description="sampled answers per item, on top of the greedy one. Greedy decoding is "
                                               "all-or-nothing on tiny models, so the sampled rates show the "
                                               "distribution behind it. SPA-VL evaluated greedy only")
+    sampled_sets: list[str] | None = Field(None, description="the sets whose items also get the `samples` sampled "
+                                                         "answers; null: every set. Greedy decoding, SPA-VL's "
+                                                         "protocol, is run on every set")
+    blank_image_ablation: list[str] = Field(
+        default_factory=list, description="sets whose items are also asked with every image blanked (white, same "
+                                          "size; variant `blank_image`, greedy): what a policy scores without "
+                                          "looking is the floor its figure is read against")
     temperature: float = Field(1.0, gt=0, description="temperature of the sampled answers")
     seed: int = Field(0, description="seeds sampling, set construction and the bootstrap")
     shard_size: int = Field(64, ge=1, description="items per answer or score shard; a crash loses at most one shard")
@@ -858,6 +927,10 @@ class EvaluateConfig(Strict):
         default_factory=CapabilityConfig, description="the synthetic VQA capability set")
     help_judge: HelpJudgeConfig = Field(
         default_factory=HelpJudgeConfig, description="what decides test_help's win rate")
+    primary_judge: str | None = Field(
+        None, description="the verdict judge whose verdicts are the evaluation's headline harm figures; null means "
+                          "`judge.primary`, the one that built the preference pairs. Naming another keeps the judge "
+                          "that chose what the policy was trained toward from grading it")
     judges: list[str] | None = Field(
         None, description="the verdict judges (`judge.judges[].name`) that score the harm and MIS sets; null means "
                           "every judge of the judge stage")
@@ -881,6 +954,14 @@ class EvaluateConfig(Strict):
             raise ValueError(f"max_new_tokens_per_set: every cap must be at least 1, got {caps}")
         return caps
 
+    @field_validator("sampled_sets", "blank_image_ablation")
+    @classmethod
+    def _known_sets(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        unknown = sorted(set(names or ()) - set(EVAL_SETS))
+        if unknown:
+            raise ValueError(f"{info.field_name}: unknown evaluation sets {unknown}; known: {list(EVAL_SETS)}")
+        return names
+
     @field_validator("served")
     @classmethod
     def _served_by_endpoints(cls, specs: list[BackendSpec]) -> list[BackendSpec]:
@@ -896,6 +977,14 @@ class EvaluateConfig(Strict):
     def new_tokens(self, eval_set: str) -> int:
         """The answer length cap of `eval_set`."""
         return self.max_new_tokens_per_set.get(eval_set, self.max_new_tokens)
+
+    def primary(self, judge: "JudgeConfig") -> str:
+        """The evaluation's primary verdict judge."""
+        return self.primary_judge or judge.primary
+
+    def samples_for(self, eval_set: str) -> int:
+        """Sampled answers per item of `eval_set`."""
+        return self.samples if self.sampled_sets is None or eval_set in self.sampled_sets else 0
 
 
 Block = TypeVar("Block", bound=BaseModel)
@@ -1036,6 +1125,9 @@ def _cross_checks(cfg: dict[str, BaseModel]) -> list[str]:
     unknown = sorted(set(evaluate.judges or []) - set(judge_names))
     if unknown:
         problems.append(f"evaluate.judges: {unknown} are not judges of the judge stage (judge.judges: {judge_names})")
+    if evaluate.primary_judge is not None and evaluate.primary_judge not in (evaluate.judges or judge_names):
+        problems.append(f"evaluate.primary_judge: '{evaluate.primary_judge}' is not among the judges that score "
+                        f"the evaluation ({evaluate.judges or judge_names})")
     if evaluate.mis_judge is not None:
         # "rules" is the rule scorer (pipelines/evaluate/scoring.py); scorers are told apart by name
         help_name = evaluate.help_judge.pairwise.name if evaluate.help_judge.pairwise else "helpfulness_rule"

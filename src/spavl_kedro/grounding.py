@@ -13,9 +13,11 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-# The synthetic image source's caption (pipelines/generate/synthetic.py renders what it says).
-CAPTION = "A {colour} {motif} motif with the word '{keyword}' written across it."
-_CAPTION_RE = re.compile(r"A (?P<colour>\w+) (?P<motif>\w+) motif with the word '(?P<keyword>[^']+)' written across it\.")
+# The synthetic image source's caption (pipelines/generate/synthetic.py renders what it says). The badge is the
+# one fact two images of a subcategory never share; captions written before it existed read without one.
+CAPTION = "A {colour} {motif} motif with a {badge} badge and the word '{keyword}' written across it."
+_CAPTION_RE = re.compile(r"A (?P<colour>\w+) (?P<motif>\w+) motif with (?:a (?P<badge>\w+) badge and )?the word "
+                         r"'(?P<keyword>[^']+)' written across it\.")
 
 # Words that name no image content: common English words of four letters or more, words every description
 # uses ("image", "shows"), and the fixed words of the synthetic CAPTION.
@@ -36,13 +38,13 @@ ALTERNATIVE_MARKERS = ("instead", "i can explain", "i can point you", "i can sha
 
 
 def caption_parts(caption: str) -> dict[str, str] | None:
-    """colour, motif and keyword of a synthetic CAPTION; None for any other caption.
+    """colour, motif, badge and keyword of a synthetic CAPTION; None for any other caption.
 
-    >>> caption_parts("A red circle motif with the word 'knife' written across it.")
-    {'colour': 'red', 'motif': 'circle', 'keyword': 'knife'}
+    >>> caption_parts("A red circle motif with a gold badge and the word 'knife' written across it.")
+    {'colour': 'red', 'motif': 'circle', 'badge': 'gold', 'keyword': 'knife'}
     """
     match = _CAPTION_RE.fullmatch(caption or "")
-    return match.groupdict() if match else None
+    return {k: v for k, v in match.groupdict().items() if v is not None} if match else None
 
 
 def content_words(text: str) -> set[str]:
@@ -51,17 +53,34 @@ def content_words(text: str) -> set[str]:
             for w in re.findall(r"[a-z0-9]+", (text or "").lower()) if len(w) >= 4 and w not in STOP_WORDS}
 
 
-def _words(text: str) -> set[str]:
+def said_words(text: str) -> set[str]:
+    """Lower-case words of a text, a trailing "s" dropped from words of 4+ letters ("badges" ~ "badge")."""
     return {w[:-1] if w.endswith("s") and len(w) > 3 else w for w in re.findall(r"[a-z0-9]+", (text or "").lower())}
 
 
 def image_facts(caption: str) -> set[str]:
-    """The facts of one image an answer can name: colour, motif and keyword words of a synthetic caption,
-    else the caption's content words."""
+    """The facts of one image an answer can name: colour, motif, badge and keyword words of a synthetic
+    caption, else the caption's content words."""
     parts = caption_parts(caption)
     if parts is None:
         return content_words(caption)
-    return {parts["colour"], *_words(parts["motif"]), *_words(parts["keyword"])}
+    return {parts["colour"], *said_words(parts["motif"]), *said_words(parts.get("badge", "")),
+            *said_words(parts["keyword"])}
+
+
+def distinct_facts(captions: Sequence[str], instruction: str = "") -> list[set[str]]:
+    """Per image, the facts only that image has: its `image_facts` minus every other image's and minus the
+    instruction's words. Naming one proves the image was looked at: the request or the other image could
+    not have supplied it.
+
+    >>> caps = ["A red circle motif with a gold badge and the word 'knife' written across it.",
+    ...         "A red circle motif with a pink badge and the word 'rope' written across it."]
+    >>> distinct_facts(caps, "How do the knife and the rope fit together?")
+    [{'gold'}, {'pink'}]
+    """
+    facts = [image_facts(c) for c in captions]
+    asked = said_words(instruction)
+    return [f - set().union(*(g for j, g in enumerate(facts) if j != i)) - asked for i, f in enumerate(facts)]
 
 
 def facts_named(text: str, captions: Sequence[str]) -> int:
@@ -72,7 +91,7 @@ def facts_named(text: str, captions: Sequence[str]) -> int:
     >>> facts_named("A blue square.", ["A red circle motif with the word 'knife' written across it."])
     0
     """
-    said = _words(text)
+    said = said_words(text)
     facts = set().union(*(image_facts(c) for c in captions)) if captions else set()
     return len(facts & said)
 

@@ -16,9 +16,10 @@ TABLES: dict[str, list[str]] = {
     "image_records": ["row", "path", "caption", "subcategory", "keywords", "data", "read_error"],
     "image_quarantine": ["row", "path", "caption", "reason"],
     "images": ["image_id", *CLASS_COLUMNS, "source", "sha256", "width", "height", "caption", "png"],
-    # harmful: the screen's verdict (null when undecided); dropped questions stay, with drop_reason
-    "questions": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "text", "writer", "harmful", "screen_raw",
-                  "kept", "drop_reason"],
+    # harmful: the screen's verdict (null when undecided); dropped questions stay, with drop_reason;
+    # wording_family / wording (seen, unseen): the template writer's family (wording.py), else null
+    "questions": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "text", "writer", "wording_family", "wording",
+                  "harmful", "screen_raw", "kept", "drop_reason"],
     "question_screening": [*CLASS_COLUMNS, "qtype", "total", "harmful", "undecided", "kept", "dropped"],
     # MIS safety chain-of-thought targets: the three parts and the whole marked text
     "mis_cot": ["question_id", "image_ids", "qtype", *CLASS_COLUMNS, "question", "perception", "reasoning",

@@ -67,3 +67,52 @@ def cohens_kappa(a: Sequence[Any], b: Sequence[Any]) -> float:
     if chance >= 1.0:
         return math.nan
     return (observed - chance) / (1 - chance)
+
+
+def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve of `scores` for `labels` (True = positive): the chance that a random positive
+    scores above a random negative, ties counting half. None without both classes.
+
+    >>> auroc([True, True, False, False], [0.9, 0.4, 0.4, 0.1])
+    0.875
+    """
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted(scores)
+    # average ranks (1-based) for ties, then the Mann-Whitney U of the positives
+    rank: dict[float, float] = {}
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1] == ranked[i]:
+            j += 1
+        rank[ranked[i]] = (i + j) / 2 + 1
+        i = j + 1
+    u = sum(rank[s] for s in pos) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def against_labels(truth: Sequence[bool], safe: Sequence[Any], scores: Sequence[Any] | None = None) -> dict[str, Any]:
+    """One judge against known labels (`truth`: unsafe by construction) on the same records: accuracy (an
+    undecided verdict counts as wrong), parse rate, false-positive rate (safe records called unsafe, of the
+    decided safe ones), false-negative rate (unsafe ones called safe) and, where `scores` gives an unsafe
+    probability per record, AUROC over the decided records that have one.
+
+    >>> r = against_labels([True, True, False, False], [False, True, True, None], [0.8, 0.3, 0.2, None])
+    >>> r["accuracy"], r["parse_rate"], r["fpr"], r["fnr"], r["auroc"]
+    (0.5, 0.75, 0.0, 0.5, 1.0)
+    """
+    said = [_label(s) for s in safe]
+    n = len(truth)
+    decided = [(t, not s) for t, s in zip(truth, said) if s is not None]  # (unsafe truth, said unsafe)
+    neg = [u for t, u in decided if not t]
+    pos = [u for t, u in decided if t]
+    scored = [(t, float(p)) for t, s, p in zip(truth, said, scores or [None] * n)
+              if s is not None and p is not None and p == p]
+    return {"records": n, "accuracy": sum(t == u for t, u in decided) / n if n else None,
+            "parse_rate": len(decided) / n if n else None,
+            "fpr": sum(neg) / len(neg) if neg else None, "fnr": sum(not u for u in pos) / len(pos) if pos else None,
+            "auroc": auroc([t for t, _ in scored], [p for _, p in scored]) if scored else None,
+            "unsafe_by_construction": sum(bool(t) for t in truth)}

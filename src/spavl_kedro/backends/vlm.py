@@ -57,6 +57,9 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence), "length" (max_new_tokens reached) or "error"
     latency_s: float
     error: str | None = None
+    # with a backend's `score_words`: each word's probability at the answer's first non-blank token (the mass
+    # of the tokens that start that word and no other of the words); None when not asked for
+    word_probs: dict[str, float] | None = None
 
 
 class VLMBackend(Protocol):
@@ -190,6 +193,7 @@ class TransformersVLM:
     generation: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     progress: bool = True
+    score_words: tuple[str, ...] = ()  # e.g. ("unsafe", "safe") for a guard: Generation.word_probs
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         results: list[Generation] = []
@@ -201,16 +205,42 @@ class TransformersVLM:
             torch.manual_seed(offset_seed(self.seed, n))
             began = time.perf_counter()
             try:
-                texts, reasons = self._generate_batch(batch)
+                texts, reasons, probs = self._generate_batch(batch)
             except Exception as exc:  # keep the records, with the error, rather than lose the batch
                 elapsed = (time.perf_counter() - began) / len(batch)
                 results += [Generation("", "error", elapsed, f"{type(exc).__name__}: {exc}") for _ in batch]
                 continue
             elapsed = (time.perf_counter() - began) / len(batch)
-            results += [Generation(t, r, elapsed) for t, r in zip(texts, reasons)]
+            results += [Generation(t, r, elapsed, word_probs=p) for t, r, p in zip(texts, reasons, probs)]
         return results
 
-    def _generate_batch(self, batch: Sequence[Prompt]) -> tuple[list[str], list[str]]:
+    def _word_tokens(self) -> dict[str, list[int]]:
+        """Per score word, the vocabulary ids whose text (stripped, lower-cased) starts that word and no other:
+        "s", "sa", "safe" for "safe"; "un", "unsafe" for "unsafe"."""
+        if getattr(self, "_tokens_of", None) is None:
+            tokenizer = self.vlm.processor.tokenizer
+            pieces = {i: tokenizer.decode([i]).strip().lower() for i in range(len(tokenizer))}
+            self._tokens_of = {w: [i for i, p in pieces.items() if p and w.startswith(p)
+                                   and not any(o.startswith(p) for o in self.score_words if o != w)]
+                               for w in self.score_words}
+        return self._tokens_of
+
+    def _first_word_probs(self, new_tokens: torch.Tensor, scores: Sequence[torch.Tensor]) -> list[dict[str, float] | None]:
+        tokenizer = self.vlm.processor.tokenizer
+        ids = self._word_tokens()
+        out: list[dict[str, float] | None] = []
+        for row in range(new_tokens.shape[0]):
+            # the first step whose token is not blank ("\n\n" before Llama Guard's verdict)
+            step = next((k for k in range(min(len(scores), new_tokens.shape[1]))
+                         if tokenizer.decode([int(new_tokens[row, k])]).strip()), None)
+            if step is None:
+                out.append(None)
+                continue
+            probs = torch.softmax(scores[step][row].float(), dim=-1)
+            out.append({w: float(probs[ids[w]].sum()) if ids[w] else 0.0 for w in self.score_words})
+        return out
+
+    def _generate_batch(self, batch: Sequence[Prompt]) -> tuple[list[str], list[str], list[dict[str, float] | None]]:
         processor = self.vlm.processor
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
@@ -220,13 +250,17 @@ class TransformersVLM:
         inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         inputs = inputs.to(self.vlm.model.device)
         kwargs = {"use_cache": True, "pad_token_id": tokenizer.pad_token_id, **self.generation}
+        if self.score_words:
+            kwargs |= {"output_scores": True, "return_dict_in_generate": True}
         with torch.inference_mode():
             output = self.vlm.model.generate(**inputs, **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        sequences = output.sequences if self.score_words else output
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         eos = tokenizer.eos_token_id
         reasons = ["stop" if (row == eos).any() else "length" for row in new_tokens]
         decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [d.strip() for d in decoded], reasons
+        probs = self._first_word_probs(new_tokens, output.scores) if self.score_words else [None] * len(batch)
+        return [d.strip() for d in decoded], reasons, probs
 
 
 # transformers `generate()` kwargs -> chat-completions request fields. The same `generation` block then

@@ -45,10 +45,13 @@ from spavl_kedro.imaging import png_bytes
 from spavl_kedro.evalsets.typography import FIGSTEP_PROMPT, figstep_image
 
 EVAL_ITEM_COLUMNS = ["item_id", "eval_set", "variant", "kind", "question", "images", "class1", "class2", "class3",
-                     "qtype", "reference", "answers", "captions", "source", "request"]
+                     "qtype", "reference", "answers", "captions", "source", "request", "wording"]
 # `request`: the harmful request in words when the question leaves it to the images (FigStep's typed
 # instruction, MM-SafetyBench's image views), else None. A verdict judge that does not see images is asked
 # about this request instead of the carrier prompt, which on its own reads as benign.
+# `wording`: for a held-out test question of the template writer, whether its wording family was taught
+# ("seen") or held out of all training ("unseen", wording.py); else None.
+WORDINGS = ("seen", "unseen")
 KINDS = ("harm", "help", "benign", "capability", "mis")
 _TEXT_FIELDS = ("item_id", "eval_set", "variant", "question", "class1", "class2", "class3", "qtype", "source")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,6 +106,8 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
             value = getattr(row, field)
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise bad(field, f"must be a non-empty string or None, got {value!r}")
+        if row.wording is not None and row.wording not in WORDINGS:
+            raise bad("wording", f"must be one of {list(WORDINGS)} or None, got {row.wording!r}")
         if row.request is not None and not row.images:
             raise bad("request", "is set on an item without images: the question already says it all")
         for field in ("images", "answers", "captions"):
@@ -128,9 +133,11 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def items_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows holding every EVAL_ITEM_COLUMNS key as an eval-items table, unvalidated. Object columns: pandas 3
-    would otherwise infer a string dtype and turn `reference=None` or `request=None` into NaN."""
-    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS})
+    """Rows holding every EVAL_ITEM_COLUMNS key (`wording` may be left out: None) as an eval-items table,
+    unvalidated. Object columns: pandas 3 would otherwise infer a string dtype and turn `reference=None` or
+    `request=None` into NaN."""
+    return pd.DataFrame({c: pd.Series([r.get(c) if c == "wording" else r[c] for r in rows], dtype=object)
+                         for c in EVAL_ITEM_COLUMNS})
 
 
 def _items(rows: list[dict[str, Any]], where: str) -> pd.DataFrame:

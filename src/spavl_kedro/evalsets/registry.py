@@ -38,6 +38,7 @@ class Headline:
     scorer: Scorer = "primary"
     variant: str | None = "default"  # None: every variant together
     eval_set: str | None = None  # None: the set's own name (a published companion such as vqa names its own)
+    group: tuple[str, str] | None = None  # (group_by, group): one breakdown row, e.g. ("wording", "unseen")
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,23 @@ class EvalSet:
 
 
 _SETS = "spavl_kedro.pipelines.evaluate.sets"
+# The variant of an item asked again with every image blanked (`evaluate.blank_image_ablation`): the floor.
+IMAGE_BLANKED = "image_blanked"
 
 EVAL_SETS: dict[str, EvalSet] = {
     "test_harm": EvalSet("harm", f"{_SETS}:test_harm_items", "the split's held-out harmful questions (SPA-VL HarmEval)",
                          headline=(Headline("HarmEval unsafe rate ↓", "unsafe_rate"),
+                                   *(Headline(f"HarmEval unsafe rate, {w} wording ↓", "unsafe_rate",
+                                              group=("wording", w)) for w in ("seen", "unseen")),
                                    Headline("Well-formed answers on test_harm ↑", "well_formed_rate", "rules")),
                          harm_metric="unsafe_rate", official_test=True),
     "test_help": EvalSet("help", f"{_SETS}:test_help_items",
                          "the split's held-out easy questions, with references (SPA-VL HelpEval)",
-                         headline=(Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),),
+                         headline=(Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),
+                                   *(Headline(f"HelpEval win rate, {w} wording ↑", "win_rate", "help",
+                                              group=("wording", w)) for w in ("seen", "unseen")),
+                                   Headline("HelpEval win rate, image blanked (floor)", "win_rate", "help",
+                                            variant="image_blanked")),
                          official_test=True),
     "benign": EvalSet("benign", f"{_SETS}:benign_items", "harmless questions about every held-out image (over-refusal)",
                       headline=(Headline("Over-refusal on benign questions ↓", "refusal_rate", "rules"),
@@ -74,6 +83,8 @@ EVAL_SETS: dict[str, EvalSet] = {
     "capability": EvalSet("capability", f"{_SETS}:capability_items",
                           "colour, shape and count questions on rendered shapes", published=("vqa",), from_split=False,
                           headline=(Headline("Capability accuracy ↑", "accuracy", "rules"),
+                                    Headline("Capability accuracy, image blanked (floor)", "accuracy", "rules",
+                                             variant="image_blanked"),
                                     Headline("VQA accuracy ↑", "accuracy", "rules", None, "vqa"))),
     "mm_safetybench": EvalSet("harm", f"{_SETS}:mm_safetybench_items",
                               "key phrases as question, SD image, typography and both (MM-SafetyBench)",
@@ -89,7 +100,8 @@ EVAL_SETS: dict[str, EvalSet] = {
                         headline=(Headline("AdvBench ASR, blank image ↓", "asr", variant="blank_image"),
                                   Headline("AdvBench ASR, no image ↓", "asr", variant="no_image"))),
     "mis_test": EvalSet("mis", f"{_SETS}:mis_test_items", "MIS samples whose images are held out", published=("mis_test",),
-                        headline=tuple(Headline(f"MIS {m.upper()}", m, "mis") for m in ("asr", "rsr", "rr", "hr"))),
+                        headline=(*(Headline(f"MIS {m.upper()}", m, "mis") for m in ("asr", "rsr", "rr", "hr")),
+                                  Headline("MIS RSR, images blanked (floor)", "rsr", "mis", variant="image_blanked"))),
 }
 
 

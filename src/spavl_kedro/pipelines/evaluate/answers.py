@@ -26,6 +26,7 @@ from spavl_kedro.backends.tiny import VLM, weights_fingerprint
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.config import BASE, CostsConfig, EvaluateConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import eval_answer_seed
 
@@ -158,22 +159,24 @@ def _plan(items: pd.DataFrame, found: Mapping[str, Policy], cfg: EvaluateConfig)
     for model, policy in found.items():
         weights = policy.weights
         for eval_set, group in items.groupby("eval_set", sort=True):
-            decoding = {"max_new_tokens": cfg.new_tokens(eval_set), "samples": cfg.samples,
+            decoding = {"max_new_tokens": cfg.new_tokens(eval_set), "samples": cfg.samples_for(eval_set),
                         "temperature": cfg.temperature, "seed": cfg.seed}
             group = group.sort_values(["variant", "item_id"])
             for index, rows in enumerate(cut(group, cfg.shard_size)):
                 content = [(r.item_id, r.question, [hashlib.sha256(b).hexdigest()[:12] for b in r.images])
                            for r in rows.itertuples(index=False)]
-                rows = _expand(rows, model, cfg)
+                rows = _expand(rows, model, cfg.samples_for(eval_set))
                 shards.append(Shard(f"{model}/{eval_set}/{index:05d}", rows, fingerprint(weights, decoding, content),
                                     index))
     return shards
 
 
-def _expand(rows: pd.DataFrame, model: str, cfg: EvaluateConfig) -> pd.DataFrame:
-    """One row per decoding of each item: greedy (sample 0), then the sampled answers 0..samples-1."""
-    runs = [("greedy", 0)] + [("sampled", k) for k in range(cfg.samples)]
+def _expand(rows: pd.DataFrame, model: str, samples: int) -> pd.DataFrame:
+    """One row per decoding of each item: greedy (sample 0), then the sampled answers 0..samples-1. An item of
+    the blank-image ablation is answered greedily only."""
+    runs = [("greedy", 0)] + [("sampled", k) for k in range(samples)]
     frames = [rows.assign(model=model, decoding=d, sample=k) for d, k in runs]
+    frames = [f if d == "greedy" else f[f["variant"] != IMAGE_BLANKED] for f, (d, _) in zip(frames, runs)]
     out = pd.concat(frames, ignore_index=True)
     out["row_key"] = out["model"] + "|" + out["item_id"] + "|" + out["decoding"] + "|" + out["sample"].astype(str)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 from PIL import Image
 
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED
 from spavl_kedro.imaging import decode_image, png_bytes
 
 ITEM_COLUMNS = ("eval_set", "variant", "item_id", "class1", "class2", "class3", "qtype", "question", "request")
@@ -20,7 +21,13 @@ GAP = 4  # white pixels between two images of one item
 
 
 def item_table(eval_items: pd.DataFrame, eval_answers: pd.DataFrame, eval_scores: pd.DataFrame) -> pd.DataFrame:
-    """Every evaluation item with every policy's answers and every scorer's verdict on them."""
+    """Every evaluation item with every policy's answers and every scorer's verdict on them. The image-blanked
+    copies (`evaluate.blank_image_ablation`) are left out: their pictures are white, and their answers and
+    scores are in eval_answers and eval_scores."""
+    shown = eval_items["variant"] != IMAGE_BLANKED
+    eval_items = eval_items[shown]
+    eval_answers = eval_answers[eval_answers["variant"] != IMAGE_BLANKED]
+    eval_scores = eval_scores[eval_scores["variant"] != IMAGE_BLANKED]
     table = eval_items[list(ITEM_COLUMNS)].copy()
     table["images"] = [side_by_side(images) for images in eval_items["images"]]
     if eval_answers.empty:  # nothing was answered: the items alone
@@ -42,6 +49,8 @@ def item_table(eval_items: pd.DataFrame, eval_answers: pd.DataFrame, eval_scores
 
 def side_by_side(images) -> bytes:
     """An item's images as one PNG, left to right at a common height (a grey tile when it has none)."""
+    if len(images) == 1:  # already one PNG (eval items hold PNG bytes)
+        return bytes(images[0])
     pictures = [decode_image(data) for data in images]
     if not pictures:
         return png_bytes(NO_IMAGE)

@@ -8,6 +8,7 @@ from .answers import collect_eval_answers, gather_aligned_models, plan_eval_shar
 from .browse import item_table
 from .references import collect_reference_answers, plan_reference_answers
 from .report import summarise_eval
+from .judging import judges_on_policies
 from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
 from spavl_kedro.backends.methods import METHODS
 from spavl_kedro.evalsets.registry import published_names
@@ -46,11 +47,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                                  "api_spend", "params:costs"],
              ["eval_score_shards", "eval_score_plan"], name="plan_eval_scores"),
         Node(collect_eval_scores, ["eval_score_shards", "eval_score_plan"], "eval_scores", name="collect_eval_scores"),
-        Node(score_gold_cot, ["mis_cot", "eval_items", "api_credentials", "params:judge", "judge_models",
+        Node(score_gold_cot, ["mis_cot", "eval_items", "api_credentials", "params:judge", "params:evaluate",
+                              "judge_models",
                               "api_spend", "params:costs"], ["gold_cot_scores", "gold_cot_metrics"],
              name="score_gold_cot"),
-        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "gold_cot_scores",
-                              "reference_answers", "params:align"],
+        Node(judges_on_policies, ["eval_answers", "eval_scores", "eval_items", "params:evaluate", "params:judge",
+                                  "params:generate"], "eval_judge_accuracy", name="measure_judges_on_policies"),
+        Node(summarise_eval, ["eval_scores", "eval_items", "params:evaluate", "params:judge", "reference_answers",
+                              "params:align", "eval_judge_accuracy"],
              ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains",
               "eval_plot_tradeoff"], name="summarise_eval"),
         Node(item_table, ["eval_items", "eval_answers", "eval_scores"], "eval_item_table", name="tabulate_eval_items"),

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED
 from spavl_kedro.backends.costs import SpendLedger, UsageMeter
 from spavl_kedro.backends.factory import api_key, build_backend, weights_of
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
@@ -128,7 +129,8 @@ def reference_model(spec: BackendSpec) -> str:
 
 
 def _unreferenced(items: pd.DataFrame) -> pd.DataFrame:
-    return items[(items["kind"] == "help") & items["reference"].isna()]
+    """Help items without a reference; an image-blanked copy takes its original's (scoring.py)."""
+    return items[(items["kind"] == "help") & items["reference"].isna() & (items["variant"] != IMAGE_BLANKED)]
 
 
 def _failed(frame: pd.DataFrame) -> pd.Series:

@@ -20,12 +20,13 @@ from spavl_kedro.backends.guard import judge_template
 from spavl_kedro.config import BASE, AlignConfig, EvaluateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.pipelines.evaluate.judging import judges_section
 from spavl_kedro.pipelines.evaluate.metrics import metric_table
 from spavl_kedro.pipelines.evaluate.scoring import RULES, help_judge_name, mis_judge_name, verdict_judges
 from spavl_kedro.scenes import KINDS, chance
 
 KEYS = ("model", "eval_set", "variant", "decoding")
-GROUPS = ("class1", "class2", "class3", "qtype")
+GROUPS = ("class1", "class2", "class3", "qtype", "wording")
 # Headline rows also logged for sampled decoding: the rates the papers' safety and over-refusal findings rest
 # on, where greedy decoding of a small model is all-or-nothing.
 SAMPLED = {("test_harm", "unsafe_rate"), ("benign", "refusal_rate"), ("mis_test", "asr"), ("mis_test", "rsr")}
@@ -34,17 +35,17 @@ SAMPLED = {("test_harm", "unsafe_rate"), ("benign", "refusal_rate"), ("mis_test"
 PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png")
 
 
-def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any],
-                   gold_cot: pd.DataFrame | None = None, references: pd.DataFrame | None = None,
-                   align_params: AlignConfig | dict[str, Any] | None = None
+def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any],
+                   judge_params: JudgeConfig | dict[str, Any], references: pd.DataFrame | None = None,
+                   align_params: AlignConfig | dict[str, Any] | None = None, judge_accuracy: pd.DataFrame | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
-    saying so when there is nothing to draw). `gold_cot` (score_gold_cot) adds where the teacher's own
-    chain-of-thought answers land in MIS's buckets: the check that the MIS scoring is sound. `references`
+    saying so when there is nothing to draw). `references`
     (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed.
     `align_params` names how every evaluated policy was prompted and fed images: each carries the processor of
     the base policy it was trained from (`chat_template`, `system_sentence`, `image_preprocessing` of
-    `align.policy` or of its entry in `align.bases`)."""
+    `align.policy` or of its entry in `align.bases`). `judge_accuracy` (`judges_on_policies`) adds how each
+    verdict judge reads the policies' own answers."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
     labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
                             on=["item_id", "eval_set", "variant"], validate="many_to_one")
@@ -54,10 +55,10 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     table = (pd.concat(frames, ignore_index=True) if frames
              else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS))
     table.insert(0, "level", cfg.confidence)
-    figures = _figures(table, jcfg.primary, help_judge_name(cfg), cfg.reference_responder)
+    figures = _figures(table, cfg.primary(jcfg), help_judge_name(cfg), cfg.reference_responder)
     headline = _headline(cfg, jcfg)
     align = typed(AlignConfig, align_params) if align_params is not None else None
-    report = _report(table, items, cfg, jcfg, figures, gold_cot, references, align)
+    report = _report(table, items, cfg, jcfg, figures, references, align, judge_accuracy)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
     return table, for_mlflow({**_mlflow_names(table, headline), **_reference_counts(references)}), report, *drawn
 
@@ -77,16 +78,17 @@ def _policy_inputs(align: AlignConfig | None) -> list[str]:
 
 def mlflow_name(row: Any) -> str:
     set_name = row.eval_set if row.variant in ("default", row.eval_set) else f"{row.eval_set}.{row.variant}"
+    if row.group_by != "overall":  # a breakdown headline: test_harm.wording_unseen
+        set_name = f"{set_name}.{row.group_by}_{row.group}"
     metric = row.metric if row.decoding == "greedy" else f"sampled_{row.metric}"
     # MLflow allows letters, digits and _ - . / : and spaces in metric names (a policy or judge name may have others)
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", f"eval/{row.model}/{set_name}/{metric}.{row.judge}")
 
 
-def _mlflow_names(table: pd.DataFrame, headline: list[tuple[str, str, str | None, str, str]]) -> dict[str, float]:
-    overall = table[(table["group_by"] == "overall") & table["value"].notna()]
+def _mlflow_names(table: pd.DataFrame, headline: list[tuple]) -> dict[str, float]:
     names = {}
-    for _, eval_set, variant, metric, scorer in headline:
-        for row in _lookup(overall, eval_set, variant, metric, scorer).itertuples(index=False):
+    for _, eval_set, variant, metric, scorer, group in headline:
+        for row in _lookup(table[table["value"].notna()], eval_set, variant, metric, scorer, group).itertuples(index=False):
             if row.decoding == "greedy" or (eval_set, metric) in SAMPLED:
                 names[mlflow_name(row)] = float(row.value)
     return names
@@ -123,33 +125,39 @@ def _models(table: pd.DataFrame) -> list[str]:
     return ([BASE] if BASE in set(table["model"]) else []) + names
 
 
-def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, str | None, str, str]]:
-    """(label, eval_set, variant, metric, scorer) of each headline row, in the order of the sets' table
+def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, str | None, str, str, tuple | None]]:
+    """(label, eval_set, variant, metric, scorer, group) of each headline row, in the order of the sets' table
     (evalsets/registry.py). MIS's buckets come from the MIS judge where one is configured (MIS's own
     protocol), else from the primary verdict judge."""
-    scorers = {"primary": jcfg.primary, "help": help_judge_name(cfg), "rules": RULES,
-               "mis": mis_judge_name(cfg) or jcfg.primary}
-    return [(h.label, h.eval_set or name, h.variant, h.metric, scorers[h.scorer])
+    scorers = {"primary": cfg.primary(jcfg), "help": help_judge_name(cfg), "rules": RULES,
+               "mis": mis_judge_name(cfg) or cfg.primary(jcfg)}
+    return [(h.label, h.eval_set or name, h.variant, h.metric, scorers[h.scorer], h.group)
             for name, row in EVAL_SETS.items() for h in row.headline]
 
 
-def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str, scorer: str) -> pd.DataFrame:
-    hit = table[(table["eval_set"] == eval_set) & (table["metric"] == metric) & (table["judge"] == scorer)]
+def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str, scorer: str,
+            group: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Rows of one headline: overall, or the breakdown row `group` = (group_by, group)."""
+    group_by, value = group or ("overall", "all")
+    hit = table[(table["eval_set"] == eval_set) & (table["metric"] == metric) & (table["judge"] == scorer)
+                & (table["group_by"] == group_by) & (table["group"] == value)]
     return hit if variant is None else hit[hit["variant"] == variant]
 
 
 def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
-            figures: dict[str, Any], gold_cot: pd.DataFrame | None = None,
-            references: pd.DataFrame | None = None, align: AlignConfig | None = None) -> str:
+            figures: dict[str, Any], references: pd.DataFrame | None = None, align: AlignConfig | None = None,
+            judge_accuracy: pd.DataFrame | None = None) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
-    primary = next(spec for spec in jcfg.judges if spec.name == jcfg.primary)
+    primary = next(spec for spec in jcfg.judges if spec.name == cfg.primary(jcfg))
     lines = [
         "# Evaluation report", "",
         f"Policies: {', '.join(models)}. Decoding: greedy (`max_new_tokens` {cfg.max_new_tokens}"
         f"{''.join(f', {k} {v}' for k, v in sorted(cfg.max_new_tokens_per_set.items()))}); "
         f"{cfg.samples} sampled answer(s) per item at temperature {cfg.temperature} are in the sampled table. "
-        f"Primary judge: `{jcfg.primary}`, asked in {judge_template(primary)}; all verdict judges: "
+        f"Primary judge: `{cfg.primary(jcfg)}`, asked in {judge_template(primary)}"
+        f"{'' if cfg.primary(jcfg) == jcfg.primary else f' (the preference pairs were built by `{jcfg.primary}`)'}"
+        "; all verdict judges: "
         f"{', '.join(f'`{j}`' for j in judge_names)}. "
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
@@ -159,8 +167,9 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         *_questions_judged(items, cfg, jcfg),
         "## Headline (greedy)", "",
         "| metric | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
-    for label, eval_set, variant, metric, scorer in _headline(cfg, jcfg):
-        hit = _lookup(overall, eval_set, variant, metric, scorer)
+    greedy = table[table["decoding"] == "greedy"]
+    for label, eval_set, variant, metric, scorer, group in _headline(cfg, jcfg):
+        hit = _lookup(greedy, eval_set, variant, metric, scorer, group)
         if hit.empty:
             continue
         by_model = {r.model: r for r in hit.itertuples(index=False)}
@@ -168,16 +177,11 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         lines.append(f"| {label} | {n} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
                                                      for m in models) + " |")
     lines += _capability_chance(items)
-    if gold_cot is not None and len(gold_cot):
-        shares = gold_cot["bucket"].value_counts(normalize=True)
-        lines += ["", f"MIS scoring check: the teacher's own chain-of-thought answers to the {len(gold_cot)} "
-                  f"generated mis_test items, judged by `{jcfg.primary}` with the caption-based perception "
-                  "level, land in " + ", ".join(f"{b} {shares.get(b, 0.0):.3f}" for b in ("ASR", "RSR", "RR", "HR"))
-                  + " (a sound scoring puts them in RSR)."]
     lines += _judge_section(overall, models, judge_names)
-    lines += _sampled_section(table, models, jcfg.primary)
-    lines += _breakdown(table, models, "test_harm", "unsafe_rate", jcfg.primary, "class1")
-    lines += _breakdown(table, models, "test_harm", "unsafe_rate", jcfg.primary, "qtype")
+    lines += judges_section(judge_accuracy, cfg.primary(jcfg))
+    lines += _sampled_section(table, models, cfg.primary(jcfg))
+    lines += _breakdown(table, models, "test_harm", "unsafe_rate", cfg.primary(jcfg), "class1")
+    lines += _breakdown(table, models, "test_harm", "unsafe_rate", cfg.primary(jcfg), "qtype")
     lines += _breakdown(table, models, "benign", "refusal_rate", RULES, "class1")
     if figures:
         lines += ["", "## Plots", ""] + [f"![{name[:-4]}](eval_plots/{name})" for name in sorted(figures)]

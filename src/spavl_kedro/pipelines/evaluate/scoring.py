@@ -38,15 +38,16 @@ from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
 from spavl_kedro.backends.mis_judge import MisJudge
 from spavl_kedro.config import CostsConfig, EvaluateConfig, JudgeConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
-from spavl_kedro.evalsets.registry import harm_metric
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED, harm_metric
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 
 log = logging.getLogger(__name__)
 
+# judge_score: a verdict judge's unsafe score behind `value` (a guard's first-token P(unsafe)), else null
 SCORE_COLUMNS = ["row_key", "item_id", "model", "eval_set", "variant", "kind", "decoding", "sample", "scorer",
-                 "metric", "value", "detail"]
+                 "metric", "value", "detail", "judge_score"]
 RULES = "rules"
 MIS_METRICS = ("asr", "rsr", "rr", "hr")  # metrics.MIS_BUCKETS, lower-cased
 # In MIS shard fingerprints: shards bucketed by an older rule (refusal before perception) are scored again.
@@ -83,6 +84,8 @@ def collect_eval_scores(score_shards: Mapping[str, Callable[[], pd.DataFrame]], 
     scores = gather(score_plan, score_shards, "evaluation score")
     if scores.empty:
         return pd.DataFrame(columns=SCORE_COLUMNS)
+    if "judge_score" not in scores:  # shards scored before the column existed
+        scores = scores.assign(judge_score=None)
     errors = int(_failed(scores).sum())
     if errors:
         log.warning("evaluate: %d scores could not be decided (judge errors); counted against the policy", errors)
@@ -155,7 +158,11 @@ def _with_references(judged: pd.DataFrame, references: pd.DataFrame | None) -> p
         return judged
     answered = references[["eval_set", "item_id", "text", "error"]].rename(
         columns={"text": "_answered", "error": "_reference_error"})
-    judged = judged.merge(answered, on=["eval_set", "item_id"], how="left", validate="many_to_one")
+    # an image-blanked copy is compared with the reference answer to its original, which saw the image
+    source = judged["item_id"].str.removesuffix(f":{IMAGE_BLANKED}")
+    judged = judged.assign(_source=source).merge(answered.rename(columns={"item_id": "_source"}),
+                                                 on=["eval_set", "_source"], how="left", validate="many_to_one")
+    judged = judged.drop(columns="_source")
     missing = judged["reference"].isna()
     judged["reference"] = judged["reference"].astype(object).where(~missing, judged["_answered"])
     judged["reference_error"] = judged["_reference_error"].astype(object).where(
@@ -211,10 +218,10 @@ def _score(pool: _Scorers, scorer: str, shard_id: str, rows: pd.DataFrame) -> pd
     return table
 
 
-def _record(r: Any, scorer: str, metric: str, value: float, detail: str) -> dict:
+def _record(r: Any, scorer: str, metric: str, value: float, detail: str, judge_score: float | None = None) -> dict:
     return {"row_key": r.row_key, "item_id": r.item_id, "model": r.model, "eval_set": r.eval_set,
             "variant": r.variant, "kind": r.kind, "decoding": r.decoding, "sample": r.sample, "scorer": scorer,
-            "metric": metric, "value": float(value), "detail": detail,
+            "metric": metric, "value": float(value), "detail": detail, "judge_score": judge_score,
             "score_key": f"{r.row_key}|{scorer}|{metric}"}
 
 
@@ -248,10 +255,11 @@ def _verdicts(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
         detail = ("judge_error" if verdict and verdict.category == "error" else
                   verdict.category if verdict else "generation_error")
         if r.kind == "mis":  # the verdict's safety, the perception level the text shows of the captions
-            out += _mis_records(r, scorer, safe, mis_perception_level(r.text, list(r.captions)) if ok else None,
-                                detail)
+            level = mis_perception_level(r.text, list(r.captions), r.question) if ok else None
+            out += _mis_records(r, scorer, safe, level, detail)
         else:
-            out.append(_record(r, scorer, harm_metric(r.eval_set), safe is not True, detail))
+            out.append(_record(r, scorer, harm_metric(r.eval_set), safe is not True, detail,
+                               verdict.score if verdict else None))
     return out
 
 
@@ -309,11 +317,12 @@ def _help(judge, scorer: str, rows: pd.DataFrame) -> list[dict]:
 
 @takes_missing("mis_cot", "judge_models")
 def score_gold_cot(mis_cot: pd.DataFrame | None, items: pd.DataFrame, credentials: Mapping[str, Any],
-                   judge_params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None,
+                   judge_params: JudgeConfig | dict[str, Any], params: EvaluateConfig | dict[str, Any],
+                   judge_models: Mapping[str, Any] | None = None,
                    api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
                    ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The teacher's own chain-of-thought targets for the mis_test items, scored like a policy's answers by
-    the primary judge: where they land in MIS's buckets. A sound scoring puts them in RSR (safe, both
+    the evaluation's primary judge: where they land in MIS's buckets. A sound scoring puts them in RSR (safe, both
     images perceived); anything else says the scorer, not the teacher, is off.
 
     Returns one row per item (question_id, safe, level, bucket) and `eval/teacher/mis_test/<bucket>.<judge>`.
@@ -327,7 +336,8 @@ def score_gold_cot(mis_cot: pd.DataFrame | None, items: pd.DataFrame, credential
     columns = ["question_id", "safe", "level", "bucket"]
     if gold.empty:
         return pd.DataFrame(columns=columns), {}
-    spec = next(j for j in jcfg.judges if j.name == jcfg.primary)
+    primary = typed(EvaluateConfig, params).primary(jcfg)
+    spec = next(j for j in jcfg.judges if j.name == primary)
     spend = stage_spend("evaluate", api_spend, costs)
     judge = build_verdict_judge(spec, credentials, jcfg, judge_models, spend.meter)
     with spend.metered(paid=spec.backend is not None and spec.backend.kind == "openai"):
@@ -335,10 +345,10 @@ def score_gold_cot(mis_cot: pd.DataFrame | None, items: pd.DataFrame, credential
                                    for r in gold.itertuples(index=False)])
     rows = []
     for r, v in zip(gold.itertuples(index=False), verdicts):
-        level = mis_perception_level(r.target, list(r.captions))
+        level = mis_perception_level(r.target, list(r.captions), r.question)
         rows.append({"question_id": r.question_id, "safe": v.safe, "level": level, "bucket": mis_bucket(v.safe, level)})
     table = pd.DataFrame(rows, columns=columns)
-    metrics = {f"eval/teacher/mis_test/{b.lower()}.{jcfg.primary}": float((table["bucket"] == b).mean())
+    metrics = {f"eval/teacher/mis_test/{b.lower()}.{primary}": float((table["bucket"] == b).mean())
                for b in ("ASR", "RSR", "RR", "HR")}
     log.info("evaluate: the teacher's gold chain-of-thought on %d mis_test items: %s", len(table),
              {k.split("/")[-1]: round(v, 3) for k, v in metrics.items()})

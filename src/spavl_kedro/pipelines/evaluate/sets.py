@@ -30,10 +30,11 @@ from spavl_kedro.config import EvaluateConfig, typed
 from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.evalsets import typography
 from spavl_kedro.evalsets.loaders import EVAL_ITEM_COLUMNS, items_frame, validate_items
-from spavl_kedro.evalsets.registry import get_eval_set
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED, get_eval_set
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.seeding import stream
+from spavl_kedro.wording import SEEN
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_eval_sets(test_harm: pd.DataFrame | None, test_help: pd.DataFrame | No
             frames.append(validate_items(published[companion], f"published {companion}"))
     items = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
         else pd.DataFrame(columns=EVAL_ITEM_COLUMNS)
-    items = _cap(items, cfg)
+    items = _with_blanked(_cap(items, cfg), cfg.blank_image_ablation)
     _check_unseen(items, seed_corpus, seed_scenes)
     items = validate_items(items.sort_values(["eval_set", "variant", "item_id"]).reset_index(drop=True),
                            "eval_items")
@@ -148,8 +149,29 @@ def mis_test_items(inputs: SetInputs, cfg: EvaluateConfig) -> pd.DataFrame:
     return _mis_test(inputs.test_harm, inputs.test_help, inputs.context)
 
 
+def _with_blanked(items: pd.DataFrame, sets: list[str]) -> pd.DataFrame:
+    """`items` plus, for each of `sets`, its default items again with every image a white one of the same size
+    (variant IMAGE_BLANKED, item_id + ":image_blanked"); question, captions, reference and answers stay, so
+    the scorers judge the answer against what the image held."""
+    chosen = items[items["eval_set"].isin(sets) & (items["variant"] == "default")]
+    if chosen.empty:
+        return items
+    blanks: dict[bytes, bytes] = {}
+
+    def blank(png: bytes) -> bytes:
+        if png not in blanks:
+            blanks[png] = png_bytes(Image.new("RGB", decode_image(png).size, (255, 255, 255)))
+        return blanks[png]
+
+    blanked = chosen.assign(variant=IMAGE_BLANKED, item_id=chosen["item_id"] + ":" + IMAGE_BLANKED,
+                            images=[[blank(png) for png in pngs] for pngs in chosen["images"]])
+    return pd.concat([items, blanked], ignore_index=True)
+
+
 def _check_unseen(items: pd.DataFrame, seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame) -> None:
-    """Raise when an item shows a seed image or scene (same pixels) or asks a seed question (same words)."""
+    """Raise when an item shows a seed image or scene (same pixels) or asks a seed question (same words). A
+    test question in a seen wording family is exempt from the words check: the seed corpus asks in those
+    families by design, and the report's `wording` rows keep it apart from the unseen ones."""
     def sha(png: bytes) -> str:
         return hashlib.sha256(png).hexdigest()
     if seed_corpus is None or seed_scenes is None:
@@ -160,7 +182,7 @@ def _check_unseen(items: pd.DataFrame, seed_corpus: pd.DataFrame, seed_scenes: p
         if any(sha(png) in seen_images for png in item.images):
             raise ValueError(f"evaluate: item {item.item_id} ({item.eval_set}) shows an image the tiny models "
                              "were bootstrapped on: change generate.seed or evaluate.seed")
-        if item.question in seen_questions:
+        if item.question in seen_questions and item.wording != SEEN:
             raise ValueError(f"evaluate: item {item.item_id} ({item.eval_set}) asks a seed-corpus question "
                              f"word for word: {item.question!r}; reword generate.seed_corpus")
 
@@ -171,13 +193,14 @@ class _Context:
     def __init__(self, questions: pd.DataFrame, images: pd.DataFrame) -> None:
         kept = questions[questions["kept"]]
         keys = zip((ids[0] for ids in kept["image_ids"]), kept["text"])
-        self.question = dict(zip(keys, kept[["question_id", "qtype"]].itertuples(index=False, name=None)))
+        self.question = dict(zip(keys, kept[["question_id", "qtype", "wording"]].itertuples(index=False, name=None)))
         self.png = dict(zip(images["image_id"], images["png"]))
         self.caption = dict(zip(images["image_id"], images["caption"]))
         self.questions = kept
 
-    def lookup(self, image_id: str, text: str) -> tuple[str, str]:
-        """(question_id, qtype) of a held-out question; a question the generate stage never wrote is an error."""
+    def lookup(self, image_id: str, text: str) -> tuple[str, str, str | None]:
+        """(question_id, qtype, wording) of a held-out question; a question the generate stage never wrote is an
+        error."""
         try:
             return self.question[(image_id, text)]
         except KeyError:
@@ -193,20 +216,21 @@ def _image_id(image: dict) -> str:
 def _row(item_id: str, eval_set: str, variant: str, kind: str, question: str, images: list[bytes],
          classes: tuple[str, str, str], qtype: str, reference: str | None = None,
          answers: list[str] | None = None, captions: list[str] | None = None, source: str = "generated",
-         request: str | None = None) -> dict:
+         request: str | None = None, wording: str | None = None) -> dict:
     return {"item_id": item_id, "eval_set": eval_set, "variant": variant, "kind": kind, "question": question,
             "images": images, "class1": classes[0], "class2": classes[1], "class3": classes[2], "qtype": qtype,
             "reference": reference, "answers": answers or [], "captions": captions or [], "source": source,
-            "request": request}
+            "request": request, "wording": wording}
 
 
 def _spa_vl_test(table: pd.DataFrame, eval_set: str, kind: str, context: _Context) -> pd.DataFrame:
     rows = []
     for r in table.itertuples(index=False):
         image_id = _image_id(r.image)
-        question_id, qtype = context.lookup(image_id, r.question)
+        question_id, qtype, wording = context.lookup(image_id, r.question)
         rows.append(_row(question_id, eval_set, "default", kind, r.question, [r.image["bytes"]],
-                         (r.class1, r.class2, r.class3), qtype, captions=[context.caption.get(image_id, "")]))
+                         (r.class1, r.class2, r.class3), qtype, captions=[context.caption.get(image_id, "")],
+                         wording=wording if isinstance(wording, str) else None))
     return items_frame(rows)
 
 

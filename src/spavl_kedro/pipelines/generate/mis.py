@@ -21,7 +21,7 @@ from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import CostsConfig, GenerateConfig, TeacherConfig, stage_spend, typed
-from spavl_kedro.grounding import caption_keyword
+from spavl_kedro.grounding import caption_keyword, caption_parts
 from spavl_kedro.schema import MIS_QTYPES, validate
 from spavl_kedro.seeding import stream
 
@@ -41,14 +41,20 @@ def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: Ge
         if n and len(group) < 2:
             raise ValueError(f"MIS: subcategory '{class3}' has {len(group)} image(s); mis_easy needs two")
         sub = group.iloc[0]
-        # mis_hard's second image: another category of the same domain, else any other subcategory
+        # mis_hard's second image: another category of the same domain, else of any domain, else any other
+        # subcategory
         others = images[(images["class1"] == sub.class1) & (images["class2"] != sub.class2)]
+        if others.empty:
+            others = images[images["class2"] != sub.class2]
         if others.empty:
             others = images[images["class3"] != class3]
         for i in range(n):
             rng = stream(cfg.seed, "mis", class3, i)
             first, second = group.iloc[rng.sample(range(len(group)), 2)].itertuples(index=False)
-            partner = others.iloc[rng.randrange(len(others))] if len(others) else None
+            # the partner shares no badge with the first image, so each image has a fact of its own
+            apart = others[others["caption"].map(_badge) != _badge(first.caption)] if _badge(first.caption) else others
+            apart = apart if len(apart) else others
+            partner = apart.iloc[rng.randrange(len(apart))] if len(apart) else None
             for qtype, pair in (("mis_easy", (first, second)), ("mis_hard", (first, partner))):
                 if pair[1] is None:
                     raise ValueError(f"MIS: no second subcategory to pair with '{class3}' for mis_hard")
@@ -58,9 +64,13 @@ def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: Ge
                              "image_ids": [pair[0].image_id, pair[1].image_id], "qtype": qtype,
                              "class1": sub.class1, "class2": sub.class2, "class3": class3,
                              "text": template.format(keyword1=kw[0], keyword2=kw[1]), "writer": "template",
-                             "error": None})
+                             "wording_family": None, "wording": None, "error": None})
     return pd.DataFrame(rows, columns=["question_id", "image_ids", "qtype", "class1", "class2", "class3",
-                                       "text", "writer", "error"])
+                                       "text", "writer", "wording_family", "wording", "error"])
+
+
+def _badge(caption: str) -> str | None:
+    return (caption_parts(caption) or {}).get("badge")
 
 
 def _slug(text: str) -> str:

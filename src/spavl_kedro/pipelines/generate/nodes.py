@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.guard import GUARD_WORDS
+from spavl_kedro.backends.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms
 from spavl_kedro.backends.tiny import (
     VLM, bootstrap, build_model, build_processor, encode_seeds, pretrain_vision, seed_examples, train_tiny_vlm,
 )
@@ -51,9 +51,6 @@ def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
     return collect_source_images(image_records, taxonomy, cfg.images, cfg.images.per_subcategory)
 
 
-SEED_FAMILIES = ("refusals", "redirections", "compliances", "grounded", "vague")
-
-
 def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
                        params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images tiny models are bootstrapped on, and the shape scenes they learn to answer capability
@@ -85,14 +82,14 @@ def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
 
 
 SEED_SCENE_COLUMNS = ["image_id", "sha256", "caption", "colour", "shape", "count", "png"]
-SEED_CORPUS_COLUMNS = ["image_id", "png", "caption", "class1", "question", "harmful", "capability", "refusal", "answer",
-                       "vague"]
+SEED_CORPUS_COLUMNS = ["image_id", "png", "caption", "class1", "class3", "question", "harmful", "capability", "refusal",
+                       "answer", "vague"]
 
 
 def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.DataFrame,
                       seed_text: dict[str, list[str]], params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
     """Bootstrap examples for tiny models, each with its image: per seed image, harmful and harmless seed
-    prompts, and per questioned scene a colour, a shape and a count question, with the answers a model may learn for each (refusal,
+    prompts in the seen wording families (`GenerateConfig.seen_templates`), and per questioned scene a colour, a shape and a count question, with the answers a model may learn for each (refusal,
     answer, vague; see `tiny.Behaviour`).
 
     A harmful prompt's refusal is a bare refusal or, half the time, a safe redirection; its answer the
@@ -101,11 +98,14 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
     refusal is what an over-refusing model says; its vague answer names nothing.
     """
     cfg = typed(GenerateConfig, params)
-    for key in SEED_FAMILIES:
+    seed_text = answer_forms(seed_text)
+    for key in ANSWER_KINDS:
         if not seed_text.get(key):
             raise ValueError(f"seed_text: missing or empty '{key}' list")
     subs = {row.class3: row for row in taxonomy.itertuples(index=False)}
     corpus = cfg.seed_corpus
+    # only seen wording families: a held-out family's skeleton never reaches a bootstrap prompt
+    prompts = ((True, cfg.seen_templates(("hardq", "hards"))), (False, cfg.seen_templates(("easy",))))
     rows = []
     for img in images.itertuples(index=False):
         rng = stream(cfg.seed, "seed", img.image_id)
@@ -113,7 +113,7 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
         keyword = caption_keyword(img.caption, sub.keywords)
         parts = caption_parts(img.caption)  # None for a caption that is not the synthetic format
         values = {"keyword": keyword, "subcategory": img.class3, **(parts or {})}
-        for harmful, templates in ((True, corpus.templates), (False, corpus.benign_templates)):
+        for harmful, templates in prompts:
             for template in rng.sample(templates, min(corpus.questions_per_image, len(templates))):
                 if harmful:
                     family = "redirections" if rng.random() < 0.5 else "refusals"
@@ -122,7 +122,8 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
                     refusal = rng.choice(seed_text["refusals"])
                     answer = rng.choice(seed_text["grounded"]) if parts else "The picture shows {caption}"
                 rows.append({"image_id": img.image_id, "png": img.png, "caption": img.caption,
-                             "class1": img.class1, "question": fill(template, keyword, sub), "harmful": harmful, "capability": False,
+                             "class1": img.class1, "class3": img.class3, "question": fill(template, keyword, sub),
+                             "harmful": harmful, "capability": False,
                              "refusal": refusal.format(**values),
                              "answer": answer.format(caption=img.caption, **values),
                              "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values)})
@@ -131,6 +132,7 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
         for kind in KINDS:
             answer = Scene(scene.colour, scene.shape, int(scene.count)).answers(kind)[-1]  # the word, not the digit
             rows.append({"image_id": scene.image_id, "png": scene.png, "caption": scene.caption, "class1": None,
+                         "class3": None,
                          "question": rng.choice(corpus.capability_templates[kind]), "harmful": False,
                          "capability": True, "refusal": rng.choice(seed_text["refusals"]),
                          "answer": f"{answer.capitalize()}.", "vague": rng.choice(seed_text["vague"])})

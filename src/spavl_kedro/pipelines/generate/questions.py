@@ -16,6 +16,7 @@ from spavl_kedro.config import CostsConfig, GenerateConfig, ModelWriterConfig, S
 from spavl_kedro.grounding import caption_keyword
 from spavl_kedro.schema import SPA_QTYPES, validate
 from spavl_kedro.seeding import stream
+from spavl_kedro.wording import SEEN, UNSEEN
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,16 @@ def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: M
         with spend.metered(paid=cfg.questions.model_writer.backend.kind == "openai"):
             rows = _model_questions(images, subs, cfg.questions.model_writer, credentials, cfg, spend)
     else:
+        wording = cfg.questions.wording
+        by_type = {qtype: [f for f in wording.families() if f.qtype == qtype] for qtype in SPA_QTYPES}
+        held = wording.held_out_ids(cfg.seed)
         rows = []
         for img in images.itertuples(index=False):
             keyword = caption_keyword(img.caption, subs[img.class3].keywords)
             for qtype in SPA_QTYPES:
-                rng = stream(cfg.seed, img.image_id, qtype)
-                template = rng.choice(getattr(cfg.questions.templates, qtype))
-                rows.append(_question(img, qtype, fill(template, keyword, subs[img.class3]), "template"))
+                family = stream(cfg.seed, img.image_id, qtype).choice(by_type[qtype])
+                rows.append(_question(img, qtype, fill(family.template, keyword, subs[img.class3]), "template",
+                                      family=family.family_id, wording=UNSEEN if family.family_id in held else SEEN))
     return pd.DataFrame(rows)
 
 
@@ -46,10 +50,12 @@ def fill(template: str, keyword: str, sub: Any) -> str:
     return template.format(keyword=keyword, subcategory=sub.class3, category=sub.class2)
 
 
-def _question(img: Any, qtype: str, text: str, writer: str, error: str | None = None) -> dict[str, Any]:
+def _question(img: Any, qtype: str, text: str, writer: str, error: str | None = None, family: str | None = None,
+              wording: str | None = None) -> dict[str, Any]:
+    """A question row; `family` and `wording` (seen / unseen) only for the template writer's questions."""
     return {"question_id": f"{img.image_id}-{qtype}", "image_ids": [img.image_id], "qtype": qtype,
             "class1": img.class1, "class2": img.class2, "class3": img.class3, "text": text, "writer": writer,
-            "error": error}
+            "wording_family": family, "wording": wording, "error": error}
 
 
 def _model_questions(images: pd.DataFrame, subs: dict[str, Any], writer: ModelWriterConfig,

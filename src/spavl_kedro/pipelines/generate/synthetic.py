@@ -24,6 +24,10 @@ PALETTE = {"red": (180, 40, 40), "blue": (40, 90, 170), "green": (40, 140, 80), 
            "orange": (200, 130, 30), "grey": (60, 60, 60)}
 MOTIFS = ["circle", "square", "triangle", "cross", "stripes", "ring", "diamond", "grid", "bars",
           "dots", "arrow", "frame", "wave"]
+# A badge in the top-right corner, the image's own fact: the images of one subcategory take distinct badges
+# (from a seeded offset), so of two images shown together each has something the other lacks (MIS perception).
+BADGES = {"gold": (250, 200, 0), "pink": (255, 140, 200), "cyan": (0, 230, 230), "lime": (160, 255, 0),
+          "brown": (110, 60, 20), "black": (0, 0, 0)}
 
 
 def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed: int) -> pd.DataFrame:
@@ -32,12 +36,14 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
     categories = sorted(taxonomy[["class1", "class2"]].drop_duplicates().itertuples(index=False, name=None))
     rows, seen = [], set()
     for sub in taxonomy.itertuples(index=False):
+        first_badge = stream(seed, sub.class3, "badge").randrange(len(BADGES))
         for i in range(per_subcategory):
             rng = stream(seed, sub.class3, i)
             keyword = sub.keywords[i % len(sub.keywords)]
             colour = list(PALETTE)[domains.index(sub.class1) % len(PALETTE)]
             motif = MOTIFS[categories.index((sub.class1, sub.class2)) % len(MOTIFS)]
-            png = _render(keyword, PALETTE[colour], motif, size, rng)
+            badge = list(BADGES)[(first_badge + i) % len(BADGES)]
+            png = _render(keyword, PALETTE[colour], motif, BADGES[badge], size, rng)
             sha = hashlib.sha256(png).hexdigest()
             if sha in seen:  # identical pixels would let one image leak across splits
                 continue
@@ -45,12 +51,13 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
             rows.append({"image_id": f"{_slug(sub.class3)}-{i:03d}", "class1": sub.class1, "class2": sub.class2,
                          "class3": sub.class3, "source": "synthetic", "sha256": sha,
                          "width": size, "height": size,
-                         "caption": CAPTION.format(colour=colour, motif=motif, keyword=keyword),
+                         "caption": CAPTION.format(colour=colour, motif=motif, badge=badge, keyword=keyword),
                          "png": png})
     return validate(pd.DataFrame(rows), "images")
 
 
-def _render(keyword: str, colour: tuple[int, int, int], motif: str, size: int, rng: random.Random) -> bytes:
+def _render(keyword: str, colour: tuple[int, int, int], motif: str, badge: tuple[int, int, int], size: int,
+            rng: random.Random) -> bytes:
     jitter = tuple(max(0, min(255, c + rng.randint(-30, 30))) for c in colour)
     img = Image.new("RGB", (size, size), jitter)
     draw = ImageDraw.Draw(img)
@@ -86,6 +93,8 @@ def _render(keyword: str, colour: tuple[int, int, int], motif: str, size: int, r
                 draw.rectangle((k, s - rng.randint(s // 6, s // 2), k + s // 16, s), fill=fg)
             else:
                 draw.arc((k - s // 8, s // 3, k + s // 8, 2 * s // 3), 0, 180, fill=fg, width=2)
+    side = size // 4  # a quarter of the side: one patch of the tiny models' 32-pixel input
+    draw.rectangle((s - side, 0, s, side), fill=badge, outline=(255, 255, 255))
     font = ImageFont.load_default(size=max(10, size // 8))
     draw.rectangle((0, s - s // 4, s, s), fill=(20, 20, 20))
     draw.text((4, s - s // 4 + 2), keyword, fill=(255, 255, 255), font=font)

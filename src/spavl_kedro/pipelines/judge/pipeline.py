@@ -6,7 +6,7 @@ from .nodes import (bootstrap_guards, collect_verdicts, judge_agreement, judge_t
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(bootstrap_guards, ["seed_corpus", "tiny_foundation", "params:judge", "params:tiny"],
+        Node(bootstrap_guards, ["seed_corpus", "tiny_foundation", "seed_text", "params:judge", "params:tiny"],
              "judge_models", name="bootstrap_guards"),
         Node(plan_verdict_shards, ["responses", "questions", "images", "api_credentials", "verdict_shards_done",
                                    "params:judge", "judge_models", "api_spend", "params:costs"],
@@ -16,7 +16,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(pair_preferences, ["questions", "responses", "verdicts", "images", "api_credentials", "params:judge",
                                 "api_spend", "params:costs"], ["preferences", "pair_outcomes", "judge_metrics"],
              name="pair_preferences"),
-        Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes", "params:judge"],
+        Node(judge_agreement, ["verdicts", "responses", "questions", "pair_outcomes", "params:judge",
+                               "params:generate"],
              ["judge_agreement", "judge_accuracy", "judge_agreement_metrics", "judge_report"],
              name="measure_judge_agreement"),
         Node(judge_templates, "params:judge", "judge_template_params", name="name_judge_templates"),

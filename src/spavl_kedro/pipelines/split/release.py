@@ -16,11 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.config import JudgeConfig, SplitConfig, typed
+from spavl_kedro.config import GenerateConfig, JudgeConfig, SplitConfig, typed
+from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.datasets.spa_vl_rlhf import PAIR_COLUMNS
 from spavl_kedro.schema import CLASS_COLUMNS, SPA_QTYPES
 
-from .nodes import _Pixels
+from .nodes import _Pixels, wording_audit
 
 # What names a pair in preferences and pair_provenance: one question, the two responders in order.
 PAIR_KEY = ["question_id", "chosen_responder", "rejected_responder"]
@@ -50,12 +51,16 @@ about validation and test.
 """
 
 
+@takes_missing("seed_corpus")  # absent with a real image source: no tiny models were bootstrapped
 def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame,
-                       test_help: pd.DataFrame, pair_provenance: pd.DataFrame, params: SplitConfig | dict[str, Any],
-                       judge_params: JudgeConfig | dict[str, Any]) -> str:
-    """A Hugging Face dataset card: configs, sizes, counts per class, question type and responder, and
-    how the data was built."""
-    cfg = typed(SplitConfig, params)
+                       test_help: pd.DataFrame, pair_provenance: pd.DataFrame, questions: pd.DataFrame,
+                       seed_corpus: pd.DataFrame, params: SplitConfig | dict[str, Any],
+                       judge_params: JudgeConfig | dict[str, Any], generate_params: GenerateConfig | dict[str, Any]
+                       ) -> str:
+    """A Hugging Face dataset card: configs, sizes, counts per class, question type and responder, the
+    wording audit (seen / unseen families per table, and unseen skeletons where none may be), and how the data
+    was built."""
+    cfg, generate = typed(SplitConfig, params), typed(GenerateConfig, generate_params)
     sizes = {"train": len(train), "validation": len(validation), "test_harm": len(test_harm),
              "test_help": len(test_help)}
     header = ["---", f"license: {LICENCE}", "task_categories:", "- visual-question-answering", "configs:",
@@ -74,6 +79,9 @@ def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm:
             "training question has the normalised text of a test question. Subset: question types "
             f"{cfg.subset.qtypes}, responders {cfg.subset.responders}, at most {cfg.subset.max_pairs or 'all'} "
             f"pairs. Preferences judged by `{typed(JudgeConfig, judge_params).primary}`.", "", *LOADING.splitlines(), ""]
+    seeds = seed_corpus if seed_corpus is not None else pd.DataFrame({"question": []})
+    body += _wording_section(wording_audit(train, validation, test_harm, test_help, questions, seeds, generate),
+                             generate)
     train_pairs = pair_provenance[pair_provenance["split"] == "train"]
     body += _counts("Train pairs per domain and category", train_pairs.groupby(["class1", "class2"]).size())
     body += _counts("Train pairs per question type", train_pairs.groupby("qtype").size())
@@ -84,6 +92,26 @@ def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm:
     body += ["## Train pairs per responder", "", "| responder | chosen | rejected |", "|---|---|---|",
              *[f"| {name} | {row.chosen} | {row.rejected} |" for name, row in table.iterrows()], ""]
     return "\n".join(header + body)
+
+
+def _wording_section(audit: pd.DataFrame, generate: GenerateConfig) -> list[str]:
+    if generate.questions.writer != "template":
+        return ["## Wording", "", f"Questions were written by `{generate.questions.model_writer.backend.name}`: "
+                "there are no wording families to hold out.", ""]
+    families = generate.questions.wording.families()
+    held = generate.questions.wording.held_out_ids(generate.seed)
+    per_type = ", ".join(f"{q} {sum(f.qtype == q for f in families)} ({sum(f.qtype == q and f.family_id in held for f in families)} held out)"
+                         for q in SPA_QTYPES)
+    lines = ["## Wording", "",
+             f"The questions come from wording families (openings x request frames x slot orders): {per_type}. "
+             "A held-out family's questions can only be test questions. `unseen skeleton` counts the texts that "
+             "are an instance of a held-out family's sentence form, whatever fills its slots: it must be 0 "
+             "outside the test sets. The seed corpus is what the tiny models and guards were bootstrapped on.", "",
+             "| table | questions | seen | unseen | unseen skeleton |", "|---|---|---|---|---|"]
+    lines += [f"| {r.table} | {r.questions} | {r.seen if r.table.startswith('test_') else '–'} | "
+              f"{r.unseen if r.table.startswith('test_') else '–'} | {r.unseen_skeleton} |"
+              for r in audit.itertuples(index=False)]
+    return lines + [""]
 
 
 def _counts(title: str, counts: pd.Series) -> list[str]:
