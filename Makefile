@@ -32,8 +32,13 @@ install: $(STAMP)
 run: install  ## the embedded default: all six pipelines (extra arguments: make run ARGS="--pipeline align")
 	$(BIN)/kedro run $(ARGS)
 
-test: install  ## every test, as CI runs them (~15 min on 2 cores)
-	$(BIN)/pytest $(PYTEST_ARGS)
+# The suite runs in TEST_WORKERS pytest-xdist processes, one module per worker at a time (module fixtures such
+# as the pipeline slice are built once), each computing on one thread: many tests wait on servers and child
+# processes, so two single-threaded workers keep both cores busy where one two-threaded process did not.
+TEST_WORKERS ?= 2
+
+test: install  ## every test, as CI runs them, with the 15 slowest listed at the end
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## the unit tests and small integration slices, without the tests marked slow (~1 min)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

@@ -157,6 +157,17 @@ def test_reward_model_prefers_refusals_on_held_out_pairs(reward):
     assert metrics["eval_margin"] > 0.5
 
 
+def test_dpo_prefers_the_chosen_answer_of_held_out_pairs(vlm, tmp_path):
+    """DPO's implicit reward (beta x the policy-to-reference log-ratio) on pairs it never trained on: new
+    images and response wordings. Before training the policy is the reference, every margin is 0 and the
+    accuracy (chosen strictly above rejected) is 0; after it, the chosen answer is preferred."""
+    held_out = preference_pairs(18, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)
+    settings = DPOSettings(output_dir=str(tmp_path), report_to=[], learning_rate=1e-3, num_train_epochs=3)
+    _, metrics = train_dpo(vlm, preference_pairs(48), settings, eval_pairs=held_out)
+    assert metrics["eval_rewards/accuracies"] > 0.75, metrics
+    assert metrics["eval_rewards/margins"] > 0, metrics
+
+
 def test_reward_model_round_trips_through_its_directory(reward, tmp_path):
     model, _ = reward
     pairs = preference_pairs(6, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)

@@ -1,7 +1,7 @@
 """Every seed the project derives, in one place: from the configured seeds (`generate.seed`, `judge.seed`,
 `evaluate.seed`, `tiny.bootstrap.seed`, a backend's `seed`) to the seed of one random stream.
 
-Two rules, both kept as they were when the README's figures were measured, so those figures reproduce.
+Two rules, both kept as they were when docs/results.md was measured, so its figures reproduce.
 
 **Data streams are named.** Which template, image, pair or held-out item is drawn comes from
 `stream(seed, *path)`: a `random.Random` seeded with the parts joined by ":" (`"0:seed-scene:12"`). Python
