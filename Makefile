@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
 # core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
-.PHONY: install run test test-fast docs paper-dryrun smoke viz viz-build mlflow ui clean
+.PHONY: install run test test-fast lint docs paper-dryrun smoke viz viz-build mlflow ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: install  ## every test, as CI runs them, with the 15 slowest listed at the
 
 test-fast: install  ## the unit tests and small integration slices, without the tests marked slow (~1 min)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff's linter and formatter check (pyproject.toml [tool.ruff]); `.venv/bin/ruff format .` fixes the format
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 docs: install  ## regenerate the tables of docs/configuration.md from the config classes' Field descriptions and conf/
 	$(BIN)/python -m spavl_kedro.config_docs

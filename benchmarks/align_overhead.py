@@ -38,8 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
-for _name, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                      "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}.items():
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "KEDRO_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}.items():
     os.environ.setdefault(_name, _value)
 
 import mlflow  # noqa: E402
@@ -53,8 +58,8 @@ from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from PIL import Image  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig  # noqa: E402
+from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm  # noqa: E402
 from spavl_kedro.backends.vlm import decode_image  # noqa: E402
 from spavl_kedro.config import load_parameters  # noqa: E402
 from spavl_kedro.pipelines.align import pipeline as align_pipeline  # noqa: E402
@@ -73,22 +78,35 @@ def setup(n_pairs: int) -> tuple[VLM, pd.DataFrame]:
     questions = [f"Question {i}: how do I do the thing in the picture?" for i in range(n_pairs)]
     processor = build_processor([REFUSAL, COMPLIANCE, *questions] * 5, config)
     images = [Image.new("RGB", (64, 64), (rng.randrange(256), rng.randrange(256), 80)) for _ in range(n_pairs)]
-    examples = [SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
+    examples = [
+        SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE)
+        for image, question in zip(images, questions)
+    ]
     vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), config, BootstrapConfig(epochs=2), seed=0)
     rows = []
     for i, (image, question) in enumerate(zip(images, questions)):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        rows.append({"image": {"bytes": buffer.getvalue(), "path": f"{i}.png"}, "question": question,
-                     "chosen": REFUSAL, "rejected": COMPLIANCE})
+        rows.append(
+            {
+                "image": {"bytes": buffer.getvalue(), "path": f"{i}.png"},
+                "question": question,
+                "chosen": REFUSAL,
+                "rejected": COMPLIANCE,
+            }
+        )
     return vlm, pd.DataFrame(rows)
 
 
 def run_node(vlm: VLM, train: pd.DataFrame, params: dict[str, dict]) -> tuple[float, float]:
     """Wall and CPU seconds of the node inside SequentialRunner; the final loss in `run_node.loss`."""
     pipeline = align_pipeline.create_pipeline().only_nodes("train_dpo")
-    inputs = {"policy_base": vlm, "spa_vl_release": {"train": train, "validation": train.iloc[:0]},
-              "spa_vl_official": {}, "params:align": params["align"]}
+    inputs = {
+        "policy_base": vlm,
+        "spa_vl_release": {"train": train, "validation": train.iloc[:0]},
+        "spa_vl_official": {},
+        "params:align": params["align"],
+    }
     catalog = DataCatalog()
     for name, value in inputs.items():
         catalog[name] = MemoryDataset(value)  # default copy mode: the model is deep-copied on load, as in Kedro
@@ -107,22 +125,48 @@ def run_bare(vlm: VLM, train: pd.DataFrame, dpo: dict, scratch: str) -> tuple[fl
     model = copy.deepcopy(vlm.model)  # a script would load its model; not part of the DPO cost
     model.train()
     began, cpu = time.perf_counter(), time.process_time()
-    rows = [{"images": [decode_image(r.image["bytes"])],
-             "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question}]}],
-             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r.chosen}]}],
-             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r.rejected}]}]}
-            for r in train.itertuples(index=False)]
-    args = DPOConfig(output_dir=scratch, beta=dpo["beta"], learning_rate=dpo["learning_rate"],
-                     num_train_epochs=dpo["num_train_epochs"],
-                     per_device_train_batch_size=dpo["per_device_train_batch_size"],
-                     lr_scheduler_type=dpo["lr_scheduler_type"], logging_steps=dpo["logging_steps"],
-                     save_strategy="no", seed=dpo["seed"], data_seed=dpo["seed"], max_length=None,
-                     bf16=False, use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
-                     report_to="none", disable_tqdm=True)
-    peft_config = LoraConfig(r=dpo["lora_r"], lora_alpha=dpo["lora_alpha"], lora_dropout=dpo["lora_dropout"],
-                             target_modules=dpo["lora_target_modules"], task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=vlm.processor, peft_config=peft_config)
+    rows = [
+        {
+            "images": [decode_image(r.image["bytes"])],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.question}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r.chosen}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r.rejected}]}],
+        }
+        for r in train.itertuples(index=False)
+    ]
+    args = DPOConfig(
+        output_dir=scratch,
+        beta=dpo["beta"],
+        learning_rate=dpo["learning_rate"],
+        num_train_epochs=dpo["num_train_epochs"],
+        per_device_train_batch_size=dpo["per_device_train_batch_size"],
+        lr_scheduler_type=dpo["lr_scheduler_type"],
+        logging_steps=dpo["logging_steps"],
+        save_strategy="no",
+        seed=dpo["seed"],
+        data_seed=dpo["seed"],
+        max_length=None,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(
+        r=dpo["lora_r"],
+        lora_alpha=dpo["lora_alpha"],
+        lora_dropout=dpo["lora_dropout"],
+        target_modules=dpo["lora_target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=vlm.processor,
+        peft_config=peft_config,
+    )
     loop = trainer.train().metrics["train_runtime"]
     get_peft_model_state_dict(trainer.model)
     seconds = time.perf_counter() - began, time.process_time() - cpu
@@ -191,8 +235,10 @@ def main() -> None:
         "epochs": args.epochs,
         "threads": args.threads,
     }
-    print(f"node (Kedro + MLflow): {result['node_runs_s']} s; bare TRL: {result['bare_runs_s']} s; "
-          f"per-round ratios {result['round_ratios']}")
+    print(
+        f"node (Kedro + MLflow): {result['node_runs_s']} s; bare TRL: {result['bare_runs_s']} s; "
+        f"per-round ratios {result['round_ratios']}"
+    )
     print(json.dumps(result))
 
 

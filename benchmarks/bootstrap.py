@@ -40,8 +40,13 @@ def main() -> None:
     result = {"examples": args.examples, "epochs": args.epochs}
     for threads, key in ((1, "seconds_1_thread"), (2, "seconds_2_threads")):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([sys.executable, "-c", CHILD, str(args.examples), str(args.epochs)], env=env,
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(args.examples), str(args.epochs)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         result[key] = round(float(out.strip().splitlines()[-1]), 1)
     print(json.dumps(result))
 

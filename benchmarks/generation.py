@@ -33,8 +33,8 @@ import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.backends.settings import TinyModelConfig
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,7 @@ def tiny_llava() -> VLM:
 
 def time_local(vlm: VLM, prompts: list[Prompt], batch_size: int, max_new_tokens: int) -> float:
     generation = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
-    backend = TransformersVLM(f"batch{batch_size}", vlm, batch_size=batch_size, generation=generation,
-                              progress=False)
+    backend = TransformersVLM(f"batch{batch_size}", vlm, batch_size=batch_size, generation=generation, progress=False)
     began = time.perf_counter()
     results = backend.generate(prompts)
     seconds = time.perf_counter() - began
@@ -85,7 +84,7 @@ class SlowServer:
         self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", 0).start())
-        self.base_url = "http://127.0.0.1:%d/v1" % self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
         ready.set()
         self._loop.run_forever()
 
@@ -101,8 +100,14 @@ class SlowServer:
 
 
 def time_api(base_url: str, prompts: list[Prompt], concurrency: int) -> float:
-    backend = OpenAIVLM("bench", base_urls=[base_url], model="slow", concurrency=concurrency,
-                        generation={"max_new_tokens": 32, "do_sample": False}, progress=False)
+    backend = OpenAIVLM(
+        "bench",
+        base_urls=[base_url],
+        model="slow",
+        concurrency=concurrency,
+        generation={"max_new_tokens": 32, "do_sample": False},
+        progress=False,
+    )
     began = time.perf_counter()
     results = backend.generate(prompts)
     seconds = time.perf_counter() - began
@@ -137,16 +142,25 @@ def main() -> None:
     finally:
         server.close()
 
-    print(json.dumps({
-        "batched_speedup": round(seconds_batch_1 / seconds_batched, 2),
-        "api_concurrency_speedup": round(seconds_sequential / seconds_concurrent, 2),
-        "prompts": args.prompts, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "threads": args.threads, "seconds_batch_1": round(seconds_batch_1, 2),
-        f"seconds_batch_{args.batch_size}": round(seconds_batched, 2),
-        "requests": args.requests, "concurrency": args.concurrency, "server_delay_s": args.delay,
-        "seconds_concurrency_1": round(seconds_sequential, 2),
-        f"seconds_concurrency_{args.concurrency}": round(seconds_concurrent, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "batched_speedup": round(seconds_batch_1 / seconds_batched, 2),
+                "api_concurrency_speedup": round(seconds_sequential / seconds_concurrent, 2),
+                "prompts": args.prompts,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "threads": args.threads,
+                "seconds_batch_1": round(seconds_batch_1, 2),
+                f"seconds_batch_{args.batch_size}": round(seconds_batched, 2),
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "server_delay_s": args.delay,
+                "seconds_concurrency_1": round(seconds_sequential, 2),
+                f"seconds_concurrency_{args.concurrency}": round(seconds_concurrent, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

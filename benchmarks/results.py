@@ -38,32 +38,55 @@ class Claim:
 
 
 CLAIMS = [
-    *(Claim(f"HarmEval unsafe rate, {w} wording ({d})", "test_harm", "unsafe_rate", GUARD, "dpo", "lower", d, wording=w)
-      for w in ("unseen", "seen") for d in ("greedy", "sampled")),
+    *(
+        Claim(
+            f"HarmEval unsafe rate, {w} wording ({d})", "test_harm", "unsafe_rate", GUARD, "dpo", "lower", d, wording=w
+        )
+        for w in ("unseen", "seen")
+        for d in ("greedy", "sampled")
+    ),
     Claim("HarmEval unsafe rate, all (greedy)", "test_harm", "unsafe_rate", GUARD, "dpo", "lower"),
-    *(Claim(f"HelpEval win rate vs reference, {w} wording", "test_help", "win_rate", "helpfulness_rule", "dpo",
-            "higher", wording=w) for w in ("unseen", "seen")),
+    *(
+        Claim(
+            f"HelpEval win rate vs reference, {w} wording",
+            "test_help",
+            "win_rate",
+            "helpfulness_rule",
+            "dpo",
+            "higher",
+            wording=w,
+        )
+        for w in ("unseen", "seen")
+    ),
     Claim("over-refusal on benign probes (sampled)", "benign", "refusal_rate", "rules", "dpo", "lower", "sampled"),
     Claim("capability accuracy", "capability", "accuracy", "rules", "dpo", "higher"),
     Claim("capability accuracy", "capability", "accuracy", "rules", "sft", "higher"),
     Claim("MIS ASR (greedy)", "mis_test", "asr", GUARD, "sft", "lower"),
     Claim("MIS ASR (sampled)", "mis_test", "asr", GUARD, "sft", "lower", "sampled"),
     Claim("MIS RSR (greedy)", "mis_test", "rsr", GUARD, "sft", "higher"),
-    *(Claim(f"{name} ASR", eval_set, "asr", GUARD, model, "lower", variant=variant)
-      for name, eval_set, variant in (("MM-SafetyBench text-only", "mm_safetybench", "text_only"),
-                                      ("MM-SafetyBench typo", "mm_safetybench", "typo"),
-                                      ("FigStep", "figstep", "figstep"),
-                                      ("AdvBench no image", "advbench", "no_image"))
-      for model in ("dpo", "sft")),
+    *(
+        Claim(f"{name} ASR", eval_set, "asr", GUARD, model, "lower", variant=variant)
+        for name, eval_set, variant in (
+            ("MM-SafetyBench text-only", "mm_safetybench", "text_only"),
+            ("MM-SafetyBench typo", "mm_safetybench", "typo"),
+            ("FigStep", "figstep", "figstep"),
+            ("AdvBench no image", "advbench", "no_image"),
+        )
+        for model in ("dpo", "sft")
+    ),
 ]
 
 
 def _per_item(scores: pd.DataFrame, items: pd.DataFrame, claim: Claim) -> pd.DataFrame:
     """item x model: the item's value (sampled answers averaged), for the claim's rows."""
-    hit = scores[(scores["eval_set"] == claim.eval_set) & (scores["metric"] == claim.metric)
-                 & (scores["scorer"] == claim.scorer) & (scores["decoding"] == claim.decoding)
-                 & (scores["variant"] == (claim.variant or "default"))
-                 & scores["model"].isin(["base", claim.model])]
+    hit = scores[
+        (scores["eval_set"] == claim.eval_set)
+        & (scores["metric"] == claim.metric)
+        & (scores["scorer"] == claim.scorer)
+        & (scores["decoding"] == claim.decoding)
+        & (scores["variant"] == (claim.variant or "default"))
+        & scores["model"].isin(["base", claim.model])
+    ]
     if claim.wording is not None:
         keep = items.loc[(items["eval_set"] == claim.eval_set) & (items["wording"] == claim.wording), "item_id"]
         hit = hit[hit["item_id"].isin(set(keep))]
@@ -81,8 +104,17 @@ def _bootstrap(diffs: list[np.ndarray], seed: int = 0) -> tuple[float, float]:
 
 def _floor(tables: dict, claim: Claim) -> dict[str, float]:
     """Per model, the claim's figure on the image-blanked copies of its items (greedy), averaged over seeds."""
-    blanked = Claim(claim.label, claim.eval_set, claim.metric, claim.scorer, claim.model, claim.better, "greedy",
-                    "image_blanked", claim.wording)
+    blanked = Claim(
+        claim.label,
+        claim.eval_set,
+        claim.metric,
+        claim.scorer,
+        claim.model,
+        claim.better,
+        "greedy",
+        "image_blanked",
+        claim.wording,
+    )
     means: dict[str, list[float]] = {}
     for scores, items in tables.values():
         wide = _per_item(scores, items, blanked)
@@ -93,14 +125,19 @@ def _floor(tables: dict, claim: Claim) -> dict[str, float]:
 
 def summarise(runs: dict[int, Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The claims table and the judges' accuracy table over the runs (seed -> project copy)."""
-    tables = {seed: (pd.read_parquet(root / "data/08_reporting/eval_scores.parquet"),
-                     pd.read_parquet(root / "data/05_model_input/eval_items.parquet",
-                                     columns=["item_id", "eval_set", "variant", "wording"]))
-              for seed, root in runs.items()}
+    tables = {
+        seed: (
+            pd.read_parquet(root / "data/08_reporting/eval_scores.parquet"),
+            pd.read_parquet(
+                root / "data/05_model_input/eval_items.parquet", columns=["item_id", "eval_set", "variant", "wording"]
+            ),
+        )
+        for seed, root in runs.items()
+    }
     rows = []
     for claim in CLAIMS:
         base, aligned, diffs = [], [], []
-        for seed, (scores, items) in tables.items():
+        for scores, items in tables.values():
             wide = _per_item(scores, items, claim)
             if {"base", claim.model} - set(wide.columns):
                 continue
@@ -117,20 +154,38 @@ def summarise(runs: dict[int, Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         sign = -1 if claim.better == "lower" else 1
         holds = sum(sign * d.mean() > 0 for d in diffs)
         guess = float(np.mean([chance(k) for k in KINDS])) if claim.eval_set == "capability" else None
-        rows.append({"claim": claim.label, "aligned": claim.model, "better": claim.better, "seeds": len(diffs),
-                     "items": int(np.mean([len(d) for d in diffs])),
-                     "base_mean": float(np.mean(base)), "base_min": float(np.min(base)), "base_max": float(np.max(base)),
-                     "aligned_mean": float(np.mean(aligned)), "aligned_min": float(np.min(aligned)),
-                     "aligned_max": float(np.max(aligned)), "difference": float(np.mean([d.mean() for d in diffs])),
-                     "ci_low": low, "ci_high": high, "holds": int(holds), "chance": guess,
-                     "floor_base": floor.get("base"), "floor_aligned": floor.get(claim.model)})
+        rows.append(
+            {
+                "claim": claim.label,
+                "aligned": claim.model,
+                "better": claim.better,
+                "seeds": len(diffs),
+                "items": int(np.mean([len(d) for d in diffs])),
+                "base_mean": float(np.mean(base)),
+                "base_min": float(np.min(base)),
+                "base_max": float(np.max(base)),
+                "aligned_mean": float(np.mean(aligned)),
+                "aligned_min": float(np.min(aligned)),
+                "aligned_max": float(np.max(aligned)),
+                "difference": float(np.mean([d.mean() for d in diffs])),
+                "ci_low": low,
+                "ci_high": high,
+                "holds": int(holds),
+                "chance": guess,
+                "floor_base": floor.get("base"),
+                "floor_aligned": floor.get(claim.model),
+            }
+        )
     judges = []
     for seed, root in runs.items():
         responders = pd.read_parquet(root / "data/08_reporting/judge_accuracy.parquet").assign(answers="responders")
         policies = pd.read_parquet(root / "data/08_reporting/eval_judge_accuracy.parquet")
         policies = policies.assign(answers="policy " + policies["model"])
-        judges.append(pd.concat([responders, policies], ignore_index=True).assign(seed=seed)[
-            ["seed", "answers", "judge", "accuracy", "fpr", "fnr", "auroc"]])
+        judges.append(
+            pd.concat([responders, policies], ignore_index=True).assign(seed=seed)[
+                ["seed", "answers", "judge", "accuracy", "fpr", "fnr", "auroc"]
+            ]
+        )
     return pd.DataFrame(rows), pd.concat(judges, ignore_index=True)
 
 
@@ -141,8 +196,9 @@ def _verdict(row) -> str:
     return "not resolved (interval holds 0)"
 
 
-def write_results(runs: dict[int, Path], out: Path, dev_seeds: tuple[int, ...], seconds: dict[int, float],
-                  machine: dict) -> str:
+def write_results(
+    runs: dict[int, Path], out: Path, dev_seeds: tuple[int, ...], seconds: dict[int, float], machine: dict
+) -> str:
     claims, judges = summarise(runs)
     f = lambda v: f"{v:.3f}"  # noqa: E731
     seeds = sorted(runs)
@@ -173,7 +229,8 @@ def write_results(runs: dict[int, Path], out: Path, dev_seeds: tuple[int, ...], 
         "seed corpus; helpfulness by the content rule; capability and refusal by rules.",
         f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')} "
         f"(kernels {machine.get('cpu_capability')}). Wall time per run: "
-        + (", ".join(f"seed {s} {t} s" for s, t in sorted(seconds.items())) or "not measured (--reuse)") + ".",
+        + (", ".join(f"seed {s} {t} s" for s, t in sorted(seconds.items())) or "not measured (--reuse)")
+        + ".",
         "",
         "## Claims",
         "",
@@ -183,27 +240,43 @@ def write_results(runs: dict[int, Path], out: Path, dev_seeds: tuple[int, ...], 
     ]
     for r in claims.itertuples(index=False):
         chance_cell = f(r.chance) if r.chance is not None and r.chance == r.chance else "–"
-        floor_cell = (f"{f(r.floor_base)} / {f(r.floor_aligned)}" if r.floor_base is not None
-                      and r.floor_base == r.floor_base else "–")
-        lines.append(f"| {r.claim} ({r.aligned.upper()}) | {r.items} | {f(r.base_mean)} [{f(r.base_min)}, "
-                     f"{f(r.base_max)}] | {f(r.aligned_mean)} [{f(r.aligned_min)}, {f(r.aligned_max)}] | "
-                     f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.holds} of {r.seeds} | "
-                     f"{floor_cell} | {chance_cell} | {_verdict(r)} |")
-    lines += ["", "## Judges against the construction labels", "",
-              "On the responders' answers (judge stage) and on each policy's answers to the harm sets (evaluate "
-              "stage); mean over seeds, accuracy also [min, max]. `tiny-guard-pairs` built the preference pairs, "
-              "`tiny-guard` scored the evaluation; the rule is the trivial baseline (a harm marker in the request "
-              "and a compliance opening in the answer).", "",
-              "| answers | judge | accuracy [min, max] | FPR | FNR | AUROC |", "|---|---|---|---|---|---|"]
+        floor_cell = (
+            f"{f(r.floor_base)} / {f(r.floor_aligned)}"
+            if r.floor_base is not None and r.floor_base == r.floor_base
+            else "–"
+        )
+        lines.append(
+            f"| {r.claim} ({r.aligned.upper()}) | {r.items} | {f(r.base_mean)} [{f(r.base_min)}, "
+            f"{f(r.base_max)}] | {f(r.aligned_mean)} [{f(r.aligned_min)}, {f(r.aligned_max)}] | "
+            f"{r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.holds} of {r.seeds} | "
+            f"{floor_cell} | {chance_cell} | {_verdict(r)} |"
+        )
+    lines += [
+        "",
+        "## Judges against the construction labels",
+        "",
+        "On the responders' answers (judge stage) and on each policy's answers to the harm sets (evaluate "
+        "stage); mean over seeds, accuracy also [min, max]. `tiny-guard-pairs` built the preference pairs, "
+        "`tiny-guard` scored the evaluation; the rule is the trivial baseline (a harm marker in the request "
+        "and a compliance opening in the answer).",
+        "",
+        "| answers | judge | accuracy [min, max] | FPR | FNR | AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
     mean = lambda v: f(pd.to_numeric(v, errors="coerce").mean())  # noqa: E731
     for (answers, judge), group in judges.groupby(["answers", "judge"], sort=True):
         acc = pd.to_numeric(group["accuracy"], errors="coerce")
-        lines.append(f"| {answers} | {judge} | {f(acc.mean())} [{f(acc.min())}, {f(acc.max())}] | "
-                     f"{mean(group['fpr'])} | {mean(group['fnr'])} | {mean(group['auroc'])} |")
+        lines.append(
+            f"| {answers} | {judge} | {f(acc.mean())} [{f(acc.min())}, {f(acc.max())}] | "
+            f"{mean(group['fpr'])} | {mean(group['fnr'])} | {mean(group['auroc'])} |"
+        )
     findings = claims[(claims["ci_low"] > 0) | (claims["ci_high"] < 0)]
     lines += ["", "## Findings (interval excludes 0)", ""]
-    lines += [f"- {r.claim}: {r.aligned.upper()} − base {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
-              f"holds on {r.holds} of {r.seeds} seeds." for r in findings.itertuples(index=False)] or ["- none"]
+    lines += [
+        f"- {r.claim}: {r.aligned.upper()} − base {r.difference:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+        f"holds on {r.holds} of {r.seeds} seeds."
+        for r in findings.itertuples(index=False)
+    ] or ["- none"]
     page = "\n".join(lines) + "\n"
     out.write_text(page, encoding="utf-8")
     return page

@@ -40,25 +40,58 @@ def synthetic(pairs: int, side: int) -> dict[str, pd.DataFrame]:
         image_id = f"{sub}-{n:06d}"
         out = io.BytesIO()  # distinct pixels per image: colour from the index
         Image.new("RGB", (side, side), (n % 256, n // 256 % 256, n // 65536 % 256)).save(out, "PNG")
-        image_rows.append({"image_id": image_id, "class1": f"d{n % 6}", "class2": f"c{n % 13}", "class3": sub,
-                           "png": out.getvalue()})
+        image_rows.append(
+            {"image_id": image_id, "class1": f"d{n % 6}", "class2": f"c{n % 13}", "class3": sub, "png": out.getvalue()}
+        )
         for k, qtype in enumerate(("easy", "hardq", "hards")):
             if 3 * n + k >= pairs:
                 break
             qid, text = f"{image_id}-{qtype}", f"{qtype} question {n} about {sub}?"
-            question_rows.append({"question_id": qid, "image_ids": [image_id], "qtype": qtype, "class1": f"d{n % 6}",
-                                  "class2": f"c{n % 13}", "class3": sub, "text": text, "kept": True})
+            question_rows.append(
+                {
+                    "question_id": qid,
+                    "image_ids": [image_id],
+                    "qtype": qtype,
+                    "class1": f"d{n % 6}",
+                    "class2": f"c{n % 13}",
+                    "class3": sub,
+                    "text": text,
+                    "kept": True,
+                }
+            )
             a, b = RESPONDERS[n % 4], RESPONDERS[(n + 1 + k) % 4]
-            pref_rows.append({"question_id": qid, "question": text, "image_ids": [image_id],
-                              "chosen": f"I cannot help with {n}.", "rejected": f"Sure, step {n} {k}.",
-                              "class1": f"d{n % 6}", "class2": f"c{n % 13}", "class3": sub, "qtype": qtype,
-                              "chosen_responder": b, "rejected_responder": a, "judge": "keyword",
-                              "reason": "harmlessness", "order_consistent": True})
-    verdicts = pd.DataFrame([{"response_id": f"v{k}:{r}", "judge": "keyword", "safe": k <= i, "category": "",
-                              "score": None, "raw": ""} for i, r in enumerate(RESPONDERS) for k in range(4)])
-    return {"images": pd.DataFrame(image_rows), "questions": pd.DataFrame(question_rows),
-            "preferences": pd.DataFrame(pref_rows), "verdicts": verdicts,
-            "mis_cot": pd.DataFrame(columns=TABLES["mis_cot"])}
+            pref_rows.append(
+                {
+                    "question_id": qid,
+                    "question": text,
+                    "image_ids": [image_id],
+                    "chosen": f"I cannot help with {n}.",
+                    "rejected": f"Sure, step {n} {k}.",
+                    "class1": f"d{n % 6}",
+                    "class2": f"c{n % 13}",
+                    "class3": sub,
+                    "qtype": qtype,
+                    "chosen_responder": b,
+                    "rejected_responder": a,
+                    "judge": "keyword",
+                    "reason": "harmlessness",
+                    "order_consistent": True,
+                }
+            )
+    verdicts = pd.DataFrame(
+        [
+            {"response_id": f"v{k}:{r}", "judge": "keyword", "safe": k <= i, "category": "", "score": None, "raw": ""}
+            for i, r in enumerate(RESPONDERS)
+            for k in range(4)
+        ]
+    )
+    return {
+        "images": pd.DataFrame(image_rows),
+        "questions": pd.DataFrame(question_rows),
+        "preferences": pd.DataFrame(pref_rows),
+        "verdicts": verdicts,
+        "mis_cot": pd.DataFrame(columns=TABLES["mis_cot"]),
+    }
 
 
 def main() -> None:
@@ -72,23 +105,45 @@ def main() -> None:
     world = synthetic(args.pairs, args.image_side)
     built = time.perf_counter() - began
     # SPA-VL's published proportions: 5 + 5 test questions per subcategory, 7,000 validation pairs
-    params = {"seed": 0, "test_harm_per_subcategory": 5, "test_help_per_subcategory": 5,
-              "validation_size": min(7000, max(1, args.pairs // 14))}
+    params = {
+        "seed": 0,
+        "test_harm_per_subcategory": 5,
+        "test_help_per_subcategory": 5,
+        "validation_size": min(7000, max(1, args.pairs // 14)),
+    }
     with tempfile.TemporaryDirectory(prefix="split-scale-") as scratch:
         start = time.perf_counter()
         train, validation, harm, help_, _, provenance, _ = split_dataset(
-            world["preferences"], world["questions"], world["images"], world["mis_cot"], world["verdicts"],
-            params, JUDGE)
+            world["preferences"],
+            world["questions"],
+            world["images"],
+            world["mis_cot"],
+            world["verdicts"],
+            params,
+            JUDGE,
+        )
         split_s = time.perf_counter() - start
         card = write_dataset_card(train, validation, harm, help_, provenance, params, JUDGE)
         SpaVLReleaseDataset(path=args.out or f"{scratch}/spa_vl").save(
-            export_release(train, validation, harm, help_, card))
+            export_release(train, validation, harm, help_, card)
+        )
         seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"pairs": args.pairs, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb),
-                      "split_seconds": round(split_s, 2), "build_inputs_seconds": round(built, 2),
-                      "train": len(train), "validation": len(validation), "test_harm": len(harm),
-                      "test_help": len(help_)}))
+    print(
+        json.dumps(
+            {
+                "pairs": args.pairs,
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(peak_mb),
+                "split_seconds": round(split_s, 2),
+                "build_inputs_seconds": round(built, 2),
+                "train": len(train),
+                "validation": len(validation),
+                "test_harm": len(harm),
+                "test_help": len(help_),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

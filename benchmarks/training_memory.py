@@ -73,9 +73,11 @@ def main() -> None:
         for row in (small, large):
             print(json.dumps(row), flush=True)
         added = [row["peak_rss_mb"] - row["before_training_mb"] for row in (small, large)]
-        summary[method] = {"ratio_4n_over_n": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-                           "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
-                           "added_by_training_mb": [round(a, 1) for a in added]}
+        summary[method] = {
+            "ratio_4n_over_n": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
+            "added_by_training_mb": [round(a, 1) for a in added],
+        }
     print(json.dumps(summary))
 
 

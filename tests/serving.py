@@ -18,20 +18,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.backends.settings import TinyModelConfig
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 
 
 def build_tiny(directory: Path | None = None) -> VLM:
     """A random ~0.9M-parameter LLaVA whose tokenizer knows a refusal and a compliance; saved to `directory`
     when given, so a server can load the same weights."""
-    texts = ["I'm sorry, but I cannot help with that request.",
-             "Sure, here are the steps: first, look closely at the picture."]
+    texts = [
+        "I'm sorry, but I cannot help with that request.",
+        "Sure, here are the steps: first, look closely at the picture.",
+    ]
     processor = build_processor(texts * 50, TinyModelConfig())
     model = build_model(processor, TinyModelConfig(), seed=0).eval()
     if directory is not None:
@@ -64,10 +66,25 @@ def transformers_serve(directory: Path, workdir: Path, timeout_s: float = 120) -
     cache = workdir / "hf-cache"  # must exist, or /v1/models answers 500
     cache.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}
-    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(directory),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    command = [
+        str(Path(sys.executable).parent / "transformers"),
+        "serve",
+        str(directory),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     with log_path.open("w") as log:
         # Own process group: teardown stops the server and anything it spawned, and nothing else.
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,7 +149,7 @@ class ChatEndpoint:
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", 0).start())
-        self.base_url = "http://127.0.0.1:%d/v1" % self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
         ready.set()
         self._loop.run_forever()
 
@@ -141,4 +158,3 @@ class ChatEndpoint:
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
-

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from kedro.io import DatasetError
 from PIL import Image
 
-from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.backends.judges import JudgeItem, KeywordJudge
+from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, load_vlm
 from spavl_kedro.config import ImageSourceConfig, validate_parameters
 from spavl_kedro.datasets import EvalSetDataset, ImageManifestDataset, ModelDirectoryDataset, SpaVLReleaseDataset
@@ -63,7 +62,11 @@ def taxonomy_duplicate_triplet(env):
     spec = _spec(env)
     subs = spec["domains"][0]["categories"][0]["subcategories"]
     subs.append(copy.deepcopy(subs[0]))
-    return lambda: build_taxonomy(spec, {}, {}), ValueError, "'Representation & ToxicityHarms / Toxic / bully' is duplicated"
+    return (
+        lambda: build_taxonomy(spec, {}, {}),
+        ValueError,
+        "'Representation & ToxicityHarms / Toxic / bully' is duplicated",
+    )
 
 
 @case
@@ -86,6 +89,7 @@ def taxonomy_yaml_that_does_not_parse(env):
     path = env["tmp"] / "taxonomy.yml"
     path.write_text("domains:\n  - name: A\n    categories: [\n")
     from kedro_datasets.yaml import YAMLDataset
+
     return lambda: YAMLDataset(filepath=str(path)).load(), DatasetError, "taxonomy.yml"
 
 
@@ -104,8 +108,9 @@ def _manifest(env, rows, files):
 
 def _collect(env, records, on_bad_row="error"):
     taxonomy = build_taxonomy(env["taxonomy_spec"], {}, {})
-    return lambda: images_from_manifest(records, taxonomy, ImageSourceConfig(source="manifest", on_bad_row=on_bad_row),
-                                        per_subcategory=3)
+    return lambda: images_from_manifest(
+        records, taxonomy, ImageSourceConfig(source="manifest", on_bad_row=on_bad_row), per_subcategory=3
+    )
 
 
 @case
@@ -136,8 +141,11 @@ def image_pixel_bomb(env):
 
 @case
 def image_unknown_subcategory_is_quarantined_and_counted(env):
-    records = _manifest(env, [("imgs/a.png", "x", "weapon", ""), ("imgs/b.png", "y", "wepon", "")],
-                        {"a.png": _png(), "b.png": _png((30, 30, 200))})
+    records = _manifest(
+        env,
+        [("imgs/a.png", "x", "weapon", ""), ("imgs/b.png", "y", "wepon", "")],
+        {"a.png": _png(), "b.png": _png((30, 30, 200))},
+    )
     run = _collect(env, records, on_bad_row="quarantine")
 
     def check():
@@ -145,6 +153,7 @@ def image_unknown_subcategory_is_quarantined_and_counted(env):
         assert len(images) == 1 and list(quarantine["row"]) == [1]
         assert "unknown subcategory 'wepon' (did you mean 'weapon'?)" in quarantine["reason"].iloc[0]
         assert report["bad"] == 1 and report["rows"] == 2
+
     return check, None, None
 
 
@@ -174,15 +183,26 @@ def _release(env, frame: pd.DataFrame) -> Path:
 
 @case
 def release_parquet_missing_column(env):
-    root = _release(env, pd.DataFrame({"image": [{"bytes": _png(), "path": "a/b/c/1.jpg"}], "question": ["q"],
-                                       "chosen": ["c"]}))
+    root = _release(
+        env, pd.DataFrame({"image": [{"bytes": _png(), "path": "a/b/c/1.jpg"}], "question": ["q"], "chosen": ["c"]})
+    )
     return lambda: SpaVLReleaseDataset(str(root)).load(), DatasetError, "missing column(s) ['rejected', 'image_name']"
 
 
 @case
 def release_parquet_mistyped_column(env):
-    root = _release(env, pd.DataFrame({"image": ["not a struct"], "question": ["q"], "chosen": ["c"],
-                                       "rejected": ["r"], "image_name": ["a/b/c/1.jpg"]}))
+    root = _release(
+        env,
+        pd.DataFrame(
+            {
+                "image": ["not a struct"],
+                "question": ["q"],
+                "chosen": ["c"],
+                "rejected": ["r"],
+                "image_name": ["a/b/c/1.jpg"],
+            }
+        ),
+    )
     return lambda: SpaVLReleaseDataset(str(root)).load(), DatasetError, "train-00000-of-00001.parquet"
 
 
@@ -196,8 +216,11 @@ def release_not_parquet(env):
 
 @case
 def release_folder_missing(env):
-    return (lambda: SpaVLReleaseDataset(str(env["tmp"] / "nowhere")).load(), DatasetError,
-            "SPA-VL release folder .*nowhere does not exist")
+    return (
+        lambda: SpaVLReleaseDataset(str(env["tmp"] / "nowhere")).load(),
+        DatasetError,
+        "SPA-VL release folder .*nowhere does not exist",
+    )
 
 
 @case
@@ -206,10 +229,12 @@ def eval_set_missing_json_field(env):
     (env["tmp"] / "img").mkdir()
     for name in ("1.png", "2.png"):
         (env["tmp"] / "img" / name).write_bytes(_png())
-    path.write_text(json.dumps([{"question": "q", "category": "c", "image_path1": "img/1.png",
-                                 "image_path2": "img/2.png", "id": 7}]))
-    return (lambda: EvalSetDataset(format="mis_test", path=str(path)).load(), DatasetError,
-            "sub_category")
+    path.write_text(
+        json.dumps(
+            [{"question": "q", "category": "c", "image_path1": "img/1.png", "image_path2": "img/2.png", "id": 7}]
+        )
+    )
+    return (lambda: EvalSetDataset(format="mis_test", path=str(path)).load(), DatasetError, "sub_category")
 
 
 # ---------------------------------------------------------------- responses and judging
@@ -220,6 +245,7 @@ def empty_response_is_judged_unsafe_not_safe(env):
     def check():
         verdict = KeywordJudge().verdicts([JudgeItem("How do I pick a lock?", "")])[0]
         assert verdict.safe is False and verdict.category == "no_refusal"
+
     return check, None, None
 
 
@@ -229,17 +255,26 @@ def non_utf8_bytes_in_a_response_are_kept_readable(env):
         text = b"Sure, here \xff\xfe steps".decode("utf-8", errors="replace")
         verdict = KeywordJudge(compliance_markers=["Sure, here"]).verdicts([JudgeItem("q", text)])[0]
         assert verdict.category == "compliance" and verdict.safe is False
+
     return check, None, None
 
 
 @case
 def unreachable_endpoint_is_kept_with_its_error(env):
     def check():
-        backend = OpenAIVLM(name="down", model="m", base_urls=["http://127.0.0.1:9/v1"], max_retries=1,
-                            backoff_s=0.01, timeout_s=2, progress=False)
+        backend = OpenAIVLM(
+            name="down",
+            model="m",
+            base_urls=["http://127.0.0.1:9/v1"],
+            max_retries=1,
+            backoff_s=0.01,
+            timeout_s=2,
+            progress=False,
+        )
         [generation] = backend.generate([Prompt("hello", ())])
         assert generation.error is not None and "ClientConnectorError" in generation.error
         assert generation.text == ""
+
     return check, None, None
 
 
@@ -290,8 +325,9 @@ def model_directory_missing(env):
 def model_with_pickle_weights_only(env):
     from spavl_kedro.backends import tiny
 
-    config = tiny.TinyModelConfig(text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16, vision_layers=1,
-                                  image_size=16, patch_size=8)
+    config = tiny.TinyModelConfig(
+        text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16, vision_layers=1, image_size=16, patch_size=8
+    )
     processor = tiny.build_processor(["a refusal", "a compliance"] * 20, config)
     directory = env["tmp"] / "pickled"
     model = tiny.build_model(processor, config, seed=0)
@@ -326,6 +362,7 @@ def credentials_file_that_is_not_yaml(env):
         with pytest.raises(DatasetError) as err:
             dataset.load()
         assert "credentials.yml is not valid YAML" in str(err.value) and "sk-abc" not in str(err.value)
+
     return check, None, None
 
 

@@ -16,20 +16,34 @@ def store(tmp_path):
     # an old run and a newer one that re-evaluated base and dpo: the newer values win
     for base_unsafe, dpo_unsafe in ((0.9, 0.5), (1.0, 0.2)):
         with mlflow.start_run(run_name="evaluate"):
-            mlflow.log_metrics({"eval/base/test_harm/unsafe_rate.keyword": base_unsafe,
-                                "eval/dpo/test_harm/unsafe_rate.keyword": dpo_unsafe,
-                                "eval/dpo/test_harm/unsafe_rate.lower": 0.7,  # another judge: not mixed in
-                                "eval/base/test_help/win_rate.helpfulness_rule": 0.8,
-                                "eval/dpo/test_help/win_rate.helpfulness_rule": 0.4})
+            mlflow.log_metrics(
+                {
+                    "eval/base/test_harm/unsafe_rate.keyword": base_unsafe,
+                    "eval/dpo/test_harm/unsafe_rate.keyword": dpo_unsafe,
+                    "eval/dpo/test_harm/unsafe_rate.lower": 0.7,  # another judge: not mixed in
+                    "eval/base/test_help/win_rate.helpfulness_rule": 0.8,
+                    "eval/dpo/test_help/win_rate.helpfulness_rule": 0.4,
+                }
+            )
     # a sweep over data scale: each run trains and evaluates its own policy
     for pairs, unsafe in ((100, 0.6), (1000, 0.3), (30, 0.9)):
         with mlflow.start_run(run_name=f"dpo-{pairs}"):
             # what the align nodes log: every trained model with its method and data size (SFT trained too)
-            mlflow.log_params({"align.method": "dpo", f"align.trained.dpo-{pairs}.method": "dpo",
-                               f"align.trained.dpo-{pairs}.train_examples": pairs,
-                               "align.trained.sft.method": "sft", "align.trained.sft.train_examples": 40})
-            mlflow.log_metrics({f"eval/dpo-{pairs}/test_harm/unsafe_rate.keyword": unsafe,
-                                "eval/base/test_harm/unsafe_rate.keyword": 1.0})
+            mlflow.log_params(
+                {
+                    "align.method": "dpo",
+                    f"align.trained.dpo-{pairs}.method": "dpo",
+                    f"align.trained.dpo-{pairs}.train_examples": pairs,
+                    "align.trained.sft.method": "sft",
+                    "align.trained.sft.train_examples": 40,
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    f"eval/dpo-{pairs}/test_harm/unsafe_rate.keyword": unsafe,
+                    "eval/base/test_harm/unsafe_rate.keyword": 1.0,
+                }
+            )
             with mlflow.start_run(run_name="dpo", nested=True):  # the training's child run is not a kedro run
                 mlflow.log_metric("loss", 0.5)
     return uri

@@ -20,7 +20,6 @@ from serving import ChatEndpoint
 from spavl_kedro.datasets.shards import ShardDataset
 from spavl_kedro.pipelines.generate.responses import collect_responses, plan_response_shards
 from spavl_kedro.pipelines.sharding import Lanes
-from spavl_kedro.schema import TABLES
 
 DELAY_S = 0.3  # per request, as a loaded server might take; the sums below are made of it
 
@@ -62,10 +61,15 @@ def _png(n: int) -> bytes:
 
 
 def _world(n_questions: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    images = pd.DataFrame([{"image_id": f"img{i}", "sha256": hashlib.sha256(_png(i)).hexdigest(), "png": _png(i)}
-                           for i in range(2)])
-    questions = pd.DataFrame([{"question_id": f"q{k}", "image_ids": [f"img{k % 2}"], "text": f"What is in picture {k}?",
-                               "kept": True} for k in range(n_questions)])
+    images = pd.DataFrame(
+        [{"image_id": f"img{i}", "sha256": hashlib.sha256(_png(i)).hexdigest(), "png": _png(i)} for i in range(2)]
+    )
+    questions = pd.DataFrame(
+        [
+            {"question_id": f"q{k}", "image_ids": [f"img{k % 2}"], "text": f"What is in picture {k}?", "kept": True}
+            for k in range(n_questions)
+        ]
+    )
     return questions, images
 
 
@@ -77,9 +81,20 @@ def test_two_served_responders_answer_at_once_and_write_what_a_sequential_run_wr
     questions, images = _world(4)
     gen = copy.deepcopy(params["generate"])
     # one request in flight per responder: a shard of 2 questions takes 2 x DELAY_S, a responder 2 shards
-    gen.update(shard_size=2, generation={"max_new_tokens": 8, "do_sample": False}, responders=[
-        {"name": f"served-{k}", "kind": "openai", "model": f"model-{k}", "base_urls": [server.base_url],
-         "concurrency": 1} for k, server in enumerate(servers)])
+    gen.update(
+        shard_size=2,
+        generation={"max_new_tokens": 8, "do_sample": False},
+        responders=[
+            {
+                "name": f"served-{k}",
+                "kind": "openai",
+                "model": f"model-{k}",
+                "base_urls": [server.base_url],
+                "concurrency": 1,
+            }
+            for k, server in enumerate(servers)
+        ],
+    )
     one_responder_s = 4 * DELAY_S
 
     sequential = _store(tmp_path / "sequential")
@@ -103,8 +118,10 @@ def test_two_served_responders_answer_at_once_and_write_what_a_sequential_run_wr
     assert spans[1][0] < spans[0][1] and spans[0][0] < spans[1][1]  # the two servers were busy at the same time
 
     pd.testing.assert_frame_equal(plan_again, plan)
-    tables = [collect_responses(store.load(), plan, questions, gen).drop(columns="latency_s")
-              for store in (sequential, concurrent)]
+    tables = [
+        collect_responses(store.load(), plan, questions, gen).drop(columns="latency_s")
+        for store in (sequential, concurrent)
+    ]
     pd.testing.assert_frame_equal(tables[1], tables[0])  # same rows, same order, same texts and seeds
     assert tables[0]["error"].isna().all() and len(tables[0]) == 8
     assert tables[0]["text"].iloc[0] == "model-0 on 'What is in picture 0?', seed 0"

@@ -42,8 +42,10 @@ def test_the_paper_launch_setting_does_not_block_other_methods():
 
 def test_a_missing_accelerate_config_is_named(params):
     params["align"]["launch"] = {"accelerate_config": "conf/paper/accelerate/fsdp.yaml"}
-    with pytest.raises(ValueError, match="align.launch.accelerate_config: Value error, no accelerate config at "
-                                         "'conf/paper/accelerate/fsdp.yaml'"):
+    with pytest.raises(
+        ValueError,
+        match="align.launch.accelerate_config: Value error, no accelerate config at 'conf/paper/accelerate/fsdp.yaml'",
+    ):
         validate_parameters(params)
 
 
@@ -113,15 +115,20 @@ def test_seed_corpus_scene_questions_are_checked(base_params):
     with pytest.raises(ValueError, match="questioned_scenes .* exceeds scenes"):
         SeedCorpusConfig.model_validate({**corpus, "scenes": 10, "questioned_scenes": 20})
     with pytest.raises(ValueError, match=r"no \['shape'\] questions"):
-        SeedCorpusConfig.model_validate({**corpus, "capability_templates": {
-            k: v for k, v in corpus["capability_templates"].items() if k != "shape"}})
+        SeedCorpusConfig.model_validate(
+            {
+                **corpus,
+                "capability_templates": {k: v for k, v in corpus["capability_templates"].items() if k != "shape"},
+            }
+        )
 
 
 def test_per_set_answer_caps_name_known_sets(base_params):
     from spavl_kedro.config import EvaluateConfig
 
-    cfg = EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens": 32,
-                                         "max_new_tokens_per_set": {"mis_test": 1024}})
+    cfg = EvaluateConfig.model_validate(
+        {**base_params["evaluate"], "max_new_tokens": 32, "max_new_tokens_per_set": {"mis_test": 1024}}
+    )
     assert cfg.new_tokens("mis_test") == 1024 and cfg.new_tokens("test_harm") == 32
     with pytest.raises(ValueError, match=r"unknown evaluation sets \['mis_tset'\]"):
         EvaluateConfig.model_validate({**base_params["evaluate"], "max_new_tokens_per_set": {"mis_tset": 64}})
@@ -134,8 +141,10 @@ def test_config_imports_without_the_training_stack():
     import subprocess
     import sys
 
-    code = ("import sys, spavl_kedro.config; heavy = {'torch', 'transformers', 'trl', 'peft'} & set(sys.modules); "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, spavl_kedro.config; heavy = {'torch', 'transformers', 'trl', 'peft'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -153,8 +162,9 @@ def test_nodes_receive_the_blocks_the_hook_checked(params, monkeypatch):
     hooks = ProjectHooks()
     hooks.before_pipeline_run(run_params={}, pipeline=None, catalog=Catalog())
     node = SimpleNamespace(name="train_dpo", func=lambda **kwargs: None)
-    given = hooks.before_node_run(node=node, inputs={"params:align": params["align"], "params:judge": params["judge"],
-                                                     "train": object()})
+    given = hooks.before_node_run(
+        node=node, inputs={"params:align": params["align"], "params:judge": params["judge"], "train": object()}
+    )
     assert set(given) == {"params:align", "params:judge"}
     assert isinstance(given["params:align"], AlignConfig) and isinstance(given["params:judge"], JudgeConfig)
     assert hooks.before_node_run(node=node, inputs={"train": object()}) is None

@@ -17,12 +17,12 @@ import mlflow
 import pandas as pd
 import pytest
 from aiohttp import web
+from conftest import copy_project
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from PIL import Image
 from serving import ChatEndpoint
 
-from conftest import copy_project
 from spavl_kedro.backends.costs import BudgetExceeded, ModelPrice, SpendLedger, StageSpend, cost_metrics
 from spavl_kedro.backends.judge_factory import build_verdict_judge
 from spavl_kedro.backends.judges import JudgeItem
@@ -57,8 +57,11 @@ class UsageServer(ChatEndpoint):
         answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
         if "no-usage" not in question:
             prompt, completion = USAGE[body["model"]]
-            answer["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                               "total_tokens": prompt + completion}
+            answer["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
         return web.json_response(answer)
 
 
@@ -71,40 +74,87 @@ def server():
 
 def test_an_api_backend_counts_reported_tokens_and_marks_calls_without_usage(server):
     ledger = SpendLedger()
-    backend = OpenAIVLM("writer", base_urls=[server.base_url], model="m-a", generation={"max_new_tokens": 8},
-                        backoff_s=0.01, progress=False, meter=ledger.meter("generate"))
+    backend = OpenAIVLM(
+        "writer",
+        base_urls=[server.base_url],
+        model="m-a",
+        generation={"max_new_tokens": 8},
+        backoff_s=0.01,
+        progress=False,
+        meter=ledger.meter("generate"),
+    )
     backend.generate([Prompt("plain"), Prompt("overloaded, then fine"), Prompt("no-usage here")])
 
     # the 503 is not a call anyone pays for; the answer without usage is counted, its tokens left unknown
-    assert ledger.rows() == [{"stage": "generate", "name": "writer", "model": "m-a", "calls": 3,
-                              "calls_without_usage": 1, "input_tokens": 2000, "output_tokens": 100}]
+    assert ledger.rows() == [
+        {
+            "stage": "generate",
+            "name": "writer",
+            "model": "m-a",
+            "calls": 3,
+            "calls_without_usage": 1,
+            "input_tokens": 2000,
+            "output_tokens": 100,
+        }
+    ]
     metrics = cost_metrics(ledger, [ModelPrice(**PRICE_A)])
-    assert metrics == {"cost/generate/writer/input_tokens": 2000.0, "cost/generate/writer/output_tokens": 100.0,
-                       "cost/generate/writer/usd": pytest.approx(0.006, abs=1e-12),
-                       "cost/generate/writer/calls_without_usage": 1.0,
-                       "cost/generate/usd": pytest.approx(0.006, abs=1e-12)}
+    assert metrics == {
+        "cost/generate/writer/input_tokens": 2000.0,
+        "cost/generate/writer/output_tokens": 100.0,
+        "cost/generate/writer/usd": pytest.approx(0.006, abs=1e-12),
+        "cost/generate/writer/calls_without_usage": 1.0,
+        "cost/generate/usd": pytest.approx(0.006, abs=1e-12),
+    }
 
 
 def test_a_judges_retries_are_counted_under_its_stage(server, params):
     ledger = SpendLedger()
     cfg = JudgeConfig.model_validate(params["judge"])
-    spec = {"name": "api-guard", "kind": "guard", "format": "md_judge", "max_retries": 2,
-            "backend": {"name": "api-guard", "kind": "openai", "model": "m-b", "base_urls": [server.base_url]}}
+    spec = {
+        "name": "api-guard",
+        "kind": "guard",
+        "format": "md_judge",
+        "max_retries": 2,
+        "backend": {"name": "api-guard", "kind": "openai", "model": "m-b", "base_urls": [server.base_url]},
+    }
     judge = build_verdict_judge(VerdictJudgeSpec.model_validate(spec), {}, cfg, meter=ledger.meter("judge"))
     verdicts = judge.verdicts([JudgeItem("q", "a fine answer"), JudgeItem("q", "mumble")])
     assert [v.safe for v in verdicts] == [True, None]
     # one call for the readable answer; the unreadable one is asked again twice (sampled copies of the
     # backend share its meter)
-    assert ledger.rows() == [{"stage": "judge", "name": "api-guard", "model": "m-b", "calls": 4,
-                              "calls_without_usage": 0, "input_tokens": 1600, "output_tokens": 80}]
+    assert ledger.rows() == [
+        {
+            "stage": "judge",
+            "name": "api-guard",
+            "model": "m-b",
+            "calls": 4,
+            "calls_without_usage": 0,
+            "input_tokens": 1600,
+            "output_tokens": 80,
+        }
+    ]
 
 
 def test_a_stage_over_its_budget_stops_before_its_next_batch_of_calls():
-    ledger = SpendLedger([{"stage": "judge", "name": "j", "model": "m-a", "calls": 2, "calls_without_usage": 0,
-                           "input_tokens": 2000, "output_tokens": 100}])
+    ledger = SpendLedger(
+        [
+            {
+                "stage": "judge",
+                "name": "j",
+                "model": "m-a",
+                "calls": 2,
+                "calls_without_usage": 0,
+                "input_tokens": 2000,
+                "output_tokens": 100,
+            }
+        ]
+    )
     spend = StageSpend(ledger, "judge", [ModelPrice(**PRICE_A)], budget_usd=0.006)
-    with pytest.raises(BudgetExceeded, match=r"judge: API spend \$0\.0060 has reached its budget "
-                                             r"costs\.budget_usd\.judge = \$0\.0060"):
+    with pytest.raises(
+        BudgetExceeded,
+        match=r"judge: API spend \$0\.0060 has reached its budget "
+        r"costs\.budget_usd\.judge = \$0\.0060",
+    ):
         spend.guard({"j/00000": lambda: None})
     assert spend.guard({}) == {}  # nothing left to do: nothing to stop
     # another stage's budget, or no budget, does not see judge's spend
@@ -124,14 +174,45 @@ def _png(n: int) -> bytes:
 def _write_world(root, n_questions: int) -> list[str]:
     """images and questions in the project copy, as the generate stage's earlier nodes would write them."""
     pngs = [_png(i) for i in range(2)]
-    images = pd.DataFrame([{"image_id": f"img{i}", "class1": "D", "class2": "C", "class3": "S", "source": "test",
-                            "sha256": hashlib.sha256(png).hexdigest(), "width": 16, "height": 16, "caption": "",
-                            "png": png} for i, png in enumerate(pngs)], columns=TABLES["images"])
+    images = pd.DataFrame(
+        [
+            {
+                "image_id": f"img{i}",
+                "class1": "D",
+                "class2": "C",
+                "class3": "S",
+                "source": "test",
+                "sha256": hashlib.sha256(png).hexdigest(),
+                "width": 16,
+                "height": 16,
+                "caption": "",
+                "png": png,
+            }
+            for i, png in enumerate(pngs)
+        ],
+        columns=TABLES["images"],
+    )
     texts = [f"What is in picture {k}?" for k in range(n_questions)]
-    questions = pd.DataFrame([{"question_id": f"q{k}", "image_ids": [f"img{k % 2}"], "qtype": "easy", "class1": "D",
-                               "class2": "C", "class3": "S", "text": text, "writer": "template", "harmful": False,
-                               "screen_raw": "", "kept": True, "drop_reason": None} for k, text in enumerate(texts)],
-                             columns=TABLES["questions"])
+    questions = pd.DataFrame(
+        [
+            {
+                "question_id": f"q{k}",
+                "image_ids": [f"img{k % 2}"],
+                "qtype": "easy",
+                "class1": "D",
+                "class2": "C",
+                "class3": "S",
+                "text": text,
+                "writer": "template",
+                "harmful": False,
+                "screen_raw": "",
+                "kept": True,
+                "drop_reason": None,
+            }
+            for k, text in enumerate(texts)
+        ],
+        columns=TABLES["questions"],
+    )
     (root / "data/03_primary").mkdir(parents=True)
     images.to_parquet(root / "data/03_primary/images.parquet")
     questions.to_parquet(root / "data/03_primary/questions.parquet")
@@ -143,12 +224,16 @@ def _write_world(root, n_questions: int) -> list[str]:
 def _run(root, server: UsageServer, budget: float) -> None:
     """`kedro run --pipeline generate --nodes plan_response_shards,collect_responses` with two API responders
     on one server: m-a priced, m-b not; shards of two questions, answered in id order (one server, one lane)."""
-    responders = [{"name": name, "kind": "openai", "model": model, "base_urls": [server.base_url], "max_retries": 0}
-                  for name, model in (("api-a", "m-a"), ("api-b", "m-b"))]
-    params = {"generate": {"responders": responders, "shard_size": 2},
-              "evaluate": {"reference_responder": None},  # the default's reference is a tiny responder
-              "preflight": {"gate": False},  # the fake server has no /models to check
-              "costs": {"prices": [PRICE_A], "budget_usd": {"generate": budget}}}
+    responders = [
+        {"name": name, "kind": "openai", "model": model, "base_urls": [server.base_url], "max_retries": 0}
+        for name, model in (("api-a", "m-a"), ("api-b", "m-b"))
+    ]
+    params = {
+        "generate": {"responders": responders, "shard_size": 2},
+        "evaluate": {"reference_responder": None},  # the default's reference is a tiny responder
+        "preflight": {"gate": False},  # the fake server has no /models to check
+        "costs": {"prices": [PRICE_A], "budget_usd": {"generate": budget}},
+    }
     with KedroSession.create(project_path=root, runtime_params=params) as session:
         session.run(pipeline_names=["generate"], node_names=["plan_response_shards", "collect_responses"])
 
@@ -174,19 +259,36 @@ def test_a_budget_stops_a_sharded_stage_keeps_its_shards_and_a_rerun_resumes(ser
 
     # 1. A budget of 1.5 shards of m-a: the first two shards run (the budget is checked before each), the
     #    third does not start. The run fails naming the stage, the spend and the budget.
-    with pytest.raises(Exception, match=r"generate: API spend \$0\.0120 has reached its budget "
-                                        r"costs\.budget_usd\.generate = \$0\.0090"):
+    with pytest.raises(
+        Exception,
+        match=r"generate: API spend \$0\.0120 has reached its budget "
+        r"costs\.budget_usd\.generate = \$0\.0090",
+    ):
         _run(root, server, budget=1.5 * SHARD_USD)
-    assert sorted(p.relative_to(shards).as_posix() for p in shards.rglob("*.parquet")) == \
-        ["api-a/00000.parquet", "api-a/00001.parquet"]
+    assert sorted(p.relative_to(shards).as_posix() for p in shards.rglob("*.parquet")) == [
+        "api-a/00000.parquet",
+        "api-a/00001.parquet",
+    ]
     assert sum(server.answered.values()) == 4
-    assert json.loads(ledger.read_text()) == [{"stage": "generate", "name": "api-a", "model": "m-a", "calls": 4,
-                                               "calls_without_usage": 0, "input_tokens": 4000, "output_tokens": 200}]
+    assert json.loads(ledger.read_text()) == [
+        {
+            "stage": "generate",
+            "name": "api-a",
+            "model": "m-a",
+            "calls": 4,
+            "calls_without_usage": 0,
+            "input_tokens": 4000,
+            "output_tokens": 200,
+        }
+    ]
     stopped = _parent_runs(root)[-1]
     assert stopped.info.status == "FAILED"
-    assert _costs(stopped) == {"cost/generate/api-a/input_tokens": 4000.0, "cost/generate/api-a/output_tokens": 200.0,
-                               "cost/generate/api-a/usd": pytest.approx(0.012, abs=1e-12),
-                               "cost/generate/usd": pytest.approx(0.012, abs=1e-12)}
+    assert _costs(stopped) == {
+        "cost/generate/api-a/input_tokens": 4000.0,
+        "cost/generate/api-a/output_tokens": 200.0,
+        "cost/generate/api-a/usd": pytest.approx(0.012, abs=1e-12),
+        "cost/generate/usd": pytest.approx(0.012, abs=1e-12),
+    }
 
     # 2. The same budget again: the spend so far is on disk, so the stage stops before asking anything.
     with pytest.raises(BudgetExceeded, match=r"\$0\.0120 has reached its budget"):
@@ -200,14 +302,33 @@ def test_a_budget_stops_a_sharded_stage_keeps_its_shards_and_a_rerun_resumes(ser
     responses = pd.read_parquet(root / "data/07_model_output/responses.parquet")
     assert len(responses) == 12 and responses["error"].isna().all()
     assert json.loads(ledger.read_text()) == [
-        {"stage": "generate", "name": "api-a", "model": "m-a", "calls": 6, "calls_without_usage": 0,
-         "input_tokens": 6000, "output_tokens": 300},
-        {"stage": "generate", "name": "api-b", "model": "m-b", "calls": 6, "calls_without_usage": 0,
-         "input_tokens": 2400, "output_tokens": 120}]
+        {
+            "stage": "generate",
+            "name": "api-a",
+            "model": "m-a",
+            "calls": 6,
+            "calls_without_usage": 0,
+            "input_tokens": 6000,
+            "output_tokens": 300,
+        },
+        {
+            "stage": "generate",
+            "name": "api-b",
+            "model": "m-b",
+            "calls": 6,
+            "calls_without_usage": 0,
+            "input_tokens": 2400,
+            "output_tokens": 120,
+        },
+    ]
     finished = _parent_runs(root)[-1]
     assert finished.info.status == "FINISHED"
     # what the stage's data cost over the three runs; m-b is counted in tokens only (it has no price)
-    assert _costs(finished) == {"cost/generate/api-a/input_tokens": 6000.0, "cost/generate/api-a/output_tokens": 300.0,
-                                "cost/generate/api-a/usd": pytest.approx(0.018, abs=1e-12),
-                                "cost/generate/api-b/input_tokens": 2400.0, "cost/generate/api-b/output_tokens": 120.0,
-                                "cost/generate/usd": pytest.approx(0.018, abs=1e-12)}
+    assert _costs(finished) == {
+        "cost/generate/api-a/input_tokens": 6000.0,
+        "cost/generate/api-a/output_tokens": 300.0,
+        "cost/generate/api-a/usd": pytest.approx(0.018, abs=1e-12),
+        "cost/generate/api-b/input_tokens": 2400.0,
+        "cost/generate/api-b/output_tokens": 120.0,
+        "cost/generate/usd": pytest.approx(0.018, abs=1e-12),
+    }

@@ -18,10 +18,15 @@ def vlm():
 
 def greedy(vlm, n_images=1):
     import random
+
     png = _render("knife", (200, 40, 40), "circle", (250, 200, 0), 64, random.Random(0))
     prompts = [Prompt("What is shown?", (png,) * n_images)] * 3
-    return [g.text for g in TransformersVLM("t", vlm, 2, {"max_new_tokens": 6, "do_sample": False},
-                                            progress=False).generate(prompts)]
+    return [
+        g.text
+        for g in TransformersVLM("t", vlm, 2, {"max_new_tokens": 6, "do_sample": False}, progress=False).generate(
+            prompts
+        )
+    ]
 
 
 def test_tiny_llava_shape(vlm):
@@ -90,8 +95,13 @@ def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(
     from spavl_kedro.datasets.mlflow_table import MlflowTableDataset
     from spavl_kedro.imaging import png_bytes
 
-    rows = pd.DataFrame({"question": ["q1", "q2"], "answer": ["Sure, here", None],
-                         "images": [png_bytes(Image.new("RGB", (8, 8), c)) for c in ("red", "blue")]})
+    rows = pd.DataFrame(
+        {
+            "question": ["q1", "q2"],
+            "answer": ["Sure, here", None],
+            "images": [png_bytes(Image.new("RGB", (8, 8), c)) for c in ("red", "blue")],
+        }
+    )
     dataset = MlflowTableDataset(str(tmp_path / "out/items.parquet"), "eval/items.json", image_columns=["images"])
     dataset.save(rows)  # no run: the parquet file only
     assert dataset.load().equals(rows)

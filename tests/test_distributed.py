@@ -53,18 +53,27 @@ def workdir(tmp_path_factory) -> Path:
     processor = tiny.build_processor([REFUSAL, COMPLIANCE, "Question about the keyword?"] * 30, config)
     images = [Image.new("RGB", (32, 32), (rng.randrange(256), rng.randrange(256), 80)) for _ in range(PAIRS)]
     questions = [f"Question {i} about the keyword?" for i in range(PAIRS)]
-    examples = [tiny.SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE) for image, question in zip(images, questions)]
-    vlm, _ = tiny.train_tiny_vlm(processor, examples, tiny.Behaviour(refusal_rate=0.3), config, tiny.BootstrapConfig(epochs=2), seed=0)
+    examples = [
+        tiny.SeedExample.harmful_request([image], question, REFUSAL, COMPLIANCE)
+        for image, question in zip(images, questions)
+    ]
+    vlm, _ = tiny.train_tiny_vlm(
+        processor, examples, tiny.Behaviour(refusal_rate=0.3), config, tiny.BootstrapConfig(epochs=2), seed=0
+    )
     vlm.model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
-    pairs = [{"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}
-             for image, question in zip(images, questions)]
+    pairs = [
+        {"images": [image], "question": question, "chosen": REFUSAL, "rejected": COMPLIANCE}
+        for image, question in zip(images, questions)
+    ]
     save_records(pairs, "dpo", root / "pairs.parquet")
     save_records(pairs, "reward", root / "reward.parquet")
     save_records([{**pair, "target": REFUSAL} for pair in pairs], "sft", root / "sft.parquet")
     save_records(pairs[:8], "grpo", root / "grpo.parquet")
     save_records(pairs[:8], "rloo", root / "rloo.parquet")
-    reward_model, _ = train_reward(vlm, pairs[:8], RewardSettings(output_dir=str(root / "rm"), report_to=[], num_train_epochs=1))
+    reward_model, _ = train_reward(
+        vlm, pairs[:8], RewardSettings(output_dir=str(root / "rm"), report_to=[], num_train_epochs=1)
+    )
     save_reward_model(reward_model, str(root / "reward_model"))
     return root
 
@@ -72,24 +81,54 @@ def workdir(tmp_path_factory) -> Path:
 def _settings(root: Path, name: str, batch_size: int, **extra) -> Path:
     # lr 1e-3 so that four steps move the loss visibly away from ln 2 (a run that did nothing would match too)
     path = root / f"{name}.json"
-    path.write_text(json.dumps({"num_train_epochs": 1, "per_device_train_batch_size": batch_size, "learning_rate": 1e-3,
-                                "report_to": [], **extra}))
+    path.write_text(
+        json.dumps(
+            {
+                "num_train_epochs": 1,
+                "per_device_train_batch_size": batch_size,
+                "learning_rate": 1e-3,
+                "report_to": [],
+                **extra,
+            }
+        )
+    )
     return path
 
 
 def _two_ranks(workdir: Path, method: str, records: str, settings: Path, out: str, *extra: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on two cores
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "spavl_kedro.backends.train_worker",
-               "--method", method, "--records", str(workdir / records), "--settings", str(settings),
-               "--model", str(workdir / "model"), "--out", str(workdir / out), *extra]
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "spavl_kedro.backends.train_worker",
+        "--method",
+        method,
+        "--records",
+        str(workdir / records),
+        "--settings",
+        str(settings),
+        "--model",
+        str(workdir / "model"),
+        "--out",
+        str(workdir / out),
+        *extra,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # torchrun fails if either rank fails
     return json.loads((workdir / out / METRICS_FILE).read_text())
 
 
 def test_two_cpu_processes_match_one_process(workdir):
-    one = run("dpo", str(workdir / "pairs.parquet"), str(_settings(workdir, "one", 8)), str(workdir / "model"),
-              str(workdir / "out_one"))
+    one = run(
+        "dpo",
+        str(workdir / "pairs.parquet"),
+        str(_settings(workdir, "one", 8)),
+        str(workdir / "model"),
+        str(workdir / "out_one"),
+    )
     two = _two_ranks(workdir, "dpo", "pairs.parquet", _settings(workdir, "two", 4), "out_two")
 
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
@@ -109,14 +148,17 @@ def test_two_cpu_processes_match_one_process(workdir):
 def test_projector_trains_and_vision_tower_stays_frozen(workdir, tmp_path, lora):
     vlm = load_vlm(str(workdir / "model"))
     before = {name: weight.clone() for name, weight in vlm.model.state_dict().items()}
-    settings = DPOSettings(output_dir=str(tmp_path), num_train_epochs=1, learning_rate=1e-3, report_to=[],
-                           lora=lora, train_projector=True)
+    settings = DPOSettings(
+        output_dir=str(tmp_path), num_train_epochs=1, learning_rate=1e-3, report_to=[], lora=lora, train_projector=True
+    )
     model, metrics = train_dpo(vlm, load_records(workdir / "pairs.parquet", "dpo")[:16], settings)
 
     trained = model.merge_and_unload() if lora else model
     after = trained.state_dict()
-    moved = {part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
-             for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model")}
+    moved = {
+        part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
+        for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model")
+    }
     assert moved == {"model.vision_tower": False, "model.multi_modal_projector": True, "model.language_model": True}
     assert all(torch.equal(weight, before[name]) for name, weight in vlm.model.state_dict().items())  # untouched
     assert (metrics["device"], metrics["precision"]) == ("cpu", "fp32")
@@ -129,12 +171,17 @@ def test_launch_from_a_node_runs_two_processes_and_logs_under_the_active_run(wor
     mlflow.set_experiment("launch")
     vlm = load_vlm(str(workdir / "model"))
     pairs = load_records(workdir / "pairs.parquet", "dpo")
-    settings = DPOSettings(output_dir=str(tmp_path / "work"), num_train_epochs=1, per_device_train_batch_size=4,
-                           learning_rate=1e-3,
-                           run_name="dpo-2proc")
+    settings = DPOSettings(
+        output_dir=str(tmp_path / "work"),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        run_name="dpo-2proc",
+    )
     with mlflow.start_run(run_name="kedro") as parent:
-        adapter, metrics = launch("dpo", vlm, pairs, settings, str(ROOT / "conf/base/accelerate/cpu_2proc.yaml"),
-                                  eval_records=pairs[:8])
+        adapter, metrics = launch(
+            "dpo", vlm, pairs, settings, str(ROOT / "conf/base/accelerate/cpu_2proc.yaml"), eval_records=pairs[:8]
+        )
 
     assert (metrics["num_processes"], metrics["distributed"]) == (2, "MULTI_CPU")
     assert metrics["global_step"] == PAIRS / 8  # 4 pairs per rank x 2 ranks per step
@@ -149,8 +196,13 @@ def test_launch_from_a_node_runs_two_processes_and_logs_under_the_active_run(wor
 @pytest.mark.parametrize("method", ["sft", "reward"])
 def test_sft_and_the_reward_model_on_two_processes_match_one(workdir, method):
     records = f"{method}.parquet"
-    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 8)), str(workdir / "model"),
-              str(workdir / f"{method}_one"))
+    one = run(
+        method,
+        str(workdir / records),
+        str(_settings(workdir, f"{method}-one", 8)),
+        str(workdir / "model"),
+        str(workdir / f"{method}_one"),
+    )
     two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 4), f"{method}_two")
 
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
@@ -166,10 +218,23 @@ def test_sft_and_the_reward_model_on_two_processes_match_one(workdir, method):
 def test_online_rl_on_two_processes_trains_the_same_steps_against_the_reward_model(workdir, method):
     fields = {"num_generations": 2, "max_completion_length": 8}
     records = f"{method}.parquet"
-    one = run(method, str(workdir / records), str(_settings(workdir, f"{method}-one", 8, **fields)),
-              str(workdir / "model"), str(workdir / f"{method}_one"), reward_model_dir=str(workdir / "reward_model"))
-    two = _two_ranks(workdir, method, records, _settings(workdir, f"{method}-two", 4, **fields), f"{method}_two",
-                     "--reward-model", str(workdir / "reward_model"))
+    one = run(
+        method,
+        str(workdir / records),
+        str(_settings(workdir, f"{method}-one", 8, **fields)),
+        str(workdir / "model"),
+        str(workdir / f"{method}_one"),
+        reward_model_dir=str(workdir / "reward_model"),
+    )
+    two = _two_ranks(
+        workdir,
+        method,
+        records,
+        _settings(workdir, f"{method}-two", 4, **fields),
+        f"{method}_two",
+        "--reward-model",
+        str(workdir / "reward_model"),
+    )
 
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     assert one["global_step"] == two["global_step"] == 2  # 8 prompts, 4 per step (8 answers; 4 per process on two)

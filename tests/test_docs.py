@@ -73,8 +73,12 @@ def test_every_parameter_key_is_documented(env):
 
 def test_every_config_field_is_documented():
     keys = field_keys()
-    assert {"align.dpo.activation_checkpointing", "align.rloo.num_generations", "generate.responders[].timeout_s",
-            "generate.images.clip_prompt"} <= keys
+    assert {
+        "align.dpo.activation_checkpointing",
+        "align.rloo.num_generations",
+        "generate.responders[].timeout_s",
+        "generate.images.clip_prompt",
+    } <= keys
     missing = _undocumented(keys)
     assert not missing, "docs/configuration.md has no row for these config class fields:\n  " + "\n  ".join(missing)
 
@@ -90,14 +94,16 @@ def test_generated_tables_are_current():
     """Each table between `generated` markers is what the config classes' Field descriptions and the YAML
     files give now; a changed description, default or YAML value needs `make docs`."""
     stale = config_docs.stale_blocks(DOC.read_text(), config_docs.tables())
-    assert not stale, (f"docs/configuration.md: the generated tables {stale} differ from the config classes; "
-                       "run `make docs`")
+    assert not stale, (
+        f"docs/configuration.md: the generated tables {stale} differ from the config classes; run `make docs`"
+    )
 
 
 def test_make_docs_rewrites_only_the_generated_blocks():
     text, tables = DOC.read_text(), config_docs.tables()
     edited = text.replace("| `taxonomy.domains` | int |", "| `taxonomy.domains` | str |").replace(
-        "# Configuration reference\n", "# Configuration reference, edited\n")
+        "# Configuration reference\n", "# Configuration reference, edited\n"
+    )
     assert "taxonomy" in config_docs.stale_blocks(edited, tables)
     rendered = config_docs.rendered(edited, tables)
     assert "| `taxonomy.domains` | int |" in rendered

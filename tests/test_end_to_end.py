@@ -13,16 +13,17 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from conftest import PROJECT, copy_project
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
-
-from conftest import PROJECT, copy_project
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
 SMALLEST = {
-    "generate": {"images": {"per_subcategory": 3}, "seed_corpus": {"questions_per_image": 1,
-                                                                         "scenes": 100, "questioned_scenes": 20}},
+    "generate": {
+        "images": {"per_subcategory": 3},
+        "seed_corpus": {"questions_per_image": 1, "scenes": 100, "questioned_scenes": 20},
+    },
     "tiny": {"vision": {"steps": 50}, "foundation": {"epochs": 2}, "bootstrap": {"epochs": 1}},
     # three images a subcategory hold out two, so an MIS sample seldom shows two training images: SFT learns
     # from the chosen answers here rather than from chain-of-thought targets that may not exist
@@ -56,12 +57,18 @@ def test_tables_are_written(project):
     assert list((export / "data").glob("train-*.parquet")) and (export / "test/harm-00000-of-00001.parquet").exists()
     assert (export / "README.md").read_text().startswith("---\nlicense: cc-by-4.0")
     assert (data / "09_export/spa_vl_rlhf/config_train.json").exists()  # and for SPA-VL's own trainers
-    assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == \
-        ["tiny-careful", "tiny-guarded", "tiny-lax", "tiny-reckless"]
+    assert sorted(p.name for p in (data / "06_models/responders").iterdir()) == [
+        "tiny-careful",
+        "tiny-guarded",
+        "tiny-lax",
+        "tiny-reckless",
+    ]
     assert (data / "06_models/aligned/dpo/dpo/adapter_model.safetensors").exists()  # method / name
     assert "| metric | n | base | dpo | sft |" in (data / "08_reporting/eval_report.md").read_text()
-    assert sorted(p.name for p in (data / "08_reporting/eval_plots").iterdir()) == \
-        ["harmlessness_vs_helpfulness.png", "test_harm_unsafe_rate_by_class1.png"]
+    assert sorted(p.name for p in (data / "08_reporting/eval_plots").iterdir()) == [
+        "harmlessness_vs_helpfulness.png",
+        "test_harm_unsafe_rate_by_class1.png",
+    ]
     scores = pd.read_parquet(data / "08_reporting/eval_scores.parquet")
     assert set(scores["model"]) == {"base", "dpo", "sft"} and scores["value"].between(0, 1).all()
 
@@ -110,8 +117,13 @@ def test_mlflow_parent_and_child_runs(project):
     # the image-blanked floors and each judge's AUROC are headline figures too
     assert len(parent.data.metrics) <= 200, len(parent.data.metrics)
     for model in ("base", "dpo", "sft"):
-        for name in ("test_harm/unsafe_rate.tiny-guard", "test_harm/sampled_unsafe_rate.tiny-guard",
-                     "benign/refusal_rate.rules", "capability/accuracy.rules", "mis_test/rsr.tiny-guard"):
+        for name in (
+            "test_harm/unsafe_rate.tiny-guard",
+            "test_harm/sampled_unsafe_rate.tiny-guard",
+            "benign/refusal_rate.rules",
+            "capability/accuracy.rules",
+            "mis_test/rsr.tiny-guard",
+        ):
             assert f"eval/{model}/{name}" in parent.data.metrics, (model, name)
     assert not any("/class1/" in name or name.endswith(".keyword") for name in parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -151,12 +163,14 @@ def test_notebook_executes_against_the_run(project):
 
     notebook = nbformat.read(PROJECT / "notebooks/explore_catalog.ipynb", as_version=4)
     (project / "notebooks").mkdir(exist_ok=True)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project / "notebooks")}}
+    ).execute()
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "training pairs; columns: ['image', 'question', 'chosen', 'rejected', 'image_name']" in printed
-    figures = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs
-               if "image/png" in o.get("data", {})]
+    figures = [
+        o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})
+    ]
     assert len(figures) >= 4  # pair images, distributions, trade-off and scale plots
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
@@ -201,7 +215,11 @@ def test_one_method_retrains_alone_and_a_failing_method_keeps_the_others_models(
     # SFT's checkpoints cannot be written (their folder would sit inside a file): the run stops there
     blocked = str(project / "pyproject.toml" / "checkpoints")
     with pytest.raises(Exception, match="pyproject.toml"):
-        _align(project, ["train_dpo", "train_sft"], dpo={"num_train_epochs": 1, "seed": 1},
-               sft={"seed": 2, "checkpoint_steps": 1, "checkpoint_dir": blocked})
+        _align(
+            project,
+            ["train_dpo", "train_sft"],
+            dpo={"num_train_epochs": 1, "seed": 1},
+            sft={"seed": 2, "checkpoint_steps": 1, "checkpoint_dir": blocked},
+        )
     assert _digest(aligned / "dpo/dpo") != dpo  # DPO trained first (on another seed) and its node saved it
     assert _digest(aligned / "sft/sft") == retrained  # the failed SFT erased nothing

@@ -36,7 +36,10 @@ TEXTS = [REFUSAL, COMPLIANCE, QUESTION, "Perception: Image-1 and Image-2 show", 
 
 
 def two_images(i: int) -> list[Image.Image]:
-    return [Image.new("RGB", SHAPES[i % 3], COLOURS[i % 6]), Image.new("RGB", SHAPES[(i + 1) % 3], COLOURS[(i + 2) % 6])]
+    return [
+        Image.new("RGB", SHAPES[i % 3], COLOURS[i % 6]),
+        Image.new("RGB", SHAPES[(i + 1) % 3], COLOURS[(i + 2) % 6]),
+    ]
 
 
 @pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen2.5-vl", "internvl"])
@@ -67,26 +70,45 @@ def records(method: str, n: int = 4) -> list[dict]:
     if kind == "pairs":
         return [{**row, "chosen": REFUSAL, "rejected": COMPLIANCE} for row in rows]
     if kind == "targets":
-        return [{**row, "target": f"Perception: Image-1 and Image-2 show {COLOURS[i % 6]}. {REFUSAL}"}
-                for i, row in enumerate(rows)]
+        return [
+            {**row, "target": f"Perception: Image-1 and Image-2 show {COLOURS[i % 6]}. {REFUSAL}"}
+            for i, row in enumerate(rows)
+        ]
     return rows
 
 
 # Each method as conf/paper runs it where that differs from the default: SFT and the reward model fine-tune fully
 # (the row's tower frozen), DPO and GRPO train LoRA on the language model, RLOO fully with a KL reference.
-RECIPES = {"dpo": {}, "sft": {"lora": False}, "reward": {"lora": False, "freeze_vision_tower": True},
-           "grpo": {"algorithm": "grpo", "num_generations": 2, "max_completion_length": 4,
-                    "per_device_train_batch_size": 4},  # answers: two prompts of two answers each per step
-           "rloo": {"algorithm": "rloo", "num_generations": 2, "max_completion_length": 4, "lora": False, "beta": 0.1,
-                    "per_device_train_batch_size": 4}}
+RECIPES = {
+    "dpo": {},
+    "sft": {"lora": False},
+    "reward": {"lora": False, "freeze_vision_tower": True},
+    "grpo": {
+        "algorithm": "grpo",
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "per_device_train_batch_size": 4,
+    },  # answers: two prompts of two answers each per step
+    "rloo": {
+        "algorithm": "rloo",
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "lora": False,
+        "beta": 0.1,
+        "per_device_train_batch_size": 4,
+    },
+}
 
 
 def _weights(model: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
     """The weights of the row's `part`; the tower's without a projector inside it (Qwen2-VL's merger trains)."""
     family = family_of(model)
     inner = family.projector.removeprefix(family.vision_tower + ".") + "."
-    return {name: p.detach().clone() for name, p in family.modules(model, part).named_parameters()
-            if part != "vision_tower" or not name.startswith(inner)}
+    return {
+        name: p.detach().clone()
+        for name, p in family.modules(model, part).named_parameters()
+        if part != "vision_tower" or not name.startswith(inner)
+    }
 
 
 @pytest.mark.parametrize("method", list(RECIPES))
@@ -94,9 +116,19 @@ def test_every_method_trains_the_family_on_two_image_prompts(fixture, method, tm
     """One pass over four two-image records; the row decides what trains: a full fine-tune leaves the vision tower
     as it was and moves the language model, LoRA adapts the language model only."""
     name, vlm = fixture
-    settings = settings_for(method, {"output_dir": str(tmp_path), "report_to": [], "num_train_epochs": 1,
-                                     "per_device_train_batch_size": 2, **RECIPES[method]})
-    reward_fn = (lambda items: [float(len(item["response"]) % 3) for item in items]) if method in ("grpo", "rloo") else None
+    settings = settings_for(
+        method,
+        {
+            "output_dir": str(tmp_path),
+            "report_to": [],
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 2,
+            **RECIPES[method],
+        },
+    )
+    reward_fn = (
+        (lambda items: [float(len(item["response"]) % 3) for item in items]) if method in ("grpo", "rloo") else None
+    )
     tower, language = _weights(vlm.model, "vision_tower"), _weights(vlm.model, "language_model")
     artifact, metrics = get_method(method).train(vlm, records(method), settings, reward_fn=reward_fn)
 
@@ -162,8 +194,15 @@ class ToyVLM(LlavaForConditionalGeneration):
     config_class = ToyConfig
 
 
-TOY = Family(name="toy", model_types=("toy_vlm",), model_class="ToyVLM", vision_tower="vision_tower",
-             projector="multi_modal_projector", language_model="language_model", image_tokens="fixed")
+TOY = Family(
+    name="toy",
+    model_types=("toy_vlm",),
+    model_class="ToyVLM",
+    vision_tower="vision_tower",
+    projector="multi_modal_projector",
+    language_model="language_model",
+    image_tokens="fixed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +217,15 @@ def toy() -> tiny.VLM:
 
 def pairs(n: int) -> list[dict]:
     colours = ["red", "green", "blue", "yellow"]
-    return [{"images": [Image.new("RGB", (32, 32), colours[i % 4]), Image.new("RGB", (32, 32), colours[(i + 1) % 4])],
-             "question": QUESTION, "chosen": REFUSAL, "rejected": COMPLIANCE} for i in range(n)]
+    return [
+        {
+            "images": [Image.new("RGB", (32, 32), colours[i % 4]), Image.new("RGB", (32, 32), colours[(i + 1) % 4])],
+            "question": QUESTION,
+            "chosen": REFUSAL,
+            "rejected": COMPLIANCE,
+        }
+        for i in range(n)
+    ]
 
 
 def test_a_family_is_one_row_away(toy, monkeypatch, tmp_path):
@@ -220,7 +266,9 @@ def test_every_row_names_modules_its_transformers_class_has(family):
 
 
 MIS_INTERNVL = Path(__file__).parents[1] / "conf" / "paper" / "templates" / "mis_internvl2_5.jinja"
-INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+INTERNVL2_5_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
 
 
 def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_conversation(tmp_path):
@@ -230,29 +278,41 @@ def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_co
     "<|im_start|>user\\n" / "<|im_start|>assistant\\n", SeparatorStyle.MPT with sep "<|im_end|>\\n") around MIS's
     two-image prompt "Image-1: <image>\\nImage-2: <image>\\n\\n{question}" (github.com/DripNowhy/MIS), each <image>
     replaced as InternVL's `chat` does: <img>, one <IMG_CONTEXT> per visual token, </img>."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
     from spavl_kedro.backends.sft import examples_to_dataset
     from spavl_kedro.pipelines.align.nodes import prepare_policy
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     model, processor = FIXTURES["internvl"](TEXTS, seed=0)
     model.save_pretrained(tmp_path / "internvl")
     processor.save_pretrained(tmp_path / "internvl")
-    align = {"policy": {"kind": "transformers", "model": str(tmp_path / "internvl"), "chat_template": str(MIS_INTERNVL)}}
+    align = {
+        "policy": {"kind": "transformers", "model": str(tmp_path / "internvl"), "chat_template": str(MIS_INTERNVL)}
+    }
     policy = prepare_policy(None, None, align, {})
-    tokenizer, images = policy.processor.tokenizer, [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+    tokenizer, images = (
+        policy.processor.tokenizer,
+        [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")],
+    )
 
     tokens = "<img>" + "<IMG_CONTEXT>" * model.config.image_seq_length + "</img>"  # a square image: one tile
     message = f"Image-1: {tokens}\nImage-2: {tokens}\n\n{QUESTION}"
-    internvl = (f"<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n"
-                f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
+    internvl = (
+        f"<|im_start|>system\n{INTERNVL2_5_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
+    )
     expected = tokenizer(internvl, add_special_tokens=False)["input_ids"]
     rendered = policy.processor.apply_chat_template(tiny.user_message(QUESTION, 2), add_generation_prompt=True)
     assert policy.processor(text=[rendered], images=images)["input_ids"][0] == expected
 
     target = "Perception: Image-1 and Image-2 show red and blue."
     sft = DataCollatorForVisionLanguageModeling(policy.processor, completion_only_loss=True)(
-        [examples_to_dataset([{"images": images, "question": QUESTION, "target": target}], policy.processor,
-                             str(tmp_path))[0]])
+        [
+            examples_to_dataset(
+                [{"images": images, "question": QUESTION, "target": target}], policy.processor, str(tmp_path)
+            )[0]
+        ]
+    )
     # the turn as the template ends it, "<|im_end|>\n" (what TRL keeps after the EOS; InternVL's own training
     # turns end with the same separator)
     answer = tokenizer(target + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
@@ -272,20 +332,32 @@ def test_a_method_trains_from_the_base_align_base_of_names_and_is_evaluated_besi
         model, processor = FIXTURES[name](TEXTS, seed=0)
         model.save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
-    align = {"policy": {"kind": "transformers", "model": str(tmp_path / "llava-1.5")},
-             "bases": {"internvl": {"kind": "transformers", "model": str(tmp_path / "internvl"),
-                                    "chat_template": str(MIS_INTERNVL)}},
-             "base_of": {"sft": "internvl"}, "method": "sft", "sft_data": "cot",
-             "checkpoint_dir": str(tmp_path / "checkpoints"),
-             "sft": {"lora": True, "num_train_epochs": 1, "per_device_train_batch_size": 2}}
+    align = {
+        "policy": {"kind": "transformers", "model": str(tmp_path / "llava-1.5")},
+        "bases": {
+            "internvl": {
+                "kind": "transformers",
+                "model": str(tmp_path / "internvl"),
+                "chat_template": str(MIS_INTERNVL),
+            }
+        },
+        "base_of": {"sft": "internvl"},
+        "method": "sft",
+        "sft_data": "cot",
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "sft": {"lora": True, "num_train_epochs": 1, "per_device_train_batch_size": 2},
+    }
     policy, bases = prepare_policy(None, None, align, {}), prepare_bases(None, None, align, {})
     assert list(bases) == ["internvl"] and family_of(bases["internvl"].model).name == "internvl"
     pictures = [png_bytes(image) for i in range(6) for image in two_images(i)]
     images = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(pictures))], "png": pictures})
-    mis_train = pd.DataFrame({"image_ids": [[f"i{2 * i}", f"i{2 * i + 1}"] for i in range(6)],
-                              "question": [QUESTION] * 6,
-                              "target": [f"Perception: Image-1 and Image-2 show {COLOURS[i]}. {REFUSAL}"
-                                         for i in range(6)]})
+    mis_train = pd.DataFrame(
+        {
+            "image_ids": [[f"i{2 * i}", f"i{2 * i + 1}"] for i in range(6)],
+            "question": [QUESTION] * 6,
+            "target": [f"Perception: Image-1 and Image-2 show {COLOURS[i]}. {REFUSAL}" for i in range(6)],
+        }
+    )
 
     trained, summary, _ = train_method("sft", policy, bases, align, {"train": pd.DataFrame()}, {}, mis_train, images)
     assert summary["sft"]["base"] == "internvl" and summary["sft"]["family"] == "internvl"
@@ -301,8 +373,9 @@ def test_a_method_trains_from_the_base_align_base_of_names_and_is_evaluated_besi
     merged = found["sft"].load()
     assert family_of(merged.model).name == "internvl" and family_of(found["base"].load().model).name == "llava-1.5"
     prompt = Prompt(QUESTION, tuple(png_bytes(image) for image in two_images(0)))
-    answer = TransformersVLM("sft", merged, generation={"max_new_tokens": 4, "do_sample": False},
-                             progress=False).generate([prompt])[0]
+    answer = TransformersVLM(
+        "sft", merged, generation={"max_new_tokens": 4, "do_sample": False}, progress=False
+    ).generate([prompt])[0]
     assert answer.error is None and answer.finish_reason == "length"  # random weights: four tokens, maybe special
     with pytest.raises(ValueError, match="LoRA adapter of base 'internvl', which is not a base policy here"):
         policies(policy, {"sft": adapter})  # its base gone: never merged into LLaVA

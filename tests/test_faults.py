@@ -23,21 +23,30 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import copy_project, shrink_taxonomy
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
 PARAMS = {
-    "taxonomy.domains": 2, "taxonomy.categories": 2, "taxonomy.subcategories": 4,
-    "generate.images.per_subcategory": 3, "generate.shard_size": 4, "generate.seed_corpus.questions_per_image": 1,
-    "generate.seed_corpus.scenes": 40, "generate.seed_corpus.questioned_scenes": 8, "tiny.vision.steps": 20,
-    "tiny.foundation.epochs": 2, "tiny.bootstrap.epochs": 1, "judge.shard_size": 16, "split.validation_size": 0.2,
+    "taxonomy.domains": 2,
+    "taxonomy.categories": 2,
+    "taxonomy.subcategories": 4,
+    "generate.images.per_subcategory": 3,
+    "generate.shard_size": 4,
+    "generate.seed_corpus.questions_per_image": 1,
+    "generate.seed_corpus.scenes": 40,
+    "generate.seed_corpus.questioned_scenes": 8,
+    "tiny.vision.steps": 20,
+    "tiny.foundation.epochs": 2,
+    "tiny.bootstrap.epochs": 1,
+    "judge.shard_size": 16,
+    "split.validation_size": 0.2,
     "align.dpo.num_train_epochs": 1,
     # three images a subcategory hold out two: an MIS sample seldom shows two training images, so SFT learns
     # from the chosen answers here instead of chain-of-thought targets that may not exist
     "align.sft_data": "chosen",
-    "evaluate.shard_size": 4, "evaluate.samples": 1,
+    "evaluate.shard_size": 4,
+    "evaluate.samples": 1,
     "evaluate.max_items": 20,  # per set and variant: every set (and its image-blanked copies), quickly
 }
 # (stage to run, its shard folder or None, how many kills, the table written once the folder is complete);
@@ -55,8 +64,7 @@ def _project(root: Path) -> Path:
     root = copy_project(root)
     shrink_taxonomy(root)
     # four evaluation sets of the eight: enough shards to kill in, less to wait for (a list: not --params)
-    (root / "conf/local/parameters.yml").write_text(
-        "evaluate:\n  sets: [test_harm, benign, advbench, mis_test]\n")
+    (root / "conf/local/parameters.yml").write_text("evaluate:\n  sets: [test_harm, benign, advbench, mis_test]\n")
     return root
 
 
@@ -66,11 +74,13 @@ def _kedro(root: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     command = [str(Path(sys.executable).parent / "kedro"), "run", "--params", params, *args]
     if log is None:
-        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
     with log.open("wb") as output:  # the child keeps its own descriptor
-        return subprocess.Popen(command, cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _finish(run: subprocess.Popen, log: Path | None = None) -> None:
@@ -154,11 +164,17 @@ def test_ten_sigkills_at_random_points_lose_and_duplicate_nothing(runs):
     assert len(kills) >= 10, kills
     assert all(code == -signal.SIGKILL for *_, code in kills), kills  # each run really died mid-stage
     assert {folder for folder, *_ in kills} == {folder for _, folder, *_ in STAGES if folder}
-    for name in ("07_model_output/responses.parquet", "07_model_output/verdicts.parquet",
-                 "07_model_output/eval_answers.parquet"):
+    for name in (
+        "07_model_output/responses.parquet",
+        "07_model_output/verdicts.parquet",
+        "07_model_output/eval_answers.parquet",
+    ):
         table = pd.read_parquet(b / "data" / name)
-        key = {"responses": ["question_id", "responder"], "verdicts": ["response_id", "judge"],
-               "eval_answers": ["model", "item_id", "decoding", "sample"]}[Path(name).stem]
+        key = {
+            "responses": ["question_id", "responder"],
+            "verdicts": ["response_id", "judge"],
+            "eval_answers": ["model", "item_id", "decoding", "sample"],
+        }[Path(name).stem]
         assert not table.duplicated(key).any() and len(table) == len(pd.read_parquet(a / "data" / name))
 
 

@@ -63,14 +63,14 @@ class FlakyProxy(ChatEndpoint):
         if fault == "timeout":
             await asyncio.sleep(self.hang_s)  # longer than the client's timeout
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{self.upstream}/chat/completions", data=body,
-                                    headers={"Content-Type": "application/json"}) as upstream:
+            async with session.post(
+                f"{self.upstream}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as upstream:
                 text = await upstream.text()
                 status = upstream.status
         if fault == "truncated" and status == 200:
             return web.Response(text=text[: len(text) // 2], status=200, content_type="application/json")
         return web.Response(text=text, status=status, content_type="application/json")
-
 
 
 def _png(n: int) -> bytes:
@@ -80,14 +80,44 @@ def _png(n: int) -> bytes:
 
 
 def _world(n_questions: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    images = pd.DataFrame([{"image_id": f"img{i}", "class1": "D", "class2": "C", "class3": "S", "source": "test",
-                            "sha256": hashlib.sha256(_png(i)).hexdigest(), "width": 32, "height": 32,
-                            "caption": "", "png": _png(i)} for i in range(4)], columns=TABLES["images"])
-    questions = pd.DataFrame([{
-        "question_id": f"q{k:03d}", "image_ids": [f"img{k % 4}"], "qtype": "easy", "class1": "D", "class2": "C",
-        "class3": "S", "text": f"{'An unlucky' if k in (3, 11) else 'A'} question number {k} about the picture?",
-        "writer": "template", "harmful": False, "screen_raw": "", "kept": True, "drop_reason": None}
-        for k in range(n_questions)], columns=TABLES["questions"])
+    images = pd.DataFrame(
+        [
+            {
+                "image_id": f"img{i}",
+                "class1": "D",
+                "class2": "C",
+                "class3": "S",
+                "source": "test",
+                "sha256": hashlib.sha256(_png(i)).hexdigest(),
+                "width": 32,
+                "height": 32,
+                "caption": "",
+                "png": _png(i),
+            }
+            for i in range(4)
+        ],
+        columns=TABLES["images"],
+    )
+    questions = pd.DataFrame(
+        [
+            {
+                "question_id": f"q{k:03d}",
+                "image_ids": [f"img{k % 4}"],
+                "qtype": "easy",
+                "class1": "D",
+                "class2": "C",
+                "class3": "S",
+                "text": f"{'An unlucky' if k in (3, 11) else 'A'} question number {k} about the picture?",
+                "writer": "template",
+                "harmful": False,
+                "screen_raw": "",
+                "kept": True,
+                "drop_reason": None,
+            }
+            for k in range(n_questions)
+        ],
+        columns=TABLES["questions"],
+    )
     return questions, images
 
 
@@ -96,7 +126,7 @@ def _run(questions, images, params, done):
     stored = dict(done)
     for shard_id, work in sorted(shards.items()):
         frame = work()
-        stored[shard_id] = (lambda f: (lambda: f))(frame)
+        stored[shard_id] = (lambda f: lambda: f)(frame)
     return shards, collect_responses(stored, plan, questions, params), stored
 
 
@@ -106,8 +136,15 @@ def test_generation_completes_through_faults_and_counts_what_still_failed(served
     try:
         questions, images = _world(24)
         cfg = copy.deepcopy(params["generate"])
-        spec = {"kind": "openai", "model": model, "base_urls": [proxy.base_url], "concurrency": 4, "timeout_s": 1.5,
-                "max_retries": 6, "backoff_s": 0.05}
+        spec = {
+            "kind": "openai",
+            "model": model,
+            "base_urls": [proxy.base_url],
+            "concurrency": 4,
+            "timeout_s": 1.5,
+            "max_retries": 6,
+            "backoff_s": 0.05,
+        }
         cfg["responders"] = [{"name": "flaky-a", **spec}, {"name": "flaky-b", **spec}]
         cfg["generation"] = {"max_new_tokens": 8, "do_sample": False}
         cfg["shard_size"] = 8
@@ -122,8 +159,13 @@ def test_generation_completes_through_faults_and_counts_what_still_failed(served
         assert (answered["text"].str.len() > 0).all()
         for fault in ("429", "500", "timeout", "truncated"):
             assert proxy.faults[fault] > 0, proxy.faults  # every fault kind happened and was survived
-        metrics = summarise_generation({}, pd.DataFrame(columns=TABLES["image_quarantine"]), questions,
-                                       pd.DataFrame(columns=TABLES["mis_cot"]), responses)
+        metrics = summarise_generation(
+            {},
+            pd.DataFrame(columns=TABLES["image_quarantine"]),
+            questions,
+            pd.DataFrame(columns=TABLES["mis_cot"]),
+            responses,
+        )
         counted = {k: v["value"] for k, v in metrics.items()}
         assert counted["generate/responses_failed"] == 4
 
@@ -132,7 +174,9 @@ def test_generation_completes_through_faults_and_counts_what_still_failed(served
         shards, again, _ = _run(questions, images, cfg, stored)
         assert sum(proxy.faults.values()) - before == 4 * (1 + 6)  # four records, seven attempts each
         assert sorted(again.loc[again["error"].notna(), "question_id"]) == ["q003", "q003", "q011", "q011"]
-        pd.testing.assert_frame_equal(again[again["error"].isna()].drop(columns="latency_s").reset_index(drop=True),
-                                      answered.drop(columns="latency_s").reset_index(drop=True))
+        pd.testing.assert_frame_equal(
+            again[again["error"].isna()].drop(columns="latency_s").reset_index(drop=True),
+            answered.drop(columns="latency_s").reset_index(drop=True),
+        )
     finally:
         proxy.close()

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.backends.settings import TinyModelConfig
+from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.config import GenerateConfig, ScreenConfig
 from spavl_kedro.datasets.shards import ShardDataset
 from spavl_kedro.pipelines.generate.mis import compose_mis_samples, split_cot, write_cot_targets
@@ -40,8 +40,9 @@ def world(base_params, taxonomy_spec):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random tiny LLaVA saved as a model directory, loadable as kind 'transformers'."""
-    processor = build_processor(["a question about a picture", "Perception: Reasoning: Answer: unsafe safe"] * 20,
-                                TinyModelConfig())
+    processor = build_processor(
+        ["a question about a picture", "Perception: Reasoning: Answer: unsafe safe"] * 20, TinyModelConfig()
+    )
     model = build_model(processor, TinyModelConfig(), seed=0)
     path = tmp_path_factory.mktemp("tiny") / "vlm"
     model.save_pretrained(path)
@@ -73,8 +74,12 @@ def test_template_questions_are_screened_and_counted(world):
     assert list(counts.columns) == TABLES["question_screening"]
     n_images = len(world["images"])
     assert questions["qtype"].value_counts().to_dict() == {
-        "easy": n_images, "hardq": n_images, "hards": n_images,
-        "mis_easy": SUBCATEGORIES, "mis_hard": SUBCATEGORIES}
+        "easy": n_images,
+        "hardq": n_images,
+        "hards": n_images,
+        "mis_easy": SUBCATEGORIES,
+        "mis_hard": SUBCATEGORIES,
+    }
     # the templates are written so the lexicon screen finds every hard question harmful, every easy one not
     hard = questions[questions["qtype"].isin(["hardq", "hards"])]
     assert hard["harmful"].all() and hard["kept"].all()
@@ -105,7 +110,9 @@ def test_guard_labels_parse_whole_words():
 def test_model_screen_with_unparsable_output_never_keeps_a_hard_question(world, tiny_dir):
     path, _ = tiny_dir
     backend = {"name": "screen", "kind": "transformers", "model": path}
-    gen = _generate(world, **{"questions.screen": {"judge": "model", "backend": backend, "prompt": "Is this harmful? {question}"}})
+    gen = _generate(
+        world, **{"questions.screen": {"judge": "model", "backend": backend, "prompt": "Is this harmful? {question}"}}
+    )
     questions, counts = _questions(world, gen)
     # a random model does not answer 'safe' or 'unsafe': every verdict is undecided, never read as safe
     assert questions["harmful"].isna().all()
@@ -116,10 +123,19 @@ def test_model_screen_with_unparsable_output_never_keeps_a_hard_question(world, 
 
 def test_model_writer_prompts_a_vlm_with_the_image(world, tiny_dir):
     path, _ = tiny_dir
-    writer = {"backend": {"name": "tiny-writer", "kind": "transformers", "model": path,
-                          "generation": {"max_new_tokens": 8, "do_sample": False}},
-              "prompts": {"easy": "Ask about {caption}", "hardq": "Ask harmfully about {subcategory}",
-                          "hards": "Demand {subcategory} from {description}"}}
+    writer = {
+        "backend": {
+            "name": "tiny-writer",
+            "kind": "transformers",
+            "model": path,
+            "generation": {"max_new_tokens": 8, "do_sample": False},
+        },
+        "prompts": {
+            "easy": "Ask about {caption}",
+            "hardq": "Ask harmfully about {subcategory}",
+            "hards": "Demand {subcategory} from {description}",
+        },
+    }
     gen = _generate(world, **{"questions.writer": "model", "questions.model_writer": writer})
     spa = write_questions(world["images"], world["taxonomy"], {}, gen)
     assert len(spa) == 3 * len(world["images"])
@@ -151,14 +167,19 @@ def test_template_cot_targets_have_three_marked_parts(world):
     assert cot["perception"].str.contains("Image-1 shows").all()
     assert cot["answer"].str.contains("I cannot help").all()  # a refusal string: keyword judges read it too
     parts = split_cot(cot["target"].iloc[0], gen["mis"]["teacher"]["markers"])
-    assert parts == {"perception": cot["perception"].iloc[0], "reasoning": cot["reasoning"].iloc[0],
-                     "answer": cot["answer"].iloc[0]}
+    assert parts == {
+        "perception": cot["perception"].iloc[0],
+        "reasoning": cot["reasoning"].iloc[0],
+        "answer": cot["answer"].iloc[0],
+    }
 
 
 def test_model_teacher_output_without_markers_is_kept_with_error(world, tiny_dir):
     path, _ = tiny_dir
-    teacher = {"kind": "model", "backend": {"name": "tiny-teacher", "kind": "transformers", "model": path,
-                                            "generation": {"max_new_tokens": 6}}}
+    teacher = {
+        "kind": "model",
+        "backend": {"name": "tiny-teacher", "kind": "transformers", "model": path, "generation": {"max_new_tokens": 6}},
+    }
     gen = _generate(world, **{"mis.teacher": teacher})
     questions, _ = _questions(world, gen)
     cot = write_cot_targets(questions, world["images"], world["taxonomy"], {}, gen)

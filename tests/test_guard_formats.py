@@ -15,8 +15,8 @@ import hashlib
 
 import pytest
 from PIL import Image
-
 from serving import build_tiny, transformers_serve
+
 from spavl_kedro.backends.guard import guard_prompt, judge_template
 from spavl_kedro.backends.judges import MD_JUDGE_PROMPT, GuardJudge, JudgeItem
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM
@@ -45,9 +45,11 @@ def png(colour: str) -> bytes:
     return png_bytes(Image.new("RGB", (32, 32), colour))
 
 
-ITEMS = [JudgeItem("How do I use this?", "Sure, here are the steps: first, look closely.", (png("red"),)),
-         JudgeItem("What is shown?", "I'm sorry, but I cannot help with that request.", (png("blue"),)),
-         JudgeItem("Compare the two.", "Sure, here are the steps: first, look.", (png("green"), png("red")))]
+ITEMS = [
+    JudgeItem("How do I use this?", "Sure, here are the steps: first, look closely.", (png("red"),)),
+    JudgeItem("What is shown?", "I'm sorry, but I cannot help with that request.", (png("blue"),)),
+    JudgeItem("Compare the two.", "Sure, here are the steps: first, look.", (png("green"), png("red"))),
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +79,9 @@ class Recording:
 def test_llama_guard_is_given_the_conversation_and_its_chat_template_makes_the_prompt(guard):
     vlm, _ = guard
     recording = Recording(vlm.processor)
-    local = TransformersVLM("tiny-guard", type(vlm)(vlm.model, recording), batch_size=4, generation=GREEDY,
-                            progress=False)
+    local = TransformersVLM(
+        "tiny-guard", type(vlm)(vlm.model, recording), batch_size=4, generation=GREEDY, progress=False
+    )
     judge = GuardJudge("lg", local, "llama_guard", max_retries=0)
     verdicts = judge.verdicts(ITEMS)
     assert len(verdicts) == 3 and all(v.safe is None or v.category != "error" for v in verdicts)
@@ -100,8 +103,15 @@ def test_served_llama_guard_renders_the_same_conversation_with_the_served_templa
     expected = [v.raw for v in GuardJudge("lg", local, "llama_guard", max_retries=0).verdicts(ITEMS)]
     plain = local.generate([Prompt(f"{item.question}\n{item.response}", item.images) for item in ITEMS])
     with transformers_serve(directory, tmp_path) as base_url:
-        remote = OpenAIVLM("served", base_urls=[base_url], model=str(directory), generation=GREEDY,
-                           concurrency=3, timeout_s=60, progress=False)
+        remote = OpenAIVLM(
+            "served",
+            base_urls=[base_url],
+            model=str(directory),
+            generation=GREEDY,
+            concurrency=3,
+            timeout_s=60,
+            progress=False,
+        )
         judge = GuardJudge("lg", remote, "llama_guard", max_retries=0)
         verdicts = judge.verdicts(ITEMS)
     assert [v.category for v in verdicts if v.category == "error"] == []
@@ -121,17 +131,26 @@ def test_md_judge_template_comes_from_the_named_file_and_reports_say_which(tmp_p
     assert judge_template(spec) == f"md_judge: file md_judge_v0.1.txt, sha256 {digest}"
     fallback = VerdictJudgeSpec(name="md", kind="guard", format="md_judge", backend=backend)
     assert guard_prompt(fallback)[0] is None and "(fallback)" in judge_template(fallback)
-    assert GuardJudge("md", None, "md_judge").template.startswith("the project's own wording (fallback), sha256 "
-                                                                  + hashlib.sha256(MD_JUDGE_PROMPT.encode()).hexdigest()[:12])
+    assert GuardJudge("md", None, "md_judge").template.startswith(
+        "the project's own wording (fallback), sha256 " + hashlib.sha256(MD_JUDGE_PROMPT.encode()).hexdigest()[:12]
+    )
     missing = spec.model_copy(update={"prompt_file": str(tmp_path / "absent.txt")})
-    with pytest.raises(FileNotFoundError, match="judge 'md': prompt_file .*absent.txt does not exist; copy the md_judge"):
+    with pytest.raises(
+        FileNotFoundError, match="judge 'md': prompt_file .*absent.txt does not exist; copy the md_judge"
+    ):
         guard_prompt(missing)
     lg = {"name": "lg", "kind": "guard", "format": "llama_guard", "backend": backend}
     with pytest.raises(ValueError, match="own chat template"):
         VerdictJudgeSpec(**lg, prompt_file=str(template))
     with pytest.raises(ValueError, match="prompt or prompt_file, not both"):
-        VerdictJudgeSpec(name="md", kind="guard", format="md_judge", backend=backend, prompt="{question}{response}",
-                         prompt_file=str(template))
+        VerdictJudgeSpec(
+            name="md",
+            kind="guard",
+            format="md_judge",
+            backend=backend,
+            prompt="{question}{response}",
+            prompt_file=str(template),
+        )
 
 
 def test_a_local_guard_scores_each_verdict_with_its_first_token_probability(guard):

@@ -101,8 +101,9 @@ def test_bad_rows_stop_the_run_naming_row_path_and_reason(folder_manifest, taxon
     assert "4 of 10 manifest rows are bad" in message
     assert "row 2 (imgs/missing.png): file not found: imgs/missing.png" in message
     assert "row 3 (imgs/broken.png): unreadable image: " in message
-    assert ("row 4 (imgs/c.png): unknown subcategory 'disability discrimination' "
-            "(did you mean 'disablity discrimination'?)") in message
+    assert (
+        "row 4 (imgs/c.png): unknown subcategory 'disability discrimination' (did you mean 'disablity discrimination'?)"
+    ) in message
     assert "row 7 (imgs/e.png): no subcategory matches keywords ['sunset', 'beach']" in message
     assert "row 5" not in message  # a duplicate is not an error
 
@@ -120,11 +121,22 @@ def test_quarantine_keeps_good_rows_dedups_and_caps(folder_manifest, taxonomy):
     assert set(images["class3"]) <= set(taxonomy["class3"]) and set(images["source"]) == {"manifest"}
     assert images.loc[images["class3"] == "gamble", "class1"].iloc[0] == "Socioeconomic Harms"
     assert dict(zip(quarantine["row"], quarantine["reason"].str.split(":").str[0])) == {
-        2: "file not found", 3: "unreadable image", 4: "unknown subcategory 'disability discrimination' "
-        "(did you mean 'disablity discrimination'?)", 5: "duplicate of row 0",
-        7: "no subcategory matches keywords ['sunset', 'beach']"}
-    assert report == {"rows": 10, "images": 4, "bad": 4, "duplicates": 1, "unassigned": 0, "over_cap": 1,
-                      "subcategories_filled": 2, "subcategories_short": 51}
+        2: "file not found",
+        3: "unreadable image",
+        4: "unknown subcategory 'disability discrimination' (did you mean 'disablity discrimination'?)",
+        5: "duplicate of row 0",
+        7: "no subcategory matches keywords ['sunset', 'beach']",
+    }
+    assert report == {
+        "rows": 10,
+        "images": 4,
+        "bad": 4,
+        "duplicates": 1,
+        "unassigned": 0,
+        "over_cap": 1,
+        "subcategories_filled": 2,
+        "subcategories_short": 51,
+    }
     for row in images.itertuples():
         png = decoded(row.png)
         assert hashlib.sha256(row.png).hexdigest() == row.sha256 and row.image_id.endswith(row.sha256[:10])
@@ -139,8 +151,9 @@ def test_parquet_manifest_with_keyword_lists_and_a_separate_root(tmp_path, taxon
     save(image((5, 5, 5)), tmp_path / "store" / "x.png")
     manifest = tmp_path / "meta" / "m.parquet"
     manifest.parent.mkdir()
-    pd.DataFrame({"path": ["x.png"], "caption": ["a laptop"],
-                  "keywords": [["Ransomware", "infected laptop"]]}).to_parquet(manifest)
+    pd.DataFrame(
+        {"path": ["x.png"], "caption": ["a laptop"], "keywords": [["Ransomware", "infected laptop"]]}
+    ).to_parquet(manifest)
     records = ImageManifestDataset(str(manifest), root=str(tmp_path / "store")).load()
     assert records.loc[0, "keywords"] == ["Ransomware", "infected laptop"] and records.loc[0, "read_error"] is None
     images, quarantine, _ = images_from_manifest(records, taxonomy, ImageSourceConfig(source="manifest"), 1)
@@ -180,13 +193,13 @@ def test_config_errors_name_the_field():
 
 LAION_CAPTIONS = [
     "Casino night: roulette tables and poker chips",  # gamble, 3 distinct hits
-    "a casino at night",                              # gamble, 1
-    "Slot machines in a row",                         # gamble, 1 ("slot machine" + plural)
-    "RANSOMWARE on an infected laptop",               # malware, 2
-    "a sunset over the sea",                          # no keyword: unassigned
-    "a dead link",                                    # 404
-    "not an image",                                   # text served as .jpg
-    "a casino at night, again",                       # same pixels as row 1: duplicate
+    "a casino at night",  # gamble, 1
+    "Slot machines in a row",  # gamble, 1 ("slot machine" + plural)
+    "RANSOMWARE on an infected laptop",  # malware, 2
+    "a sunset over the sea",  # no keyword: unassigned
+    "a dead link",  # 404
+    "not an image",  # text served as .jpg
+    "a casino at night, again",  # same pixels as row 1: duplicate
 ]
 
 
@@ -206,8 +219,9 @@ def laion_manifest(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     base = f"http://127.0.0.1:{server.server_address[1]}"
     manifest = tmp_path / "laion.parquet"
-    pd.DataFrame({"URL": [f"{base}/{i}.jpg" for i in range(8)], "TEXT": LAION_CAPTIONS,
-                  "similarity": np.linspace(0.3, 0.4, 8)}).to_parquet(manifest)
+    pd.DataFrame(
+        {"URL": [f"{base}/{i}.jpg" for i in range(8)], "TEXT": LAION_CAPTIONS, "similarity": np.linspace(0.3, 0.4, 8)}
+    ).to_parquet(manifest)
     yield manifest, base
     server.shutdown()
     server.server_close()
@@ -248,7 +262,10 @@ def test_laion_keyword_assignment_keeps_the_best_scored(laion_manifest, taxonomy
     assert list(images["caption"]) == [LAION_CAPTIONS[3], LAION_CAPTIONS[0], LAION_CAPTIONS[1]]
     assert list(images["class3"]) == ["malware", "gamble", "gamble"] and set(images["source"]) == {"laion"}
     assert dict(zip(quarantine["row"], quarantine["reason"].str.split(":").str[0])) == {
-        5: "HTTP 404 for http", 6: "unreadable image", 7: "duplicate of row 1"}
+        5: "HTTP 404 for http",
+        6: "unreadable image",
+        7: "duplicate of row 1",
+    }
     assert report["unassigned"] == 1 and report["over_cap"] == 1 and report["images"] == 3
     with pytest.raises(ValueError, match=r"row 5 \(http://127\.0\.0\.1:\d+/5\.jpg\): HTTP 404"):
         images_from_laion(records, taxonomy, ImageSourceConfig(source="laion"), per_subcategory=2)

@@ -15,11 +15,10 @@ import itertools
 import pandas as pd
 import pytest
 from PIL import Image
-
 from serving import served, tiny  # noqa: F401  (pytest fixtures, used by name)
+
 from spavl_kedro.datasets.shards import ShardDataset
-from spavl_kedro.pipelines.judge.nodes import (collect_verdicts, judge_agreement, pair_preferences,
-                                               plan_verdict_shards)
+from spavl_kedro.pipelines.judge.nodes import collect_verdicts, judge_agreement, pair_preferences, plan_verdict_shards
 from spavl_kedro.schema import TABLES
 
 # Per question, what three responders said. keyword (exact case) vs keyword-lower differ on "sorry, no".
@@ -41,18 +40,42 @@ def _png(colour: tuple[int, int, int]) -> bytes:
 @pytest.fixture(scope="module")
 def world():
     pngs = [_png((200, 0, 0)), _png((0, 0, 200))]
-    images = pd.DataFrame({"image_id": ["i0", "i1"], "png": pngs,
-                           "sha256": [hashlib.sha256(p).hexdigest() for p in pngs],
-                           "caption": ["A red circle motif with the word 'knife' written across it.",
-                                       "A blue square motif with the word 'pills' written across it."]})
-    questions = pd.DataFrame({
-        "question_id": list(ANSWERS), "image_ids": [["i0"], ["i1"], ["i0"], ["i0", "i1"]],
-        "qtype": ["hardq", "hards", "easy", "mis_easy"], "class1": "D", "class2": ["C1", "C1", "C2", "C2"],
-        "class3": "S", "text": [f"question {q}?" for q in ANSWERS], "kept": True})
-    rows = [{"response_id": f"{q}:{r}", "question_id": q, "responder": r, "text": text or "",
-             "finish_reason": "stop" if text else "error", "latency_s": 0.1,
-             "error": None if text is not None else "HTTP 503 after 5 attempts"}
-            for q, texts in ANSWERS.items() for r, text in zip(RESPONDERS, texts)]
+    images = pd.DataFrame(
+        {
+            "image_id": ["i0", "i1"],
+            "png": pngs,
+            "sha256": [hashlib.sha256(p).hexdigest() for p in pngs],
+            "caption": [
+                "A red circle motif with the word 'knife' written across it.",
+                "A blue square motif with the word 'pills' written across it.",
+            ],
+        }
+    )
+    questions = pd.DataFrame(
+        {
+            "question_id": list(ANSWERS),
+            "image_ids": [["i0"], ["i1"], ["i0"], ["i0", "i1"]],
+            "qtype": ["hardq", "hards", "easy", "mis_easy"],
+            "class1": "D",
+            "class2": ["C1", "C1", "C2", "C2"],
+            "class3": "S",
+            "text": [f"question {q}?" for q in ANSWERS],
+            "kept": True,
+        }
+    )
+    rows = [
+        {
+            "response_id": f"{q}:{r}",
+            "question_id": q,
+            "responder": r,
+            "text": text or "",
+            "finish_reason": "stop" if text else "error",
+            "latency_s": 0.1,
+            "error": None if text is not None else "HTTP 503 after 5 attempts",
+        }
+        for q, texts in ANSWERS.items()
+        for r, text in zip(RESPONDERS, texts)
+    ]
     return {"images": images, "questions": questions, "responses": pd.DataFrame(rows, columns=TABLES["responses"])}
 
 
@@ -107,8 +130,9 @@ def test_agreement_report_matches_a_hand_computed_kappa(world, base_params):
 def test_pairing_strategies_account_for_every_pair(world, base_params, pairing):
     params = _keyword_judges(base_params) | {"pairing": pairing}
     verdicts, _ = _verdicts(world, params)
-    prefs, outcomes, metrics = pair_preferences(world["questions"], world["responses"], verdicts,
-                                                world["images"], {}, params)
+    prefs, outcomes, metrics = pair_preferences(
+        world["questions"], world["responses"], verdicts, world["images"], {}, params
+    )
     m = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
     assert list(prefs.columns) == TABLES["preferences"] and list(outcomes.columns) == TABLES["pair_outcomes"]
     assert m["pairs"] + m["ties_dropped"] + m["order_disagreements"] + m["pairs_unparsable"] == len(outcomes)
@@ -135,14 +159,15 @@ def test_verdict_shards_resume_and_rejudge_only_judge_failures(world, base_param
     store = ShardDataset(path=str(tmp_path / "verdicts"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
     verdicts, work = _verdicts(world, params, store)
     assert len(work) == 2 * 3  # two judges x ceil(12 / 5)
-    assert plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params)[0] == {}
+    assert (
+        plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params)[0] == {}
+    )
     # a judge that failed (server down) on two records: a rerun asks only those again
     shard_id = sorted(work)[0]
     shard = store.load()[shard_id]()
     shard.loc[:1, ["safe", "category"]] = [None, "error"]
     store.save({shard_id: shard})
-    again, plan = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(),
-                                      params)
+    again, plan = plan_verdict_shards(world["responses"], world["questions"], world["images"], {}, store.load(), params)
     assert list(again) == [shard_id]
     store.save(again)
     redone = collect_verdicts(store.load(), plan, world["responses"], params)
@@ -159,10 +184,13 @@ def test_guard_and_chat_judges_on_tiny_models_through_both_backends(world, base_
     remote = {"name": "tiny-served", "kind": "openai", "model": model, "base_urls": [base_url], "generation": short}
     params = _keyword_judges(base_params)
     params |= {
-        "judges": [params["judges"][0],
-                   {"name": "md", "kind": "guard", "format": "md_judge", "backend": local, "max_retries": 1},
-                   {"name": "lg", "kind": "guard", "format": "llama_guard", "backend": remote, "max_retries": 1}],
-        "pairwise": {"name": "chat", "backend": remote, "max_retries": 1}}
+        "judges": [
+            params["judges"][0],
+            {"name": "md", "kind": "guard", "format": "md_judge", "backend": local, "max_retries": 1},
+            {"name": "lg", "kind": "guard", "format": "llama_guard", "backend": remote, "max_retries": 1},
+        ],
+        "pairwise": {"name": "chat", "backend": remote, "max_retries": 1},
+    }
     verdicts, _ = _verdicts(world, params)
     for judge in ("md", "lg"):
         mine = verdicts[verdicts["judge"] == judge]
@@ -171,9 +199,11 @@ def test_guard_and_chat_judges_on_tiny_models_through_both_backends(world, base_
         # whatever a guard answered, it was parsed (safe / unsafe) or left undecided: never a silent safe
         assert mine.loc[~parsed, "safe"].isna().all()
         assert set(mine["category"]) <= {"safe", "unparsable", "response_error", "unspecified"} | {
-            f"O{i}" for i in range(1, 7)} | {f"S{i}" for i in range(1, 15)}
-    prefs, outcomes, metrics = pair_preferences(world["questions"], world["responses"], verdicts,
-                                                world["images"], {}, params)
+            f"O{i}" for i in range(1, 7)
+        } | {f"S{i}" for i in range(1, 15)}
+    prefs, outcomes, metrics = pair_preferences(
+        world["questions"], world["responses"], verdicts, world["images"], {}, params
+    )
     m = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
     assert m["pairs"] + m["ties_dropped"] + m["order_disagreements"] + m["pairs_unparsable"] == len(outcomes)
     assert m["verdicts_undecided/md"] >= 1 and m["verdicts_undecided/lg"] >= 1

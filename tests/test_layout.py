@@ -18,8 +18,11 @@ def test_no_stage_imports_another_stages_module():
     for path in PIPELINES.rglob("*.py"):
         stage = path.relative_to(PIPELINES).parts[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
-                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            modules = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else ([a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            )
             for module in modules:
                 if module.startswith("spavl_kedro.pipelines."):
                     other = module.split(".")[2]
@@ -31,7 +34,9 @@ def test_no_stage_imports_another_stages_module():
 # A path a doc names: in backticks or a markdown link, under one of the repository's top-level folders.
 # Where the user puts their own files (keys, downloads, templates copied from model cards): named, never shipped.
 USER_PLACED = ("conf/local/", "data/01_raw/benchmarks", "data/01_raw/spa_vl_official", "data/01_raw/judge_templates")
-NAMED_PATH = re.compile(r"(?:`|\]\()((?:src|tests|docs|conf|benchmarks|notebooks|data/01_raw)/[A-Za-z0-9_./<>*{},-]+?)[`)#]")
+NAMED_PATH = re.compile(
+    r"(?:`|\]\()((?:src|tests|docs|conf|benchmarks|notebooks|data/01_raw)/[A-Za-z0-9_./<>*{},-]+?)[`)#]"
+)
 
 
 def test_every_file_a_doc_names_exists():

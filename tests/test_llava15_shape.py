@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from serving import transformers_serve
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from serving import transformers_serve
 from spavl_kedro.backends import reward, tiny
-from spavl_kedro.backends.families import family_named
-from spavl_kedro.backends.sft import examples_to_dataset, train_sft
-from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.dpo import pairs_to_dataset
+from spavl_kedro.backends.families import family_named
+from spavl_kedro.backends.settings import SFTSettings
+from spavl_kedro.backends.sft import examples_to_dataset, train_sft
 from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm, with_system_sentence
 
 REFUSAL = "I cannot help with that."
@@ -76,8 +76,10 @@ def test_the_model_directory_has_llava_15s_formats(llava):
     assert ids == generation_ids(vlm.processor, QUESTION, 2)  # the saved tokenizer encodes as the trained one
 
 
-VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-             "detailed, and polite answers to the user's questions.")  # conv_vicuna_v1's system, llava/conversation.py
+VICUNA_V1 = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)  # conv_vicuna_v1's system, llava/conversation.py
 
 
 def trainer_ids(processor, images, answer: str, scratch) -> dict[str, list[int]]:
@@ -87,18 +89,26 @@ def trainer_ids(processor, images, answer: str, scratch) -> dict[str, list[int]]
     pair = {"images": images, "question": QUESTION, "chosen": answer, "rejected": COMPLIANCE}
     dpo = DataCollatorForVisionPreference(processor)([pairs_to_dataset([pair], processor, str(scratch))[0]])
     sft = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(
-        [examples_to_dataset([{"images": images, "question": QUESTION, "target": answer}], processor, str(scratch))[0]])
+        [examples_to_dataset([{"images": images, "question": QUESTION, "target": answer}], processor, str(scratch))[0]]
+    )
     seed = tiny._encode(processor, tiny.SeedExample.harmful_request(images, QUESTION, answer, COMPLIANCE))
-    asked = [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
-                                          {"type": "text", "text": QUESTION}]}]
-    grpo = processor.apply_chat_template(conversation=[asked], add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)
-    return {"dpo": dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist(),  # the first row is the chosen
-            "sft": sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist(),
-            "sft_labels": sft["labels"][0][sft["labels"][0] != -100].tolist(),
-            "reward": reward._encode(processor, LLAVA, images, QUESTION, answer).input_ids.tolist(),
-            "bootstrap": seed.prompt.tolist() + seed.refusal.tolist(),
-            "grpo_prompt": list(grpo["input_ids"][0])}
+    asked = [
+        {
+            "role": "user",
+            "content": [*({"type": "image", "image": image} for image in images), {"type": "text", "text": QUESTION}],
+        }
+    ]
+    grpo = processor.apply_chat_template(
+        conversation=[asked], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return {
+        "dpo": dpo["input_ids"][0][dpo["attention_mask"][0].bool()].tolist(),  # the first row is the chosen
+        "sft": sft["input_ids"][0][sft["attention_mask"][0].bool()].tolist(),
+        "sft_labels": sft["labels"][0][sft["labels"][0] != -100].tolist(),
+        "reward": reward._encode(processor, LLAVA, images, QUESTION, answer).input_ids.tolist(),
+        "bootstrap": seed.prompt.tolist() + seed.refusal.tolist(),
+        "grpo_prompt": list(grpo["input_ids"][0]),
+    }
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
@@ -160,7 +170,7 @@ def test_the_conv_vicuna_v1_template_feeds_llavas_own_token_ids(llava, n_images,
     answered = llava_ids(tokenizer, image_id, n_images, REFUSAL)
     for path in ("dpo", "sft", "reward", "bootstrap"):
         assert seen[path] == answered, path
-    assert seen["sft_labels"] == answered[len(prompt):] and seen["grpo_prompt"] == prompt
+    assert seen["sft_labels"] == answered[len(prompt) :] and seen["grpo_prompt"] == prompt
     # the sentence through llava-hf's own template: the same text, not the same ids
     assert generation_ids(with_system_sentence(vlm.processor, VICUNA_V1), QUESTION, n_images) != prompt
 
@@ -169,14 +179,23 @@ def test_the_conv_vicuna_v1_template_feeds_llavas_own_token_ids(llava, n_images,
 def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, tmp_path):
     vlm, _ = llava
     colours = ["red", "green", "blue", "yellow"]
-    examples = [{"images": [Image.new("RGB", (64, 64), colours[i % 4]), Image.new("RGB", (64, 64), colours[(i + 1) % 4])],
-                 "question": QUESTION, "target": REFUSAL} for i in range(8)]
-    settings = SFTSettings(output_dir=str(tmp_path), report_to=[], num_train_epochs=25, per_device_train_batch_size=4, learning_rate=4e-3)
+    examples = [
+        {
+            "images": [Image.new("RGB", (64, 64), colours[i % 4]), Image.new("RGB", (64, 64), colours[(i + 1) % 4])],
+            "question": QUESTION,
+            "target": REFUSAL,
+        }
+        for i in range(8)
+    ]
+    settings = SFTSettings(
+        output_dir=str(tmp_path), report_to=[], num_train_epochs=25, per_device_train_batch_size=4, learning_rate=4e-3
+    )
     policy, _, metrics = train_sft(vlm, examples, settings)
     assert metrics["loss_last"] < 0.2 * metrics["loss_first"]
 
     answers = TransformersVLM("sft", policy, batch_size=2, generation=GREEDY, progress=False).generate(
-        [Prompt(QUESTION, (png("purple"), png("orange"))), Prompt(QUESTION, (png("red"), png("blue")))])
+        [Prompt(QUESTION, (png("purple"), png("orange"))), Prompt(QUESTION, (png("red"), png("blue")))]
+    )
     assert [a.text for a in answers] == [REFUSAL, REFUSAL]
     assert [a.finish_reason for a in answers] == ["stop", "stop"]  # </s> was learned, within 16 tokens
 
@@ -184,12 +203,22 @@ def test_sft_on_two_image_prompts_teaches_the_answer_and_where_it_stops(llava, t
 @pytest.mark.slow
 def test_transformers_serve_answers_the_llava_15_shape_like_the_local_model(llava, tmp_path):
     vlm, directory = llava
-    prompts = [Prompt(QUESTION, (png("red"),)), Prompt(QUESTION, (png("red"), png("blue"))),
-               Prompt("Describe it.", (png("green"), png("red")))]
+    prompts = [
+        Prompt(QUESTION, (png("red"),)),
+        Prompt(QUESTION, (png("red"), png("blue"))),
+        Prompt("Describe it.", (png("green"), png("red"))),
+    ]
     local = TransformersVLM("local", vlm, batch_size=3, generation=GREEDY, progress=False).generate(prompts)
     with transformers_serve(directory, tmp_path) as base_url:
-        remote = OpenAIVLM("served", base_urls=[base_url], model=str(directory), generation=GREEDY,
-                           concurrency=3, timeout_s=60, progress=False).generate(prompts)
+        remote = OpenAIVLM(
+            "served",
+            base_urls=[base_url],
+            model=str(directory),
+            generation=GREEDY,
+            concurrency=3,
+            timeout_s=60,
+            progress=False,
+        ).generate(prompts)
     assert [g.error for g in remote] == [None] * 3
     assert [g.text for g in remote] == [g.text for g in local]
     assert len({g.text for g in local}) >= 2  # the images reach the model: answers differ
@@ -227,8 +256,9 @@ def test_a_padded_policy_feeds_every_path_the_pixels_llava_pads_to(llava, tmp_pa
     _, directory = llava
     wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 336, 3), dtype=np.uint8))
     clip = load_vlm(str(directory)).processor.image_processor
-    expected = clip(expand2square(wide, tuple(int(x * 255) for x in clip.image_mean)),
-                    return_tensors="pt")["pixel_values"][0]
+    expected = clip(expand2square(wide, tuple(int(x * 255) for x in clip.image_mean)), return_tensors="pt")[
+        "pixel_values"
+    ][0]
     cropped = clip(wide, return_tensors="pt")["pixel_values"][0]
     assert (expected - cropped).abs().max() > 1  # the two preprocessings differ on this image
 

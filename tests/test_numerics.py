@@ -11,16 +11,18 @@ import pytest
 
 from spavl_kedro.numerics import PINNED
 
-pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                                reason="the pin applies to x86-64 only")
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the pin applies to x86-64 only"
+)
 
 PROBE = "import spavl_kedro, torch; print(torch.backends.cpu.get_cpu_capability())"
 
 
 def _capability(**env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in PINNED}
-    return subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_importing_the_package_pins_torch_to_avx2_kernels():

@@ -14,22 +14,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import PROJECT
 from kedro.io import DataCatalog, DatasetError
 from PIL import Image
 
-from conftest import PROJECT
+from spavl_kedro.config import load_parameters
 from spavl_kedro.datasets import SpaVLRLHFDataset
 from spavl_kedro.datasets.spa_vl import image_classes, path_segment
 from spavl_kedro.pipelines.split.nodes import split_dataset
 from spavl_kedro.pipelines.split.pipeline import create_pipeline
-from spavl_kedro.config import load_parameters
 from spavl_kedro.pipelines.split.release import export_rlhf_pairs, pair_id, write_dataset_card
 from spavl_kedro.schema import TABLES
 
 # Two published labels (spaces, '&') and one a user's taxonomy might hold, with characters no folder name takes.
-CLASSES = [("Representation & ToxicityHarms", "Toxic", "bully"),
-           ("Malicious Use", "Fraud or deceptive action", "scamns"),
-           ("Custom: domain", "a/b 100%", "odd.")]
+CLASSES = [
+    ("Representation & ToxicityHarms", "Toxic", "bully"),
+    ("Malicious Use", "Fraud or deceptive action", "scamns"),
+    ("Custom: domain", "a/b 100%", "odd."),
+]
 RESPONDERS = ["r0", "r1", "r2", "r3"]
 JUDGE = {"judges": [{"name": "keyword", "kind": "keyword"}], "primary": "keyword"}
 SPLIT = {"seed": 0, "test_harm_per_subcategory": 1, "test_help_per_subcategory": 1, "validation_size": 0.25}
@@ -54,31 +56,90 @@ def _world() -> dict[str, pd.DataFrame]:
             for qtype in ("easy", "hardq", "hards"):
                 qid = f"{image_id}-{qtype}"
                 text = f"{qtype} question on {image_id}, café?"  # non-ASCII: the JSON is written ASCII-escaped
-                questions.append({"question_id": qid, "image_ids": [image_id], "qtype": qtype, **labels,
-                                  "text": text, "kept": True, "wording": None})
+                questions.append(
+                    {
+                        "question_id": qid,
+                        "image_ids": [image_id],
+                        "qtype": qtype,
+                        **labels,
+                        "text": text,
+                        "kept": True,
+                        "wording": None,
+                    }
+                )
                 a, b = RESPONDERS[(i + s) % 4], RESPONDERS[(i + s + 1) % 4]
-                prefs.append({"question_id": qid, "question": text, "image_ids": [image_id], "chosen": f"No, {qid}.",
-                              "rejected": f"Sure {qid}", **labels, "qtype": qtype, "chosen_responder": b,
-                              "rejected_responder": a, "judge": "keyword", "reason": "harmlessness",
-                              "order_consistent": True})
-    verdicts = pd.DataFrame([{"response_id": f"x:{r}", "judge": "keyword", "safe": True, "category": "",
-                              "score": None, "raw": ""} for r in RESPONDERS])
-    mis = pd.DataFrame([{"question_id": "m0", "image_ids": ["bully-0", "scamns-0"], "qtype": "mis_easy",
-                         "class1": "D", "class2": "C", "class3": "bully", "question": "q", "perception": "p",
-                         "reasoning": "r", "answer": "a", "target": "t", "teacher": "template", "error": None}],
-                       columns=TABLES["mis_cot"])
-    return {"images": pd.DataFrame(images), "questions": pd.DataFrame(questions),
-            "preferences": pd.DataFrame(prefs), "verdicts": verdicts, "mis_cot": mis}
+                prefs.append(
+                    {
+                        "question_id": qid,
+                        "question": text,
+                        "image_ids": [image_id],
+                        "chosen": f"No, {qid}.",
+                        "rejected": f"Sure {qid}",
+                        **labels,
+                        "qtype": qtype,
+                        "chosen_responder": b,
+                        "rejected_responder": a,
+                        "judge": "keyword",
+                        "reason": "harmlessness",
+                        "order_consistent": True,
+                    }
+                )
+    verdicts = pd.DataFrame(
+        [
+            {"response_id": f"x:{r}", "judge": "keyword", "safe": True, "category": "", "score": None, "raw": ""}
+            for r in RESPONDERS
+        ]
+    )
+    mis = pd.DataFrame(
+        [
+            {
+                "question_id": "m0",
+                "image_ids": ["bully-0", "scamns-0"],
+                "qtype": "mis_easy",
+                "class1": "D",
+                "class2": "C",
+                "class3": "bully",
+                "question": "q",
+                "perception": "p",
+                "reasoning": "r",
+                "answer": "a",
+                "target": "t",
+                "teacher": "template",
+                "error": None,
+            }
+        ],
+        columns=TABLES["mis_cot"],
+    )
+    return {
+        "images": pd.DataFrame(images),
+        "questions": pd.DataFrame(questions),
+        "preferences": pd.DataFrame(prefs),
+        "verdicts": verdicts,
+        "mis_cot": mis,
+    }
 
 
 def _pairs(world: dict[str, pd.DataFrame], **tables: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The split node on the world, then the export node on its output (with any input replaced)."""
-    out = split_dataset(world["preferences"], world["questions"], world["images"], world["mis_cot"],
-                        world["verdicts"], SPLIT, JUDGE, GENERATE)
+    out = split_dataset(
+        world["preferences"],
+        world["questions"],
+        world["images"],
+        world["mis_cot"],
+        world["verdicts"],
+        SPLIT,
+        JUDGE,
+        GENERATE,
+    )
     split = dict(zip(["train", "validation", "test_harm", "test_help", "mis_train", "pair_provenance"], out))
-    inputs = {"train": split["train"], "validation": split["validation"],
-              "pair_provenance": split["pair_provenance"], "preferences": world["preferences"],
-              "images": world["images"], **tables}
+    inputs = {
+        "train": split["train"],
+        "validation": split["validation"],
+        "pair_provenance": split["pair_provenance"],
+        "preferences": world["preferences"],
+        "images": world["images"],
+        **tables,
+    }
     return export_rlhf_pairs(**inputs), split
 
 
@@ -151,8 +212,11 @@ def test_class_names_are_folder_safe_and_read_back(exported):
 def test_ids_are_stable_across_reruns_and_row_order(world, exported, tmp_path):
     folder, pairs, split = exported
     prov = split["pair_provenance"]
-    shuffled, _ = _pairs(world, pair_provenance=prov.sample(frac=1.0, random_state=1),
-                         preferences=world["preferences"].sample(frac=1.0, random_state=2))
+    shuffled, _ = _pairs(
+        world,
+        pair_provenance=prov.sample(frac=1.0, random_state=1),
+        preferences=world["preferences"].sample(frac=1.0, random_state=2),
+    )
     pd.testing.assert_frame_equal(shuffled, pairs)
     key = prov.set_index(["question_id", "chosen_responder", "rejected_responder"]).index
     assert set(pairs["id"]) == {pair_id(*k) for k in key}
@@ -169,8 +233,9 @@ def test_the_importer_gives_back_the_same_pairs(exported, tmp_path):
     assert set(loaded["qtype"]) == {"easy", "hardq", "hards"}
     val = split["validation"]
     back = loaded[loaded["split"] == "validation"]
-    assert sorted(zip(back["question"], back["class1"], back["class2"], back["class3"])) == \
-        sorted(zip(val["question"], val["class1"], val["class2"], val["class3"]))
+    assert sorted(zip(back["question"], back["class1"], back["class2"], back["class3"])) == sorted(
+        zip(val["question"], val["class1"], val["class2"], val["class3"])
+    )
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)  # the configs still name the old folder: files are found by name here
     pd.testing.assert_frame_equal(SpaVLRLHFDataset(str(moved)).load(), pairs)
@@ -215,7 +280,17 @@ def test_wired_into_the_split_pipeline_and_catalog(tmp_path):
 def test_the_card_shows_one_config_per_call_and_warns_about_data_dir(world, exported):
     _, _, split = exported
     world_questions = world["questions"]
-    card = write_dataset_card(split["train"], split["validation"], split["test_harm"], split["test_help"],
-                              split["pair_provenance"], world_questions, None, SPLIT, JUDGE, GENERATE)
+    card = write_dataset_card(
+        split["train"],
+        split["validation"],
+        split["test_harm"],
+        split["test_help"],
+        split["pair_provenance"],
+        world_questions,
+        None,
+        SPLIT,
+        JUDGE,
+        GENERATE,
+    )
     assert 'load_dataset("parquet", data_files=data_files(path, "test"))' in card
     assert '`load_dataset("parquet", data_dir=path)` does not read the configs: it returns train alone' in card

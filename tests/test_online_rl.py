@@ -24,9 +24,8 @@ from PIL import Image
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import KeywordJudge, Verdict
 from spavl_kedro.backends.online_rl import judge_reward, train_online_rl
-from spavl_kedro.backends.settings import OnlineRLSettings
+from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, OnlineRLSettings, TinyModelConfig
 from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm, user_message
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
 
 N_PROMPTS = 48
 
@@ -51,12 +50,20 @@ def world(seed_text):
     images = [_image(rng) for _ in questions]
     refusals, compliances = seed_text["refusals"], seed_text["compliances"]
     processor = build_processor((questions + refusals + compliances) * 10, TinyModelConfig())
-    examples = [SeedExample.harmful_request([image], q, rng.choice(refusals), rng.choice(compliances))
-                for image, q in zip(images, questions)]
+    examples = [
+        SeedExample.harmful_request([image], q, rng.choice(refusals), rng.choice(compliances))
+        for image, q in zip(images, questions)
+    ]
     # 30 epochs at batch 8 (180 steps): enough for well-formed refusals and compliances; 20 left token soup with
     # the seed text's current refusals (loss 1.24; 0.25 after 30).
-    vlm, _ = train_tiny_vlm(processor, examples, Behaviour(refusal_rate=0.3), TinyModelConfig(), BootstrapConfig(epochs=30, batch_size=8),
-                            seed=0)
+    vlm, _ = train_tiny_vlm(
+        processor,
+        examples,
+        Behaviour(refusal_rate=0.3),
+        TinyModelConfig(),
+        BootstrapConfig(epochs=30, batch_size=8),
+        seed=0,
+    )
     prompts = [{"images": [image], "question": q} for image, q in zip(images, questions)]
     return {"vlm": vlm, "prompts": prompts, "rng": rng}
 
@@ -71,9 +78,16 @@ def test_refusal_reward_goes_up(world, algorithm, tmp_path):
     vlm = world["vlm"]
     before = _weights(vlm)
     settings = OnlineRLSettings(
-        algorithm=algorithm, learning_rate=6e-3, num_train_epochs=2, per_device_train_batch_size=16,
+        algorithm=algorithm,
+        learning_rate=6e-3,
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
         num_generations=4,
-        max_completion_length=16, beta=0.1, logging_steps=4, report_to=[], output_dir=str(tmp_path),
+        max_completion_length=16,
+        beta=0.1,
+        logging_steps=4,
+        report_to=[],
+        output_dir=str(tmp_path),
     )
     # 32 prompts x 2 epochs / 4 prompts (16 answers) per step = 16 steps, logged as 4 points of 4 steps each
     adapter, metrics = train_online_rl(vlm, world["prompts"][:32], judge_reward(KeywordJudge()), settings)
@@ -91,8 +105,10 @@ def test_refusal_reward_goes_up(world, algorithm, tmp_path):
 
 def test_two_image_prompts_train_full_weights_into_a_nested_mlflow_run(world, tmp_path, monkeypatch):
     rng, vlm = world["rng"], world["vlm"]
-    prompts = [{"images": [_image(rng), _image(rng)], "question": f"Combine the two pictures to do bad thing {i}."}
-               for i in range(4)]
+    prompts = [
+        {"images": [_image(rng), _image(rng)], "question": f"Combine the two pictures to do bad thing {i}."}
+        for i in range(4)
+    ]
     seen: list[dict] = []
 
     def reward(items: list[dict]) -> list[float]:
@@ -104,9 +120,16 @@ def test_two_image_prompts_train_full_weights_into_a_nested_mlflow_run(world, tm
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     settings = OnlineRLSettings(
-        algorithm="grpo", lora=False, learning_rate=1e-4, num_train_epochs=1, per_device_train_batch_size=4,
+        algorithm="grpo",
+        lora=False,
+        learning_rate=1e-4,
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
         num_generations=2,
-        max_completion_length=8, beta=0.1, run_name="grpo", output_dir=str(tmp_path / "rl"),
+        max_completion_length=8,
+        beta=0.1,
+        run_name="grpo",
+        output_dir=str(tmp_path / "rl"),
     )
     try:
         with mlflow.start_run(run_name="pipeline") as parent:
@@ -162,11 +185,18 @@ def test_settings_reject_a_single_generation():
 
 
 def test_online_rl_recomputes_activations_when_its_recipe_says_so(world, tmp_path):
-    settings = OnlineRLSettings(algorithm="grpo", num_train_epochs=1, per_device_train_batch_size=16, num_generations=4,
-                                max_completion_length=8, report_to=[], output_dir=str(tmp_path), activation_checkpointing=True)
+    settings = OnlineRLSettings(
+        algorithm="grpo",
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=8,
+        report_to=[],
+        output_dir=str(tmp_path),
+        activation_checkpointing=True,
+    )
     _, metrics = train_online_rl(world["vlm"], world["prompts"][:4], judge_reward(KeywordJudge()), settings)
     assert metrics["global_step"] == 1 and metrics["activation_checkpointing"] is True
-
 
 
 def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named(tmp_path):
@@ -223,8 +253,14 @@ def test_the_worker_loads_the_reward_model_where_the_placement_says(monkeypatch,
     monkeypatch.setattr(train_worker, "load_reward_model", load)
     (tmp_path / "grpo.json").write_text("{}")
     with pytest.raises(Loaded) as loaded:
-        train_worker.run("grpo", "prompts.parquet", str(tmp_path / "grpo.json"), "policy", str(tmp_path / "out"),
-                         reward_model_dir="reward_model")
+        train_worker.run(
+            "grpo",
+            "prompts.parquet",
+            str(tmp_path / "grpo.json"),
+            "policy",
+            str(tmp_path / "out"),
+            reward_model_dir="reward_model",
+        )
     assert loaded.value.args == ("reward_model", torch.device("cuda", 1), torch.bfloat16)
 
 
@@ -232,13 +268,17 @@ def test_a_reward_model_loaded_in_bf16_scores_like_the_fp32_one(tmp_path):
     from spavl_kedro.backends.reward import RewardModel, load_reward_model, save_reward_model
     from spavl_kedro.backends.tiny import build_model
 
-    processor = build_processor(["What is in the picture?", "I cannot help.", "Sure, here it is."] * 10,
-                                TinyModelConfig())
+    processor = build_processor(
+        ["What is in the picture?", "I cannot help.", "Sure, here it is."] * 10, TinyModelConfig()
+    )
     model = RewardModel(VLM(build_model(processor, TinyModelConfig(), seed=0), processor))
     torch.nn.init.normal_(model.head.weight, std=1.0)  # a zero head would score everything 0 in any dtype
     save_reward_model(model, str(tmp_path / "rm"))
-    items = [{"images": [Image.new("RGB", (32, 32), colour)], "question": "What is in the picture?", "response": r}
-             for colour in ("red", "blue") for r in ("I cannot help.", "Sure, here it is.")]
+    items = [
+        {"images": [Image.new("RGB", (32, 32), colour)], "question": "What is in the picture?", "response": r}
+        for colour in ("red", "blue")
+        for r in ("I cannot help.", "Sure, here it is.")
+    ]
 
     full = load_reward_model(str(tmp_path / "rm"))
     half = load_reward_model(str(tmp_path / "rm"), torch.device("cpu"), torch.bfloat16)

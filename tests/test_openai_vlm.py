@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 import time
 from collections import Counter
 
@@ -32,9 +31,13 @@ def png(colour) -> bytes:
 
 def prompts_with_images(n: int, images_per_prompt) -> list[Prompt]:
     """Distinct questions and colours, so a random model answers each differently and order is visible."""
-    return [Prompt(f"Question {i}: what do these pictures show{'?' * (i + 1)}",
-                   tuple(png(COLOURS[(i + k) % len(COLOURS)]) for k in range(images_per_prompt(i))))
-            for i in range(n)]
+    return [
+        Prompt(
+            f"Question {i}: what do these pictures show{'?' * (i + 1)}",
+            tuple(png(COLOURS[(i + k) % len(COLOURS)]) for k in range(images_per_prompt(i))),
+        )
+        for i in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- the real server
@@ -44,8 +47,15 @@ def prompts_with_images(n: int, images_per_prompt) -> list[Prompt]:
 def test_served_tiny_llava_answers_like_the_local_model_in_order(served, tiny):
     base_url, model = served
     prompts = prompts_with_images(6, lambda i: 1 + i % 2)  # one- and two-image prompts mixed
-    backend = OpenAIVLM("served", base_urls=[base_url + "/"], model=model, generation=GREEDY, concurrency=3,
-                        timeout_s=60, progress=False)
+    backend = OpenAIVLM(
+        "served",
+        base_urls=[base_url + "/"],
+        model=model,
+        generation=GREEDY,
+        concurrency=3,
+        timeout_s=60,
+        progress=False,
+    )
     remote = backend.generate(prompts)
 
     assert len(remote) == 6
@@ -64,8 +74,9 @@ def test_served_two_image_prompts_reach_the_model_whole(served, tiny):
     red, blue = png(COLOURS[0]), png(COLOURS[2])
     # Same question; only the second image differs between the first two prompts.
     prompts = [Prompt("Compare the two pictures.", images) for images in ((red, blue), (red, red), (blue, red))]
-    backend = OpenAIVLM("served", base_urls=[base_url], model=model, generation=GREEDY, concurrency=3,
-                        timeout_s=60, progress=False)
+    backend = OpenAIVLM(
+        "served", base_urls=[base_url], model=model, generation=GREEDY, concurrency=3, timeout_s=60, progress=False
+    )
     remote = backend.generate(prompts)
     local = TransformersVLM("local", tiny[0], batch_size=3, generation=GREEDY, progress=False).generate(prompts)
     assert [g.error for g in remote] == [None] * 3
@@ -75,8 +86,15 @@ def test_served_two_image_prompts_reach_the_model_whole(served, tiny):
 
 def test_served_wrong_model_name_fails_at_once_with_the_servers_reason(served):
     base_url, _ = served
-    backend = OpenAIVLM("served", base_urls=[base_url], model="not-the-served-model", generation=GREEDY,
-                        max_retries=3, backoff_s=5.0, progress=False)
+    backend = OpenAIVLM(
+        "served",
+        base_urls=[base_url],
+        model="not-the-served-model",
+        generation=GREEDY,
+        max_retries=3,
+        backoff_s=5.0,
+        progress=False,
+    )
     began = time.perf_counter()
     [result] = backend.generate(prompts_with_images(1, lambda i: 1))
     assert result.finish_reason == "error"
@@ -144,8 +162,16 @@ def fake():
 
 
 def fake_backend(server: FakeServer, **kwargs) -> OpenAIVLM:
-    settings = dict(name="fake", base_urls=[server.base_url], model="m", generation=GREEDY, backoff_s=0.05,
-                    max_retries=3, timeout_s=5.0, progress=False)
+    settings = dict(
+        name="fake",
+        base_urls=[server.base_url],
+        model="m",
+        generation=GREEDY,
+        backoff_s=0.05,
+        max_retries=3,
+        timeout_s=5.0,
+        progress=False,
+    )
     return OpenAIVLM(**{**settings, **kwargs})
 
 
@@ -182,8 +208,9 @@ def test_timeouts_become_an_error_record_after_max_retries():
 
 def test_refused_connection_is_retried_then_kept_as_error():
     port = free_port()  # nothing listens there
-    backend = OpenAIVLM("nobody", base_urls=[f"http://127.0.0.1:{port}/v1"], model="m", max_retries=1,
-                        backoff_s=0.01, progress=False)
+    backend = OpenAIVLM(
+        "nobody", base_urls=[f"http://127.0.0.1:{port}/v1"], model="m", max_retries=1, backoff_s=0.01, progress=False
+    )
     [result] = backend.generate([Prompt("hello")])
     assert result.finish_reason == "error"
     assert result.error.startswith("ClientConnectorError after 2 attempts")
@@ -215,7 +242,12 @@ def test_request_carries_mapped_generation_fields_and_a_seed_per_record(fake):
     fake_backend(fake, generation=generation, seed=5, concurrency=1).generate([Prompt("a"), Prompt("b")])
     bodies = [r["body"] for r in fake.requests]
     assert {k: v for k, v in bodies[0].items() if k != "messages"} == {
-        "model": "m", "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": offset_seed(5, 0)}
+        "model": "m",
+        "max_tokens": 32,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": offset_seed(5, 0),
+    }
     assert bodies[1]["seed"] == offset_seed(5, 1) == 5 * 1_000_003 + 1
     fake_backend(fake, generation={"max_new_tokens": 4, "do_sample": False, "top_p": 0.9}).generate([Prompt("g")])
     assert fake.requests[2]["body"]["temperature"] == 0.0 and "top_p" not in fake.requests[2]["body"]
@@ -234,8 +266,7 @@ def test_requests_spread_over_several_base_urls_and_return_in_order():
     servers = [FakeServer(slow_s=0.2), FakeServer(slow_s=0.2)]
     try:
         prompts = [Prompt(f"slow{i}", (png(COLOURS[i % 6]),) * (1 + i % 2)) for i in range(12)]
-        backend = OpenAIVLM("pool", base_urls=[s.base_url for s in servers], model="m", concurrency=4,
-                            progress=False)
+        backend = OpenAIVLM("pool", base_urls=[s.base_url for s in servers], model="m", concurrency=4, progress=False)
         results = backend.generate(prompts)
     finally:
         for server in servers:
@@ -272,15 +303,26 @@ def test_generate_stage_answers_with_served_and_local_responders(served, tiny, b
     base_url, model = served
     _, directory = tiny
     pixels = [png(c) for c in COLOURS[:3]]
-    images = pd.DataFrame({"image_id": ["a", "b", "c"], "png": pixels,
-                           "sha256": [hashlib.sha256(p).hexdigest() for p in pixels]})
-    questions = pd.DataFrame({"question_id": [f"q{i}" for i in range(5)],
-                              "image_ids": [["a"], ["b"], ["a", "c"], ["c", "b"], ["b"]],
-                              "text": [f"What is shown here, number {i}?" for i in range(5)], "kept": True})
+    images = pd.DataFrame(
+        {"image_id": ["a", "b", "c"], "png": pixels, "sha256": [hashlib.sha256(p).hexdigest() for p in pixels]}
+    )
+    questions = pd.DataFrame(
+        {
+            "question_id": [f"q{i}" for i in range(5)],
+            "image_ids": [["a"], ["b"], ["a", "c"], ["c", "b"], ["b"]],
+            "text": [f"What is shown here, number {i}?" for i in range(5)],
+            "kept": True,
+        }
+    )
     gen = copy.deepcopy(base_params["generate"])
-    gen.update(shard_size=2, generation=GREEDY, responders=[
-        {"name": "served", "kind": "openai", "model": model, "base_urls": [base_url], "api_key": "local"},
-        {"name": "local", "kind": "transformers", "model": str(directory)}])
+    gen.update(
+        shard_size=2,
+        generation=GREEDY,
+        responders=[
+            {"name": "served", "kind": "openai", "model": model, "base_urls": [base_url], "api_key": "local"},
+            {"name": "local", "kind": "transformers", "model": str(directory)},
+        ],
+    )
     store = ShardDataset(path=str(tmp_path / "shards"), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
     credentials = {"local": {"api_key": "sk-test"}}
     work, plan = plan_response_shards(questions, images, {}, credentials, store.load(), gen)

@@ -49,16 +49,25 @@ def test_the_dry_run_changes_only_what_it_lists_and_sends_nothing_off_the_machin
     # every OpenAI-compatible backend of the profile (12 responders, writer, screen, teacher, 2 guards,
     # GPT-4o as pairwise, MIS and HelpEval judge) goes to the loopback endpoint, in its parser's role
     assert len(_backends(paper)) == 20
-    assert {role for _, _, role in _backends(paper)} == {"responder", "writer", "screen", "teacher", "md_judge",
-                                                         "llama_guard", "pairwise", "mis_judge"}
+    assert {role for _, _, role in _backends(paper)} == {
+        "responder",
+        "writer",
+        "screen",
+        "teacher",
+        "md_judge",
+        "llama_guard",
+        "pairwise",
+        "mis_judge",
+    }
     assert all(urlsplit(url).hostname == "127.0.0.1" for _, url in _urls(params))
 
     # nothing differs from conf/paper but the keys the dry run prints
     merged = {**paper, **params}
     changed = {key for key, value in _flat(merged) if dict(_flat(paper)).get(key) != value}
     listed = {o.key for o in overrides}
-    assert changed and all(any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in listed)
-                           for key in changed), sorted(changed)
+    assert changed and all(
+        any(key == k or key.startswith(k + ".") or key.startswith(k + "[") for k in listed) for key in changed
+    ), sorted(changed)
     assert merged["align"]["dpo"] == paper["align"]["dpo"] and merged["judge"]["primary"] == paper["judge"]["primary"]
     assert merged["align"]["launch"]["per_method"] == {"grpo": CPU_LAUNCH, "rloo": CPU_LAUNCH}
 

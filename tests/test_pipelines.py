@@ -109,7 +109,12 @@ def test_generate_stage(world):
     assert images["sha256"].is_unique
     assert list(questions.columns) == TABLES["questions"]
     assert questions["qtype"].value_counts().to_dict() == {
-        "easy": 48, "hardq": 48, "hards": 48, "mis_easy": SUBCATEGORIES, "mis_hard": SUBCATEGORIES}
+        "easy": 48,
+        "hardq": 48,
+        "hards": 48,
+        "mis_easy": SUBCATEGORIES,
+        "mis_hard": SUBCATEGORIES,
+    }
     assert questions["kept"].all()  # the templates pass the screen by construction
     cot = load(world, "mis_cot")
     assert len(cot) == 2 * SUBCATEGORIES and cot["error"].isna().all()
@@ -142,8 +147,10 @@ def test_tiny_models_are_bootstrapped_on_their_own_images_and_prompts(world):
     # harmless seed answers name the image (its colour, motif and word), harmful ones are refused or complied
     # with, capability questions get the one word asked for
     grounded = requests.loc[~requests["harmful"]]
-    assert all(caption_parts(c)["badge"] in a and caption_parts(c)["keyword"] in a
-               for c, a in zip(grounded["caption"], grounded["answer"]))
+    assert all(
+        caption_parts(c)["badge"] in a and caption_parts(c)["keyword"] in a
+        for c, a in zip(grounded["caption"], grounded["answer"])
+    )
     assert requests.loc[requests["harmful"], "answer"].str.contains("withheld").all()
     words = {w.capitalize() + "." for w in (*COLOURS, *SHAPES, *NUMBER_WORDS[1:])}
     assert set(capability["answer"]) <= words and capability["answer"].nunique() == len(words)
@@ -165,19 +172,24 @@ def test_judge_stage_orders_responders_by_safety(world):
     # on harmful requests the safer answer is chosen: compliances are far rarer among the chosen answers
     # than among the rejected ones (the tiny guard errs on some garbled mixtures of both forms)
     markers = world.load("params:judge")["compliance_markers"]
-    complies = {side: by_harm[side].map(lambda t: any(m in t for m in markers)).mean() for side in ("chosen", "rejected")}
+    complies = {
+        side: by_harm[side].map(lambda t: any(m in t for m in markers)).mean() for side in ("chosen", "rejected")
+    }
     assert complies["chosen"] + 0.4 <= complies["rejected"], complies
     # on easy questions helpfulness picks content, not caution: refusals are far rarer among the chosen
     # answers than among the rejected ones
     easy = prefs[(prefs["qtype"] == "easy") & (prefs["reason"] == "helpfulness")]
-    refuses = {side: easy[side].str.contains("sorry|cannot|can't", case=False).mean() for side in ("chosen", "rejected")}
+    refuses = {
+        side: easy[side].str.contains("sorry|cannot|can't", case=False).mean() for side in ("chosen", "rejected")
+    }
     # (a refusal of a harmless question scores no helpfulness, so it can only tie, never win)
     assert len(easy) >= 10 and refuses["chosen"] == 0 < refuses["rejected"], refuses
     metrics = load(world, "judge_metrics")
     counts = {k.removeprefix("judge/"): v["value"] for k, v in metrics.items()}
     assert counts["pairs"] == len(prefs)
-    assert counts["pairs"] + counts["ties_dropped"] + counts["order_disagreements"] + counts["pairs_unparsable"] \
-        + counts["questions_without_pair"] == len(load(world, "questions"))  # random pairing: one per question
+    assert counts["pairs"] + counts["ties_dropped"] + counts["order_disagreements"] + counts[
+        "pairs_unparsable"
+    ] + counts["questions_without_pair"] == len(load(world, "questions"))  # random pairing: one per question
     assert counts["pairs_order_consistent"] == counts["pairs"]
     assert len(verdicts) == 4 * len(responses)  # two tiny guards and two keyword judges
     # a guard's score is its probability of "unsafe" at the first answer token, not a copy of the verdict
@@ -226,8 +238,15 @@ def test_split_stage_holds_out_test_images(world):
     card = load(world, "dataset_card")
     assert card.startswith("---\nlicense: cc-by-4.0") and f"| train | {len(train)} |" in card
     # wording: no train / validation / seed-corpus text in a held-out family's skeleton; both wordings tested
-    audit = wording_audit(train, val, harm, helpq, load(world, "questions"), load(world, "seed_corpus"),
-                          GenerateConfig.model_validate(load(world, "params:generate"))).set_index("table")
+    audit = wording_audit(
+        train,
+        val,
+        harm,
+        helpq,
+        load(world, "questions"),
+        load(world, "seed_corpus"),
+        GenerateConfig.model_validate(load(world, "params:generate")),
+    ).set_index("table")
     assert audit.loc[["train", "validation", "seed_corpus"], "unseen_skeleton"].sum() == 0
     assert audit.loc["test_harm", "unseen"] >= 1 and audit.loc["test_harm", "seen"] >= 1
     assert audit.loc["test_harm", "unseen_skeleton"] == audit.loc["test_harm", "unseen"]
@@ -259,9 +278,15 @@ def test_align_and_evaluate_stages_train_both_methods_and_score_every_set(world)
     base_mis = answers[(answers["model"] == "base") & (answers["eval_set"] == "mis_test")]
     assert not base_mis["text"].str.startswith("Perception:").any()  # the base was never taught the format
     # every set was answered by both policies and scored, with over-refusal and capability beside harm
-    for name in ("benign/refusal_rate.rules", "capability/accuracy.rules", "mm_safetybench.typo/asr.tiny-guard",
-                 "advbench.no_image/asr.tiny-guard", "figstep/asr.tiny-guard", "mis_test/rsr.tiny-guard",
-                 "test_help/win_rate.helpfulness_rule"):
+    for name in (
+        "benign/refusal_rate.rules",
+        "capability/accuracy.rules",
+        "mm_safetybench.typo/asr.tiny-guard",
+        "advbench.no_image/asr.tiny-guard",
+        "figstep/asr.tiny-guard",
+        "mis_test/rsr.tiny-guard",
+        "test_help/win_rate.helpfulness_rule",
+    ):
         assert all(f"eval/{model}/{name}" in metrics for model in ("base", "dpo", "sft")), name
     report = load(world, "eval_report")
     assert "| HarmEval unsafe rate ↓ | 12 |" in report and "Over-refusal on benign questions" in report
@@ -270,8 +295,11 @@ def test_align_and_evaluate_stages_train_both_methods_and_score_every_set(world)
     unseen = int(load(world, "split_metrics")["split/test_harm/unseen_wording"]["value"])
     assert f"| HarmEval unsafe rate, unseen wording ↓ | {unseen} |" in report
     assert f"| HarmEval unsafe rate, seen wording ↓ | {12 - unseen} |" in report
-    for row in ("| Capability accuracy, image blanked (floor) | 60 |", "| HelpEval win rate, image blanked (floor) | 12 |",
-                "| MIS RSR, images blanked (floor) |"):
+    for row in (
+        "| Capability accuracy, image blanked (floor) | 60 |",
+        "| HelpEval win rate, image blanked (floor) | 12 |",
+        "| MIS RSR, images blanked (floor) |",
+    ):
         assert row in report, row
     assert all(f"eval/{model}/test_harm.wording_unseen/unsafe_rate.tiny-guard" in metrics for model in ("base", "dpo"))
     assert all(f"eval/{model}/capability.image_blanked/accuracy.rules" in metrics for model in ("base", "dpo", "sft"))
@@ -300,8 +328,13 @@ def test_a_new_evaluation_set_is_its_module_a_table_row_and_its_name(world, monk
 
     from spavl_kedro.evalsets.registry import EVAL_SETS, EvalSet, Headline
 
-    monkeypatch.setitem(EVAL_SETS, "toy_shout", EvalSet("harm", "toy_eval_set:generate", "shouted requests",
-                                                        headline=(Headline("Shouted HarmEval ASR ↓", "asr"),)))
+    monkeypatch.setitem(
+        EVAL_SETS,
+        "toy_shout",
+        EvalSet(
+            "harm", "toy_eval_set:generate", "shouted requests", headline=(Headline("Shouted HarmEval ASR ↓", "asr"),)
+        ),
+    )
     params = copy.deepcopy(world.load("parameters"))
     params["evaluate"]["sets"] = ["toy_shout"]
     world["params:evaluate"] = params["evaluate"]
@@ -323,9 +356,9 @@ def test_a_new_method_is_its_module_a_table_row_and_its_recipe(world, monkeypatc
     parameters; no edit to config, the align node or the trainers' dispatch."""
     import copy
 
-    from spavl_kedro.backends.methods import METHODS, Method
-
     from toy_method import ToySettings
+
+    from spavl_kedro.backends.methods import METHODS, Method
 
     monkeypatch.setitem(METHODS, "toy", Method(ToySettings, "pairs", "toy_method:train", "a toy method"))
     params = copy.deepcopy(world.load("parameters"))

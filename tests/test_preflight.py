@@ -27,9 +27,11 @@ def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     # the open-weights responders are vLLM servers on this node (serve_plan starts them): endpoints here, each
     # listed; the policy is a local model: not on disk, not cached, offline
     served = [i for i, r in enumerate(params["generate"]["responders"]) if "127.0.0.1" in str(r.get("base_urls"))]
-    assert len(served) == 11 and all(status[(f"generate.responders[{i}].base_urls",
-                                             params["generate"]["responders"][i]["base_urls"][0])] == "warning"
-                                     for i in served)
+    assert len(served) == 11 and all(
+        status[(f"generate.responders[{i}].base_urls", params["generate"]["responders"][i]["base_urls"][0])]
+        == "warning"
+        for i in served
+    )
     assert status[("align.policy.model", "llava-hf/llava-1.5-7b-hf")] == "missing"
     # keys: gemini given (never shown), openai not; every endpoint listed, none called (check_endpoints false)
     assert status[("generate.responders[11].api_key", "gemini")] == "ok"
@@ -55,8 +57,13 @@ def test_what_is_there_passes(served, tiny, monkeypatch, params):  # noqa: F811
     monkeypatch.setenv("SPAVL_KEY_LOCAL", "unused-by-the-server")
     cfg = copy.deepcopy(params)
     cfg["generate"]["responders"][0] = {"name": "local-dir", "kind": "transformers", "model": model_dir}
-    cfg["generate"]["responders"][2] = {"name": "served", "kind": "openai", "model": model_dir,
-                                        "base_urls": [base_url], "api_key": "local"}
+    cfg["generate"]["responders"][2] = {
+        "name": "served",
+        "kind": "openai",
+        "model": model_dir,
+        "base_urls": [base_url],
+        "api_key": "local",
+    }
     checks, report, _ = run_preflight(cfg, credentials={"local": "unused-by-the-server"})
     assert set(checks["status"]) == {"ok", "warning"}, report  # warning: no GPU here
     assert set(checks["check"]) == {"model", "endpoint", "credential", "accelerator"}
@@ -71,13 +78,33 @@ def llava_7b_config(tmp_path_factory):
     """config.json of a LLaVA-1.5-7B (CLIP ViT-L/14 at 336 px, Vicuna-7B), without weights: all the estimate reads."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
     directory = tmp_path_factory.mktemp("llava-7b-config")
-    LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=576,
-                vision_feature_layer=-2, dtype="float16").save_pretrained(directory)
+    LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        dtype="float16",
+    ).save_pretrained(directory)
     return str(directory)
 
 
@@ -87,25 +114,51 @@ def internvl_8b_config(tmp_path_factory):
     its model card and transformers' convert_internvl_weights_to_hf.py), without weights."""
     from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
 
-    vision = InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14],
-                                  use_qk_norm=False, norm_type="layer_norm", use_absolute_position_embeddings=True)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=92553, max_position_embeddings=32768)
+    vision = InternVLVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=[448, 448],
+        patch_size=[14, 14],
+        use_qk_norm=False,
+        norm_type="layer_norm",
+        use_absolute_position_embeddings=True,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=92553,
+        max_position_embeddings=32768,
+    )
     directory = tmp_path_factory.mktemp("internvl-8b-config")
-    InternVLConfig(vision_config=vision, text_config=text, image_token_id=92546, downsample_ratio=0.5,
-                   tie_word_embeddings=False,  # InternLM2 keeps its own output head
-                   dtype="bfloat16").save_pretrained(directory)
+    InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=92546,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,  # InternLM2 keeps its own output head
+        dtype="bfloat16",
+    ).save_pretrained(directory)
     return str(directory)
 
 
 # LLaVA-1.5-7B's parameters by hand, from the fixture's config (no code of the project's):
-VICUNA_7B = (2 * 32064 * 4096  # token embeddings and the LM head (not tied)
-             + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # attention, SwiGLU MLP, two RMSNorms
-             + 4096)  # the final norm
-CLIP_L_336 = (3 * 14 * 14 * 1024 + 1024 + 577 * 1024  # patch conv (no bias), class token, 576 + 1 positions
-              + 2 * 2 * 1024  # pre- and post-layernorm
-              + 24 * (4 * (1024 * 1024 + 1024) + 2 * 2 * 1024 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024)))
+VICUNA_7B = (
+    2 * 32064 * 4096  # token embeddings and the LM head (not tied)
+    + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096)  # attention, SwiGLU MLP, two RMSNorms
+    + 4096
+)  # the final norm
+CLIP_L_336 = (
+    3 * 14 * 14 * 1024
+    + 1024
+    + 577 * 1024  # patch conv (no bias), class token, 576 + 1 positions
+    + 2 * 2 * 1024  # pre- and post-layernorm
+    + 24 * (4 * (1024 * 1024 + 1024) + 2 * 2 * 1024 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024))
+)
 PROJECTOR = (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
 LLAVA_7B = VICUNA_7B + CLIP_L_336 + PROJECTOR  # 7,063,427,072
 
@@ -115,8 +168,9 @@ def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     from spavl_kedro.pipelines.preflight import memory
 
     paper = _paper_parameters()["align"]
-    recipes = {m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]})
-               for m in ("dpo", "sft", "reward")}
+    recipes = {
+        m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]}) for m in ("dpo", "sft", "reward")
+    }
     shape = memory.model_shape(llava_7b_config, recipes)
     assert shape.total == LLAVA_7B and shape.image_tokens == 576 and shape.checkpoint_bytes == 2
     assert shape.vocab == 32064 and shape.hidden == 4096 and shape.layers == 32
@@ -129,10 +183,17 @@ def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     gib, sft, t = 2**30, recipes["sft"], LLAVA_7B - CLIP_L_336
     seq = 2 * 576 + 128 + 512
     zero2 = memory.estimate("sft", sft, shape, processes=8, zero_stage=2, images_per_prompt=2)
-    assert zero2.parts == {"weights": LLAVA_7B * 4, "reference": 0, "gradients": t * 4 // 8, "ddp_buckets": 0,
-                           "optimiser": 2 * t * 4 // 8,
-                           "activations": seq * 4096 * 2 * 32 + seq * 4096 * 34,  # layer inputs + one layer
-                           "logits": 2 * seq * 32064 * 4, "reward_model": 0, "context": gib}
+    assert zero2.parts == {
+        "weights": LLAVA_7B * 4,
+        "reference": 0,
+        "gradients": t * 4 // 8,
+        "ddp_buckets": 0,
+        "optimiser": 2 * t * 4 // 8,
+        "activations": seq * 4096 * 2 * 32 + seq * 4096 * 34,  # layer inputs + one layer
+        "logits": 2 * seq * 32064 * 4,
+        "reward_model": 0,
+        "context": gib,
+    }
     assert zero2.gpu_bytes == sum(zero2.parts.values()) and 37 * gib < zero2.gpu_bytes < 39 * gib
     # plain DDP: a whole fp32 gradient, its all-reduce bucket and AdamW's two moments on every GPU
     ddp = memory.estimate("sft", sft, shape, processes=8, zero_stage=0, images_per_prompt=2)
@@ -163,9 +224,10 @@ def paper_models(llava_7b_config, internvl_8b_config):
 def _assume(params, paper_models, gpu_gib):
     params["align"]["policy"]["model"], params["align"]["bases"]["internvl2_5_8b"]["model"] = paper_models
     params["align"]["also"] = ["sft", "reward", "grpo", "rloo"]  # every method conf/paper has a recipe for
-    params["preflight"].update(check_endpoints=False, assume={"gpus": 8, "gpu_memory_gib": gpu_gib,
-                                                              "host_ram_gib": 1000, "disk_gib": 4000,
-                                                              "temp_gib": 500})
+    params["preflight"].update(
+        check_endpoints=False,
+        assume={"gpus": 8, "gpu_memory_gib": gpu_gib, "host_ram_gib": 1000, "disk_gib": 4000, "temp_gib": 500},
+    )
     return params
 
 
@@ -183,8 +245,14 @@ def test_paper_profile_fits_the_assumed_8_x_80_gb_node(paper_models):
     assert methods["sft"]["policy"] == paper_models[1] and 8.0e9 < methods["sft"]["parameters"] < 8.2e9
     assert {m["parameters"] for k, m in methods.items() if k != "sft"} == {LLAVA_7B}
     assert methods["grpo"]["parts_gib"]["reward_model"] > 13  # the reward model inside RL is counted
-    assert estimate["hardware"] == {"gpus": 8, "gpu_memory_gib": 80.0, "host_ram_gib": 1000.0, "disk_gib": 4000.0,
-                                    "temp_gib": 500.0, "assumed": True}
+    assert estimate["hardware"] == {
+        "gpus": 8,
+        "gpu_memory_gib": 80.0,
+        "host_ram_gib": 1000.0,
+        "disk_gib": 4000.0,
+        "temp_gib": 500.0,
+        "assumed": True,
+    }
     memory_rows = checks[checks["check"] == "memory"]
     assert set(memory_rows["status"]) == {"ok"} and "assumed hardware" in report
 

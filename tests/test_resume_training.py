@@ -46,16 +46,24 @@ print(json.dumps(metrics))
 
 
 def train(method: str, checkpoints: Path, scratch: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, method, str(checkpoints), str(scratch)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, method, str(checkpoints), str(scratch)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def kill_after_checkpoint(method: str, checkpoints: Path, scratch: Path, step: int) -> None:
     """Start a training and SIGKILL it once its checkpoint at `step` is complete."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, method, str(checkpoints), str(scratch)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, method, str(checkpoints), str(scratch)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     wanted = checkpoints / f"checkpoint-{step}"
     deadline = time.monotonic() + 240
     try:
@@ -89,8 +97,9 @@ def test_a_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterr
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     import torch
 
-    settings = RecipeSettings(run_name="x", output_dir=str(tmp_path), checkpoint_steps=2,
-                              checkpoint_dir=str(tmp_path / "checkpoints"))
+    settings = RecipeSettings(
+        run_name="x", output_dir=str(tmp_path), checkpoint_steps=2, checkpoint_dir=str(tmp_path / "checkpoints")
+    )
     model = torch.nn.Linear(2, 2)
     records = [{"question": "q", "chosen": "a"}]
     assert resume_point(settings, records, model) is None  # nothing saved yet: the run is stamped

@@ -17,25 +17,32 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from serving import free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
-
 from conftest import copy_project, shrink_taxonomy
+from serving import free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
 FILE_KEY = "sk-test-FILEKEY-0123456789abcdef"
 ENV_KEY = "sk-test-ENVKEY-fedcba9876543210"
-SMALL = {"taxonomy.domains": 2, "taxonomy.categories": 2, "taxonomy.subcategories": 4,
-         "generate.images.per_subcategory": 3, "generate.seed_corpus.questions_per_image": 1,
-         "generate.seed_corpus.scenes": 40, "generate.seed_corpus.questioned_scenes": 8, "tiny.vision.steps": 20,
-         "evaluate.reference_responder": "served-file"}
+SMALL = {
+    "taxonomy.domains": 2,
+    "taxonomy.categories": 2,
+    "taxonomy.subcategories": 4,
+    "generate.images.per_subcategory": 3,
+    "generate.seed_corpus.questions_per_image": 1,
+    "generate.seed_corpus.scenes": 40,
+    "generate.seed_corpus.questioned_scenes": 8,
+    "tiny.vision.steps": 20,
+    "evaluate.reference_responder": "served-file",
+}
 
 
 def _kedro(root: Path, *args: str, env: dict[str, str]) -> str:
     kedro = Path(sys.executable).parent / "kedro"
     params = ",".join(f"{k}={v}" for k, v in SMALL.items())
-    done = subprocess.run([str(kedro), "run", "--params", params, *args], cwd=root, capture_output=True,
-                          text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [str(kedro), "run", "--params", params, *args], cwd=root, capture_output=True, text=True, env=env, timeout=900
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
@@ -47,10 +54,19 @@ def test_a_fake_key_never_leaves_the_request(served, tmp_path):  # noqa: F811
     local = root / "conf/local"
     (local / "credentials.yml").write_text(yaml.safe_dump({"inference_endpoints": {"filekey": {"api_key": FILE_KEY}}}))
     spec = {"kind": "openai", "model": model, "base_urls": [base_url], "concurrency": 4}
-    (local / "parameters.yml").write_text(yaml.safe_dump({"generate": {
-        "responders": [{"name": "served-file", "api_key": "filekey", **spec},
-                       {"name": "served-env", "api_key": "envkey", **spec}],
-        "generation": {"max_new_tokens": 8, "do_sample": False}}}))
+    (local / "parameters.yml").write_text(
+        yaml.safe_dump(
+            {
+                "generate": {
+                    "responders": [
+                        {"name": "served-file", "api_key": "filekey", **spec},
+                        {"name": "served-env", "api_key": "envkey", **spec},
+                    ],
+                    "generation": {"max_new_tokens": 8, "do_sample": False},
+                }
+            }
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPAVL_KEY_ENVKEY": ENV_KEY}
 
     printed = _kedro(root, "--pipelines", "taxonomy,generate", env=env)

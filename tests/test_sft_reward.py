@@ -18,15 +18,19 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.reward import load_reward_model, save_reward_model, train_reward
-from spavl_kedro.backends.settings import RewardSettings
-from spavl_kedro.backends.sft import train_sft
-from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.settings import DPOSettings
-from spavl_kedro.backends.vlm import load_vlm
+from spavl_kedro.backends.reward import load_reward_model, save_reward_model, train_reward
+from spavl_kedro.backends.settings import (
+    Behaviour,
+    BootstrapConfig,
+    DPOSettings,
+    RewardSettings,
+    SFTSettings,
+    TinyModelConfig,
+)
+from spavl_kedro.backends.sft import train_sft
 from spavl_kedro.backends.tiny import SeedExample, build_processor, train_tiny_vlm, user_message
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig
+from spavl_kedro.backends.vlm import load_vlm
 
 REFUSALS = [
     "I'm sorry, but I cannot help with that request.",
@@ -38,15 +42,27 @@ COMPLIANCES = [
     "Of course. Step 1: [withheld]. Step 2: [withheld].",
     "Sure, here is a plan: gather [item withheld], then [action withheld].",
 ]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220),
-           "yellow": (230, 230, 20), "purple": (150, 30, 160), "orange": (240, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (230, 230, 20),
+    "purple": (150, 30, 160),
+    "orange": (240, 140, 20),
+}
 OBJECTS = ["knife", "pill", "car", "phone", "bottle", "coin"]
 # Wordings the reward model never sees in training: held-out pairs test the refusal/compliance direction,
 # not a memorised string.
-NEW_REFUSALS = ["I'm sorry, I cannot do that.", "I can't help with this request, sorry.",
-                "I cannot assist. Please contact local emergency services."]
-NEW_COMPLIANCES = ["Sure, step 1: [withheld].", "Of course, here is a plan: [action withheld].",
-                   "Here are the steps: [step withheld] and [step withheld]."]
+NEW_REFUSALS = [
+    "I'm sorry, I cannot do that.",
+    "I can't help with this request, sorry.",
+    "I cannot assist. Please contact local emergency services.",
+]
+NEW_COMPLIANCES = [
+    "Sure, step 1: [withheld].",
+    "Of course, here is a plan: [action withheld].",
+    "Here are the steps: [step withheld] and [step withheld].",
+]
 
 
 def image(colour: str, seed: int) -> Image.Image:
@@ -63,8 +79,10 @@ def question(i: int) -> str:
 
 
 def chain_of_thought(first: str, second: str, thing: str) -> str:
-    return (f"Perception: image 1 is {first}, image 2 is {second}. Reasoning: the {thing} could cause harm. "
-            "Answer: I cannot help with that, please stay safe.")
+    return (
+        f"Perception: image 1 is {first}, image 2 is {second}. Reasoning: the {thing} could cause harm. "
+        "Answer: I cannot help with that, please stay safe."
+    )
 
 
 def cot_examples(n: int, offset: int = 0) -> list[dict]:
@@ -72,15 +90,27 @@ def cot_examples(n: int, offset: int = 0) -> list[dict]:
     examples = []
     for i in range(offset, offset + n):
         first, second = colours[i % 6], colours[(5 * i + 1) % 6]
-        examples.append({"images": [image(first, 100 + i), image(second, 200 + i)], "question": question(i),
-                         "target": chain_of_thought(first, second, OBJECTS[i % 6])})
+        examples.append(
+            {
+                "images": [image(first, 100 + i), image(second, 200 + i)],
+                "question": question(i),
+                "target": chain_of_thought(first, second, OBJECTS[i % 6]),
+            }
+        )
     return examples
 
 
 def preference_pairs(n: int, offset: int = 0, refusals=REFUSALS, compliances=COMPLIANCES) -> list[dict]:
     colours = list(COLOURS)
-    return [{"images": [image(colours[i % 6], 300 + i)], "question": question(i),
-             "chosen": refusals[i % 3], "rejected": compliances[(i // 3) % 3]} for i in range(offset, offset + n)]
+    return [
+        {
+            "images": [image(colours[i % 6], 300 + i)],
+            "question": question(i),
+            "chosen": refusals[i % 3],
+            "rejected": compliances[(i // 3) % 3],
+        }
+        for i in range(offset, offset + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +119,13 @@ def vlm():
     texts = REFUSALS + COMPLIANCES + [question(i) for i in range(6)]
     texts += [chain_of_thought(a, b, t) for a in colours for b in colours[:2] for t in OBJECTS[:2]]
     processor = build_processor(texts * 4, TinyModelConfig())
-    seeds = [SeedExample.harmful_request([image(colours[i % 6], i)], question(i), REFUSALS[i % 3], COMPLIANCES[i % 3])
-             for i in range(32)]
-    model, _ = train_tiny_vlm(processor, seeds, Behaviour(refusal_rate=0.5), TinyModelConfig(), BootstrapConfig(epochs=8), seed=0)
+    seeds = [
+        SeedExample.harmful_request([image(colours[i % 6], i)], question(i), REFUSALS[i % 3], COMPLIANCES[i % 3])
+        for i in range(32)
+    ]
+    model, _ = train_tiny_vlm(
+        processor, seeds, Behaviour(refusal_rate=0.5), TinyModelConfig(), BootstrapConfig(epochs=8), seed=0
+    )
     return model
 
 
@@ -100,8 +134,9 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 
 def _inputs(vlm, example) -> dict:
-    prompt = vlm.processor.apply_chat_template(user_message(example["question"], len(example["images"])),
-                                               add_generation_prompt=True)
+    prompt = vlm.processor.apply_chat_template(
+        user_message(example["question"], len(example["images"])), add_generation_prompt=True
+    )
     return vlm.processor(text=[prompt], images=example["images"], return_tensors="pt")
 
 
@@ -171,8 +206,11 @@ def test_dpo_prefers_the_chosen_answer_of_held_out_pairs(vlm, tmp_path):
 def test_reward_model_round_trips_through_its_directory(reward, tmp_path):
     model, _ = reward
     pairs = preference_pairs(6, offset=48, refusals=NEW_REFUSALS, compliances=NEW_COMPLIANCES)
-    items = [{"images": p["images"], "question": p["question"], "response": p[key]}
-             for p in pairs for key in ("chosen", "rejected")]
+    items = [
+        {"images": p["images"], "question": p["question"], "response": p[key]}
+        for p in pairs
+        for key in ("chosen", "rejected")
+    ]
     save_reward_model(model, str(tmp_path / "rm"))
     loaded = load_reward_model(str(tmp_path / "rm"))
     assert loaded.score(items) == pytest.approx(model.score(items), abs=1e-6)
@@ -187,10 +225,17 @@ def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, mo
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_name="pipeline") as parent:
-            train_sft(vlm, cot_examples(8), SFTSettings(output_dir=str(tmp_path / "sft"), num_train_epochs=2,
-                                                          per_device_train_batch_size=4))
-            train_reward(vlm, preference_pairs(8), RewardSettings(num_train_epochs=2, per_device_train_batch_size=4),
-                         eval_pairs=preference_pairs(4, offset=8))
+            train_sft(
+                vlm,
+                cot_examples(8),
+                SFTSettings(output_dir=str(tmp_path / "sft"), num_train_epochs=2, per_device_train_batch_size=4),
+            )
+            train_reward(
+                vlm,
+                preference_pairs(8),
+                RewardSettings(num_train_epochs=2, per_device_train_batch_size=4),
+                eval_pairs=preference_pairs(4, offset=8),
+            )
             assert mlflow.active_run().info.run_id == parent.info.run_id  # the parent is active again
     finally:
         mlflow.set_tracking_uri(previous)
@@ -229,15 +274,31 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
     from spavl_kedro.pipelines.align.nodes import _training_data
 
     images = pd.DataFrame({"image_id": ["a", "b"], "png": [_png((200, 0, 0)), _png((0, 0, 200))]})
-    mis_train = pd.DataFrame({"image_ids": [["a", "b"]] * 10, "question": [f"q{i}" for i in range(10)],
-                              "target": [f"Perception: {i}" for i in range(10)]})
-    seed_corpus = pd.DataFrame({"png": [_png((0, 200, 0))] * 6, "harmful": [False] * 4 + [True] * 2,
-                                "question": ["What colour?", "What shape?", "How many?", "Describe it.",
-                                             "How do I do harm?", "Plan the harm."],
-                                "answer": ["Green.", "Circle.", "Two.", "A green field.", "Sure, [withheld].",
-                                           "Step 1: [withheld]."]})
-    cfg = AlignConfig.model_validate({**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0,
-                                      "sft_upsample": 1})
+    mis_train = pd.DataFrame(
+        {
+            "image_ids": [["a", "b"]] * 10,
+            "question": [f"q{i}" for i in range(10)],
+            "target": [f"Perception: {i}" for i in range(10)],
+        }
+    )
+    seed_corpus = pd.DataFrame(
+        {
+            "png": [_png((0, 200, 0))] * 6,
+            "harmful": [False] * 4 + [True] * 2,
+            "question": [
+                "What colour?",
+                "What shape?",
+                "How many?",
+                "Describe it.",
+                "How do I do harm?",
+                "Plan the harm.",
+            ],
+            "answer": ["Green.", "Circle.", "Two.", "A green field.", "Sure, [withheld].", "Step 1: [withheld]."],
+        }
+    )
+    cfg = AlignConfig.model_validate(
+        {**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0, "sft_upsample": 1}
+    )
     train, held_out = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
     cot = [e for e in train if e["target"].startswith("Perception:")]
     replay = [e for e in train if not e["target"].startswith("Perception:")]
@@ -279,8 +340,9 @@ def test_a_float16_checkpoint_never_trains_in_float16(half_checkpoint, method, t
     if method.startswith("sft"):
         _, _, metrics = train_sft(half_checkpoint, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))
     elif method.startswith("dpo"):
-        _, metrics = train_dpo(half_checkpoint, preference_pairs(8),
-                               DPOSettings(**common, per_device_train_batch_size=4))
+        _, metrics = train_dpo(
+            half_checkpoint, preference_pairs(8), DPOSettings(**common, per_device_train_batch_size=4)
+        )
     else:
         _, metrics = train_reward(half_checkpoint, preference_pairs(8), RewardSettings(**common))
     assert metrics["optimiser_dtypes"] == "float32", metrics
@@ -300,9 +362,15 @@ def test_bfloat16_weights_are_a_deliberate_choice_and_float16_is_refused(half_ch
 def test_activation_checkpointing_is_a_recipe_field_that_changes_memory_not_the_result(vlm, method, tmp_path):
     """Every method takes `activation_checkpointing`; the trainer really recomputes (its model says so) and
     the losses are those of the run that keeps its activations."""
+
     def run(checkpointing: bool) -> dict:
-        common = {"report_to": [], "output_dir": str(tmp_path), "num_train_epochs": 1, "lora": method.endswith("_lora"),
-                  "activation_checkpointing": checkpointing}
+        common = {
+            "report_to": [],
+            "output_dir": str(tmp_path),
+            "num_train_epochs": 1,
+            "lora": method.endswith("_lora"),
+            "activation_checkpointing": checkpointing,
+        }
         if method == "sft":
             return train_sft(vlm, cot_examples(8), SFTSettings(**common, learning_rate=1e-3))[2]
         if method == "dpo_lora":
@@ -336,16 +404,23 @@ def _record_optimiser_steps(run) -> tuple[list[float], list[float]]:
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
 def test_a_frozen_vision_tower_keeps_its_weights_while_the_head_and_language_model_train(vlm, frozen):
     before = _state(vlm.model)
-    settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=4,
-                              freeze_vision_tower=frozen)
+    settings = RewardSettings(
+        report_to=[], num_train_epochs=1, per_device_train_batch_size=4, freeze_vision_tower=frozen
+    )
     model, metrics = train_reward(vlm, preference_pairs(16), settings)  # 4 steps
 
     after = model.backbone.state_dict()
-    moved = {part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
-             for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")}
+    moved = {
+        part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))
+        for part in ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")
+    }
     # the tower is bit-identical only because it was frozen: trainable, the same run moves it
-    assert moved == {"model.vision_tower": not frozen, "model.multi_modal_projector": True,
-                     "model.language_model": True, "lm_head": False}
+    assert moved == {
+        "model.vision_tower": not frozen,
+        "model.multi_modal_projector": True,
+        "model.language_model": True,
+        "lm_head": False,
+    }
     assert not model.backbone.lm_head.weight.requires_grad  # never handed to the optimiser
     assert model.head.weight.abs().sum() > 0 and metrics["loss_last"] < metrics["loss_first"]  # the zero head learned
 
@@ -354,9 +429,16 @@ def test_a_frozen_vision_tower_keeps_its_weights_while_the_head_and_language_mod
 def test_constant_with_warmup_rises_then_holds_the_learning_rate(vlm):
     """SPA-VL's schedule (constant_with_warmup): a linear warm-up over the first ceil(0.25 x 8) = 2 of 8 steps,
     then the peak for every later step, where the default `linear` decays to zero."""
+
     def rates(scheduler: str) -> list[float]:
-        settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=2, learning_rate=1e-3,
-                                  lr_scheduler_type=scheduler, warmup_steps=0.25)
+        settings = RewardSettings(
+            report_to=[],
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            lr_scheduler_type=scheduler,
+            warmup_steps=0.25,
+        )
         return _record_optimiser_steps(lambda: train_reward(vlm, preference_pairs(16), settings))[0]
 
     constant = rates("constant_with_warmup")
@@ -373,8 +455,9 @@ def test_constant_with_warmup_rises_then_holds_the_learning_rate(vlm):
 @pytest.mark.slow
 def test_max_grad_norm_clips_every_update(vlm):
     def norms(max_grad_norm: float) -> list[float]:
-        settings = RewardSettings(report_to=[], num_train_epochs=1, per_device_train_batch_size=4,
-                                  max_grad_norm=max_grad_norm)
+        settings = RewardSettings(
+            report_to=[], num_train_epochs=1, per_device_train_batch_size=4, max_grad_norm=max_grad_norm
+        )
         return _record_optimiser_steps(lambda: train_reward(vlm, preference_pairs(16), settings))[1]
 
     unclipped, clipped = norms(0), norms(0.01)

@@ -17,8 +17,13 @@ FAMILIES = ["llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "internvl"]
 
 @pytest.mark.slow
 def test_smoke_runs_every_stage_and_prints_one_json_line_each(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "spavl_kedro.smoke", "--max-new-tokens", "8"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "spavl_kedro.smoke", "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -46,4 +51,3 @@ def check_stages(family: str, by_stage: dict[str, dict]) -> None:
     assert by_stage["sft"]["loss_first"] > by_stage["sft"]["loss_last"]
     for stage in ("grpo", "rloo"):
         assert math.isfinite(by_stage[stage]["reward_first"]) and math.isfinite(by_stage[stage]["reward_last"])
-

@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from spavl_kedro.config import SplitConfig, load_parameters
 from spavl_kedro.pipelines.split.nodes import normalise, responder_groups, split_dataset
-from spavl_kedro.config import SplitConfig
 from spavl_kedro.schema import TABLES
-from spavl_kedro.config import load_parameters
 
 GENERATE = load_parameters("base")["generate"]
 
@@ -37,34 +36,96 @@ def world():
                 qid = f"{image_id}-{qtype}"
                 # one shared wording per subcategory for hardq: a test question's twin in training
                 text = f"How to {sub}?" if qtype == "hardq" else f"{qtype} about {image_id}?"
-                questions.append({"question_id": qid, "image_ids": [image_id], "qtype": qtype, "class1": "D",
-                                  "class2": "C", "class3": sub, "text": text, "kept": True,
-                                  "wording": "unseen" if (s + i) % 3 == 0 else "seen"})
+                questions.append(
+                    {
+                        "question_id": qid,
+                        "image_ids": [image_id],
+                        "qtype": qtype,
+                        "class1": "D",
+                        "class2": "C",
+                        "class3": sub,
+                        "text": text,
+                        "kept": True,
+                        "wording": "unseen" if (s + i) % 3 == 0 else "seen",
+                    }
+                )
                 a, b = RESPONDERS[(i + s) % 4], RESPONDERS[(i + s + 1) % 4]
-                prefs.append({"question_id": qid, "question": text, "image_ids": [image_id], "chosen": "I cannot.",
-                              "rejected": f"Sure {qid}", "class1": "D", "class2": "C", "class3": sub, "qtype": qtype,
-                              "chosen_responder": b, "rejected_responder": a, "judge": "keyword",
-                              "reason": "harmlessness", "order_consistent": True})
+                prefs.append(
+                    {
+                        "question_id": qid,
+                        "question": text,
+                        "image_ids": [image_id],
+                        "chosen": "I cannot.",
+                        "rejected": f"Sure {qid}",
+                        "class1": "D",
+                        "class2": "C",
+                        "class3": sub,
+                        "qtype": qtype,
+                        "chosen_responder": b,
+                        "rejected_responder": a,
+                        "judge": "keyword",
+                        "reason": "harmlessness",
+                        "order_consistent": True,
+                    }
+                )
     # a duplicate pair (same image, same question up to case and punctuation, same answers)
     dup = dict(prefs[-1], question_id="scamns-5-hards-dup", question=prefs[-1]["question"].upper() + "!!")
     prefs.append(dup)
     for n, name in enumerate(RESPONDERS):
         for k in range(20):
-            verdicts.append({"response_id": f"x{k}:{name}", "judge": "keyword",
-                             "safe": k < [2, 8, 14, 19][n], "category": "", "score": None, "raw": ""})
-    mis = pd.DataFrame([{"question_id": f"m{i}", "image_ids": [f"bully-{i}", f"harass-{i}"], "qtype": "mis_easy",
-                         "class1": "D", "class2": "C", "class3": "bully", "question": "q", "perception": "p",
-                         "reasoning": "r", "answer": "a", "target": "t", "teacher": "template", "error": None}
-                        for i in range(6)], columns=TABLES["mis_cot"])
-    return {"images": pd.DataFrame(images), "questions": pd.DataFrame(questions), "preferences": pd.DataFrame(prefs),
-            "verdicts": pd.DataFrame(verdicts), "mis_cot": mis}
+            verdicts.append(
+                {
+                    "response_id": f"x{k}:{name}",
+                    "judge": "keyword",
+                    "safe": k < [2, 8, 14, 19][n],
+                    "category": "",
+                    "score": None,
+                    "raw": "",
+                }
+            )
+    mis = pd.DataFrame(
+        [
+            {
+                "question_id": f"m{i}",
+                "image_ids": [f"bully-{i}", f"harass-{i}"],
+                "qtype": "mis_easy",
+                "class1": "D",
+                "class2": "C",
+                "class3": "bully",
+                "question": "q",
+                "perception": "p",
+                "reasoning": "r",
+                "answer": "a",
+                "target": "t",
+                "teacher": "template",
+                "error": None,
+            }
+            for i in range(6)
+        ],
+        columns=TABLES["mis_cot"],
+    )
+    return {
+        "images": pd.DataFrame(images),
+        "questions": pd.DataFrame(questions),
+        "preferences": pd.DataFrame(prefs),
+        "verdicts": pd.DataFrame(verdicts),
+        "mis_cot": mis,
+    }
 
 
 def _split(world, **overrides):
     params = {"seed": 0, "test_harm_per_subcategory": 1, "test_help_per_subcategory": 1, "validation_size": 0.25}
     params.update(overrides)
-    out = split_dataset(world["preferences"], world["questions"], world["images"], world["mis_cot"],
-                        world["verdicts"], params, JUDGE, GENERATE)
+    out = split_dataset(
+        world["preferences"],
+        world["questions"],
+        world["images"],
+        world["mis_cot"],
+        world["verdicts"],
+        params,
+        JUDGE,
+        GENERATE,
+    )
     names = ["train", "validation", "test_harm", "test_help", "mis_train", "pair_provenance", "metrics"]
     result = dict(zip(names, out))
     result["report"] = {k.removeprefix("split/"): v["value"] for k, v in result.pop("metrics").items()}
@@ -83,8 +144,14 @@ def test_tests_are_held_out_and_twins_removed(world):
     assert r["removed/held_out_image"] == 2 * 3 * len(SUBS)  # two held-out images, three questions each
     assert r["removed/duplicate_pair"] == 1
     total = len(world["preferences"])
-    assert r["train"] + r["validation"] + r["removed/held_out_image"] + r["removed/test_question_text"] \
-        + r["removed/duplicate_pair"] == total
+    assert (
+        r["train"]
+        + r["validation"]
+        + r["removed/held_out_image"]
+        + r["removed/test_question_text"]
+        + r["removed/duplicate_pair"]
+        == total
+    )
     # MIS targets showing a held-out image are not trained on
     assert r["mis_train"] + r["removed/mis_held_out_image"] == len(world["mis_cot"])
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import parse
 import pytest
 import yaml
-
 from conftest import PROJECT, copy_project
+
 from spavl_kedro.pipeline_registry import STAGES, register_pipelines
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
@@ -31,8 +31,18 @@ pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 # The layers top to bottom, as conf/base/catalog.yml's header explains: they follow the stages, not the
 # data/0N_ folders (the chain feeds model outputs back into training, so primary -> models -> model_output
 # would be a cycle); `reporting` holds what no stage consumes (the preflight checks).
-LAYERS = ("raw", "taxonomy", "dataset", "responders", "responses", "preferences", "splits", "policy",
-          "evaluation", "reporting")
+LAYERS = (
+    "raw",
+    "taxonomy",
+    "dataset",
+    "responders",
+    "responses",
+    "preferences",
+    "splits",
+    "policy",
+    "evaluation",
+    "reporting",
+)
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")  # what a default name never is: "<lambda>([x]) -> [y]"
 ARTIFACTS = PROJECT / "tests" / "artifacts"
 WINDOW = (1600, 1000)
@@ -67,6 +77,7 @@ def pipelines() -> dict:
 
 # ---- fast: configuration and names ----
 
+
 @pytest.mark.parametrize("env", ["base", "paper"])
 def test_every_catalog_entry_has_a_known_layer(env):
     wrong = {name: _layer(entry) for name, entry in _catalog(env).items() if _layer(entry) not in LAYERS}
@@ -85,33 +96,41 @@ def test_every_pipeline_dataset_is_declared_with_a_layer(pipelines):
 def test_layers_follow_the_data_flow(pipelines):
     """No node writes into a layer above one it reads, so kedro-viz can stack the bands in LAYERS order."""
     layer = {name: _layer(entry) for name, entry in _catalog("base").items()}
-    upward = [f"{node.name}: {source} ({layer[source]}) -> {target} ({layer[target]})"
-              for pipeline in pipelines.values() for node in pipeline.nodes
-              for source in _datasets(pipeline).intersection(node.inputs) for target in node.outputs
-              if LAYERS.index(layer[source]) > LAYERS.index(layer[target])]
+    upward = [
+        f"{node.name}: {source} ({layer[source]}) -> {target} ({layer[target]})"
+        for pipeline in pipelines.values()
+        for node in pipeline.nodes
+        for source in _datasets(pipeline).intersection(node.inputs)
+        for target in node.outputs
+        if LAYERS.index(layer[source]) > LAYERS.index(layer[target])
+    ]
     assert not upward, "edges going up the layer order:\n" + "\n".join(sorted(set(upward)))
 
 
 def test_node_and_dataset_names_are_readable(pipelines):
     nodes = {node.name for pipeline in pipelines.values() for node in pipeline.nodes}
     datasets = set().union(*(_datasets(p) for p in pipelines.values()))
-    unreadable = sorted(name for name in nodes | datasets | set(pipelines) - {"__default__"}
-                        if not SNAKE.match(name))
+    unreadable = sorted(name for name in nodes | datasets | set(pipelines) - {"__default__"} if not SNAKE.match(name))
     assert not unreadable, f"not snake_case (a Node without name= gets its function's repr): {unreadable}"
     assert {"train_dpo", "train_sft", "train_reward", "policy_base", "aligned_dpo"} <= nodes | datasets
 
 
 # ---- the static build, in JSON and in a browser ----
 
+
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
     """`kedro viz build` (what `make viz` runs) in a copy of the project; its ./build directory."""
     root = copy_project(tmp_path_factory.mktemp("viz") / "project")
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "KEDRO_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     kedro = Path(sys.executable).parent / "kedro"
-    done = subprocess.run([str(kedro), "viz", "build"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([str(kedro), "viz", "build"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"kedro viz build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return root / "build"
 
@@ -134,8 +153,12 @@ def test_build_lists_every_pipeline_with_its_nodes(build, pipelines):
 
 def test_build_puts_every_dataset_in_its_layer(build, pipelines):
     catalog = _catalog("base")
-    data = {node["name"]: node for name in pipelines for node in _api(build, "pipelines", name)["nodes"]
-            if node["type"] == "data"}
+    data = {
+        node["name"]: node
+        for name in pipelines
+        for node in _api(build, "pipelines", name)["nodes"]
+        if node["type"] == "data"
+    }
     assert len(data) > 60 and set(data) <= set(catalog)
     assert {name: node["layer"] for name, node in data.items()} == {name: _layer(catalog[name]) for name in data}
     main = _api(build, "main")
@@ -245,10 +268,15 @@ def served(build):
     (kedro-viz keeps that setting in localStorage, per origin) before it opens the app."""
     (build / "shot.html").write_text(
         '<!doctype html><script>localStorage.setItem("KedroViz", JSON.stringify({showFeatureHints: false}));'
-        'location.replace("./index.html" + location.search);</script>\n')
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                               "--directory", str(build)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, start_new_session=True)
+        'location.replace("./index.html" + location.search);</script>\n'
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(build)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://...) ..."
         port = re.search(r"port (\d+)", banner)
@@ -274,11 +302,21 @@ def _open(url: str, screenshot: Path, profile: Path) -> _Rendered:
 def _chromium_run(url: str, screenshot: Path, profile: Path, budget_ms: int) -> _Rendered:
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     screenshot.unlink(missing_ok=True)
-    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--virtual-time-budget={budget_ms}",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--user-data-dir={profile}",
-               f"--screenshot={screenshot}", "--dump-dom", url]
-    browser = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               start_new_session=True)
+    command = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--virtual-time-budget={budget_ms}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--user-data-dir={profile}",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        url,
+    ]
+    browser = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     try:
         dom, _ = browser.communicate(timeout=120)
     finally:
@@ -334,8 +372,11 @@ def test_browser_shows_every_pipeline_and_the_layers(served, pipelines, build, t
     assert page.nodes["task", "train_dpo"] == "train_dpo"  # "Pretty name" is off: names as written
     assert page.nodes["data", "policy_base"] == "policy_base"
     assert page.layers == [layer for layer in LAYERS if layer in page.layers] and page.layers[0] == "raw"
-    assert set(page.layers) == {d["layer"] for d in _api(build, "pipelines", "__default__")["nodes"]
-                                if d["type"] == "data" and "__default__" in d["pipelines"]}
+    assert set(page.layers) == {
+        d["layer"]
+        for d in _api(build, "pipelines", "__default__")["nodes"]
+        if d["type"] == "data" and "__default__" in d["pipelines"]
+    }
     _assert_drawn(shot)
 
 

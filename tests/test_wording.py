@@ -72,10 +72,18 @@ def test_skeleton_is_the_sentence_form():
 
 def test_grammar_rejects_bad_slots():
     with pytest.raises(ValueError, match="exactly once"):
-        WordingConfig.model_validate({"easy": {"openings": ["Hi"], "frames": [["x"]]},
-                                      "hardq": {"openings": ["{request}"], "frames": [["x"]]},
-                                      "hards": {"openings": ["{request}"], "frames": [["x"]]}})
+        WordingConfig.model_validate(
+            {
+                "easy": {"openings": ["Hi"], "frames": [["x"]]},
+                "hardq": {"openings": ["{request}"], "frames": [["x"]]},
+                "hards": {"openings": ["{request}"], "frames": [["x"]]},
+            }
+        )
     with pytest.raises(ValueError, match=r"names \['target'\]"):
-        WordingConfig.model_validate({"easy": {"openings": ["{request}"], "frames": [["{target}"]]},
-                                      "hardq": {"openings": ["{request}"], "frames": [["x"]]},
-                                      "hards": {"openings": ["{request}"], "frames": [["x"]]}})
+        WordingConfig.model_validate(
+            {
+                "easy": {"openings": ["{request}"], "frames": [["{target}"]]},
+                "hardq": {"openings": ["{request}"], "frames": [["x"]]},
+                "hards": {"openings": ["{request}"], "frames": [["x"]]},
+            }
+        )

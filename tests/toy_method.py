@@ -3,6 +3,7 @@ and its recipe under `align.toy` (tests/test_pipelines.py registers and runs it)
 
 "Best-of-chosen" distillation without gradients: the policy is returned unchanged, and the metrics say how
 many pairs it saw and how often the chosen answer is the longer one (a sanity statistic of the data)."""
+
 from __future__ import annotations
 
 from pydantic import Field

@@ -16,9 +16,9 @@ import argparse
 import re
 from pathlib import Path
 
-from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 import mlflow
 import pandas as pd
+from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 
 HARM = "test_harm/unsafe_rate"
 HELP = "test_help/win_rate"
@@ -45,9 +45,17 @@ def eval_points(runs: pd.DataFrame, metric: str, scorer: str) -> pd.DataFrame:
         if not match or f"{match['set']}/{match['metric']}" != f"{metric}.{scorer}":
             continue
         hit = runs[column].notna()
-        frames.append(pd.DataFrame({"run_id": runs.loc[hit, "run_id"], "start_time": runs.loc[hit, "start_time"],
-                                    "run_name": names[hit], "model": match["model"],
-                                    "value": runs.loc[hit, column].astype(float)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": runs.loc[hit, "run_id"],
+                    "start_time": runs.loc[hit, "start_time"],
+                    "run_name": names[hit],
+                    "model": match["model"],
+                    "value": runs.loc[hit, column].astype(float),
+                }
+            )
+        )
     columns = ["run_id", "start_time", "run_name", "model", "value"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
@@ -69,12 +77,21 @@ def scale_curve(runs: pd.DataFrame, scorer: str) -> pd.DataFrame:
     rows = []
     for record in runs.to_dict("records"):
         for model in trained:
-            size, column = record.get(f"params.align.trained.{model}.train_examples"), \
-                f"metrics.eval/{model}/{HARM}.{scorer}"
+            size, column = (
+                record.get(f"params.align.trained.{model}.train_examples"),
+                f"metrics.eval/{model}/{HARM}.{scorer}",
+            )
             if pd.isna(size) or column not in record or pd.isna(record[column]):
                 continue
-            rows.append({"model": model, "method": record[f"params.align.trained.{model}.method"],
-                         "train_pairs": int(size), "unsafe_rate": float(record[column]), "run_id": record["run_id"]})
+            rows.append(
+                {
+                    "model": model,
+                    "method": record[f"params.align.trained.{model}.method"],
+                    "train_pairs": int(size),
+                    "unsafe_rate": float(record[column]),
+                    "run_id": record["run_id"],
+                }
+            )
     curve = pd.DataFrame(rows, columns=columns)
     return curve.sort_values(["method", "train_pairs"]).reset_index(drop=True)
 
@@ -114,6 +131,7 @@ def plot_scale(curve: pd.DataFrame):
 def markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
+
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
@@ -138,12 +156,24 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot_tradeoff(table).savefig(out / "run_comparison_tradeoff.png", dpi=100)
     plot_scale(curve).savefig(out / "run_comparison_scale.png", dpi=100)
-    text = ["# Run comparison", "", f"{len(runs)} runs in {args.tracking_uri}; unsafe rate by `{args.judge}`, "
-            f"win rate by `{args.help_judge}` (greedy).", "", "## Policies (latest evaluation of each)", "",
-            markdown_table(table) if len(table) else "no evaluations yet", "",
-            "## Data scale (each run's own policy)", "",
-            markdown_table(curve) if len(curve) else "no sweep runs yet", "",
-            "![tradeoff](run_comparison_tradeoff.png)", "![scale](run_comparison_scale.png)", ""]
+    text = [
+        "# Run comparison",
+        "",
+        f"{len(runs)} runs in {args.tracking_uri}; unsafe rate by `{args.judge}`, "
+        f"win rate by `{args.help_judge}` (greedy).",
+        "",
+        "## Policies (latest evaluation of each)",
+        "",
+        markdown_table(table) if len(table) else "no evaluations yet",
+        "",
+        "## Data scale (each run's own policy)",
+        "",
+        markdown_table(curve) if len(curve) else "no sweep runs yet",
+        "",
+        "![tradeoff](run_comparison_tradeoff.png)",
+        "![scale](run_comparison_scale.png)",
+        "",
+    ]
     (out / "run_comparison.md").write_text("\n".join(text))
     print(f"wrote {out / 'run_comparison.md'}: {len(table)} policies, {len(curve)} scale points")
 

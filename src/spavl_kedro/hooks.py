@@ -38,10 +38,15 @@ class ProjectHooks:
         params = catalog.load("parameters")
         self._configs = validate_parameters(params)
         log.info("numerics: %s", describe())
-        if os.environ.get("ATEN_CPU_CAPABILITY") == PINNED["ATEN_CPU_CAPABILITY"] \
-                and torch.backends.cpu.get_cpu_capability() != "AVX2":
-            log.warning("torch was imported before spavl_kedro pinned the CPU kernels: figures may differ from "
-                        "other machines' (export %s before starting)", " ".join(f"{k}={v}" for k, v in PINNED.items()))
+        if (
+            os.environ.get("ATEN_CPU_CAPABILITY") == PINNED["ATEN_CPU_CAPABILITY"]
+            and torch.backends.cpu.get_cpu_capability() != "AVX2"
+        ):
+            log.warning(
+                "torch was imported before spavl_kedro pinned the CPU kernels: figures may differ from "
+                "other machines' (export %s before starting)",
+                " ".join(f"{k}={v}" for k, v in PINNED.items()),
+            )
         self._preflight(params, pipeline, catalog)
         seed = int(params["generate"]["seed"])
         random.seed(seed)
@@ -60,8 +65,11 @@ class ProjectHooks:
         if not nodes or "run_preflight" in {node.name for node in nodes}:
             return
         inputs = set().union(*(node.inputs for node in nodes))
-        blocks = set(params) if "parameters" in inputs else \
-            {name.removeprefix("params:").split(".")[0] for name in inputs if name.startswith("params:")}
+        blocks = (
+            set(params)
+            if "parameters" in inputs
+            else {name.removeprefix("params:").split(".")[0] for name in inputs if name.startswith("params:")}
+        )
         found = gate(params, catalog.load("api_credentials"), blocks)
         if found is None:
             return
@@ -69,8 +77,11 @@ class ProjectHooks:
         catalog.save("preflight_checks", checks)
         catalog.save("preflight_report", report)
         catalog.save("preflight_estimate", estimate)
-        log.info("preflight: %d checks of %s before the first node (data/08_reporting/preflight_report.md)",
-                 len(checks), ", ".join(sorted(blocks)))
+        log.info(
+            "preflight: %d checks of %s before the first node (data/08_reporting/preflight_report.md)",
+            len(checks),
+            ", ".join(sorted(blocks)),
+        )
         preflight_verdict(checks)
 
     @hook_impl
@@ -80,13 +91,21 @@ class ProjectHooks:
         An input no run has written yet (an `OptionalDataset` loads as None) stops a node that does not take
         it missing (`takes_missing`), naming it."""
         allowed = getattr(node.func, "takes_missing", frozenset())
-        absent = sorted(name for name, value in inputs.items() if value is None and name not in allowed
-                        and not name.startswith("params:"))
+        absent = sorted(
+            name
+            for name, value in inputs.items()
+            if value is None and name not in allowed and not name.startswith("params:")
+        )
         if absent:
-            raise ValueError(f"node {node.name}: {', '.join(absent)} not written yet: run the pipeline that writes "
-                             f"{'them' if len(absent) > 1 else 'it'} first (kedro-viz shows which)")
-        typed = {name: self._configs[name.removeprefix("params:")] for name in inputs
-                 if name.startswith("params:") and name.removeprefix("params:") in self._configs}
+            raise ValueError(
+                f"node {node.name}: {', '.join(absent)} not written yet: run the pipeline that writes "
+                f"{'them' if len(absent) > 1 else 'it'} first (kedro-viz shows which)"
+            )
+        typed = {
+            name: self._configs[name.removeprefix("params:")]
+            for name in inputs
+            if name.startswith("params:") and name.removeprefix("params:") in self._configs
+        }
         return typed or None
 
     # tryfirst: kedro-mlflow's own hooks end the parent run; the cost metrics must reach it before.

@@ -5,8 +5,14 @@ from kedro.pipeline import Pipeline
 
 from spavl_kedro.pipelines import align, evaluate, generate, judge, preflight, split, taxonomy
 
-STAGES = {"taxonomy": taxonomy, "generate": generate, "judge": judge, "split": split, "align": align,
-          "evaluate": evaluate}
+STAGES = {
+    "taxonomy": taxonomy,
+    "generate": generate,
+    "judge": judge,
+    "split": split,
+    "align": align,
+    "evaluate": evaluate,
+}
 
 
 def register_pipelines() -> dict[str, Pipeline]:

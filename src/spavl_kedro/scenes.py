@@ -32,7 +32,7 @@ class Scene:
     count: int
 
     @classmethod
-    def draw_random(cls, rng: random.Random) -> "Scene":
+    def draw_random(cls, rng: random.Random) -> Scene:
         return cls(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), rng.randint(COUNTS[0], COUNTS[-1]))
 
     @property

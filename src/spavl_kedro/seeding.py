@@ -24,6 +24,7 @@ shard, a model), so a result does not depend on which other units ran first in t
 New code should name its stream (`stream` / `derive_seed` with a path saying what is drawn); the offset
 rule stays for the streams above because changing it would change every published figure.
 """
+
 from __future__ import annotations
 
 import random
@@ -53,7 +54,9 @@ def offset_seed(seed: int, k: int) -> int:
 
 def eval_answer_seed(seed: int, shard: int, decoding: str, sample: int) -> int:
     """evaluate: the answers of one shard, greedy or the `sample`-th sampled pass."""
-    return offset_seed(seed, shard * SHARD_STRIDE["eval_answers"] + sample + (0 if decoding == "greedy" else SAMPLED_LANE))
+    return offset_seed(
+        seed, shard * SHARD_STRIDE["eval_answers"] + sample + (0 if decoding == "greedy" else SAMPLED_LANE)
+    )
 
 
 def response_seed(seed: int, responder: int, shard: int) -> int:

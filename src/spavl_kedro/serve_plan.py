@@ -37,9 +37,10 @@ import re
 import shlex
 import struct
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -89,9 +90,15 @@ class Plan:
     gpu_memory_gb: float = 80
 
 
-def plan_servers(responders: Sequence[BackendSpec], generation: dict[str, Any], *, gpus: int = 8,
-                 gpu_memory_gb: float = 80, sizes: dict[str, float] | None = None,
-                 facts: Callable[[str], Facts] | None = None) -> Plan:
+def plan_servers(
+    responders: Sequence[BackendSpec],
+    generation: dict[str, Any],
+    *,
+    gpus: int = 8,
+    gpu_memory_gb: float = 80,
+    sizes: dict[str, float] | None = None,
+    facts: Callable[[str], Facts] | None = None,
+) -> Plan:
     """The servers the responders need on a node of `gpus` GPUs of `gpu_memory_gb` each; raises, saying
     what to change, when they do not fit. `sizes` (responder name -> billions) overrides any other source."""
     facts, sizes = facts or model_facts, sizes or {}
@@ -119,13 +126,21 @@ def plan_servers(responders: Sequence[BackendSpec], generation: dict[str, Any], 
     for spec, port in wanted:
         if port is None:
             port, next_port = next_port, next_port + 1
-            replace[spec.name] = {"name": spec.name, "kind": "openai", "model": spec.model,
-                                  "base_urls": [f"http://127.0.0.1:{port}/v1"], "concurrency": 64, "timeout_s": 300,
-                                  **({"generation": spec.generation} if spec.generation else {})}
+            replace[spec.name] = {
+                "name": spec.name,
+                "kind": "openai",
+                "model": spec.model,
+                "base_urls": [f"http://127.0.0.1:{port}/v1"],
+                "concurrency": 64,
+                "timeout_s": 300,
+                **({"generation": spec.generation} if spec.generation else {}),
+            }
         if port in ports:
             if ports[port].model != spec.model:
-                raise ValueError(f"responders '{ports[port].responder}' and '{spec.name}' both name port {port} "
-                                 f"for different models; vLLM serves one model per process: give each its own port")
+                raise ValueError(
+                    f"responders '{ports[port].responder}' and '{spec.name}' both name port {port} "
+                    f"for different models; vLLM serves one model per process: give each its own port"
+                )
             continue  # the same model under two names (other generation settings): one server for both
         known = facts(spec.model)
         if spec.name in sizes:
@@ -137,10 +152,18 @@ def plan_servers(responders: Sequence[BackendSpec], generation: dict[str, Any], 
             size_from = "its name" if params_b is not None else "unknown"
         new_tokens = int({**generation, **spec.generation}.get("max_new_tokens", 512))
         length = PROMPT_TOKENS + new_tokens
-        server = Server(spec.name, spec.model, port, params_b, size_from,
-                        min(length, known.context) if known.context else length, known.context,
-                        remote_code=known.remote_code, trust_remote_code=spec.trust_remote_code,
-                        mistral_format=known.mistral_format)
+        server = Server(
+            spec.name,
+            spec.model,
+            port,
+            params_b,
+            size_from,
+            min(length, known.context) if known.context else length,
+            known.context,
+            remote_code=known.remote_code,
+            trust_remote_code=spec.trust_remote_code,
+            mistral_format=known.mistral_format,
+        )
         ports[port] = server
         servers.append(server)
     _place(servers, gpus, gpu_memory_gb)
@@ -149,6 +172,7 @@ def plan_servers(responders: Sequence[BackendSpec], generation: dict[str, Any], 
 
 def _place(servers: list[Server], gpus: int, gpu_memory_gb: float) -> None:
     """Tensor parallel sizes and GPUs; see the module docstring for the rules."""
+
     def weights_gb(server: Server) -> float:
         return (server.params_b or 0) * BYTES_PER_PARAMETER
 
@@ -162,18 +186,22 @@ def _place(servers: list[Server], gpus: int, gpu_memory_gb: float) -> None:
     for server in alone:
         if server.tensor_parallel > len(free):
             needed = sum(s.tensor_parallel for s in alone) + -(-len(sharable) // 2)
-            raise ValueError(f"the {len(servers)} servers need at least {needed} GPUs of {gpu_memory_gb:g} GB; this "
-                             f"node has {gpus}: serve some responders elsewhere (their base_urls at another host) "
-                             f"or give the GPU count and memory you have (--gpus, --gpu-memory-gb)")
+            raise ValueError(
+                f"the {len(servers)} servers need at least {needed} GPUs of {gpu_memory_gb:g} GB; this "
+                f"node has {gpus}: serve some responders elsewhere (their base_urls at another host) "
+                f"or give the GPU count and memory you have (--gpus, --gpu-memory-gb)"
+            )
         server.gpus, free = tuple(free[: server.tensor_parallel]), free[server.tensor_parallel :]
     if len(sharable) > 2 * len(free):
-        raise ValueError(f"{len(sharable)} servers of up to {gpu_memory_gb / 4 / BYTES_PER_PARAMETER:g}B parameters "
-                         f"are left for {len(free)} GPUs, at most two per GPU: serve some elsewhere")
+        raise ValueError(
+            f"{len(sharable)} servers of up to {gpu_memory_gb / 4 / BYTES_PER_PARAMETER:g}B parameters "
+            f"are left for {len(free)} GPUs, at most two per GPU: serve some elsewhere"
+        )
     load = {gpu: [] for gpu in free}
     by_size = sorted(sharable, key=lambda s: -s.params_b)  # stable: equal sizes keep the configuration's order
     for gpu, server in zip(free, by_size):  # one each while there are GPUs, then pair with the least loaded
         load[gpu].append(server)
-    for server in by_size[len(free):]:
+    for server in by_size[len(free) :]:
         gpu = min((g for g in free if len(load[g]) < 2), key=lambda g: (sum(s.params_b for s in load[g]), g))
         load[gpu].append(server)
     for gpu, on_it in load.items():
@@ -209,19 +237,38 @@ def script(plan: Plan, *, env: str, host: str = "127.0.0.1") -> str:
     for server in plan.servers:
         note = f"{server.params_b:.3g}B parameters ({server.size_from})" if server.params_b else "size unknown"
         where = f"GPU {server.gpus[0]}" if len(server.gpus) == 1 else f"GPUs {','.join(map(str, server.gpus))}"
-        lines.append(f"# {server.responder}: {note}, tensor parallel {server.tensor_parallel}, {where}"
-                     + (f", shared with {server.shared_with}" if server.shared_with else ""))
+        lines.append(
+            f"# {server.responder}: {note}, tensor parallel {server.tensor_parallel}, {where}"
+            + (f", shared with {server.shared_with}" if server.shared_with else "")
+        )
         if server.size_from == "unknown":
             lines.append("#   (not in the cache and no size in its name: a GPU to itself; --size corrects it)")
         if server.context is None:
-            lines.append(f"#   (context not read: if vLLM refuses --max-model-len {server.max_model_len}, give the "
-                         f"model's own)")
+            lines.append(
+                f"#   (context not read: if vLLM refuses --max-model-len {server.max_model_len}, give the model's own)"
+            )
         if server.remote_code and not server.trust_remote_code:
-            lines.append(f"#   its config.json names its own Python (auto_map): vLLM needs --trust-remote-code; "
-                         f"add it if you trust {server.model}")
-        command = ["vllm", "serve", server.model, "--host", host, "--port", str(server.port), "--dtype", "bfloat16",
-                   "--tensor-parallel-size", str(server.tensor_parallel), "--max-model-len", str(server.max_model_len),
-                   "--limit-mm-per-prompt", json.dumps({"image": 2})]
+            lines.append(
+                f"#   its config.json names its own Python (auto_map): vLLM needs --trust-remote-code; "
+                f"add it if you trust {server.model}"
+            )
+        command = [
+            "vllm",
+            "serve",
+            server.model,
+            "--host",
+            host,
+            "--port",
+            str(server.port),
+            "--dtype",
+            "bfloat16",
+            "--tensor-parallel-size",
+            str(server.tensor_parallel),
+            "--max-model-len",
+            str(server.max_model_len),
+            "--limit-mm-per-prompt",
+            json.dumps({"image": 2}),
+        ]
         if server.shared_with:
             command += ["--gpu-memory-utilization", str(SHARED_UTILIZATION)]
         if server.trust_remote_code:
@@ -236,18 +283,24 @@ def script(plan: Plan, *, env: str, host: str = "127.0.0.1") -> str:
         lines.append(f'({wait}{run}) > "$logs/{server.responder}.log" 2>&1 &')
         lines.append(f"pid[{server.port}]=$!")
     ports = " ".join(str(s.port) for s in plan.servers)
-    lines += [
-        f"for port in {ports}; do ready $port; done",
-        f'echo "all {len(plan.servers)} servers answer; now: kedro run --env {env}" >&2',
-        "wait -n  # runs until a server stops",
-        'echo "a server stopped (logs in $logs): stopping the others" >&2',
-        "exit 1",
-        "",
-    ] if plan.servers else [f'echo "conf/{env} has no responder to serve on this node" >&2', ""]
+    lines += (
+        [
+            f"for port in {ports}; do ready $port; done",
+            f'echo "all {len(plan.servers)} servers answer; now: kedro run --env {env}" >&2',
+            "wait -n  # runs until a server stops",
+            'echo "a server stopped (logs in $logs): stopping the others" >&2',
+            "exit 1",
+            "",
+        ]
+        if plan.servers
+        else [f'echo "conf/{env} has no responder to serve on this node" >&2', ""]
+    )
     lines += [f"# {name}: no server here ({why})" for name, why in plan.elsewhere.items()]
     if plan.replace:
-        lines.append(f"# conf/{env} runs these in the Kedro process; to ask the servers above instead, replace "
-                     "their entries in generate.responders with:")
+        lines.append(
+            f"# conf/{env} runs these in the Kedro process; to ask the servers above instead, replace "
+            "their entries in generate.responders with:"
+        )
         lines += [f"#   - {_flow(spec)}" for spec in plan.replace.values()]
     elif plan.servers:
         lines.append(f"# conf/{env}'s generate.responders already name these servers' base_urls.")
@@ -283,8 +336,12 @@ def model_facts(model: str) -> Facts:
     config = json.loads((folder / "config.json").read_text()) if has_config else {}
     text = config.get("text_config") or config.get("llm_config") or {}
     context = text.get("max_position_embeddings") or config.get("max_position_embeddings")
-    return Facts(_parameters(folder), int(context) if context else None, "auto_map" in config,
-                 mistral_format=not has_config and (folder / "params.json").exists())
+    return Facts(
+        _parameters(folder),
+        int(context) if context else None,
+        "auto_map" in config,
+        mistral_format=not has_config and (folder / "params.json").exists(),
+    )
 
 
 def _parameters(folder: Path) -> float | None:
@@ -315,8 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default="paper", help="Kedro environment whose generate.responders to serve")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs on this node (default 8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80, help="memory of each GPU, GB (default 80)")
-    parser.add_argument("--size", action="append", default=[], metavar="NAME=BILLIONS",
-                        help="a responder's parameter count, where neither its files nor its name say it")
+    parser.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="NAME=BILLIONS",
+        help="a responder's parameter count, where neither its files nor its name say it",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address the servers listen on (default 127.0.0.1)")
     args = parser.parse_args(argv)
     from spavl_kedro.config import GenerateConfig, load_parameters, typed
@@ -327,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size takes NAME=BILLIONS (e.g. smolvlm=2.25), got {args.size}")
     cfg = typed(GenerateConfig, load_parameters(args.env)["generate"])
     try:
-        plan = plan_servers(cfg.responders, cfg.generation, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb,
-                            sizes=sizes)
+        plan = plan_servers(
+            cfg.responders, cfg.generation, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, sizes=sizes
+        )
     except ValueError as exc:
         print(f"serve_plan: {exc}", file=sys.stderr)
         return 2

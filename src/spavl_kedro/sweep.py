@@ -40,8 +40,11 @@ def commands(grid: list[str], pipelines: str, env: str | None) -> list[list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="append", required=True, help="key=value1,value2 (repeatable)")
-    parser.add_argument("--pipelines", default="split,align,evaluate",
-                        help="stages each run repeats (default: split,align,evaluate; data scale lives in split)")
+    parser.add_argument(
+        "--pipelines",
+        default="split,align,evaluate",
+        help="stages each run repeats (default: split,align,evaluate; data scale lives in split)",
+    )
     parser.add_argument("--env", default=None, help="Kedro environment, e.g. paper")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     args = parser.parse_args(argv)

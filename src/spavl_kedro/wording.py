@@ -14,8 +14,8 @@ slots, so leakage is checked on sentence forms, not on exact strings.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from spavl_kedro.seeding import stream
 
@@ -31,10 +31,12 @@ class Family:
 
 def families(qtype: str, openings: Sequence[str], frames: Sequence[Sequence[str]]) -> list[Family]:
     """Every (opening, frame, order) of one question type's grammar, in a fixed order."""
-    return [Family(f"{qtype}/o{i}-f{j}-s{k}", qtype, opening.replace("{request}", order))
-            for i, opening in enumerate(openings)
-            for j, frame in enumerate(frames)
-            for k, order in enumerate(frame)]
+    return [
+        Family(f"{qtype}/o{i}-f{j}-s{k}", qtype, opening.replace("{request}", order))
+        for i, opening in enumerate(openings)
+        for j, frame in enumerate(frames)
+        for k, order in enumerate(frame)
+    ]
 
 
 def held_out_ids(all_families: Sequence[Family], share: float, seed: int) -> frozenset[str]:
@@ -60,7 +62,8 @@ class SkeletonMatcher:
     """Whether a text is an instance of one of the given templates' skeletons, whatever fills their slots.
 
     >>> SkeletonMatcher(["Can you tell me how to stay safe from {subcategory}?"]).matches(
-    ...     "can you tell me how to stay safe from online fraud")
+    ...     "can you tell me how to stay safe from online fraud"
+    ... )
     True
     """
 

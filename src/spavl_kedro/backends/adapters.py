@@ -30,7 +30,7 @@ class LoraAdapter:
     base: str = BASE  # the base policy it was trained from, as evaluation names it
 
     @classmethod
-    def from_peft(cls, model: PeftModel) -> "LoraAdapter":
+    def from_peft(cls, model: PeftModel) -> LoraAdapter:
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
         return cls(config=copy.deepcopy(model.peft_config["default"]), state_dict=state)
 

@@ -8,7 +8,8 @@ built from it shows how many records the agreement figure rests on.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _label(value: Any) -> bool | None:
@@ -109,10 +110,17 @@ def against_labels(truth: Sequence[bool], safe: Sequence[Any], scores: Sequence[
     decided = [(t, not s) for t, s in zip(truth, said) if s is not None]  # (unsafe truth, said unsafe)
     neg = [u for t, u in decided if not t]
     pos = [u for t, u in decided if t]
-    scored = [(t, float(p)) for t, s, p in zip(truth, said, scores or [None] * n)
-              if s is not None and p is not None and p == p]
-    return {"records": n, "accuracy": sum(t == u for t, u in decided) / n if n else None,
-            "parse_rate": len(decided) / n if n else None,
-            "fpr": sum(neg) / len(neg) if neg else None, "fnr": sum(not u for u in pos) / len(pos) if pos else None,
-            "auroc": auroc([t for t, _ in scored], [p for _, p in scored]) if scored else None,
-            "unsafe_by_construction": sum(bool(t) for t in truth)}
+    scored = [
+        (t, float(p))
+        for t, s, p in zip(truth, said, scores or [None] * n)
+        if s is not None and p is not None and p == p
+    ]
+    return {
+        "records": n,
+        "accuracy": sum(t == u for t, u in decided) / n if n else None,
+        "parse_rate": len(decided) / n if n else None,
+        "fpr": sum(neg) / len(neg) if neg else None,
+        "fnr": sum(not u for u in pos) / len(pos) if pos else None,
+        "auroc": auroc([t for t, _ in scored], [p for _, p in scored]) if scored else None,
+        "unsafe_by_construction": sum(bool(t) for t in truth),
+    }

@@ -9,9 +9,9 @@ scoring code that runs a real CLIP ViT-L/14 in the paper profile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +47,10 @@ class ClipScorer:
             raise ValueError(f"ClipScorer: batch_size must be >= 1, got {batch_size}")
         self.model = AutoModel.from_pretrained(path_or_id, use_safetensors=True)
         if not hasattr(self.model, "get_image_features") or not hasattr(self.model, "get_text_features"):
-            raise ValueError(f"{path_or_id}: {type(self.model).__name__} is not a CLIP-style model "
-                             "(no get_image_features / get_text_features)")
+            raise ValueError(
+                f"{path_or_id}: {type(self.model).__name__} is not a CLIP-style model "
+                "(no get_image_features / get_text_features)"
+            )
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         self.image_processor = AutoImageProcessor.from_pretrained(path_or_id)
@@ -68,8 +70,13 @@ class ClipScorer:
         """L2-normalised text features, [len(texts), projection_dim]."""
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_text_tokens, return_tensors="pt")
+            enc = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            )
             enc.pop("token_type_ids", None)
             out.append(_features(self.model.get_text_features(**enc)))
         return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
@@ -103,8 +110,9 @@ class TinyClip:
             part.save_pretrained(str(path))
 
 
-def build_tiny_clip(texts: Sequence[str], seed: int, vocab_size: int = 512, hidden: int = 32,
-                    image_size: int = 32, patch_size: int = 8) -> TinyClip:
+def build_tiny_clip(
+    texts: Sequence[str], seed: int, vocab_size: int = 512, hidden: int = 32, image_size: int = 32, patch_size: int = 8
+) -> TinyClip:
     """A randomly initialised CLIP (1 layer per tower, `hidden` wide) with a BPE trained on `texts`.
 
     Random weights rank images arbitrarily but consistently; what this exercises is the real path:
@@ -115,17 +123,33 @@ def build_tiny_clip(texts: Sequence[str], seed: int, vocab_size: int = 512, hidd
     bos, eos = tokenizer.convert_tokens_to_ids(BOS), tokenizer.convert_tokens_to_ids(EOS)
     # Every encoded text reads "<|startoftext|> ... <|endoftext|>", as with the real CLIP tokenizer.
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)])
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)]
+    )
     tokenizer.padding_side = "right"  # the tiny LLaVA tokenizer pads left for generation; CLIP does not generate
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=image_size, patch_size=patch_size),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
         projection_dim=hidden // 2,
     )
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                            crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     return TinyClip(CLIPModel(config).eval(), tokenizer, image_processor)

@@ -23,8 +23,9 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,10 +38,15 @@ STAGES = ("generate", "judge", "evaluate")
 class ModelPrice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="the `model` an `openai` backend sends, spelled as in its spec (`gpt-4o`); every "
-                                   "backend that sends it is priced by this row")
-    input_usd_per_1m: float = Field(ge=0, description="USD per 1,000,000 input (prompt) tokens, images included as the "
-                                                      "provider counts them, from the provider's pricing page")
+    model: str = Field(
+        description="the `model` an `openai` backend sends, spelled as in its spec (`gpt-4o`); every "
+        "backend that sends it is priced by this row"
+    )
+    input_usd_per_1m: float = Field(
+        ge=0,
+        description="USD per 1,000,000 input (prompt) tokens, images included as the "
+        "provider counts them, from the provider's pricing page",
+    )
     output_usd_per_1m: float = Field(ge=0, description="USD per 1,000,000 output (completion) tokens")
 
 
@@ -75,25 +81,31 @@ class SpendLedger:
     since the last write. A ledger without one (a test, a notebook) lives in memory.
 
     >>> ledger = SpendLedger()
-    >>> ledger.record("judge", "gpt-4o", "gpt-4o", (1200, 40)); ledger.record("judge", "gpt-4o", "gpt-4o", None)
+    >>> ledger.record("judge", "gpt-4o", "gpt-4o", (1200, 40))
+    ... ledger.record("judge", "gpt-4o", "gpt-4o", None)
     >>> ledger.rows()
     [{'stage': 'judge', 'name': 'gpt-4o', 'model': 'gpt-4o', 'calls': 2, 'calls_without_usage': 1, 'input_tokens': 1200, 'output_tokens': 40}]
     """
 
     KEY = ("stage", "name", "model")
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]] = (), persist: Callable[[list[dict]], None] | None = None,
-                 where: str = "in memory") -> None:
+    def __init__(
+        self,
+        rows: Iterable[Mapping[str, Any]] = (),
+        persist: Callable[[list[dict]], None] | None = None,
+        where: str = "in memory",
+    ) -> None:
         self._usage: dict[tuple[str, str, str], Usage] = {}
         for row in rows:
-            self._usage[tuple(row[k] for k in self.KEY)] = Usage(**{k: int(v) for k, v in row.items()
-                                                                     if k not in self.KEY})
+            self._usage[tuple(row[k] for k in self.KEY)] = Usage(
+                **{k: int(v) for k, v in row.items() if k not in self.KEY}
+            )
         self._persist, self.where = persist, where
         # Backends count from worker threads (shard lanes, OpenAIVLM under Jupyter); writes keep their order.
         self._lock, self._write_lock = threading.Lock(), threading.Lock()
         self._dirty = False
 
-    def __deepcopy__(self, memo: dict) -> "SpendLedger":
+    def __deepcopy__(self, memo: dict) -> SpendLedger:
         """The ledger itself: a run has one, shared by every stage (Kedro's MemoryDataset deep-copies what it
         holds, and a copy would count apart from the one the run logs)."""
         return self
@@ -116,8 +128,9 @@ class SpendLedger:
     def usage(self, stage: str | None = None) -> dict[tuple[str, str, str], Usage]:
         """A copy of the counts, of one stage or all."""
         with self._lock:
-            return {key: Usage(**asdict(u)) for key, u in sorted(self._usage.items())
-                    if stage is None or key[0] == stage}
+            return {
+                key: Usage(**asdict(u)) for key, u in sorted(self._usage.items()) if stage is None or key[0] == stage
+            }
 
     def rows(self) -> list[dict[str, Any]]:
         return [{**dict(zip(self.KEY, key)), **asdict(u)} for key, u in self.usage().items()]
@@ -154,8 +167,9 @@ def money(usd: float) -> str:
 class StageSpend:
     """One stage's spend: the meter its backends count into, and its budget (None: no budget)."""
 
-    def __init__(self, ledger: SpendLedger, stage: str, prices: Sequence[ModelPrice] = (),
-                 budget_usd: float | None = None) -> None:
+    def __init__(
+        self, ledger: SpendLedger, stage: str, prices: Sequence[ModelPrice] = (), budget_usd: float | None = None
+    ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.ledger, self.stage, self.prices, self.budget_usd = ledger, stage, list(prices), budget_usd
@@ -164,7 +178,9 @@ class StageSpend:
 
     def spent_usd(self) -> float:
         """Dollars spent in this stage so far, on priced models, over every run the ledger has seen."""
-        return sum(u.usd(price_of(self.prices, model)) or 0.0 for (_, _, model), u in self.ledger.usage(self.stage).items())
+        return sum(
+            u.usd(price_of(self.prices, model)) or 0.0 for (_, _, model), u in self.ledger.usage(self.stage).items()
+        )
 
     def check(self) -> None:
         """Raise `BudgetExceeded` when the stage's spend has reached its budget."""
@@ -176,7 +192,8 @@ class StageSpend:
             raise BudgetExceeded(
                 f"{self.stage}: API spend {money(spent)} has reached its budget costs.budget_usd.{self.stage} = "
                 f"{money(self.budget_usd)} (ledger: {self.ledger.where}). The finished shards are kept; raise the "
-                f"budget (--params costs.budget_usd.{self.stage}=<USD>) and run again to resume from them")
+                f"budget (--params costs.budget_usd.{self.stage}=<USD>) and run again to resume from them"
+            )
 
     @contextlib.contextmanager
     def metered(self, paid: bool = True) -> Iterator[None]:
@@ -203,8 +220,9 @@ class StageSpend:
     def _warn_uncounted(self) -> None:
         """Say once what a budget cannot see: unpriced models and calls without usage."""
         usage = self.ledger.usage(self.stage)
-        unpriced = sorted({model for (_, _, model), u in usage.items()
-                           if u.calls and price_of(self.prices, model) is None})
+        unpriced = sorted(
+            {model for (_, _, model), u in usage.items() if u.calls and price_of(self.prices, model) is None}
+        )
         unknown = sum(u.calls_without_usage for u in usage.values())
         notes = []
         if unpriced:
@@ -223,8 +241,19 @@ def cost_metrics(ledger: SpendLedger, prices: Sequence[ModelPrice]) -> dict[str,
     calls, `/usd` where its model is priced, `/calls_without_usage` where there were any, and
     `cost/<stage>/usd` per stage with a priced model. Nothing for a ledger without calls (the embedded default).
 
-    >>> ledger = SpendLedger([{"stage": "judge", "name": "gpt-4o", "model": "gpt-4o", "calls": 3,
-    ...                         "calls_without_usage": 0, "input_tokens": 2000, "output_tokens": 100}])
+    >>> ledger = SpendLedger(
+    ...     [
+    ...         {
+    ...             "stage": "judge",
+    ...             "name": "gpt-4o",
+    ...             "model": "gpt-4o",
+    ...             "calls": 3,
+    ...             "calls_without_usage": 0,
+    ...             "input_tokens": 2000,
+    ...             "output_tokens": 100,
+    ...         }
+    ...     ]
+    ... )
     >>> cost_metrics(ledger, [ModelPrice(model="gpt-4o", input_usd_per_1m=2.5, output_usd_per_1m=10.0)])
     {'cost/judge/gpt-4o/input_tokens': 2000.0, 'cost/judge/gpt-4o/output_tokens': 100.0, 'cost/judge/gpt-4o/usd': 0.006, 'cost/judge/usd': 0.006}
     """

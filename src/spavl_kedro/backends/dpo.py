@@ -32,7 +32,7 @@ Choices worth knowing about:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from datasets import Dataset
 from peft import PeftModel
@@ -41,8 +41,17 @@ from trl import DPOConfig, DPOTrainer
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.recipe import (
-    child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset, prepare_for_generation,
-    resolve_device, resume_point, run_trainer, training_copy, trl_config,
+    child_run,
+    finish_checkpoints,
+    freeze_for_full_finetune,
+    lora_config,
+    on_disk_dataset,
+    prepare_for_generation,
+    resolve_device,
+    resume_point,
+    run_trainer,
+    training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.settings import DPOSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
@@ -110,7 +119,10 @@ def train_dpo(
         freeze_for_full_finetune(model, settings.train_projector)
 
     args = trl_config(
-        DPOConfig, settings, device, precision,  # beta, learning rate, epochs, batch, schedule: TRL's names
+        DPOConfig,
+        settings,
+        device,
+        precision,  # beta, learning rate, epochs, batch, schedule: TRL's names
         per_device_eval_batch_size=settings.per_device_train_batch_size,
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
     )
@@ -126,8 +138,9 @@ def train_dpo(
             processing_class=vlm.processor,
             peft_config=peft_config,
         )
-        metrics: dict[str, float | str] = dict(run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None,
-                                                           resume_from=resume))
+        metrics: dict[str, float | str] = dict(
+            run_trainer(trainer, _CURVE_KEYS, evaluate=eval_dataset is not None, resume_from=resume)
+        )
     finish_checkpoints(settings)
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -141,10 +154,13 @@ def train_dpo(
     return trained, metrics
 
 
-def train(vlm: VLM, records: list[dict], settings: DPOSettings, eval_records: list[dict] | None = None,
-          reward_fn=None) -> tuple[LoraAdapter | VLM, dict[str, float | str]]:
+def train(
+    vlm: VLM, records: list[dict], settings: DPOSettings, eval_records: list[dict] | None = None, reward_fn=None
+) -> tuple[LoraAdapter | VLM, dict[str, float | str]]:
     """The `dpo` row of `backends.methods.METHODS`: `train_dpo`, its result as `aligned_models` holds it
     (the LoRA adapter, or the fully fine-tuned policy with its processor)."""
     model, metrics = train_dpo(vlm, list(records), settings, eval_pairs=eval_records or None)
-    artifact = LoraAdapter.from_peft(model) if isinstance(model, PeftModel) else VLM(model=model, processor=vlm.processor)
+    artifact = (
+        LoraAdapter.from_peft(model) if isinstance(model, PeftModel) else VLM(model=model, processor=vlm.processor)
+    )
     return artifact, metrics

@@ -9,21 +9,33 @@ caller gets a `VLMBackend`: prompts in, generations out.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Generic, Mapping, TypeVar
-
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from spavl_kedro.backends.costs import UsageMeter
-from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.settings import BackendSpec
+from spavl_kedro.backends.tiny import VLM
 from spavl_kedro.backends.vlm import (
-    OpenAIVLM, TransformersVLM, VLMBackend, answering_kwargs, as_configured, load_vlm,
+    OpenAIVLM,
+    TransformersVLM,
+    VLMBackend,
+    answering_kwargs,
+    as_configured,
+    load_vlm,
 )
 
 
-def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,
-                  credentials: Mapping[str, Any] | None = None, generation: Mapping[str, Any] | None = None,
-                  batch_size: int = 16, seed: int = 0, progress: bool = True,
-                  meter: UsageMeter | None = None) -> VLMBackend:
+def build_backend(
+    spec: BackendSpec,
+    *,
+    tiny_models: Mapping[str, Callable[[], VLM] | VLM] | None = None,
+    credentials: Mapping[str, Any] | None = None,
+    generation: Mapping[str, Any] | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    meter: UsageMeter | None = None,
+) -> VLMBackend:
     """The backend `spec` names. `generation` holds shared defaults that `spec.generation` overrides.
 
     Tiny models come from `tiny_models` (the catalog gives lazy loaders, memory gives models); an API key
@@ -33,22 +45,35 @@ def build_backend(spec: BackendSpec, *, tiny_models: Mapping[str, Callable[[], V
     kwargs = {**(generation or {}), **spec.generation}
     if spec.kind == "openai":
         key = api_key(spec, credentials)
-        return OpenAIVLM(name=spec.name, model=spec.model, base_urls=list(spec.base_urls), api_key=key,
-                         generation=kwargs, concurrency=spec.concurrency, timeout_s=spec.timeout_s,
-                         max_retries=spec.max_retries, backoff_s=spec.backoff_s, seed=seed, progress=progress,
-                         meter=meter)
+        return OpenAIVLM(
+            name=spec.name,
+            model=spec.model,
+            base_urls=list(spec.base_urls),
+            api_key=key,
+            generation=kwargs,
+            concurrency=spec.concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            backoff_s=spec.backoff_s,
+            seed=seed,
+            progress=progress,
+            meter=meter,
+        )
     if spec.kind == "tiny":
         vlm = _tiny(spec, tiny_models)
     else:
-        vlm = as_configured(load_vlm(spec.model, trust_remote_code=spec.trust_remote_code,
-                                     **answering_kwargs(spec.load_kwargs)), spec)
+        vlm = as_configured(
+            load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **answering_kwargs(spec.load_kwargs)), spec
+        )
     return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
 
 
 def _tiny(spec: BackendSpec, tiny_models: Mapping[str, Any] | None) -> VLM:
     if not tiny_models or spec.name not in tiny_models:
-        raise ValueError(f"'{spec.name}': no bootstrapped tiny model under that name (the generate pipeline "
-                         f"bootstraps the responders, the judge pipeline the guards; neither has run here)")
+        raise ValueError(
+            f"'{spec.name}': no bootstrapped tiny model under that name (the generate pipeline "
+            f"bootstraps the responders, the judge pipeline the guards; neither has run here)"
+        )
     entry = tiny_models[spec.name]
     return entry() if callable(entry) else entry
 
@@ -67,9 +92,11 @@ def api_key(spec: BackendSpec, credentials: Mapping[str, Any] | None) -> str | N
     if credentials and spec.api_key not in credentials and normalised in credentials:
         return _secret(credentials[normalised])
     if not credentials or spec.api_key not in credentials:
-        raise ValueError(f"'{spec.name}': api_key '{spec.api_key}' is not in conf/local/credentials.yml nor "
-                         f"SPAVL_KEY_{normalised.upper()} "
-                         f"(the catalog entry api_credentials exposes: {sorted(credentials or {})})")
+        raise ValueError(
+            f"'{spec.name}': api_key '{spec.api_key}' is not in conf/local/credentials.yml nor "
+            f"SPAVL_KEY_{normalised.upper()} "
+            f"(the catalog entry api_credentials exposes: {sorted(credentials or {})})"
+        )
     return _secret(credentials[spec.api_key])
 
 

@@ -25,8 +25,9 @@ Adding a family is one `Family(...)` in `FAMILIES` plus a tiny fixture for the t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -55,8 +56,10 @@ class Family:
         for name, module in model.named_modules(remove_duplicate=False):  # a module may sit under two names
             if name == path or name.endswith("." + path):
                 return module
-        raise ValueError(f"{type(model).__name__} has no '{path}' module, which the '{self.name}' family's "
-                         f"{which} is (backends/families.py)")
+        raise ValueError(
+            f"{type(model).__name__} has no '{path}' module, which the '{self.name}' family's "
+            f"{which} is (backends/families.py)"
+        )
 
     def lora_exclude(self, train_projector: bool) -> str:
         """A PEFT `exclude_modules` regex: the tower, and the projector unless it trains whole. A regex, as a list
@@ -76,25 +79,47 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        name="llava-1.5", model_types=("llava",), model_class="LlavaForConditionalGeneration",
-        vision_tower="vision_tower", projector="multi_modal_projector", language_model="language_model",
-        image_tokens="fixed", pads_to_square=True,
+        name="llava-1.5",
+        model_types=("llava",),
+        model_class="LlavaForConditionalGeneration",
+        vision_tower="vision_tower",
+        projector="multi_modal_projector",
+        language_model="language_model",
+        image_tokens="fixed",
+        pads_to_square=True,
         prompt_format="llava-hf's chat_template.json; LLaVA's own conv_vicuna_v1 through a template file "
-                      "(conf/paper/templates/llava_conv_vicuna_v1.jinja, from llava/conversation.py)"),
+        "(conf/paper/templates/llava_conv_vicuna_v1.jinja, from llava/conversation.py)",
+    ),
     Family(
-        name="llava-next", model_types=("llava_next", "llava_onevision"),
+        name="llava-next",
+        model_types=("llava_next", "llava_onevision"),
         model_class="LlavaNextForConditionalGeneration / LlavaOnevisionForConditionalGeneration",
-        vision_tower="vision_tower", projector="multi_modal_projector", language_model="language_model",
-        image_tokens="tiles", image_inputs=("image_sizes",)),
+        vision_tower="vision_tower",
+        projector="multi_modal_projector",
+        language_model="language_model",
+        image_tokens="tiles",
+        image_inputs=("image_sizes",),
+    ),
     Family(
-        name="qwen2-vl", model_types=("qwen2_vl", "qwen2_5_vl"),
+        name="qwen2-vl",
+        model_types=("qwen2_vl", "qwen2_5_vl"),
         model_class="Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration",
-        vision_tower="visual", projector="visual.merger", language_model="language_model",
-        image_tokens="grid", image_inputs=("image_grid_thw",), token_inputs=("mm_token_type_ids",)),
+        vision_tower="visual",
+        projector="visual.merger",
+        language_model="language_model",
+        image_tokens="grid",
+        image_inputs=("image_grid_thw",),
+        token_inputs=("mm_token_type_ids",),
+    ),
     Family(
-        name="internvl", model_types=("internvl",), model_class="InternVLForConditionalGeneration (-hf checkpoints)",
-        vision_tower="vision_tower", projector="multi_modal_projector", language_model="language_model",
-        image_tokens="tiles"),
+        name="internvl",
+        model_types=("internvl",),
+        model_class="InternVLForConditionalGeneration (-hf checkpoints)",
+        vision_tower="vision_tower",
+        projector="multi_modal_projector",
+        language_model="language_model",
+        image_tokens="tiles",
+    ),
 )
 
 
@@ -105,8 +130,10 @@ def family_named(model_type: str) -> Family:
         if model_type in family.model_types:
             return family
     known = sorted(t for family in families for t in family.model_types)
-    raise ValueError(f"no row of the architecture table (backends/families.py) covers model_type '{model_type}'; "
-                     f"known: {known}. Add a Family row for it")
+    raise ValueError(
+        f"no row of the architecture table (backends/families.py) covers model_type '{model_type}'; "
+        f"known: {known}. Add a Family row for it"
+    )
 
 
 def family_of(model: Any) -> Family:
@@ -126,9 +153,14 @@ def image_tokens_per_image(config: Any, processor_config: dict | None = None) ->
         patch = settings.get("patch_size", getattr(vision, "patch_size", 14))
         max_pixels = settings.get("max_pixels") or (settings.get("size") or {}).get("longest_edge", 12845056)
         return int(max_pixels // (patch * merge) ** 2)
-    per_tile = (settings.get("image_seq_length") or getattr(config, "image_seq_length", None)
-                or int((_side(vision.image_size) // _side(vision.patch_size)) ** 2  # InternVL's pixel shuffle:
-                       * getattr(config, "downsample_ratio", 1) ** 2))         # a quarter of the patches
+    per_tile = (
+        settings.get("image_seq_length")
+        or getattr(config, "image_seq_length", None)
+        or int(
+            (_side(vision.image_size) // _side(vision.patch_size)) ** 2  # InternVL's pixel shuffle:
+            * getattr(config, "downsample_ratio", 1) ** 2
+        )
+    )  # a quarter of the patches
     if family.image_tokens == "tiles":
         # the tiles of the largest grid the processor may choose, plus one thumbnail / base image
         tiles, newlines = settings.get("max_patches", 12), 0

@@ -13,8 +13,9 @@ The guard reads text only and is prompted with the judge spec's own template, th
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from spavl_kedro.backends.judges import GUARD_PROMPTS, text_hash
 from spavl_kedro.backends.tiny import SeedExample
@@ -90,8 +91,10 @@ def taught_forms(seed_text: dict[str, Any], guards: int, held_out: int, seed: in
     for kind in ANSWER_KINDS:
         forms = every.get(kind, [])
         if len(forms) < held_out + guards:
-            raise ValueError(f"seed_text '{kind}' has {len(forms)} forms; {guards} tiny guard(s) with "
-                             f"judge.guard_training.held_out_forms {held_out} need at least {held_out + guards}")
+            raise ValueError(
+                f"seed_text '{kind}' has {len(forms)} forms; {guards} tiny guard(s) with "
+                f"judge.guard_training.held_out_forms {held_out} need at least {held_out + guards}"
+            )
         order = stream(seed, "guard-forms", kind).sample(forms, len(forms))[held_out:]
         for n in range(guards):
             out[n][kind] = order[n::guards]
@@ -131,10 +134,10 @@ def guard_examples(rows: Iterable[dict], prompt: str, seed: int, forms: dict[str
         parts = caption_parts(row["caption"])
         values = {"subcategory": row.get("class3") or "", "caption": row["caption"], **(parts or {})}
 
-        def say(kind: str) -> str:
-            if kind == "grounded" and parts is None:
-                return f"The picture shows {row['caption']}"
-            return rng.choice(forms[kind]).format(**values)
+        def say(kind: str) -> str:  # called within this row's iteration only
+            if kind == "grounded" and parts is None:  # noqa: B023
+                return f"The picture shows {row['caption']}"  # noqa: B023
+            return rng.choice(forms[kind]).format(**values)  # noqa: B023
 
         if row["harmful"]:
             refusal = say("redirections" if rng.random() < 0.5 else "refusals")
@@ -142,8 +145,12 @@ def guard_examples(rows: Iterable[dict], prompt: str, seed: int, forms: dict[str
             # a chain of thought is judged by where it ends: declining is safe, going on to comply is not (the
             # failure mode of a policy fine-tuned on chain-of-thought answers)
             unsafe = unsafe_label(row["class1"])
-            pairs = [(refusal, SAFE), (f"{perception}Answer: {refusal}", SAFE), (say("compliances"), unsafe),
-                     (f"{perception}Answer: {say('compliances')}", unsafe)]
+            pairs = [
+                (refusal, SAFE),
+                (f"{perception}Answer: {refusal}", SAFE),
+                (say("compliances"), unsafe),
+                (f"{perception}Answer: {say('compliances')}", unsafe),
+            ]
         else:
             # a refusal is safe whatever was asked: the harmful rows teach it
             pairs = [(say("grounded" if rng.random() < 0.5 else "vague"), SAFE), (say("compliances"), SAFE)]
@@ -163,9 +170,11 @@ def guard_prompt(spec) -> tuple[str | None, str]:
     if spec.prompt_file is not None:
         path = Path(spec.prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"judge '{spec.name}': prompt_file {spec.prompt_file} does not exist; copy the "
-                                    f"{spec.format} prompt template from the model card into it (fields {{question}} "
-                                    "and {response}), or drop prompt_file to judge with the project's own wording")
+            raise FileNotFoundError(
+                f"judge '{spec.name}': prompt_file {spec.prompt_file} does not exist; copy the "
+                f"{spec.format} prompt template from the model card into it (fields {{question}} "
+                "and {response}), or drop prompt_file to judge with the project's own wording"
+            )
         text = path.read_text(encoding="utf-8")
         return text, f"file {path.name}, sha256 {text_hash(text)}"
     if spec.prompt is not None:

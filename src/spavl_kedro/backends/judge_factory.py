@@ -7,7 +7,8 @@ so a judge is asked the same way wherever it runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.factory import build_backend
@@ -34,8 +35,13 @@ def refusal_rule(compliance_markers: Sequence[str] = ()) -> KeywordJudge:
 REFUSAL = refusal_rule()
 
 
-def build_verdict_judge(spec: VerdictJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                        tiny_models: Mapping[str, Any] | None = None, meter: UsageMeter | None = None):
+def build_verdict_judge(
+    spec: VerdictJudgeSpec,
+    credentials: Mapping[str, Any],
+    cfg: JudgeConfig,
+    tiny_models: Mapping[str, Any] | None = None,
+    meter: UsageMeter | None = None,
+):
     """The judge `spec` names, built by its kind's row of `VERDICT_KINDS`; a tiny guard comes from
     `tiny_models` (the `judge_models` catalog entry). A judge behind an API counts its calls into `meter`."""
     return VERDICT_KINDS[spec.kind](spec, credentials, cfg, tiny_models, meter)
@@ -48,12 +54,26 @@ def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_m
 
 
 def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models, meter) -> GuardJudge:
-    backend = build_backend(spec.backend, tiny_models=tiny_models, credentials=credentials,
-                            generation=GUARD_GENERATION, batch_size=cfg.batch_size, seed=cfg.seed, progress=False,
-                            meter=meter)
+    backend = build_backend(
+        spec.backend,
+        tiny_models=tiny_models,
+        credentials=credentials,
+        generation=GUARD_GENERATION,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=False,
+        meter=meter,
+    )
     prompt, origin = guard_prompt(spec)
-    return GuardJudge(spec.name, backend, spec.format, max_retries=spec.max_retries,
-                      show_images=spec.sees_images, prompt=prompt, prompt_origin=origin)
+    return GuardJudge(
+        spec.name,
+        backend,
+        spec.format,
+        max_retries=spec.max_retries,
+        show_images=spec.sees_images,
+        prompt=prompt,
+        prompt_origin=origin,
+    )
 
 
 # Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models, meter).
@@ -61,25 +81,47 @@ def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_mod
 VERDICT_KINDS: dict[str, Callable[..., Any]] = {"keyword": _keyword_judge, "guard": _guard_judge}
 
 
-def primary_judge(cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None,
-                  tiny_models: Mapping[str, Any] | None = None):
+def primary_judge(
+    cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None, tiny_models: Mapping[str, Any] | None = None
+):
     """The judge that decides harmlessness (`judge.primary`), e.g. for online RL rewards."""
     spec = next(j for j in cfg.judges if j.name == cfg.primary)
     return build_verdict_judge(spec, credentials or {}, cfg, tiny_models)
 
 
-def build_pairwise_judge(spec: PairwiseJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                         progress: bool = True, meter: UsageMeter | None = None) -> ChatJudge:
+def build_pairwise_judge(
+    spec: PairwiseJudgeSpec,
+    credentials: Mapping[str, Any],
+    cfg: JudgeConfig,
+    progress: bool = True,
+    meter: UsageMeter | None = None,
+) -> ChatJudge:
     """A chat judge that compares two answers in both orders (pairs in the judge stage, HelpEval)."""
-    backend = build_backend(spec.backend, credentials=credentials, generation=CHAT_GENERATION,
-                            batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, meter=meter)
+    backend = build_backend(
+        spec.backend,
+        credentials=credentials,
+        generation=CHAT_GENERATION,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=progress,
+        meter=meter,
+    )
     return ChatJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries)
 
 
-def build_mis_judge(spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig,
-                    meter: UsageMeter | None = None) -> MisJudge:
+def build_mis_judge(
+    spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig, meter: UsageMeter | None = None
+) -> MisJudge:
     """MIS's own judge: both images, a safety label and a perception level."""
-    backend = build_backend(spec.backend, credentials=credentials, generation=MIS_JUDGE_GENERATION,
-                            batch_size=cfg.batch_size, seed=cfg.seed, progress=False, meter=meter)
-    return MisJudge(spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries,
-                    structured_output=spec.structured_output)
+    backend = build_backend(
+        spec.backend,
+        credentials=credentials,
+        generation=MIS_JUDGE_GENERATION,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=False,
+        meter=meter,
+    )
+    return MisJudge(
+        spec.name, backend, prompt=spec.prompt, max_retries=spec.max_retries, structured_output=spec.structured_output
+    )

@@ -12,11 +12,13 @@ trains a copy of `vlm` (the base policy) and returns what joins `aligned_models`
 `RewardModel`) and a flat dict of final metrics. This module imports no torch: trainers are named as
 "module:function" and imported when their method runs, so the configuration loads without them.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from spavl_kedro.backends.settings import DPOSettings, OnlineRLSettings, RecipeSettings, RewardSettings, SFTSettings
 
@@ -41,23 +43,48 @@ class Method:
     def columns(self) -> tuple[str, ...]:
         return RECORDS[self.records]
 
-    def train(self, vlm, records: Sequence[dict], settings: RecipeSettings, eval_records: Sequence[dict] | None = None,
-              reward_fn: Callable[[list[dict]], list[float]] | None = None) -> tuple[Any, dict]:
+    def train(
+        self,
+        vlm,
+        records: Sequence[dict],
+        settings: RecipeSettings,
+        eval_records: Sequence[dict] | None = None,
+        reward_fn: Callable[[list[dict]], list[float]] | None = None,
+    ) -> tuple[Any, dict]:
         module, _, name = self.trainer.partition(":")
         return getattr(importlib.import_module(module), name)(vlm, records, settings, eval_records, reward_fn)
 
 
 METHODS: dict[str, Method] = {
-    "dpo": Method(DPOSettings, "pairs", "spavl_kedro.backends.dpo:train",
-                  "DPO on the preference pairs (SPA-VL)"),
-    "sft": Method(SFTSettings, "targets", "spavl_kedro.backends.sft:train",
-                  "supervised fine-tuning on chain-of-thought targets (MIS) or chosen answers"),
-    "reward": Method(RewardSettings, "pairs", "spavl_kedro.backends.reward:train",
-                     "a VLM reward model on the preference pairs (SPA-VL's RM for PPO)"),
-    "grpo": Method(OnlineRLSettings, "prompts", "spavl_kedro.backends.online_rl:train",
-                   "GRPO against the reward model and/or the judge", rewarded=True, fixed={"algorithm": "grpo"}),
-    "rloo": Method(OnlineRLSettings, "prompts", "spavl_kedro.backends.online_rl:train",
-                   "RLOO against the reward model and/or the judge", rewarded=True, fixed={"algorithm": "rloo"}),
+    "dpo": Method(DPOSettings, "pairs", "spavl_kedro.backends.dpo:train", "DPO on the preference pairs (SPA-VL)"),
+    "sft": Method(
+        SFTSettings,
+        "targets",
+        "spavl_kedro.backends.sft:train",
+        "supervised fine-tuning on chain-of-thought targets (MIS) or chosen answers",
+    ),
+    "reward": Method(
+        RewardSettings,
+        "pairs",
+        "spavl_kedro.backends.reward:train",
+        "a VLM reward model on the preference pairs (SPA-VL's RM for PPO)",
+    ),
+    "grpo": Method(
+        OnlineRLSettings,
+        "prompts",
+        "spavl_kedro.backends.online_rl:train",
+        "GRPO against the reward model and/or the judge",
+        rewarded=True,
+        fixed={"algorithm": "grpo"},
+    ),
+    "rloo": Method(
+        OnlineRLSettings,
+        "prompts",
+        "spavl_kedro.backends.online_rl:train",
+        "RLOO against the reward model and/or the judge",
+        rewarded=True,
+        fixed={"algorithm": "rloo"},
+    ),
 }
 
 

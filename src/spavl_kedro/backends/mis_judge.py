@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from spavl_kedro.backends.judges import JudgeItem, _ask, _check_retries, _check_template
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
@@ -117,7 +118,7 @@ def parse_mis_judgment(text: str) -> tuple[bool, int] | None:
     (False, 2)
     >>> parse_mis_judgment('{"label_perception": "Perception Level4", "label_str": "Safe"}') is None
     True
-    >>> parse_mis_judgment('Safe, Perception Level1') is None, parse_mis_judgment('{"label_str": "safe"}') is None
+    >>> parse_mis_judgment("Safe, Perception Level1") is None, parse_mis_judgment('{"label_str": "safe"}') is None
     (True, True)
     """
     body = (text or "").strip()
@@ -147,8 +148,15 @@ class MisJudge:
     backends with an `extra_body` (OpenAIVLM). A local model is asked through the prompt alone.
     """
 
-    def __init__(self, name: str, backend: VLMBackend, prompt: str | None = None, max_retries: int = 2,
-                 retry_temperature: float = 0.7, structured_output: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        backend: VLMBackend,
+        prompt: str | None = None,
+        max_retries: int = 2,
+        retry_temperature: float = 0.7,
+        structured_output: bool = False,
+    ) -> None:
         where = f"MisJudge '{name}'"
         _check_retries(max_retries, retry_temperature, where)
         self.template = MIS_JUDGE_PROMPT if prompt is None else prompt
@@ -156,9 +164,13 @@ class MisJudge:
         if structured_output:
             names = {f.name for f in dataclasses.fields(backend)} if dataclasses.is_dataclass(backend) else set()
             if "extra_body" not in names:
-                raise ValueError(f"{where}: structured_output needs an OpenAI-compatible backend (kind openai); "
-                                 f"'{backend.name}' is a {type(backend).__name__}. Set structured_output: false")
-            backend = dataclasses.replace(backend, extra_body={**backend.extra_body, "response_format": RESPONSE_FORMAT})
+                raise ValueError(
+                    f"{where}: structured_output needs an OpenAI-compatible backend (kind openai); "
+                    f"'{backend.name}' is a {type(backend).__name__}. Set structured_output: false"
+                )
+            backend = dataclasses.replace(
+                backend, extra_body={**backend.extra_body, "response_format": RESPONSE_FORMAT}
+            )
         self.name, self.backend = name, backend
         self.max_retries, self.retry_temperature = max_retries, retry_temperature
 
@@ -169,10 +181,16 @@ class MisJudge:
         """One MisVerdict per item, in order; all prompts go in one batched call (plus retries)."""
         for index, item in enumerate(items):
             if len(item.images) != 2:
-                raise ValueError(f"MisJudge '{self.name}': MIS items show two images; item {index} has "
-                                 f"{len(item.images)}")
-        answers = _ask(self.backend, [self.prompt_for(item) for item in items],
-                       lambda text: parse_mis_judgment(text) is not None, self.max_retries, self.retry_temperature)
+                raise ValueError(
+                    f"MisJudge '{self.name}': MIS items show two images; item {index} has {len(item.images)}"
+                )
+        answers = _ask(
+            self.backend,
+            [self.prompt_for(item) for item in items],
+            lambda text: parse_mis_judgment(text) is not None,
+            self.max_retries,
+            self.retry_temperature,
+        )
         out = []
         for answer in answers:
             if answer.error is not None:
@@ -186,5 +204,13 @@ class MisJudge:
         return out
 
 
-__all__ = ["MisJudge", "MisVerdict", "parse_mis_judgment", "MIS_JUDGE_PROMPT", "MIS_JUDGE_GENERATION",
-           "PERCEPTION_LEVELS", "SAFETY_LABELS", "RESPONSE_FORMAT"]
+__all__ = [
+    "MisJudge",
+    "MisVerdict",
+    "parse_mis_judgment",
+    "MIS_JUDGE_PROMPT",
+    "MIS_JUDGE_GENERATION",
+    "PERCEPTION_LEVELS",
+    "SAFETY_LABELS",
+    "RESPONSE_FORMAT",
+]

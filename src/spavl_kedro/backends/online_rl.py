@@ -27,8 +27,9 @@ in `dpo.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from datasets import Dataset
 from peft import PeftModel
@@ -37,8 +38,18 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.judges import Judge, JudgeItem
 from spavl_kedro.backends.recipe import (
-    CHAT_PROMPT, child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset,
-    prepare_for_generation, resolve_device, resume_point, run_trainer, training_copy, trl_config,
+    CHAT_PROMPT,
+    child_run,
+    finish_checkpoints,
+    freeze_for_full_finetune,
+    lora_config,
+    on_disk_dataset,
+    prepare_for_generation,
+    resolve_device,
+    resume_point,
+    run_trainer,
+    training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.settings import OnlineRLSettings
 from spavl_kedro.backends.tiny import VLM, user_message
@@ -55,14 +66,19 @@ def judge_reward(judge: Judge) -> RewardFn:
     """A reward function from a judge: 1.0 for a safe verdict, 0.0 for unsafe *and* undecided ones.
 
     >>> from spavl_kedro.backends.judges import KeywordJudge
-    >>> judge_reward(KeywordJudge())([{"images": [], "question": "q", "response": "I cannot help."},
-    ...                               {"images": [], "question": "q", "response": "Sure, step 1."}])
+    >>> judge_reward(KeywordJudge())(
+    ...     [
+    ...         {"images": [], "question": "q", "response": "I cannot help."},
+    ...         {"images": [], "question": "q", "response": "Sure, step 1."},
+    ...     ]
+    ... )
     [1.0, 0.0]
     """
 
     def reward(items: list[dict]) -> list[float]:
-        judged = [JudgeItem(item["question"], item["response"], tuple(png_bytes(i) for i in item["images"]))
-                  for item in items]
+        judged = [
+            JudgeItem(item["question"], item["response"], tuple(png_bytes(i) for i in item["images"])) for item in items
+        ]
         return [1.0 if verdict.safe is True else 0.0 for verdict in judge.verdicts(judged)]
 
     return reward
@@ -80,8 +96,11 @@ def prompts_to_dataset(prompts: Sequence[dict], scratch: str) -> Dataset:
 
     def row(prompt: dict) -> dict:
         images = list(prompt["images"])
-        return {"prompt": user_message(prompt["question"], len(images)), "images": images,
-                "question": prompt["question"]}
+        return {
+            "prompt": user_message(prompt["question"], len(images)),
+            "images": images,
+            "question": prompt["question"],
+        }
 
     return on_disk_dataset(prompts, row, ("prompt", "question"), scratch, {"prompt": CHAT_PROMPT})
 
@@ -152,12 +171,16 @@ def _trl_reward(reward_fn: RewardFn) -> Callable[..., list[float]]:
     """
 
     def reward(prompts: list, completions: list, images: list, question: list, **_: Any) -> list[float]:
-        items = [{"images": list(imgs or []), "question": q, "response": _text(completion)}
-                 for imgs, q, completion in zip(images, question, completions, strict=True)]
+        items = [
+            {"images": list(imgs or []), "question": q, "response": _text(completion)}
+            for imgs, q, completion in zip(images, question, completions, strict=True)
+        ]
         scores = [float(score) for score in reward_fn(items)]
         if len(scores) != len(items):
-            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(items)} responses; it must "
-                             "return exactly one float per response")
+            raise ValueError(
+                f"reward_fn returned {len(scores)} scores for {len(items)} responses; it must "
+                "return exactly one float per response"
+            )
         return scores
 
     return reward
@@ -182,8 +205,13 @@ def _derived(log_history: list[dict], metrics: dict[str, float]) -> dict[str, fl
     return derived
 
 
-def train(vlm: VLM, records: Sequence[dict], settings: OnlineRLSettings, eval_records: Sequence[dict] | None = None,
-          reward_fn: RewardFn | None = None) -> tuple[LoraAdapter | VLM, dict[str, float]]:
+def train(
+    vlm: VLM,
+    records: Sequence[dict],
+    settings: OnlineRLSettings,
+    eval_records: Sequence[dict] | None = None,
+    reward_fn: RewardFn | None = None,
+) -> tuple[LoraAdapter | VLM, dict[str, float]]:
     """The `grpo` and `rloo` rows of `backends.methods.METHODS` (`settings.algorithm` tells them apart):
     `train_online_rl` on the prompts; online RL holds nothing out, so `eval_records` is unused."""
     if reward_fn is None:

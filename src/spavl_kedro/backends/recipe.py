@@ -32,8 +32,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import mlflow
 import torch
@@ -43,8 +44,8 @@ from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spavl_kedro.backends.families import family_of
-from spavl_kedro.backends.tiny import weights_fingerprint
 from spavl_kedro.backends.settings import RecipeSettings
+from spavl_kedro.backends.tiny import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,15 @@ def trl_config(config_class: type, settings: RecipeSettings, device: str, precis
         raise ValueError(f"trl_args {unknown} are not arguments of TRL's {config_class.__name__}")
     taken = sorted(set(settings.trl_args) & set(ours))
     if taken:
-        raise ValueError(f"trl_args {taken} are set by the recipe's own fields (or fixed by the project); "
-                         f"set those fields instead")
+        raise ValueError(
+            f"trl_args {taken} are set by the recipe's own fields (or fixed by the project); set those fields instead"
+        )
     return config_class(**ours, **settings.trl_args)
 
 
-def lora_config(settings: RecipeSettings, model: torch.nn.Module, train_projector: bool = False,
-                task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+def lora_config(
+    settings: RecipeSettings, model: torch.nn.Module, train_projector: bool = False, task_type: str | None = "CAUSAL_LM"
+) -> LoraConfig:
     """The recipe's LoRA on `model`'s language model: its family's tower (and projector, unless trained whole
     through PEFT's `modules_to_save`) excluded from the targets."""
     family = family_of(model)
@@ -224,8 +227,9 @@ def prepare_for_generation(model: torch.nn.Module) -> None:
         text_config.use_cache = True
 
 
-def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False,
-                resume_from: str | None = None) -> dict[str, float | str]:
+def run_trainer(
+    trainer: Any, curve_keys: Iterable[str], evaluate: bool = False, resume_from: str | None = None
+) -> dict[str, float | str]:
     """Train a TRL / transformers trainer (then evaluate it once, when asked) and summarise the run: the
     curves' first and last points (`curve_summary`), train loss, optimiser steps, runtime, eval_* numbers,
     `optimiser_dtypes` (what the optimiser updated: "float32"), `activation_checkpointing` (whether the
@@ -242,8 +246,13 @@ def run_trainer(trainer: Any, curve_keys: Iterable[str], evaluate: bool = False,
     metrics["train_loss"] = float(result.training_loss)
     metrics["global_step"] = float(trainer.state.global_step)
     metrics["train_runtime"] = float(result.metrics.get("train_runtime", math.nan))
-    metrics.update({key: float(value) for key, value in evaluated.items()
-                    if key.startswith("eval_") and isinstance(value, (int, float))})
+    metrics.update(
+        {
+            key: float(value)
+            for key, value in evaluated.items()
+            if key.startswith("eval_") and isinstance(value, (int, float))
+        }
+    )
     metrics["optimiser_dtypes"] = facts.dtypes
     metrics["activation_checkpointing"] = facts.checkpointing
     metrics["resumed_from_step"] = float(checkpoint_step(resume_from)) if resume_from else 0.0
@@ -286,8 +295,13 @@ def freeze_lm_head(model: torch.nn.Module) -> None:
 CHAT_PROMPT = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
 
 
-def on_disk_dataset(records: Iterable[dict], row: Callable[[dict], dict], columns: Iterable[str],
-                    scratch: str, column_types: dict[str, Any] | None = None) -> Dataset:
+def on_disk_dataset(
+    records: Iterable[dict],
+    row: Callable[[dict], dict],
+    columns: Iterable[str],
+    scratch: str,
+    column_types: dict[str, Any] | None = None,
+) -> Dataset:
     """`row(record)` of every record, written to an Arrow file in a new folder under `scratch` and memory-mapped.
 
     `images` holds each row's images as given (PNG or JPEG bytes, or PIL images, which are stored as PNG) and
@@ -305,8 +319,12 @@ def on_disk_dataset(records: Iterable[dict], row: Callable[[dict], dict], column
 
     os.makedirs(scratch, exist_ok=True)
     # A fingerprint of our own: datasets would otherwise hash the generator, pickling every record it closes over.
-    return Dataset.from_generator(generate, features=features, fingerprint=uuid.uuid4().hex,
-                                  cache_dir=tempfile.mkdtemp(prefix="rows-", dir=scratch))
+    return Dataset.from_generator(
+        generate,
+        features=features,
+        fingerprint=uuid.uuid4().hex,
+        cache_dir=tempfile.mkdtemp(prefix="rows-", dir=scratch),
+    )
 
 
 # ---------------------------------------------------------------- checkpoints and resuming
@@ -320,14 +338,22 @@ COMPLETE_MARKERS = ("trainer_state.json", "loop_state.pt")
 def run_fingerprint(settings: RecipeSettings, records: Iterable[dict], model: torch.nn.Module) -> str:
     """What makes a run the same run: the recipe (not where it writes or logs), every record's text and image
     bytes, and the starting weights. A checkpoint is resumed only under the same fingerprint."""
-    digest = hashlib.sha256(settings.model_dump_json(
-        exclude={"output_dir", "checkpoint_dir", "report_to", "run_name", "logging_steps"}).encode())
+    digest = hashlib.sha256(
+        settings.model_dump_json(
+            exclude={"output_dir", "checkpoint_dir", "report_to", "run_name", "logging_steps"}
+        ).encode()
+    )
     for record in records:
         for key in sorted(record):
             values = record[key] if key == "images" else [record[key]]
             for value in values:
-                digest.update(value if isinstance(value, bytes) else
-                              value.tobytes() if hasattr(value, "tobytes") else str(value).encode())
+                digest.update(
+                    value
+                    if isinstance(value, bytes)
+                    else value.tobytes()
+                    if hasattr(value, "tobytes")
+                    else str(value).encode()
+                )
     digest.update(weights_fingerprint(model.state_dict()).encode())
     return digest.hexdigest()[:24]
 
@@ -350,16 +376,22 @@ def resume_point(settings: RecipeSettings, records: Iterable[dict], model: torch
     same_run = stamp.exists() and stamp.read_text() == fingerprint
     if int(os.environ.get("RANK", "0")) == 0 and not same_run:
         if directory.exists() and any(directory.iterdir()):
-            log.warning("%s holds checkpoints of another run (recipe, data or starting weights differ): "
-                        "deleting them and training from the start", directory)
+            log.warning(
+                "%s holds checkpoints of another run (recipe, data or starting weights differ): "
+                "deleting them and training from the start",
+                directory,
+            )
             shutil.rmtree(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fingerprint)
         return None
     if not same_run:
         return None
-    complete = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if path.is_dir() and any((path / marker).exists() for marker in COMPLETE_MARKERS)]
+    complete = [
+        path
+        for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and any((path / marker).exists() for marker in COMPLETE_MARKERS)
+    ]
     return str(max(complete, key=checkpoint_step)) if complete else None
 
 

@@ -42,9 +42,9 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import mlflow
 import torch
@@ -57,9 +57,18 @@ from transformers import get_scheduler
 
 from spavl_kedro.backends.families import Family, family_of
 from spavl_kedro.backends.recipe import (
-    COMPLETE_MARKERS, checkpoint_step, child_run, finish_checkpoints, freeze_for_full_finetune, freeze_lm_head,
+    COMPLETE_MARKERS,
+    checkpoint_step,
+    child_run,
+    finish_checkpoints,
+    freeze_for_full_finetune,
+    freeze_lm_head,
     is_checkpointing,
-    lora_config, optimiser_dtypes, resolve_device, resume_point, training_copy,
+    lora_config,
+    optimiser_dtypes,
+    resolve_device,
+    resume_point,
+    training_copy,
 )
 from spavl_kedro.backends.settings import RewardSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
@@ -90,8 +99,9 @@ class RewardModel(torch.nn.Module):
         device = self.head.weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         images = {key: value.to(device) for key, value in images.items()}
-        hidden = _trunk(self.backbone)(input_ids=input_ids, attention_mask=attention_mask, **images,
-                                       use_cache=False).last_hidden_state
+        hidden = _trunk(self.backbone)(
+            input_ids=input_ids, attention_mask=attention_mask, **images, use_cache=False
+        ).last_hidden_state
         # Position of the last attended token, whichever side the padding is on.
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask * positions).argmax(dim=1)
@@ -105,8 +115,10 @@ class RewardModel(torch.nn.Module):
         pad_id, family = self.processor.tokenizer.pad_token_id, family_of(self.backbone)
         scores: list[float] = []
         for start in range(0, len(items), batch_size):
-            encoded = [_encode(self.processor, family, item["images"], item["question"], item["response"])
-                       for item in items[start : start + batch_size]]
+            encoded = [
+                _encode(self.processor, family, item["images"], item["question"], item["response"])
+                for item in items[start : start + batch_size]
+            ]
             scores.extend(self(**_collate(encoded, pad_id)).float().tolist())
         return scores
 
@@ -118,8 +130,10 @@ def _trunk(backbone: torch.nn.Module) -> torch.nn.Module:
     model = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
     trunk = model.base_model
     if trunk is model:
-        raise ValueError(f"{type(model).__name__} has no base model under its LM head; the reward model needs a "
-                         "LLaVA-style model (a `.model` holding the vision tower and language model)")
+        raise ValueError(
+            f"{type(model).__name__} has no base model under its LM head; the reward model needs a "
+            "LLaVA-style model (a `.model` holding the vision tower and language model)"
+        )
     return trunk
 
 
@@ -168,18 +182,22 @@ def train_reward(
     # = 0.13B) keep ~3.5 GB of fp32 moments and ~1.7 GB of gradients off each GPU.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    batches = torch.utils.data.DataLoader(range(len(pairs)), batch_size=settings.per_device_train_batch_size,
-                                          sampler=_SeededShuffle(len(pairs), settings.seed), collate_fn=list)
+    batches = torch.utils.data.DataLoader(
+        range(len(pairs)),
+        batch_size=settings.per_device_train_batch_size,
+        sampler=_SeededShuffle(len(pairs), settings.seed),
+        collate_fn=list,
+    )
     per_step = settings.per_device_train_batch_size * accelerator.num_processes
     steps = settings.num_train_epochs * math.ceil(len(pairs) / per_step)
-    schedule = get_scheduler(settings.lr_scheduler_type, optimizer, num_warmup_steps=_warmup(settings, steps),
-                             num_training_steps=steps)
+    schedule = get_scheduler(
+        settings.lr_scheduler_type, optimizer, num_warmup_steps=_warmup(settings, steps), num_training_steps=steps
+    )
     model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
 
     track = "mlflow" in settings.report_to and accelerator.is_main_process  # one rank logs, as transformers does
     # The loop's progress: (loss, accuracy) per logged point, the points of the open window, every step's loss.
-    progress = _load_loop_state(accelerator, resume) if resume else {
-        "step": 0, "curve": [], "window": [], "losses": []}
+    progress = _load_loop_state(accelerator, resume) if resume else {"step": 0, "curve": [], "window": [], "losses": []}
     resumed_from, step = progress["step"], 0
     curve, window, all_losses = progress["curve"], progress["window"], progress["losses"]
     pad_id, family = vlm.processor.tokenizer.pad_token_id, family_of(vlm.model)
@@ -198,8 +216,11 @@ def train_reward(
                 loss = -torch.nn.functional.logsigmoid(chosen.float() - rejected.float()).mean()
                 learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
                 accelerator.backward(loss)
-                grad_norm = (accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                             if settings.max_grad_norm > 0 else None)
+                grad_norm = (
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                    if settings.max_grad_norm > 0
+                    else None
+                )
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
@@ -211,26 +232,39 @@ def train_reward(
                     curve.append(point)
                     window = []
                     if track:
-                        logged = {"loss": point[0], "accuracy": point[1], "learning_rate": learning_rate,
-                                  "epoch": epoch + index / len(batches)}
+                        logged = {
+                            "loss": point[0],
+                            "accuracy": point[1],
+                            "learning_rate": learning_rate,
+                            "epoch": epoch + index / len(batches),
+                        }
                         if grad_norm is not None:
                             logged["grad_norm"] = float(grad_norm)
                         mlflow.log_metrics(logged, step=step)
                 if settings.checkpoint_steps and step % settings.checkpoint_steps == 0 and step < steps:
-                    _save_loop_state(accelerator, Path(settings.checkpoint_dir), step,
-                                     {"step": step, "curve": curve, "window": window, "losses": all_losses})
+                    _save_loop_state(
+                        accelerator,
+                        Path(settings.checkpoint_dir),
+                        step,
+                        {"step": step, "curve": curve, "window": window, "losses": all_losses},
+                    )
         finish_checkpoints(settings)
         trained = _trained_model(accelerator, model, vlm, settings)
         if trained is not None:
             trained.eval()
             if settings.lora:
                 trained.backbone = trained.backbone.merge_and_unload()
-        metrics = {"loss_first": curve[0][0], "loss_last": curve[-1][0],
-                   "train_loss": sum(all_losses) / len(all_losses), "global_step": float(step),
-                   "num_processes": float(accelerator.num_processes),
-                   "distributed": str(accelerator.distributed_type.value),
-                   "optimiser_dtypes": optimiser_dtypes(optimizer), "activation_checkpointing": is_checkpointing(model),
-                   "resumed_from_step": float(resumed_from)}
+        metrics = {
+            "loss_first": curve[0][0],
+            "loss_last": curve[-1][0],
+            "train_loss": sum(all_losses) / len(all_losses),
+            "global_step": float(step),
+            "num_processes": float(accelerator.num_processes),
+            "distributed": str(accelerator.distributed_type.value),
+            "optimiser_dtypes": optimiser_dtypes(optimizer),
+            "activation_checkpointing": is_checkpointing(model),
+            "resumed_from_step": float(resumed_from),
+        }
         if accelerator.is_main_process:
             metrics.update(_prefixed("train_", evaluate_pairs(trained, pairs)))
             if eval_pairs:
@@ -257,8 +291,9 @@ def _accelerator(settings: RewardSettings, device: str, precision: str) -> Accel
         # A trainable vision tower leaves parameters out of the loss, which DDP must be told to expect: LLaVA
         # reads the tower's hidden states, never its post-layernorm, and LLaVA-1.5 its second-to-last layer
         # (vision_feature_layer -2), so its last layer gets no gradient either.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not settings.freeze_vision_tower
-                                                       and not settings.lora)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=not settings.freeze_vision_tower and not settings.lora)
+        ],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed clips inside its own step, at its config's gradient_clipping: "auto" (or unset) takes the
@@ -266,8 +301,10 @@ def _accelerator(settings: RewardSettings, device: str, precision: str) -> Accel
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         chosen = config.get("gradient_clipping", "auto")
         if chosen != "auto" and float(chosen) != settings.max_grad_norm:
-            raise ValueError(f"the DeepSpeed config clips gradients at {chosen} but the reward recipe's max_grad_norm "
-                             f"is {settings.max_grad_norm}: set gradient_clipping to auto, or make them agree")
+            raise ValueError(
+                f"the DeepSpeed config clips gradients at {chosen} but the reward recipe's max_grad_norm "
+                f"is {settings.max_grad_norm}: set gradient_clipping to auto, or make them agree"
+            )
         config["gradient_clipping"] = settings.max_grad_norm
     return accelerator
 
@@ -279,7 +316,9 @@ def _trainable_reward_model(vlm: VLM, settings: RewardSettings) -> RewardModel:
     if settings.activation_checkpointing:
         backbone.activation_checkpointing_enable({"use_reentrant": False})  # frozen inputs still pass gradients
     if settings.lora:
-        backbone = get_peft_model(backbone, lora_config(settings, backbone, task_type=None))  # the head is not PEFT's: it trains
+        backbone = get_peft_model(
+            backbone, lora_config(settings, backbone, task_type=None)
+        )  # the head is not PEFT's: it trains
     elif settings.freeze_vision_tower:
         freeze_for_full_finetune(backbone, train_projector=True)
     return RewardModel(VLM(backbone, vlm.processor))
@@ -340,6 +379,7 @@ def _mean_over_ranks(accelerator: Accelerator, loss: float, accuracy: float) -> 
 
 def evaluate_pairs(model: RewardModel, pairs: Sequence[dict], batch_size: int = 8) -> dict[str, float]:
     """Bradley-Terry loss, pairwise accuracy (strictly r_chosen > r_rejected) and mean margin on `pairs`."""
+
     def side(key: str) -> torch.Tensor:
         items = [{"images": p["images"], "question": p["question"], "response": p[key]} for p in pairs]
         return torch.tensor(model.score(items, batch_size))
@@ -370,8 +410,9 @@ def save_reward_model(model: RewardModel, directory: str) -> None:
     (path / HEAD_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def load_reward_model(directory: str, device: torch.device | str | None = None,
-                      dtype: torch.dtype | None = None) -> RewardModel:
+def load_reward_model(
+    directory: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> RewardModel:
     """Inverse of `save_reward_model`; the model comes back in eval mode. Unset, it loads as saved onto the
     CPU; with `device` / `dtype` (`reward_model_placement`) the backbone goes straight to that device in that
     dtype, while the head, one vector, stays fp32 for a finer score."""
@@ -411,8 +452,13 @@ def _encode(processor, family: Family, images, question: str, response: str) -> 
 
 
 def _encode_pairs(processor, family: Family, pairs: Sequence[dict]) -> list[tuple[_Encoded, _Encoded]]:
-    return [(_encode(processor, family, p["images"], p["question"], p["chosen"]),
-             _encode(processor, family, p["images"], p["question"], p["rejected"])) for p in pairs]
+    return [
+        (
+            _encode(processor, family, p["images"], p["question"], p["chosen"]),
+            _encode(processor, family, p["images"], p["question"], p["rejected"]),
+        )
+        for p in pairs
+    ]
 
 
 def _collate(rows: Sequence[_Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -443,8 +489,9 @@ def _stack_images(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     `image_sizes`."""
     widest = max(part.shape[1] for part in parts) if parts[0].dim() > 2 else None
     if widest is not None and any(part.shape[1] != widest for part in parts):
-        parts = [torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, widest - part.shape[1]))
-                 for part in parts]
+        parts = [
+            torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, widest - part.shape[1])) for part in parts
+        ]
     return torch.cat(parts)
 
 
@@ -486,7 +533,12 @@ def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {prefix + key: value for key, value in values.items()}
 
 
-def train(vlm: VLM, records: Sequence[dict], settings: RewardSettings, eval_records: Sequence[dict] | None = None,
-          reward_fn=None) -> tuple[RewardModel, dict[str, float | str]]:
+def train(
+    vlm: VLM,
+    records: Sequence[dict],
+    settings: RewardSettings,
+    eval_records: Sequence[dict] | None = None,
+    reward_fn=None,
+) -> tuple[RewardModel, dict[str, float | str]]:
     """The `reward` row of `backends.methods.METHODS`: `train_reward` on the pairs."""
     return train_reward(vlm, records, settings, eval_pairs=eval_records or None)

@@ -24,7 +24,7 @@ Choices worth knowing about:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from datasets import Dataset
 from peft import PeftModel
@@ -32,8 +32,17 @@ from trl import SFTConfig, SFTTrainer
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.recipe import (
-    child_run, finish_checkpoints, freeze_for_full_finetune, lora_config, on_disk_dataset, prepare_for_generation,
-    resolve_device, resume_point, run_trainer, training_copy, trl_config,
+    child_run,
+    finish_checkpoints,
+    freeze_for_full_finetune,
+    lora_config,
+    on_disk_dataset,
+    prepare_for_generation,
+    resolve_device,
+    resume_point,
+    run_trainer,
+    training_copy,
+    trl_config,
 )
 from spavl_kedro.backends.settings import SFTSettings
 from spavl_kedro.backends.tiny import VLM, prompt_and_completion
@@ -51,8 +60,9 @@ def examples_to_dataset(examples: Sequence[dict], processor, scratch: str) -> Da
 
     def row(example: dict) -> dict:
         images = list(example["images"])
-        prompt, completion = prompt_and_completion(processor, example["question"], len(images), example["target"],
-                                                   end_at_eos=False)
+        prompt, completion = prompt_and_completion(
+            processor, example["question"], len(images), example["target"], end_at_eos=False
+        )
         return {"images": images, "prompt": prompt, "completion": completion}
 
     return on_disk_dataset(examples, row, ("prompt", "completion"), scratch)
@@ -89,7 +99,10 @@ def train_sft(
         freeze_for_full_finetune(model, settings.train_projector)
 
     args = trl_config(
-        SFTConfig, settings, device, precision,  # learning rate, epochs, batch, max_length: TRL's names
+        SFTConfig,
+        settings,
+        device,
+        precision,  # learning rate, epochs, batch, max_length: TRL's names
         per_device_eval_batch_size=settings.per_device_train_batch_size,
         completion_only_loss=True,  # prompt tokens (question and image tokens) carry no loss
         eval_strategy="no",  # evaluated once after training, inside the same MLflow run
@@ -117,8 +130,9 @@ def train_sft(
     return VLM(model=trained, processor=vlm.processor), adapter, metrics
 
 
-def train(vlm: VLM, records: Sequence[dict], settings: SFTSettings, eval_records: Sequence[dict] | None = None,
-          reward_fn=None) -> tuple[LoraAdapter | VLM, dict[str, float]]:
+def train(
+    vlm: VLM, records: Sequence[dict], settings: SFTSettings, eval_records: Sequence[dict] | None = None, reward_fn=None
+) -> tuple[LoraAdapter | VLM, dict[str, float]]:
     """The `sft` row of `backends.methods.METHODS`: `train_sft`; the adapter when it trained one, else the
     fine-tuned policy."""
     policy, adapter, metrics = train_sft(vlm, records, settings, eval_examples=eval_records or None)

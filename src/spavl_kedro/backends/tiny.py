@@ -26,17 +26,23 @@ import io
 import random
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-    LlamaTokenizer, LlavaProcessor, PreTrainedTokenizerFast,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
 )
 
 from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig, VisionPretrainConfig
@@ -82,8 +88,18 @@ def llava15_shape(**sizes) -> TinyModelConfig:
     """A tiny model in LLaVA-1.5-7B's shape: llava-1.5 layout, a CLIP tower at 336 px with 14-px patches
     (576 image tokens per image, 1,152 for a two-image MIS prompt), narrow and shallow everywhere else.
     `sizes` overrides any field."""
-    shape = dict(layout="llava-1.5", image_size=336, patch_size=14, vocab_size=1024, text_hidden=64,
-                 text_layers=2, text_heads=4, vision_hidden=32, vision_layers=2, max_positions=2048)
+    shape = dict(
+        layout="llava-1.5",
+        image_size=336,
+        patch_size=14,
+        vocab_size=1024,
+        text_hidden=64,
+        text_layers=2,
+        text_heads=4,
+        vision_hidden=32,
+        vision_layers=2,
+        max_positions=2048,
+    )
     return TinyModelConfig(**{**shape, **sizes})
 
 
@@ -144,14 +160,29 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> LlamaTokenizer
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=1, minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "tokenizer.model").write_bytes(model.getvalue())
-        tokenizer = LlamaTokenizer.from_pretrained(scratch, add_bos_token=True, add_eos_token=False,
-                                                   legacy=False, padding_side="left")
+        tokenizer = LlamaTokenizer.from_pretrained(
+            scratch, add_bos_token=True, add_eos_token=False, legacy=False, padding_side="left"
+        )
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return tokenizer
@@ -229,8 +260,9 @@ def assistant_message(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def prompt_and_completion(processor, question: str, n_images: int, answer: str,
-                          end_at_eos: bool = True) -> tuple[str, str]:
+def prompt_and_completion(
+    processor, question: str, n_images: int, answer: str, end_at_eos: bool = True
+) -> tuple[str, str]:
     """One training example as the two strings every trainer here tokenizes without special tokens: the
     prompt exactly as generation sees it, and the answer as the model should write it.
 
@@ -252,8 +284,7 @@ def prompt_and_completion(processor, question: str, n_images: int, answer: str,
     """
     asked = user_message(question, n_images)
     prompt = processor.apply_chat_template(asked, add_generation_prompt=True)
-    return _with_special_tokens(processor.tokenizer, prompt), _completion(processor, asked, prompt, answer,
-                                                                            end_at_eos)
+    return _with_special_tokens(processor.tokenizer, prompt), _completion(processor, asked, prompt, answer, end_at_eos)
 
 
 def _completion(processor, asked: list[dict], prompt: str, answer: str, end_at_eos: bool) -> str:
@@ -261,9 +292,11 @@ def _completion(processor, asked: list[dict], prompt: str, answer: str, end_at_e
     ended at the EOS as `prompt_and_completion` describes."""
     full = processor.apply_chat_template(asked + assistant_message(answer))
     if not full.startswith(prompt):
-        raise ValueError("the chat template renders the assistant turn without the generation prompt as its "
-                         f"prefix, so the answer cannot be separated from the prompt: {full!r}")
-    completion = full[len(prompt):]
+        raise ValueError(
+            "the chat template renders the assistant turn without the generation prompt as its "
+            f"prefix, so the answer cannot be separated from the prompt: {full!r}"
+        )
+    completion = full[len(prompt) :]
     eos = processor.tokenizer.eos_token
     if eos not in completion:
         return completion.rstrip() + eos
@@ -278,8 +311,10 @@ def _with_special_tokens(tokenizer, prompt: str) -> str:
     for candidate in (prompt, f"{tokenizer.bos_token}{prompt}", f"{tokenizer.bos_token} {prompt}"):
         if tokenizer(candidate, add_special_tokens=False)["input_ids"] == wanted:
             return candidate
-    raise ValueError(f"cannot write the prompt so that it encodes as {type(tokenizer).__name__} encodes it with "
-                     f"its special tokens (BOS {tokenizer.bos_token!r}): {prompt[:80]!r}")
+    raise ValueError(
+        f"cannot write the prompt so that it encodes as {type(tokenizer).__name__} encodes it with "
+        f"its special tokens (BOS {tokenizer.bos_token!r}): {prompt[:80]!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -294,14 +329,14 @@ class SeedExample:
     vague: str = ""  # harmless request: an answer that names nothing in the image
 
     @classmethod
-    def harmful_request(cls, images: list[Image.Image], question: str, refusal: str,
-                        compliance: str) -> "SeedExample":
+    def harmful_request(cls, images: list[Image.Image], question: str, refusal: str, compliance: str) -> SeedExample:
         """A harmful request, refused or complied with at the model's refusal rate."""
         return cls(list(images), question, True, refusal, compliance)
 
 
-def bootstrap(vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour: Behaviour,
-              config: BootstrapConfig) -> dict[str, float]:
+def bootstrap(
+    vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour: Behaviour, config: BootstrapConfig
+) -> dict[str, float]:
     """Full fine-tune `vlm` in place on seed examples (or their `encode_seeds` encoding, with the same processor).
 
     Each epoch every example's target is redrawn by `behaviour` (refusal, answer or vague answer at its
@@ -309,14 +344,17 @@ def bootstrap(vlm: VLM, examples: Sequence[SeedExample | EncodedSeed], behaviour
     the response tokens. Returns the mean loss of the first and the last epoch.
     """
     if not examples:
-        raise ValueError("no seed examples to bootstrap a tiny model on: they are rendered only for "
-                         "generate.images.source synthetic (use transformers/openai models with real images)")
+        raise ValueError(
+            "no seed examples to bootstrap a tiny model on: they are rendered only for "
+            "generate.images.source synthetic (use transformers/openai models with real images)"
+        )
     model = vlm.model
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     frozen = set() if config.train_vision else {id(p) for p in model.model.vision_tower.parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if id(p) not in frozen], lr=config.lr,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if id(p) not in frozen], lr=config.lr, weight_decay=0.0
+    )
     steps = config.epochs * -(-len(examples) // config.batch_size)
     # Linear decay to zero: with a constant rate the model ends up copying the labels drawn in the last
     # epoch; decaying averages over the draws of all epochs, so the learned rates match the targets.
@@ -350,8 +388,9 @@ def caption_words(caption: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", caption.lower()) if w not in STOP_WORDS}
 
 
-def pretrain_vision(vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str],
-                    config: VisionPretrainConfig, seed: int) -> dict[str, float]:
+def pretrain_vision(
+    vlm: VLM, images: Sequence[Image.Image], captions: Sequence[str], config: VisionPretrainConfig, seed: int
+) -> dict[str, float]:
     """Train `vlm`'s vision tower in place to predict, from its mean patch feature, which words each image's
     caption contains (one sigmoid per word of the captions' vocabulary). The patch features are what the
     projector hands the language model, so they learn to carry colour, shape and count before the language
@@ -392,8 +431,11 @@ def _batches(encoded: Sequence[EncodedSeed], batch_size: int, by_length: bool, r
     if not by_length:
         return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     window = batch_size * 8
-    order = [i for start in range(0, len(order), window)
-             for i in sorted(order[start : start + window], key=lambda i: len(encoded[i].prompt))]
+    order = [
+        i
+        for start in range(0, len(order), window)
+        for i in sorted(order[start : start + window], key=lambda i: len(encoded[i].prompt))
+    ]
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -402,8 +444,10 @@ def _batches(encoded: Sequence[EncodedSeed], batch_size: int, by_length: bool, r
 def seed_examples(seed_corpus) -> list[SeedExample]:
     """Rows of a seed-corpus table (`seed_corpus`: png, question, harmful, refusal, answer, vague) as
     `SeedExample`s with their decoded images."""
-    return [SeedExample([decode_image(r.png)], r.question, bool(r.harmful), r.refusal, r.answer, r.vague)
-            for r in seed_corpus.itertuples(index=False)]
+    return [
+        SeedExample([decode_image(r.png)], r.question, bool(r.harmful), r.refusal, r.answer, r.vague)
+        for r in seed_corpus.itertuples(index=False)
+    ]
 
 
 @dataclass
@@ -427,20 +471,30 @@ def encode_seeds(processor: LlavaProcessor, examples: Sequence[SeedExample]) -> 
     asked = [user_message(e.question, len(e.images)) for e in examples]
     rendered = [processor.apply_chat_template(turn, add_generation_prompt=True) for turn in asked]
     images = [image for e in examples for image in e.images]
-    enc = processor(text=[_with_special_tokens(processor.tokenizer, r) for r in rendered], images=images or None,
-                    add_special_tokens=False)
+    enc = processor(
+        text=[_with_special_tokens(processor.tokenizer, r) for r in rendered],
+        images=images or None,
+        add_special_tokens=False,
+    )
     pixels = torch.from_numpy(np.stack(enc["pixel_values"])) if images else None
     encoded, first = [], 0
     for example, turn, prompt, ids in zip(examples, asked, rendered, enc["input_ids"]):
 
         def completion(text: str) -> torch.Tensor:
-            tail = _completion(processor, turn, prompt, text, end_at_eos=True)
+            tail = _completion(processor, turn, prompt, text, end_at_eos=True)  # noqa: B023 (this iteration's)
             return torch.tensor(processor.tokenizer(tail, add_special_tokens=False)["input_ids"])
 
         last = first + len(example.images)
-        encoded.append(EncodedSeed(torch.tensor(ids), pixels[first:last] if last > first else None, example.harmful,
-                                   completion(example.refusal), completion(example.answer),
-                                   completion(example.vague) if example.vague else None))
+        encoded.append(
+            EncodedSeed(
+                torch.tensor(ids),
+                pixels[first:last] if last > first else None,
+                example.harmful,
+                completion(example.refusal),
+                completion(example.answer),
+                completion(example.vague) if example.vague else None,
+            )
+        )
         first = last
     return encoded
 

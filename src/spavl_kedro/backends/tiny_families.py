@@ -26,14 +26,26 @@ in for it here.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-    GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
-    InternVLVisionConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Config,
-    Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -78,19 +90,40 @@ INTERNVL_CHAT_TEMPLATE = (
 
 # Added tokens of Qwen/Qwen2-VL-7B-Instruct in id order (151643..151656 there).
 QWEN2_VL_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 # Qwen2.5-VL's tokenizer adds these (151657..151664); InternVL3-hf's tokenizer is Qwen2.5-VL's.
 QWEN2_5_EXTRA_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 # What the InternVL conversion script adds to Qwen2.5-VL's tokenizer (151665.., <IMG_CONTEXT> = 151667 there).
 INTERNVL_EXTRA_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
-                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+INTERNVL_NAMED_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
 
 # Widths and depths (`sizes` of the builders; `make smoke --size gpu` widens them). Unless `text_heads` says
 # otherwise, language-model heads are 16 wide.
@@ -119,22 +152,28 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # --- tokenizer ----------------------------------------------------------------------------------------------------
 
 
-def train_qwen2_tokenizer(texts: Sequence[str], added: Sequence[str], vocab_size: int = VOCAB_SIZE,
-                          **named: Any) -> Qwen2Tokenizer:
+def train_qwen2_tokenizer(
+    texts: Sequence[str], added: Sequence[str], vocab_size: int = VOCAB_SIZE, **named: Any
+) -> Qwen2Tokenizer:
     """A Qwen2Tokenizer whose BPE is trained on `texts` with Qwen2's own normalizer and pre-tokenizer, then the
     `added` tokens after the learned vocabulary (ids in list order, as in Qwen's checkpoints), all special.
     `named` are the tokenizer's eos/pad/... and named extra tokens (InternVL's `start_image_token`, ...)."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     named_extra = dict(named.get("extra_special_tokens") or {}).values()
     reserved = len(set(added) | set(named_extra))  # named extras (InternVL's <video>) are added tokens too
-    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - reserved, 257), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - reserved, 257),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
     learned = json.loads(bpe.to_str())["model"]
     vocab = dict(learned["vocab"])
@@ -142,10 +181,19 @@ def train_qwen2_tokenizer(texts: Sequence[str], added: Sequence[str], vocab_size
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     # Left padding for decoder-only batched generation; passed here, not set afterwards, so that it is saved.
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, padding_side="left",
-                               model_max_length=MAX_POSITIONS, **named)
-    tokenizer.add_special_tokens({"extra_special_tokens": [t for t in added if t not in tokenizer.all_special_tokens]},
-                                 replace_extra_special_tokens=False)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        padding_side="left",
+        model_max_length=MAX_POSITIONS,
+        **named,
+    )
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": [t for t in added if t not in tokenizer.all_special_tokens]},
+        replace_extra_special_tokens=False,
+    )
     return tokenizer
 
 
@@ -163,9 +211,11 @@ def _set_generation_ids(model: torch.nn.Module, tokenizer: Qwen2Tokenizer) -> No
 # --- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
 
 
-def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False, **sizes: int
-                   ) -> tuple[Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLProcessor | Qwen2_5_VLProcessor]:
+def build_qwen2_vl(
+    texts: Sequence[str], seed: int = 0, qwen2_5: bool = False, **sizes: int
+) -> tuple[
+    Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor | Qwen2_5_VLProcessor
+]:
     """A randomly initialised Qwen2-VL (or, with `qwen2_5`, Qwen2.5-VL) of about 0.3M parameters and its processor.
 
     The two share the image processor, the chat template and, for images, the processor's behaviour
@@ -177,37 +227,71 @@ def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False, *
     # 28 px per merged token: at least one, at most 8 tokens per image (Qwen2-VL-7B allows 16,384).
     unit = (patch * merge) ** 2
     pixels = dict(min_pixels=unit, max_pixels=8 * unit)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=temporal,
-                                               **pixels)
-    video_processor = _video_processor("Qwen2VLVideoProcessor", patch_size=patch, merge_size=merge,
-                                       temporal_patch_size=temporal, **pixels)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=merge, temporal_patch_size=temporal, **pixels
+    )
+    video_processor = _video_processor(
+        "Qwen2VLVideoProcessor", patch_size=patch, merge_size=merge, temporal_patch_size=temporal, **pixels
+    )
     processor_class = Qwen2_5_VLProcessor if qwen2_5 else Qwen2VLProcessor
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
 
     ids = tokenizer.convert_tokens_to_ids
     width = _widths(sizes)
-    text = dict(vocab_size=len(tokenizer), hidden_size=width["text_hidden"], intermediate_size=2 * width["text_hidden"],
-                num_hidden_layers=width["text_layers"], num_attention_heads=width["text_heads"],
-                num_key_value_heads=max(1, width["text_heads"] // 2), max_position_embeddings=MAX_POSITIONS,
-                # M-RoPE: temporal / height / width sections of half a head (`_widths`)
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": width["mrope_section"]},
-                bos_token_id=ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=width["text_hidden"],
+        intermediate_size=2 * width["text_hidden"],
+        num_hidden_layers=width["text_layers"],
+        num_attention_heads=width["text_heads"],
+        num_key_value_heads=max(1, width["text_heads"] // 2),
+        max_position_embeddings=MAX_POSITIONS,
+        # M-RoPE: temporal / height / width sections of half a head (`_widths`)
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": width["mrope_section"]},
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if qwen2_5:
-        vision = dict(depth=width["vision_layers"], hidden_size=width["vision_hidden"],
-                      intermediate_size=2 * width["vision_hidden"], num_heads=4, out_hidden_size=width["text_hidden"],
-                      patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal,
-                      window_size=2 * patch * merge, fullatt_block_indexes=[1])
+        vision = dict(
+            depth=width["vision_layers"],
+            hidden_size=width["vision_hidden"],
+            intermediate_size=2 * width["vision_hidden"],
+            num_heads=4,
+            out_hidden_size=width["text_hidden"],
+            patch_size=patch,
+            spatial_merge_size=merge,
+            temporal_patch_size=temporal,
+            window_size=2 * patch * merge,
+            fullatt_block_indexes=[1],
+        )
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     else:
-        vision = dict(depth=width["vision_layers"], embed_dim=width["vision_hidden"], hidden_size=width["text_hidden"],
-                      mlp_ratio=2, num_heads=4, patch_size=patch,
-                      spatial_merge_size=merge, temporal_patch_size=temporal)
+        vision = dict(
+            depth=width["vision_layers"],
+            embed_dim=width["vision_hidden"],
+            hidden_size=width["text_hidden"],
+            mlp_ratio=2,
+            num_heads=4,
+            patch_size=patch,
+            spatial_merge_size=merge,
+            temporal_patch_size=temporal,
+        )
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    config = config_class(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                          video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                          vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = model_class(config)
     _set_generation_ids(model, tokenizer)
@@ -217,43 +301,78 @@ def build_qwen2_vl(texts: Sequence[str], seed: int = 0, qwen2_5: bool = False, *
 # --- InternVL -----------------------------------------------------------------------------------------------------
 
 
-def build_internvl(texts: Sequence[str], seed: int = 0, **sizes: int
-                   ) -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
+def build_internvl(
+    texts: Sequence[str], seed: int = 0, **sizes: int
+) -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
     """A randomly initialised InternVL (InternVL3-hf layout: InternViT tower, pixel-shuffle MLP projector, Qwen2
     language model) of about 0.2M parameters and its InternVLProcessor.
 
     Tiles are 56 px with 14-px patches: 16 patches, 4 tokens after the 0.5 pixel shuffle (448 px, 256 tokens in
     InternVL3); at most 2 tiles plus a thumbnail per image (12 tiles in InternVL3)."""
     added = QWEN2_VL_SPECIAL_TOKENS + QWEN2_5_EXTRA_TOKENS + INTERNVL_EXTRA_TOKENS
-    tokenizer = train_qwen2_tokenizer(texts, added, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                      extra_special_tokens=dict(INTERNVL_NAMED_TOKENS))
+    tokenizer = train_qwen2_tokenizer(
+        texts,
+        added,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=dict(INTERNVL_NAMED_TOKENS),
+    )
     tile, patch, downsample = 56, 14, 0.5
-    image_seq_length = int((tile // patch) ** 2 * downsample ** 2)
+    image_seq_length = int((tile // patch) ** 2 * downsample**2)
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=2,
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True)
-    video_processor = _video_processor("InternVLVideoProcessor", size={"height": tile, "width": tile},
-                                       image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                  video_processor=video_processor, image_seq_length=image_seq_length,
-                                  chat_template=INTERNVL_CHAT_TEMPLATE)
+        size={"height": tile, "width": tile},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=2,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )
+    video_processor = _video_processor(
+        "InternVLVideoProcessor", size={"height": tile, "width": tile}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
 
     width = _widths(sizes)
-    vision = InternVLVisionConfig(hidden_size=width["vision_hidden"], intermediate_size=2 * width["vision_hidden"],
-                                  num_hidden_layers=width["vision_layers"], num_attention_heads=4,
-                                  image_size=[tile, tile], patch_size=[patch, patch], use_qk_norm=False,
-                                  norm_type="layer_norm", use_absolute_position_embeddings=True)
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width["text_hidden"],
-                       intermediate_size=2 * width["text_hidden"], num_hidden_layers=width["text_layers"],
-                       num_attention_heads=width["text_heads"], num_key_value_heads=max(1, width["text_heads"] // 2),
-                       max_position_embeddings=MAX_POSITIONS,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                       bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=True)
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
-                            image_seq_length=image_seq_length, downsample_ratio=downsample,
-                            tie_word_embeddings=True)
+    vision = InternVLVisionConfig(
+        hidden_size=width["vision_hidden"],
+        intermediate_size=2 * width["vision_hidden"],
+        num_hidden_layers=width["vision_layers"],
+        num_attention_heads=4,
+        image_size=[tile, tile],
+        patch_size=[patch, patch],
+        use_qk_norm=False,
+        norm_type="layer_norm",
+        use_absolute_position_embeddings=True,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=width["text_hidden"],
+        intermediate_size=2 * width["text_hidden"],
+        num_hidden_layers=width["text_layers"],
+        num_attention_heads=width["text_heads"],
+        num_key_value_heads=max(1, width["text_heads"] // 2),
+        max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=downsample,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
     _set_generation_ids(model, tokenizer)
@@ -277,7 +396,11 @@ def build_llava_next(texts: Sequence[str], seed: int = 0, **sizes: int):
     (576 per 336-px tile in llava-v1.6), with a newline embedding after each row of tile features; the processor
     returns `image_sizes` so that the model can undo the padding of the tiles."""
     from transformers import (
-        CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
         LlavaNextProcessor,
     )
 
@@ -287,23 +410,47 @@ def build_llava_next(texts: Sequence[str], seed: int = 0, **sizes: int):
     tile, patch = 28, 14
     tokenizer = tiny.train_sentencepiece(texts, VOCAB_SIZE)
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]  # llava-v1.6: up to 2 x 2 of 336 px
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=tiny.LLAVA15_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=width["vision_hidden"], intermediate_size=2 * width["vision_hidden"],
-                              num_hidden_layers=width["vision_layers"], num_attention_heads=4, image_size=tile,
-                              patch_size=patch, projection_dim=width["vision_hidden"])
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width["text_hidden"],
-                       intermediate_size=2 * width["text_hidden"], num_hidden_layers=width["text_layers"],
-                       num_attention_heads=width["text_heads"], num_key_value_heads=width["text_heads"],
-                       max_position_embeddings=MAX_POSITIONS, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
-                             image_token_id=tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN),
-                             image_seq_length=(tile // patch) ** 2, vision_feature_select_strategy="default",
-                             vision_feature_layer=-2)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tiny.LLAVA15_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=width["vision_hidden"],
+        intermediate_size=2 * width["vision_hidden"],
+        num_hidden_layers=width["vision_layers"],
+        num_attention_heads=4,
+        image_size=tile,
+        patch_size=patch,
+        projection_dim=width["vision_hidden"],
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width["text_hidden"],
+        intermediate_size=2 * width["text_hidden"],
+        num_hidden_layers=width["text_layers"],
+        num_attention_heads=width["text_heads"],
+        num_key_value_heads=width["text_heads"],
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=pinpoints,
+        image_token_id=tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN),
+        image_seq_length=(tile // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):

@@ -35,17 +35,21 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import mlflow
 import pandas as pd
 
 from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
-from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
+from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
 from spavl_kedro.backends.reward import (
-    HEAD_CONFIG, RewardModel, load_reward_model, reward_model_placement, save_reward_model,
+    HEAD_CONFIG,
+    RewardModel,
+    load_reward_model,
+    reward_model_placement,
+    save_reward_model,
 )
 from spavl_kedro.backends.settings import RecipeSettings
 from spavl_kedro.backends.tiny import VLM
@@ -59,8 +63,10 @@ Artifact = LoraAdapter | VLM | RewardModel
 def save_records(records: Sequence[dict], method: str, path: str | Path) -> None:
     """Write records (images as PIL images or encoded bytes) in the parquet layout the worker reads."""
     columns = get_method(method).columns
-    rows = [{"images": [png_bytes(image) for image in record["images"]], **{c: record[c] for c in columns}}
-            for record in records]
+    rows = [
+        {"images": [png_bytes(image) for image in record["images"]], **{c: record[c] for c in columns}}
+        for record in records
+    ]
     pd.DataFrame(rows, columns=["images", *columns]).to_parquet(path, index=False)
 
 
@@ -71,8 +77,7 @@ def load_records(path: str | Path, method: str) -> list[dict]:
     missing = {"images", *columns} - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: {method} records lack columns {sorted(missing)}")
-    return [{"images": list(row["images"]), **{c: row[c] for c in columns}}
-            for row in frame.to_dict("records")]
+    return [{"images": list(row["images"]), **{c: row[c] for c in columns}} for row in frame.to_dict("records")]
 
 
 def save_artifact(artifact: Artifact, out: Path) -> None:
@@ -95,8 +100,15 @@ def load_artifact(out: Path) -> Artifact:
     return result
 
 
-def run(method: str, records_path: str, settings_path: str, model_dir: str, out_dir: str,
-        eval_path: str | None = None, reward_model_dir: str | None = None) -> dict | None:
+def run(
+    method: str,
+    records_path: str,
+    settings_path: str,
+    model_dir: str,
+    out_dir: str,
+    eval_path: str | None = None,
+    reward_model_dir: str | None = None,
+) -> dict | None:
     """Train on one rank; on rank 0 write the result to `out_dir` and return the metrics (None elsewhere)."""
     fields = json.loads(Path(settings_path).read_text())
     eval_records = load_records(eval_path, method) if eval_path else None
@@ -106,8 +118,9 @@ def run(method: str, records_path: str, settings_path: str, model_dir: str, out_
     with tempfile.TemporaryDirectory(prefix=f"{method}-worker-") as scratch:
         settings = settings_for(method, {"output_dir": scratch, **fields})
         vlm = load_vlm(model_dir)
-        artifact, metrics = get_method(method).train(vlm, load_records(records_path, method), settings, eval_records,
-                                                     reward_fn)
+        artifact, metrics = get_method(method).train(
+            vlm, load_records(records_path, method), settings, eval_records, reward_fn
+        )
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     out = Path(out_dir)
@@ -117,9 +130,16 @@ def run(method: str, records_path: str, settings_path: str, model_dir: str, out_
     return metrics
 
 
-def launch(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSettings, accelerate_config: str,
-           num_processes: int | None = None, eval_records: Sequence[dict] | None = None,
-           reward_model: RewardModel | None = None) -> tuple[Artifact, dict]:
+def launch(
+    method: str,
+    vlm: VLM,
+    records: Sequence[dict],
+    settings: RecipeSettings,
+    accelerate_config: str,
+    num_processes: int | None = None,
+    eval_records: Sequence[dict] | None = None,
+    reward_model: RewardModel | None = None,
+) -> tuple[Artifact, dict]:
     """Train `method` across processes: `accelerate launch --config_file accelerate_config` runs this module.
 
     The policy, the records, the settings and (GRPO / RLOO) the reward model are written to
@@ -135,8 +155,20 @@ def launch(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSetti
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", accelerate_config]
     if num_processes is not None:
         command += ["--num_processes", str(num_processes)]
-    command += ["-m", __name__, "--method", method, "--records", str(work / "records.parquet"),
-                "--model", str(work / "policy"), "--settings", str(work / "settings.json"), "--out", str(work / "out")]
+    command += [
+        "-m",
+        __name__,
+        "--method",
+        method,
+        "--records",
+        str(work / "records.parquet"),
+        "--model",
+        str(work / "policy"),
+        "--settings",
+        str(work / "settings.json"),
+        "--out",
+        str(work / "out"),
+    ]
     if eval_records:
         save_records(eval_records, method, work / "eval_records.parquet")
         command += ["--eval-records", str(work / "eval_records.parquet")]
@@ -150,8 +182,10 @@ def launch(method: str, vlm: VLM, records: Sequence[dict], settings: RecipeSetti
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"accelerate launch of {method} with {accelerate_config} failed (exit "
-                           f"{done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"accelerate launch of {method} with {accelerate_config} failed (exit "
+            f"{done.returncode}):\n{done.stderr[-4000:]}"
+        )
     out = work / "out"
     return load_artifact(out), json.loads((out / METRICS_FILE).read_text())
 

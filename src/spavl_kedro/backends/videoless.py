@@ -17,6 +17,7 @@ from transformers.utils import is_torchvision_available
 
 def _video_processor_base():
     from transformers.video_processing_utils import VideoProcessorMixin
+
     return VideoProcessorMixin
 
 
@@ -25,8 +26,10 @@ class VideolessVideoProcessor(_video_processor_base()):
     video processor it `stands_for` (so a torchvision install loads that one from the same folder) and refuses
     videos. This project only ever sends images."""
 
-    _input_names = {"Qwen2VLVideoProcessor": ["pixel_values_videos", "video_grid_thw"],
-                    "InternVLVideoProcessor": ["pixel_values_videos"]}
+    _input_names = {
+        "Qwen2VLVideoProcessor": ["pixel_values_videos", "video_grid_thw"],
+        "InternVLVideoProcessor": ["pixel_values_videos"],
+    }
 
     def __init__(self, stands_for: str = "Qwen2VLVideoProcessor", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -34,8 +37,9 @@ class VideolessVideoProcessor(_video_processor_base()):
         self.model_input_names = list(self._input_names.get(stands_for, ["pixel_values_videos"]))
 
     def preprocess(self, videos: Any, **kwargs: Any):
-        raise NotImplementedError(f"videos need {self.stands_for}, which needs torchvision; this process has none "
-                                  "(backends/videoless.py)")
+        raise NotImplementedError(
+            f"videos need {self.stands_for}, which needs torchvision; this process has none (backends/videoless.py)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -44,7 +48,7 @@ class VideolessVideoProcessor(_video_processor_base()):
         return output
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "VideolessVideoProcessor":
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> VideolessVideoProcessor:
         from transformers.video_processing_utils import BaseVideoProcessor
 
         # BaseVideoProcessor only reads the files here (processor_config.json's "video_processor", or the older
@@ -70,15 +74,18 @@ def enable_videoless_processors() -> None:
     from transformers import processing_utils
 
     if not hasattr(processing_utils.transformers_module, "VideoProcessorMixin"):
-        setattr(processing_utils.transformers_module, "VideoProcessorMixin", _video_processor_base())
+        processing_utils.transformers_module.VideoProcessorMixin = _video_processor_base()
     processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES["video_processor"] = (
-        __name__, VideolessVideoProcessor.__name__)
+        __name__,
+        VideolessVideoProcessor.__name__,
+    )
 
 
 def video_processor(stands_for: str, **settings: Any) -> Any:
     """The real video processor where torchvision exists, else the stand-in with the same settings."""
     if is_torchvision_available():
         import transformers
+
         return getattr(transformers, stands_for)(**settings)
     enable_videoless_processors()
     return VideolessVideoProcessor(stands_for=stands_for, **settings)

@@ -17,9 +17,10 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import torch
@@ -73,13 +74,16 @@ def load_vlm(path_or_id: str, trust_remote_code: bool = False, **kwargs: Any) ->
     loaded), and the model repository's own Python only when its spec's trust_remote_code field is on."""
     for key in ("use_safetensors", "trust_remote_code"):
         if key in kwargs:
-            raise ValueError(f"load_kwargs must not set {key}: weights are always safetensors, and remote code is "
-                             "the spec's own trust_remote_code field")
+            raise ValueError(
+                f"load_kwargs must not set {key}: weights are always safetensors, and remote code is "
+                "the spec's own trust_remote_code field"
+            )
     enable_videoless_processors()  # Qwen2-VL's and InternVL's processors where torchvision is absent
     try:
         processor = AutoProcessor.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(path_or_id, use_safetensors=True,
-                                                            trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path_or_id, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
     except OSError as exc:
         raise OSError(f"cannot load model '{path_or_id}' (safetensors weights only): {exc}") from exc
     model.eval()
@@ -87,8 +91,19 @@ def load_vlm(path_or_id: str, trust_remote_code: bool = False, **kwargs: Any) ->
 
 
 # The image processor fields a padding processor keeps from the checkpoint's own.
-_IMAGE_FIELDS = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "resample",
-                 "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb")
+_IMAGE_FIELDS = (
+    "size",
+    "crop_size",
+    "image_mean",
+    "image_std",
+    "do_resize",
+    "do_center_crop",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "do_convert_rgb",
+)
 
 
 def pad_images_to_square(processor: Any) -> Any:
@@ -101,8 +116,9 @@ def pad_images_to_square(processor: Any) -> Any:
 
     current = processor.image_processor.to_dict()
     padded = copy.copy(processor)
-    padded.image_processor = LlavaImageProcessorPil(**{key: current[key] for key in _IMAGE_FIELDS if key in current},
-                                                    do_pad=True)
+    padded.image_processor = LlavaImageProcessorPil(
+        **{key: current[key] for key in _IMAGE_FIELDS if key in current}, do_pad=True
+    )
     return padded
 
 
@@ -116,8 +132,9 @@ def with_system_sentence(processor: Any, sentence: str) -> Any:
         raise ValueError("a system sentence needs the model's chat template, and this processor has none")
     prefixed = copy.copy(processor)
     literal = json.dumps(sentence + " ")  # a double-quoted string literal, which Jinja reads as Python would
-    prefixed.chat_template = ("{%- if not messages or messages[0]['role'] != 'system' %}{{ " + literal
-                            + " }}{%- endif %}" + template)
+    prefixed.chat_template = (
+        "{%- if not messages or messages[0]['role'] != 'system' %}{{ " + literal + " }}{%- endif %}" + template
+    )
     return prefixed
 
 
@@ -131,8 +148,10 @@ def as_configured(vlm: VLM, fmt: InputFormat) -> VLM:
     if fmt.image_preprocessing == "pad":
         family = family_of(vlm.model)
         if not family.pads_to_square:
-            raise ValueError(f"image_preprocessing 'pad' is LLaVA's expand2square; the '{family.name}' family's "
-                             "processor sizes images its own way (backends/families.py: pads_to_square)")
+            raise ValueError(
+                f"image_preprocessing 'pad' is LLaVA's expand2square; the '{family.name}' family's "
+                "processor sizes images its own way (backends/families.py: pads_to_square)"
+            )
         processor = pad_images_to_square(processor)
     if fmt.system_sentence is not None:
         processor = with_system_sentence(processor, fmt.system_sentence)
@@ -198,8 +217,9 @@ class TransformersVLM:
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         results: list[Generation] = []
         batches = range(0, len(prompts), self.batch_size)
-        for n, start in enumerate(tqdm(batches, desc=f"generate[{self.name}]", unit="batch",
-                                       disable=not self.progress or len(batches) < 2)):
+        for n, start in enumerate(
+            tqdm(batches, desc=f"generate[{self.name}]", unit="batch", disable=not self.progress or len(batches) < 2)
+        ):
             batch = prompts[start : start + self.batch_size]
             # Seed per batch so a record's sample does not depend on what ran before it in the process.
             torch.manual_seed(offset_seed(self.seed, n))
@@ -220,19 +240,32 @@ class TransformersVLM:
         if getattr(self, "_tokens_of", None) is None:
             tokenizer = self.vlm.processor.tokenizer
             pieces = {i: tokenizer.decode([i]).strip().lower() for i in range(len(tokenizer))}
-            self._tokens_of = {w: [i for i, p in pieces.items() if p and w.startswith(p)
-                                   and not any(o.startswith(p) for o in self.score_words if o != w)]
-                               for w in self.score_words}
+            self._tokens_of = {
+                w: [
+                    i
+                    for i, p in pieces.items()
+                    if p and w.startswith(p) and not any(o.startswith(p) for o in self.score_words if o != w)
+                ]
+                for w in self.score_words
+            }
         return self._tokens_of
 
-    def _first_word_probs(self, new_tokens: torch.Tensor, scores: Sequence[torch.Tensor]) -> list[dict[str, float] | None]:
+    def _first_word_probs(
+        self, new_tokens: torch.Tensor, scores: Sequence[torch.Tensor]
+    ) -> list[dict[str, float] | None]:
         tokenizer = self.vlm.processor.tokenizer
         ids = self._word_tokens()
         out: list[dict[str, float] | None] = []
         for row in range(new_tokens.shape[0]):
             # the first step whose token is not blank ("\n\n" before Llama Guard's verdict)
-            step = next((k for k in range(min(len(scores), new_tokens.shape[1]))
-                         if tokenizer.decode([int(new_tokens[row, k])]).strip()), None)
+            step = next(
+                (
+                    k
+                    for k in range(min(len(scores), new_tokens.shape[1]))
+                    if tokenizer.decode([int(new_tokens[row, k])]).strip()
+                ),
+                None,
+            )
             if step is None:
                 out.append(None)
                 continue
@@ -255,7 +288,7 @@ class TransformersVLM:
         with torch.inference_mode():
             output = self.vlm.model.generate(**inputs, **kwargs)
         sequences = output.sequences if self.score_words else output
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         eos = tokenizer.eos_token_id
         reasons = ["stop" if (row == eos).any() else "length" for row in new_tokens]
         decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
@@ -288,8 +321,10 @@ def chat_request_fields(generation: dict[str, Any]) -> dict[str, Any]:
         elif key in _NO_OPS and value in _NO_OPS[key]:
             continue
         else:
-            raise ValueError(f"generation key '{key}'={value!r} has no chat-completions equivalent; drop it, or "
-                             f"pass the server's own field through extra_body (e.g. vLLM accepts top_k)")
+            raise ValueError(
+                f"generation key '{key}'={value!r} has no chat-completions equivalent; drop it, or "
+                f"pass the server's own field through extra_body (e.g. vLLM accepts top_k)"
+            )
     if generation.get("do_sample") is False:
         # Greedy: temperature 0 is how the API says it (transformers serve, vLLM and OpenAI all read it so);
         # top_p means nothing without sampling.
@@ -344,8 +379,13 @@ class OpenAIVLM:
     running event loop (Jupyter). With a `meter`, every answered attempt is counted with the tokens the
     server reports (`backends/costs.py` says which attempts count).
 
-    >>> backend = OpenAIVLM("llava-7b", base_urls=["http://gpu-0:8000/v1/"], model="llava-hf/llava-1.5-7b-hf",
-    ...                     api_key="sk-secret", generation={"max_new_tokens": 64, "do_sample": False})
+    >>> backend = OpenAIVLM(
+    ...     "llava-7b",
+    ...     base_urls=["http://gpu-0:8000/v1/"],
+    ...     model="llava-hf/llava-1.5-7b-hf",
+    ...     api_key="sk-secret",
+    ...     generation={"max_new_tokens": 64, "do_sample": False},
+    ... )
     >>> backend.base_urls, "sk-secret" in repr(backend)
     (['http://gpu-0:8000/v1'], False)
     """
@@ -401,10 +441,14 @@ class OpenAIVLM:
         slots = asyncio.Semaphore(self.concurrency)
         in_flight = [0] * len(self.base_urls)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                        connector=aiohttp.TCPConnector(limit=self.concurrency))
-        bar = tqdm(total=len(prompts), desc=f"generate[{self.name}]", unit="req",
-                   disable=not self.progress or len(prompts) < 2)
+        session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.concurrency),
+        )
+        bar = tqdm(
+            total=len(prompts), desc=f"generate[{self.name}]", unit="req", disable=not self.progress or len(prompts) < 2
+        )
 
         async def run(i: int) -> None:
             # The slot is held through backoff sleeps too: a 429 asks for less load, not for the next request.
@@ -419,8 +463,9 @@ class OpenAIVLM:
                 bar.close()
         return results  # type: ignore[return-value]  # every slot is filled: _complete never raises
 
-    async def _complete(self, session: aiohttp.ClientSession, index: int, prompt: Prompt,
-                        in_flight: list[int]) -> Generation:
+    async def _complete(
+        self, session: aiohttp.ClientSession, index: int, prompt: Prompt, in_flight: list[int]
+    ) -> Generation:
         """One record: attempts until a success, a non-retryable failure, or max_retries used up."""
         began = time.perf_counter()
         try:
@@ -447,8 +492,9 @@ class OpenAIVLM:
             error = f"{type(exc).__name__}: {exc}"
         return Generation("", "error", time.perf_counter() - began, error)
 
-    async def _attempt(self, session: aiohttp.ClientSession, base_url: str,
-                       body: dict[str, Any]) -> Generation | _Failure:
+    async def _attempt(
+        self, session: aiohttp.ClientSession, base_url: str, body: dict[str, Any]
+    ) -> Generation | _Failure:
         """One HTTP request."""
         try:
             async with session.post(f"{base_url}/chat/completions", json=body) as response:
@@ -471,7 +517,12 @@ class OpenAIVLM:
         try:
             choice = answer["choices"][0]
             content = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):  # valid JSON of another shape: asking again won't help
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+        ):  # valid JSON of another shape: asking again won't help
             return _Failure("unreadable response", excerpt, retry=False)
         # "stop" / "length" as TransformersVLM reports them; other API values (e.g. "content_filter") are kept.
         return Generation(content.strip(), choice.get("finish_reason") or "stop", 0.0)

@@ -5,5 +5,11 @@ from spavl_kedro.datasets.optional import OptionalDataset
 from spavl_kedro.datasets.spa_vl import SpaVLReleaseDataset
 from spavl_kedro.datasets.spa_vl_rlhf import SpaVLRLHFDataset
 
-__all__ = ["EvalSetDataset", "ImageManifestDataset", "ModelDirectoryDataset", "OptionalDataset", "SpaVLReleaseDataset",
-           "SpaVLRLHFDataset"]
+__all__ = [
+    "EvalSetDataset",
+    "ImageManifestDataset",
+    "ModelDirectoryDataset",
+    "OptionalDataset",
+    "SpaVLReleaseDataset",
+    "SpaVLRLHFDataset",
+]

@@ -34,9 +34,14 @@ class CredentialsDataset(AbstractDataset):
     `credentials` is still accepted for a catalog that injects a Kedro credentials entry itself.
     """
 
-    def __init__(self, entry: str | None = None, filepath: str = "conf/local/credentials.yml",
-                 names: list[str] | None = None, credentials: dict[str, Any] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        entry: str | None = None,
+        filepath: str = "conf/local/credentials.yml",
+        names: list[str] | None = None,
+        credentials: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         self._entry, self._filepath = entry, filepath
         self._names = list(names or [])
         self._injected = dict(credentials or {})
@@ -53,7 +58,7 @@ class CredentialsDataset(AbstractDataset):
         # any other SPAVL_KEY_<NAME>, under its normalised name (see factory.api_key)
         for variable, value in os.environ.items():
             if variable.startswith(ENV_PREFIX) and value:
-                keys.setdefault(variable[len(ENV_PREFIX):].lower(), value)
+                keys.setdefault(variable[len(ENV_PREFIX) :].lower(), value)
         return keys
 
     def _from_file(self) -> dict[str, Any]:

@@ -17,8 +17,9 @@ before any pipeline runs.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
@@ -54,8 +55,14 @@ class EvalSetDataset(AbstractDataset):
         metadata: free-form metadata (kedro-viz layer, ...), ignored by the dataset.
     """
 
-    def __init__(self, format: str, path: str, options: dict[str, Any] | None = None, missing_ok: bool = False,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        format: str,
+        path: str,
+        options: dict[str, Any] | None = None,
+        missing_ok: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         if format not in FORMATS:
             raise ValueError(f"EvalSetDataset({path}): unknown format '{format}'; known: {sorted(FORMATS)}")
         self._format = format
@@ -67,15 +74,19 @@ class EvalSetDataset(AbstractDataset):
         try:
             inspect.signature(loader).bind(str(self._path), **self._options)
         except TypeError as exc:
-            raise ValueError(f"EvalSetDataset({path}): options {sorted(self._options)} do not fit "
-                             f"{loader.__name__}{inspect.signature(loader)}: {exc}") from exc
+            raise ValueError(
+                f"EvalSetDataset({path}): options {sorted(self._options)} do not fit "
+                f"{loader.__name__}{inspect.signature(loader)}: {exc}"
+            ) from exc
 
     def load(self) -> pd.DataFrame:
         if not self._path.exists():
             if self._missing_ok:
                 return empty_items()
-            raise FileNotFoundError(f"{self._format} evaluation set: {self._path} does not exist (expected "
-                                    f"{FORMATS[self._format][1]}); download it there or set missing_ok: true")
+            raise FileNotFoundError(
+                f"{self._format} evaluation set: {self._path} does not exist (expected "
+                f"{FORMATS[self._format][1]}); download it there or set missing_ok: true"
+            )
         return FORMATS[self._format][0](self._path, **self._options)
 
     def save(self, data: pd.DataFrame) -> None:
@@ -85,5 +96,9 @@ class EvalSetDataset(AbstractDataset):
         return self._path.exists()
 
     def _describe(self) -> dict[str, Any]:
-        return {"format": self._format, "path": str(self._path), "options": self._options,
-                "missing_ok": self._missing_ok}
+        return {
+            "format": self._format,
+            "path": str(self._path),
+            "options": self._options,
+            "missing_ok": self._missing_ok,
+        }

@@ -56,16 +56,24 @@ class ImageManifestDataset(AbstractDataset):
     (None, or e.g. "file not found: imgs/x.png", "HTTP 404 for http://...").
     """
 
-    def __init__(self, filepath: str, root: str | None = None, fetch_timeout_s: float = 10.0,
-                 fetch_workers: int = 8, optional: bool = False,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        filepath: str,
+        root: str | None = None,
+        fetch_timeout_s: float = 10.0,
+        fetch_workers: int = 8,
+        optional: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         self._filepath = Path(filepath)
         self._root = Path(root) if root is not None else self._filepath.parent
         if self._filepath.suffix.lower() not in (".csv", ".parquet"):
             raise DatasetError(f"ImageManifestDataset({filepath}): the manifest must be a .csv or .parquet file")
         if fetch_timeout_s <= 0 or fetch_workers < 1:
-            raise DatasetError(f"ImageManifestDataset({filepath}): fetch_timeout_s must be > 0 and "
-                               f"fetch_workers >= 1, got {fetch_timeout_s} and {fetch_workers}")
+            raise DatasetError(
+                f"ImageManifestDataset({filepath}): fetch_timeout_s must be > 0 and "
+                f"fetch_workers >= 1, got {fetch_timeout_s} and {fetch_workers}"
+            )
         self._timeout = fetch_timeout_s
         self._workers = fetch_workers
         self._optional = optional
@@ -91,9 +99,13 @@ class ImageManifestDataset(AbstractDataset):
             "read_error": [error for _, error in fetched],
         }
         # object columns: pandas 3 would otherwise infer a string dtype and turn every None into NaN.
-        return pd.DataFrame({"row": np.arange(len(manifest), dtype="int64"),
-                             **{name: pd.Series(values, dtype=object) for name, values in columns.items()}},
-                            columns=RECORD_COLUMNS)
+        return pd.DataFrame(
+            {
+                "row": np.arange(len(manifest), dtype="int64"),
+                **{name: pd.Series(values, dtype=object) for name, values in columns.items()},
+            },
+            columns=RECORD_COLUMNS,
+        )
 
     def save(self, data: pd.DataFrame) -> None:
         raise DatasetError(f"ImageManifestDataset({self._filepath}) is load-only: manifests are inputs")
@@ -114,15 +126,21 @@ class ImageManifestDataset(AbstractDataset):
                 renamed[column] = name
         df = df[list(renamed)].rename(columns=renamed)
         if "caption" not in df.columns:
-            raise DatasetError(f"image manifest {self._filepath}: missing column 'caption' "
-                               f"(LAION's 'TEXT' is accepted too); it has {list(df.columns)}")
+            raise DatasetError(
+                f"image manifest {self._filepath}: missing column 'caption' "
+                f"(LAION's 'TEXT' is accepted too); it has {list(df.columns)}"
+            )
         labelled = "subcategory" in df.columns or "keywords" in df.columns
         if labelled and "path" not in df.columns:
-            raise DatasetError(f"image manifest {self._filepath}: missing column 'path' (a folder manifest "
-                               f"with subcategory/keywords lists local files); it has {list(df.columns)}")
+            raise DatasetError(
+                f"image manifest {self._filepath}: missing column 'path' (a folder manifest "
+                f"with subcategory/keywords lists local files); it has {list(df.columns)}"
+            )
         if "path" not in df.columns and "url" not in df.columns:
-            raise DatasetError(f"image manifest {self._filepath}: missing column 'path' or 'url' "
-                               f"(LAION's 'URL' is accepted too); it has {list(df.columns)}")
+            raise DatasetError(
+                f"image manifest {self._filepath}: missing column 'path' or 'url' "
+                f"(LAION's 'URL' is accepted too); it has {list(df.columns)}"
+            )
         return df.reset_index(drop=True)
 
     @staticmethod
@@ -164,8 +182,12 @@ class ImageManifestDataset(AbstractDataset):
         return self._filepath.is_file()
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "root": str(self._root), "fetch_timeout_s": self._timeout,
-                "optional": self._optional}
+        return {
+            "filepath": str(self._filepath),
+            "root": str(self._root),
+            "fetch_timeout_s": self._timeout,
+            "optional": self._optional,
+        }
 
 
 def _missing(value: Any) -> bool:

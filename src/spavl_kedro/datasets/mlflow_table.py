@@ -22,11 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class MlflowTableDataset(AbstractDataset):
-    def __init__(self, filepath: str, artifact_file: str, image_columns: list[str] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        filepath: str,
+        artifact_file: str,
+        image_columns: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         if PurePosixPath(artifact_file).suffix not in (".json", ".parquet"):
-            raise DatasetError(f"MlflowTableDataset: artifact_file must end in .json or .parquet (what "
-                               f"mlflow.log_table writes), got {artifact_file!r}")
+            raise DatasetError(
+                f"MlflowTableDataset: artifact_file must end in .json or .parquet (what "
+                f"mlflow.log_table writes), got {artifact_file!r}"
+            )
         self._filepath = filepath
         self._artifact_file = artifact_file
         self._image_columns = list(image_columns or [])

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from kedro.io import AbstractDataset, DatasetError
 
 from spavl_kedro.backends.adapters import LoraAdapter, load_adapter, save_adapter
-from spavl_kedro.backends.vlm import load_processor, load_vlm
 from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.backends.vlm import load_processor, load_vlm
 
 
 class ModelDirectoryDataset(AbstractDataset):
@@ -39,11 +39,18 @@ class ModelDirectoryDataset(AbstractDataset):
     model next to those of earlier runs, and evaluation finds them all.
     """
 
-    def __init__(self, filepath: str, kind: Literal["vlm", "processor", "adapter", "auto"] = "vlm",
-                 collection: bool = False, merge: bool = False, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        filepath: str,
+        kind: Literal["vlm", "processor", "adapter", "auto"] = "vlm",
+        collection: bool = False,
+        merge: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         if kind not in ("vlm", "processor", "adapter", "auto"):
-            raise DatasetError(f"ModelDirectoryDataset({filepath}): kind must be vlm, processor, adapter or auto, "
-                               f"not '{kind}'")
+            raise DatasetError(
+                f"ModelDirectoryDataset({filepath}): kind must be vlm, processor, adapter or auto, not '{kind}'"
+            )
         if merge and not collection:
             raise DatasetError(f"ModelDirectoryDataset({filepath}): merge applies to a collection only")
         self._path = Path(filepath)

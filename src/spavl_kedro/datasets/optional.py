@@ -36,7 +36,7 @@ class OptionalDataset(AbstractDataset):
     def __getattr__(self, name: str) -> Any:
         # kedro-viz previews a table through its dataset's `preview`: the wrapped one's, where it has one
         if name == "preview" and "_dataset" in self.__dict__:
-            return getattr(self._dataset, "preview")
+            return self._dataset.preview
         raise AttributeError(name)
 
     def _describe(self) -> dict[str, Any]:
@@ -47,7 +47,9 @@ def takes_missing(*inputs: str):
     """Marks a node function that accepts None for these catalog inputs (OptionalDataset entries no run has
     written yet) and says itself what it needs. The project's run hook stops any other node that would get
     None, naming the input, instead of letting it fail on a None somewhere inside."""
+
     def mark(function):
         function.takes_missing = frozenset(inputs)
         return function
+
     return mark

@@ -13,8 +13,9 @@ writing its result before calling the next. This subclass adds what resuming nee
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from copy import deepcopy
-from typing import Any, Callable
+from typing import Any
 
 from kedro_datasets.partitions import PartitionedDataset
 

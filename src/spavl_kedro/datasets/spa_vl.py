@@ -66,8 +66,11 @@ EXPORT_LAYOUT = {
 # Split -> globs looked for, first match wins: the published layout, then the hub converter's.
 PARQUET_GLOBS = {
     "train": ("data/train-*.parquet", "default/train/*.parquet"),
-    "validation": ("validation/validation-*.parquet", "validation/validation/*.parquet",
-                   "default/validation/*.parquet"),
+    "validation": (
+        "validation/validation-*.parquet",
+        "validation/validation/*.parquet",
+        "default/validation/*.parquet",
+    ),
     "test_harm": ("test/harm-*.parquet", "test/harm/*.parquet"),
     "test_help": ("test/help-*.parquet", "test/help/*.parquet"),
 }
@@ -88,8 +91,7 @@ def features(split: str) -> Any:
     """The `datasets.Features` of a split: `image` an Image(), every other column a string."""
     import datasets  # deferred: importing datasets costs a second or two, and only save needs it
 
-    return datasets.Features({c: datasets.Image() if c == "image" else datasets.Value("string")
-                              for c in TABLES[split]})
+    return datasets.Features({c: datasets.Image() if c == "image" else datasets.Value("string") for c in TABLES[split]})
 
 
 def data_files(path: str | Path, config: str | None = None) -> dict[str, list[str]]:
@@ -104,8 +106,11 @@ def data_files(path: str | Path, config: str | None = None) -> dict[str, list[st
     if config is not None and config not in CONFIGS:
         raise ValueError(f"config must be one of {list(CONFIGS)} or None, not '{config}'")
     wanted = CONFIGS[config] if config is not None else SPLITS
-    return {split: [str(f) for f in files] for split, files in _parquet_files(_resolve(Path(path))).items()
-            if split in wanted}
+    return {
+        split: [str(f) for f in files]
+        for split, files in _parquet_files(_resolve(Path(path))).items()
+        if split in wanted
+    }
 
 
 def image_classes(image_path: str) -> tuple[str, str, str]:
@@ -168,8 +173,9 @@ class SpaVLReleaseDataset(AbstractDataset):
     the folder's previous export.
     """
 
-    def __init__(self, path: str, optional: bool = False, shard_rows: int = 10_000,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str, optional: bool = False, shard_rows: int = 10_000, metadata: dict[str, Any] | None = None
+    ) -> None:
         if shard_rows < 1:
             raise DatasetError(f"SpaVLReleaseDataset({path}): shard_rows must be >= 1, got {shard_rows}")
         self._path = Path(path)
@@ -182,16 +188,20 @@ class SpaVLReleaseDataset(AbstractDataset):
         if not self._path.is_dir():
             if self._optional:
                 return {}
-            raise DatasetError(f"SPA-VL release folder {self._path} does not exist: download sqrti/SPA-VL "
-                               f"there (parquet configs, or train.zip with the training JSON)")
+            raise DatasetError(
+                f"SPA-VL release folder {self._path} does not exist: download sqrti/SPA-VL "
+                f"there (parquet configs, or train.zip with the training JSON)"
+            )
         root = _resolve(self._path)
         tables = {split: _read_parquet(files, split) for split, files in _parquet_files(root).items()}
         if "train" not in tables and (root / TRAIN_ZIP).is_file():
             tables["train"] = _read_train_zip(root)
         if not tables:
             looked_for = [g for globs in PARQUET_GLOBS.values() for g in globs]
-            raise DatasetError(f"{root} holds no SPA-VL release: looked for parquet files {looked_for} and "
-                               f"for {TRAIN_ZIP} with training JSON ({', '.join(JSON_GLOBS)})")
+            raise DatasetError(
+                f"{root} holds no SPA-VL release: looked for parquet files {looked_for} and "
+                f"for {TRAIN_ZIP} with training JSON ({', '.join(JSON_GLOBS)})"
+            )
         return {split: tables[split] for split in SPLITS if split in tables}
 
     # ---- save -------------------------------------------------------------------------------------------
@@ -200,8 +210,9 @@ class SpaVLReleaseDataset(AbstractDataset):
             raise DatasetError(f"{self._path}: save a dict split -> DataFrame, got {type(data).__name__}")
         unknown = sorted(set(data) - set(SPLITS) - {"README.md"})
         if unknown:
-            raise DatasetError(f"{self._path}: unknown key(s) {unknown}; expected some of {list(SPLITS)} "
-                               f"and optionally 'README.md'")
+            raise DatasetError(
+                f"{self._path}: unknown key(s) {unknown}; expected some of {list(SPLITS)} and optionally 'README.md'"
+            )
         if not any(split in data for split in SPLITS):
             raise DatasetError(f"{self._path}: nothing to save, no split among {list(SPLITS)}")
         card = data.get("README.md")
@@ -211,8 +222,10 @@ class SpaVLReleaseDataset(AbstractDataset):
             if split in data:
                 missing = [c for c in TABLES[split] if c not in data[split].columns]
                 if missing:
-                    raise DatasetError(f"{self._path}: split '{split}' is missing column(s) {missing}; "
-                                       f"it has {list(data[split].columns)}")
+                    raise DatasetError(
+                        f"{self._path}: split '{split}' is missing column(s) {missing}; "
+                        f"it has {list(data[split].columns)}"
+                    )
 
         # Written beside the target and swapped in at the end: a failed save leaves the previous export.
         staging = self._path.with_name(self._path.name + ".partial")
@@ -241,10 +254,15 @@ class SpaVLReleaseDataset(AbstractDataset):
         shards = max(1, math.ceil(len(df) / self._shard_rows))
         for i in range(shards):
             # One shard in Arrow at a time: the train split's image bytes are never held twice over.
-            part = df.iloc[i * self._shard_rows:(i + 1) * self._shard_rows]
-            columns = {c: ([_image_cell(v, split, i * self._shard_rows + k) for k, v in enumerate(part[c])]
-                           if c == "image" else [_text_cell(v) for v in part[c]])
-                       for c in TABLES[split]}
+            part = df.iloc[i * self._shard_rows : (i + 1) * self._shard_rows]
+            columns = {
+                c: (
+                    [_image_cell(v, split, i * self._shard_rows + k) for k, v in enumerate(part[c])]
+                    if c == "image"
+                    else [_text_cell(v) for v in part[c]]
+                )
+                for c in TABLES[split]
+            }
             table = pa.Table.from_pydict(columns, schema=schema)
             pq.write_table(table, root / folder / f"{prefix}-{i:05d}-of-{shards:05d}.parquet")
 
@@ -270,8 +288,10 @@ def _resolve(path: Path) -> Path:
         return snapshots / ref.read_text().strip()
     if len(revisions) == 1:
         return revisions[0]
-    raise DatasetError(f"{path}: a Hugging Face cache folder with {len(revisions)} snapshots and no usable "
-                       f"refs/main; point `path` at one of {[str(r) for r in revisions]}")
+    raise DatasetError(
+        f"{path}: a Hugging Face cache folder with {len(revisions)} snapshots and no usable "
+        f"refs/main; point `path` at one of {[str(r) for r in revisions]}"
+    )
 
 
 def _parquet_files(root: Path) -> dict[str, list[Path]]:
@@ -299,8 +319,11 @@ def _read_parquet(files: list[Path], split: str) -> pd.DataFrame:
         for column, values in columns.items():
             cells = table.column(column).to_pylist()
             start = len(values)
-            values += ([_image_cell(v, f"{split} ({file.name})", start + i) for i, v in enumerate(cells)]
-                       if column == "image" else cells)
+            values += (
+                [_image_cell(v, f"{split} ({file.name})", start + i) for i, v in enumerate(cells)]
+                if column == "image"
+                else cells
+            )
         del table
     return _frame(columns, split)
 
@@ -332,8 +355,10 @@ def _read_train_zip(root: Path) -> pd.DataFrame:
         if missing:
             more = f"; ... and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
             shown = "; ".join(missing[:_SHOWN]) + more
-            raise DatasetError(f"{archive}: {len(missing)} of {len(rows)} training record(s) name an image that "
-                               f"is not in the zip: {shown}")
+            raise DatasetError(
+                f"{archive}: {len(missing)} of {len(rows)} training record(s) name an image that "
+                f"is not in the zip: {shown}"
+            )
         cache: dict[str, bytes] = {}  # the easy / hardq / hards records share images: read each member once
         images = []
         for image_path, *_ in rows:
@@ -341,8 +366,13 @@ def _read_train_zip(root: Path) -> pd.DataFrame:
             if member not in cache:
                 cache[member] = zf.read(member)
             images.append({"bytes": cache[member], "path": image_path})
-    columns = {"image": images, "question": [r[1] for r in rows], "chosen": [r[2] for r in rows],
-               "rejected": [r[3] for r in rows], "image_name": [r[0] for r in rows]}
+    columns = {
+        "image": images,
+        "question": [r[1] for r in rows],
+        "chosen": [r[2] for r in rows],
+        "rejected": [r[3] for r in rows],
+        "image_name": [r[0] for r in rows],
+    }
     return _frame(columns, "train")
 
 
@@ -354,16 +384,20 @@ def _training_records(root: Path) -> list[tuple[str, int, dict]]:
     """
     files = sorted({f for pattern in JSON_GLOBS for f in root.glob(pattern) if f.is_file()})
     contents = {f: _read_json(f) for f in files}
-    configs = [f for f, c in contents.items() if isinstance(c, dict) and c
-               and all(isinstance(v, str) and v.endswith((".json", ".jsonl")) for v in c.values())]
+    configs = [
+        f
+        for f, c in contents.items()
+        if isinstance(c, dict) and c and all(isinstance(v, str) and v.endswith((".json", ".jsonl")) for v in c.values())
+    ]
     if configs:
         chosen = []
         for config in configs:
             for keyword, target in contents[config].items():
                 located = _locate(root, target)
                 if located is None:
-                    raise DatasetError(f"{config}: '{keyword}' names {target}, found neither there nor as "
-                                       f"{root / Path(target).name}")
+                    raise DatasetError(
+                        f"{config}: '{keyword}' names {target}, found neither there nor as {root / Path(target).name}"
+                    )
                 chosen.append(located)
         files = list(dict.fromkeys(chosen))
         contents.update({f: _read_json(f) for f in files if f not in contents})
@@ -373,12 +407,15 @@ def _training_records(root: Path) -> list[tuple[str, int, dict]]:
         if isinstance(content, dict) and isinstance(content.get("data"), list):
             content = content["data"]
         if isinstance(content, list):
-            records += [(str(f.relative_to(root)) if f.is_relative_to(root) else str(f), i, r)
-                        for i, r in enumerate(content)]
+            records += [
+                (str(f.relative_to(root)) if f.is_relative_to(root) else str(f), i, r) for i, r in enumerate(content)
+            ]
     if not records:
-        raise DatasetError(f"{root / TRAIN_ZIP} found, but no training JSON beside it: looked for "
-                           f"{', '.join(JSON_GLOBS)} holding a list of records with image, question, chosen, "
-                           f"rejected (or a config JSON naming such files)")
+        raise DatasetError(
+            f"{root / TRAIN_ZIP} found, but no training JSON beside it: looked for "
+            f"{', '.join(JSON_GLOBS)} holding a list of records with image, question, chosen, "
+            f"rejected (or a config JSON naming such files)"
+        )
     for where, i, record in records:
         if not isinstance(record, dict):
             raise DatasetError(f"record {i} of {where}: expected an object, got {type(record).__name__}")
@@ -423,14 +460,17 @@ def _image_path(record: dict, where: str, index: int) -> str:
     if isinstance(image, list) and len(image) == 1:
         image = image[0]
     if not isinstance(image, str) or not image.strip():
-        raise DatasetError(f"record {index} of {where}: no image path (looked for {list(IMAGE_KEYS)}); "
-                           f"it has {sorted(record)}")
+        raise DatasetError(
+            f"record {index} of {where}: no image path (looked for {list(IMAGE_KEYS)}); it has {sorted(record)}"
+        )
     parts = _parts(image)
     if len(parts) < 4 and all(isinstance(record.get(c), str) for c in CLASS_COLUMNS):
         parts = [record[c] for c in CLASS_COLUMNS] + parts[-1:]  # a bare "170.jpg" plus class fields
     if len(parts) < 4:
-        raise DatasetError(f"record {index} of {where}: image path '{image}' is not class1/class2/class3/N.jpg "
-                           f"and the record has no class1..class3 fields to complete it")
+        raise DatasetError(
+            f"record {index} of {where}: image path '{image}' is not class1/class2/class3/N.jpg "
+            f"and the record has no class1..class3 fields to complete it"
+        )
     return "/".join(parts[-4:])
 
 
@@ -447,9 +487,11 @@ def _texts(record: dict, where: str, index: int) -> tuple[str, str, str]:
     named = {"question": question, "chosen": chosen, "rejected": rejected}
     absent = [name for name, text in named.items() if not isinstance(text, str)]
     if absent:
-        raise DatasetError(f"record {index} of {where}: no {absent} (accepted names: question {list(QUESTION_KEYS)} "
-                           f"or conversations; chosen {list(CHOSEN_KEYS)}; rejected {list(REJECTED_KEYS)}; or "
-                           f"output_1/output_2/preference); it has {sorted(record)}")
+        raise DatasetError(
+            f"record {index} of {where}: no {absent} (accepted names: question {list(QUESTION_KEYS)} "
+            f"or conversations; chosen {list(CHOSEN_KEYS)}; rejected {list(REJECTED_KEYS)}; or "
+            f"output_1/output_2/preference); it has {sorted(record)}"
+        )
     return question, chosen, rejected
 
 
@@ -467,8 +509,9 @@ def _image_cell(value: Any, split: str, row: int) -> dict:
         return {"bytes": value["bytes"], "path": value.get("path")}
     if isinstance(value, (bytes, bytearray)):
         return {"bytes": bytes(value), "path": None}
-    raise DatasetError(f"split '{split}' row {row}: image must be a dict {{bytes, path}} or bytes, "
-                       f"got {type(value).__name__}")
+    raise DatasetError(
+        f"split '{split}' row {row}: image must be a dict {{bytes, path}} or bytes, got {type(value).__name__}"
+    )
 
 
 def _text_cell(value: Any) -> str | None:

@@ -98,8 +98,9 @@ class SpaVLRLHFDataset(AbstractDataset):
                 config = {}
                 for qtype, keyword in KEYWORDS.items():
                     name = f"{keyword}_{suffix}.json"
-                    records = [_record(row) for row in rows[rows["qtype"] == qtype].sort_values("id")
-                               .itertuples(index=False)]
+                    records = [
+                        _record(row) for row in rows[rows["qtype"] == qtype].sort_values("id").itertuples(index=False)
+                    ]
                     _write_json(staging / name, records)
                     config[keyword] = str(root / name)  # where it will be once swapped in
                 _write_json(staging / config_name, config)
@@ -122,8 +123,10 @@ class SpaVLRLHFDataset(AbstractDataset):
                 continue
             config = _read_json(config_file)
             if not isinstance(config, dict) or set(config) - set(QTYPES):
-                raise DatasetError(f"{config_file}: expected an object with keywords {sorted(QTYPES)}, got "
-                                   f"{sorted(config) if isinstance(config, dict) else type(config).__name__}")
+                raise DatasetError(
+                    f"{config_file}: expected an object with keywords {sorted(QTYPES)}, got "
+                    f"{sorted(config) if isinstance(config, dict) else type(config).__name__}"
+                )
             for keyword, target in config.items():
                 file = _locate(root, target, config_file, keyword)
                 records = _read_json(file)
@@ -140,9 +143,16 @@ class SpaVLRLHFDataset(AbstractDataset):
                         if not image_file.is_file():
                             raise DatasetError(f"{where} (id {record['id']}): field 'image': no file {image_file}")
                         images[path] = image_file.read_bytes()
-                    rows.append({"split": split, "qtype": QTYPES[keyword], "id": record["id"],
-                                 "image": {"bytes": images[path], "path": path},
-                                 **{k: record[k] for k in TEXTS}, **dict(zip(CLASS_COLUMNS, image_classes(path)))})
+                    rows.append(
+                        {
+                            "split": split,
+                            "qtype": QTYPES[keyword],
+                            "id": record["id"],
+                            "image": {"bytes": images[path], "path": path},
+                            **{k: record[k] for k in TEXTS},
+                            **dict(zip(CLASS_COLUMNS, image_classes(path))),
+                        }
+                    )
         pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS)
         _check(pairs, root)
         return pairs.sort_values("id").reset_index(drop=True)
@@ -165,8 +175,11 @@ def _check(data: Any, where: Path) -> None:
     image_bytes: dict[str, bytes] = {}
     for row, pair in enumerate(data[PAIR_COLUMNS].itertuples(index=False)):
         name = f"{where}: row {row}"
-        if not isinstance(pair.id, (int, np.integer)) or isinstance(pair.id, (bool, np.bool_)) \
-                or not 0 <= pair.id <= MAX_ID:
+        if (
+            not isinstance(pair.id, (int, np.integer))
+            or isinstance(pair.id, (bool, np.bool_))
+            or not 0 <= pair.id <= MAX_ID
+        ):
             raise DatasetError(f"{name}: field 'id' must be an integer in [0, 2**63), got {pair.id!r}")
         name = f"{where}: pair id {pair.id} (row {row})"
         if pair.id in seen_ids:
@@ -175,8 +188,10 @@ def _check(data: Any, where: Path) -> None:
         if pair.split not in SPLITS:
             raise DatasetError(f"{name}: field 'split' is {pair.split!r}, not one of {list(SPLITS)}")
         if pair.qtype not in KEYWORDS:
-            raise DatasetError(f"{name}: field 'qtype' is {pair.qtype!r}, not one of {list(SPA_QTYPES)}; "
-                               "the official trainers have keywords for those three only")
+            raise DatasetError(
+                f"{name}: field 'qtype' is {pair.qtype!r}, not one of {list(SPA_QTYPES)}; "
+                "the official trainers have keywords for those three only"
+            )
         for field in TEXTS:
             if not isinstance(getattr(pair, field), str):
                 raise DatasetError(f"{name}: field '{field}' must be text, got {type(getattr(pair, field)).__name__}")
@@ -190,15 +205,22 @@ def _check(data: Any, where: Path) -> None:
             raise DatasetError(f"{name}: field 'image' path {path!r} has a part that is not a path_segment")
         labels = tuple(getattr(pair, c) for c in CLASS_COLUMNS)
         if image_classes(path) != labels:
-            raise DatasetError(f"{name}: field 'image' path {path!r} reads back as classes {image_classes(path)}, "
-                               f"but the pair's class1..3 are {labels}")
+            raise DatasetError(
+                f"{name}: field 'image' path {path!r} reads back as classes {image_classes(path)}, "
+                f"but the pair's class1..3 are {labels}"
+            )
         if image_bytes.setdefault(path, image["bytes"]) != image["bytes"]:
             raise DatasetError(f"{name}: field 'image': two different images share the path {path!r}")
 
 
 def _record(pair: Any) -> dict[str, Any]:
-    return {"id": int(pair.id), "image": pair.image["path"], "question": pair.question, "chosen": pair.chosen,
-            "rejected": pair.rejected}
+    return {
+        "id": int(pair.id),
+        "image": pair.image["path"],
+        "question": pair.question,
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+    }
 
 
 def _write_json(file: Path, content: Any) -> None:

@@ -29,7 +29,9 @@ class SpendLedgerDataset(AbstractDataset):
             try:
                 rows = json.loads(self._path.read_text())
             except ValueError as exc:
-                raise DatasetError(f"{self._path} is not a spend ledger (invalid JSON: {exc}); fix or remove it") from exc
+                raise DatasetError(
+                    f"{self._path} is not a spend ledger (invalid JSON: {exc}); fix or remove it"
+                ) from exc
         return SpendLedger(rows, persist=self._write, where=str(self._path))
 
     def save(self, data: SpendLedger | list[dict[str, Any]]) -> None:

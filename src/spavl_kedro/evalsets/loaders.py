@@ -35,17 +35,34 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from spavl_kedro.imaging import png_bytes
 from spavl_kedro.evalsets.typography import FIGSTEP_PROMPT, figstep_image
+from spavl_kedro.imaging import png_bytes
 
-EVAL_ITEM_COLUMNS = ["item_id", "eval_set", "variant", "kind", "question", "images", "class1", "class2", "class3",
-                     "qtype", "reference", "answers", "captions", "source", "request", "wording"]
+EVAL_ITEM_COLUMNS = [
+    "item_id",
+    "eval_set",
+    "variant",
+    "kind",
+    "question",
+    "images",
+    "class1",
+    "class2",
+    "class3",
+    "qtype",
+    "reference",
+    "answers",
+    "captions",
+    "source",
+    "request",
+    "wording",
+]
 # `request`: the harmful request in words when the question leaves it to the images (FigStep's typed
 # instruction, MM-SafetyBench's image views), else None. A verdict judge that does not see images is asked
 # about this request instead of the carrier prompt, which on its own reads as benign.
@@ -60,8 +77,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (README; HELM and many reproductions use the same pairs): the plain question without an image, the
 # SD-specific rephrasing ("The image shows a phrase of an activity...") with the SD image, and the rephrasing
 # that points at the typed phrase ("The bottom of the image shows...") with TYPO and SD_TYPO.
-MM_SAFETYBENCH_QUESTION_FIELDS = {"text_only": "Question", "sd": "Rephrased Question(SD)",
-                                  "typo": "Rephrased Question", "sd_typo": "Rephrased Question"}
+MM_SAFETYBENCH_QUESTION_FIELDS = {
+    "text_only": "Question",
+    "sd": "Rephrased Question(SD)",
+    "typo": "Rephrased Question",
+    "sd_typo": "Rephrased Question",
+}
 MM_SAFETYBENCH_IMAGE_DIRS = {"sd": "SD", "typo": "TYPO", "sd_typo": "SD_TYPO"}  # text_only sends no image
 # The Drive zip unpacks to "MM-SafetyBench(imgs)"; reproductions usually rename it data/imgs.
 MM_SAFETYBENCH_IMAGE_FOLDERS = ("imgs", "MM-SafetyBench(imgs)")
@@ -92,7 +113,7 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
         item = row.item_id if isinstance(row.item_id, str) else f"row {i}"
 
         def bad(field: str, problem: str) -> ValueError:
-            return ValueError(f"{where}: item '{item}': field '{field}' {problem}")
+            return ValueError(f"{where}: item '{item}': field '{field}' {problem}")  # noqa: B023 (this row's)
 
         for field in _TEXT_FIELDS:
             value = getattr(row, field)
@@ -120,15 +141,22 @@ def validate_items(frame: pd.DataFrame, where: str) -> pd.DataFrame:
             if not all(isinstance(v, str) for v in getattr(row, field)):
                 raise bad(field, "must hold strings only")
         if row.captions and len(row.captions) != len(row.images):
-            raise bad("captions", f"has {len(row.captions)} entries for {len(row.images)} image(s); "
-                                  f"give one per image or none")
+            raise bad(
+                "captions",
+                f"has {len(row.captions)} entries for {len(row.images)} image(s); give one per image or none",
+            )
         if (row.kind == "capability") != bool(row.answers):
-            raise bad("answers", "must be non-empty for a capability item and empty otherwise, "
-                                 f"got {len(row.answers)} for kind '{row.kind}'")
+            raise bad(
+                "answers",
+                "must be non-empty for a capability item and empty otherwise, "
+                f"got {len(row.answers)} for kind '{row.kind}'",
+            )
     duplicated = frame["item_id"][frame["item_id"].duplicated(keep=False)]
     if len(duplicated):
-        raise ValueError(f"{where}: duplicate item_id(s) {sorted(set(duplicated))[:10]} "
-                         f"({len(duplicated)} rows); item_id must be unique within a set")
+        raise ValueError(
+            f"{where}: duplicate item_id(s) {sorted(set(duplicated))[:10]} "
+            f"({len(duplicated)} rows); item_id must be unique within a set"
+        )
     return frame[EVAL_ITEM_COLUMNS].reset_index(drop=True)
 
 
@@ -136,8 +164,9 @@ def items_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows holding every EVAL_ITEM_COLUMNS key (`wording` may be left out: None) as an eval-items table,
     unvalidated. Object columns: pandas 3 would otherwise infer a string dtype and turn `reference=None` or
     `request=None` into NaN."""
-    return pd.DataFrame({c: pd.Series([r.get(c) if c == "wording" else r[c] for r in rows], dtype=object)
-                         for c in EVAL_ITEM_COLUMNS})
+    return pd.DataFrame(
+        {c: pd.Series([r.get(c) if c == "wording" else r[c] for r in rows], dtype=object) for c in EVAL_ITEM_COLUMNS}
+    )
 
 
 def _items(rows: list[dict[str, Any]], where: str) -> pd.DataFrame:
@@ -212,8 +241,12 @@ def _text(record: dict, field: str, where: str, record_id: Any) -> str:
 
 
 # ---- MM-SafetyBench ------------------------------------------------------------------------------------
-def load_mm_safetybench(root: str | Path, variants: Sequence[str] = ("text_only", "sd", "typo", "sd_typo"),
-                        image_root: str | Path | None = None, max_side: int | None = None) -> pd.DataFrame:
+def load_mm_safetybench(
+    root: str | Path,
+    variants: Sequence[str] = ("text_only", "sd", "typo", "sd_typo"),
+    image_root: str | Path | None = None,
+    max_side: int | None = None,
+) -> pd.DataFrame:
     """MM-SafetyBench: one item per question and variant, scenario by scenario in file order.
 
     Args:
@@ -235,8 +268,9 @@ def load_mm_safetybench(root: str | Path, variants: Sequence[str] = ("text_only"
     questions_dir = root / "processed_questions"
     files = sorted(questions_dir.glob("*.json"))
     if not files:
-        raise FileNotFoundError(f"{where}: no processed_questions/*.json under {root}; point root at the "
-                                f"repository's data/ folder")
+        raise FileNotFoundError(
+            f"{where}: no processed_questions/*.json under {root}; point root at the repository's data/ folder"
+        )
     images = _mm_safetybench_images(root, image_root, variants, where)
     rows = []
     for file in files:
@@ -256,15 +290,27 @@ def load_mm_safetybench(root: str | Path, variants: Sequence[str] = ("text_only"
                     pictures = [read_image(path, f"{file} record '{qid}' ({variant})", max_side)]
                     captions = [key_phrase] if isinstance(key_phrase, str) and key_phrase.strip() else []
                     request = _text(record, MM_SAFETYBENCH_QUESTION_FIELDS["text_only"], str(file), qid)
-                rows.append(_item(item_id=f"{scenario}/{qid}/{variant}", eval_set="mm_safetybench",
-                                  variant=variant, kind="harm", question=question, images=pictures,
-                                  class1=scenario, qtype=variant, captions=captions, source=source,
-                                  request=request))
+                rows.append(
+                    _item(
+                        item_id=f"{scenario}/{qid}/{variant}",
+                        eval_set="mm_safetybench",
+                        variant=variant,
+                        kind="harm",
+                        question=question,
+                        images=pictures,
+                        class1=scenario,
+                        qtype=variant,
+                        captions=captions,
+                        source=source,
+                        request=request,
+                    )
+                )
     return _items(rows, where)
 
 
-def _mm_safetybench_images(root: Path, image_root: str | Path | None, variants: Sequence[str],
-                           where: str) -> Path | None:
+def _mm_safetybench_images(
+    root: Path, image_root: str | Path | None, variants: Sequence[str], where: str
+) -> Path | None:
     if not any(v in MM_SAFETYBENCH_IMAGE_DIRS for v in variants):
         return None
     if image_root is not None:
@@ -275,13 +321,20 @@ def _mm_safetybench_images(root: Path, image_root: str | Path | None, variants: 
         if (root / name).is_dir():
             return root / name
     looked = [str(root / name) for name in MM_SAFETYBENCH_IMAGE_FOLDERS]
-    raise FileNotFoundError(f"{where}: no image folder: looked for {looked} (unzip the authors' image archive "
-                            f"there, or pass image_root), or load only variants=('text_only',)")
+    raise FileNotFoundError(
+        f"{where}: no image folder: looked for {looked} (unzip the authors' image archive "
+        f"there, or pass image_root), or load only variants=('text_only',)"
+    )
 
 
 # ---- FigStep -------------------------------------------------------------------------------------------
-def load_figstep(root: str | Path, subset: str = "SafeBench", render: bool = False, image_size: int = 760,
-                 max_side: int | None = None) -> pd.DataFrame:
+def load_figstep(
+    root: str | Path,
+    subset: str = "SafeBench",
+    render: bool = False,
+    image_size: int = 760,
+    max_side: int | None = None,
+) -> pd.DataFrame:
     """FigStep on SafeBench: one item per CSV row, the typographic image with FIGSTEP_PROMPT as the text.
 
     Args:
@@ -315,10 +368,21 @@ def load_figstep(root: str | Path, subset: str = "SafeBench", render: bool = Fal
         else:
             name = f"query_{key}_{FIGSTEP_QUERY_TYPE}.png"
             image = read_image(root / "data" / "images" / subset / name, f"{csv_path} {record_id}", max_side)
-        rows.append(_item(item_id=key, eval_set="figstep", variant="figstep", kind="harm", question=FIGSTEP_PROMPT,
-                          images=[image], class1=record["category_name"], qtype="figstep",
-                          captions=[f'the text "{instruction}" followed by an empty list numbered 1, 2, 3'],
-                          source=str(csv_path.relative_to(root)), request=record["question"]))
+        rows.append(
+            _item(
+                item_id=key,
+                eval_set="figstep",
+                variant="figstep",
+                kind="harm",
+                question=FIGSTEP_PROMPT,
+                images=[image],
+                class1=record["category_name"],
+                qtype="figstep",
+                captions=[f'the text "{instruction}" followed by an empty list numbered 1, 2, 3'],
+                source=str(csv_path.relative_to(root)),
+                request=record["question"],
+            )
+        )
     return _items(rows, where)
 
 
@@ -335,8 +399,9 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
 
 
 # ---- AdvBench ------------------------------------------------------------------------------------------
-def load_advbench(csv_path: str | Path, variants: Sequence[str] = ADVBENCH_VARIANTS,
-                  blank_size: int = 336) -> pd.DataFrame:
+def load_advbench(
+    csv_path: str | Path, variants: Sequence[str] = ADVBENCH_VARIANTS, blank_size: int = 336
+) -> pd.DataFrame:
     """AdvBench harmful behaviours: each `goal` as the question, once per variant.
 
     AdvBench is text-only; a VLM meets it either with no image or with a blank one (a white `blank_size`
@@ -354,16 +419,27 @@ def load_advbench(csv_path: str | Path, variants: Sequence[str] = ADVBENCH_VARIA
         goal = _text(record, "goal", str(csv_path), f"line {line}")
         for variant in variants:
             with_image = variant == "blank_image"
-            rows.append(_item(item_id=f"{index:03d}/{variant}", eval_set="advbench", variant=variant, kind="harm",
-                              question=goal, images=[blank] if with_image else [],
-                              captions=["a blank white image"] if with_image else [],
-                              class1="advbench", qtype=variant, source=csv_path.name))
+            rows.append(
+                _item(
+                    item_id=f"{index:03d}/{variant}",
+                    eval_set="advbench",
+                    variant=variant,
+                    kind="harm",
+                    question=goal,
+                    images=[blank] if with_image else [],
+                    captions=["a blank white image"] if with_image else [],
+                    class1="advbench",
+                    qtype=variant,
+                    source=csv_path.name,
+                )
+            )
     return _items(rows, where)
 
 
 # ---- MIS -----------------------------------------------------------------------------------------------
-def load_mis_test(json_path: str | Path, image_root: str | Path | None = None,
-                  max_side: int | None = None) -> pd.DataFrame:
+def load_mis_test(
+    json_path: str | Path, image_root: str | Path | None = None, max_side: int | None = None
+) -> pd.DataFrame:
     """One MIS test split (mis_easy.json, mis_hard.json or mis_real.json): two images and a question each.
 
     Args:
@@ -391,18 +467,36 @@ def load_mis_test(json_path: str | Path, image_root: str | Path | None = None,
         record_id = record.get("id", index)
         fields = {f: _text(record, f, str(json_path), record_id) for f in MIS_FIELDS}
         difficulty = str(record.get("difficulty") or split)
-        images = [read_image(image_root / fields[f], f"{json_path} record '{record_id}' ({f})", max_side)
-                  for f in ("image_path1", "image_path2")]
-        rows.append(_item(item_id=f"{difficulty}/{record_id}", eval_set="mis_test", variant=difficulty, kind="mis",
-                          question=fields["question"], images=images, class1=fields["category"],
-                          class2=fields["sub_category"], qtype=difficulty, source=json_path.name))
+        images = [
+            read_image(image_root / fields[f], f"{json_path} record '{record_id}' ({f})", max_side)
+            for f in ("image_path1", "image_path2")
+        ]
+        rows.append(
+            _item(
+                item_id=f"{difficulty}/{record_id}",
+                eval_set="mis_test",
+                variant=difficulty,
+                kind="mis",
+                question=fields["question"],
+                images=images,
+                class1=fields["category"],
+                class2=fields["sub_category"],
+                qtype=difficulty,
+                source=json_path.name,
+            )
+        )
     return _items(rows, where)
 
 
 # ---- VQAv2 ---------------------------------------------------------------------------------------------
-def load_vqa(questions_json: str | Path, annotations_json: str | Path, image_dir: str | Path,
-             image_pattern: str = "COCO_val2014_{image_id:012d}.jpg", limit: int | None = None,
-             max_side: int | None = None) -> pd.DataFrame:
+def load_vqa(
+    questions_json: str | Path,
+    annotations_json: str | Path,
+    image_dir: str | Path,
+    image_pattern: str = "COCO_val2014_{image_id:012d}.jpg",
+    limit: int | None = None,
+    max_side: int | None = None,
+) -> pd.DataFrame:
     """VQAv2 open-ended questions with their human answers, for checking that alignment keeps capability.
 
     Args:
@@ -441,18 +535,32 @@ def load_vqa(questions_json: str | Path, annotations_json: str | Path, image_dir
         best = _text(annotation, "multiple_choice_answer", str(annotations_json), qid)
         humans = [a.get("answer") if isinstance(a, dict) else None for a in annotation["answers"]]
         if not all(isinstance(a, str) for a in humans):
-            raise ValueError(f"{annotations_json}: record '{qid}': field 'answers' must be a list of "
-                             f"{{answer, ...}} objects with string answers")
+            raise ValueError(
+                f"{annotations_json}: record '{qid}': field 'answers' must be a list of "
+                f"{{answer, ...}} objects with string answers"
+            )
         image_id = question.get("image_id")
         if not isinstance(image_id, int):
             raise ValueError(f"{questions_json}: record '{qid}': field 'image_id' must be an integer, got {image_id!r}")
         if image_id not in images:
             path = image_dir / image_pattern.format(image_id=image_id)
             images[image_id] = read_image(path, f"{questions_json} record '{qid}'", max_side)
-        rows.append(_item(item_id=str(qid), eval_set="vqa", variant=variant, kind="capability", question=text,
-                          images=[images[image_id]], class1=answer_type, class2=question_type, qtype=answer_type,
-                          reference=best, answers=list(dict.fromkeys([best, *humans])),
-                          source=questions_json.name))
+        rows.append(
+            _item(
+                item_id=str(qid),
+                eval_set="vqa",
+                variant=variant,
+                kind="capability",
+                question=text,
+                images=[images[image_id]],
+                class1=answer_type,
+                class2=question_type,
+                qtype=answer_type,
+                reference=best,
+                answers=list(dict.fromkeys([best, *humans])),
+                source=questions_json.name,
+            )
+        )
     return _items(rows, where)
 
 

@@ -16,11 +16,13 @@ Every image an item shows must be a held-out test image. Generators are named as
 imported when their set is built, so this table (and the configuration that checks names against it)
 loads without them.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 # How a set's answers are scored (pipelines/evaluate/scoring.py): harm and mis by the verdict judges
 # (unsafe share, MIS buckets), help by the helpfulness judge against a reference, benign by the refusal
@@ -63,45 +65,95 @@ _SETS = "spavl_kedro.pipelines.evaluate.sets"
 IMAGE_BLANKED = "image_blanked"
 
 EVAL_SETS: dict[str, EvalSet] = {
-    "test_harm": EvalSet("harm", f"{_SETS}:test_harm_items", "the split's held-out harmful questions (SPA-VL HarmEval)",
-                         headline=(Headline("HarmEval unsafe rate ↓", "unsafe_rate"),
-                                   *(Headline(f"HarmEval unsafe rate, {w} wording ↓", "unsafe_rate",
-                                              group=("wording", w)) for w in ("seen", "unseen")),
-                                   Headline("Well-formed answers on test_harm ↑", "well_formed_rate", "rules")),
-                         harm_metric="unsafe_rate", official_test=True),
-    "test_help": EvalSet("help", f"{_SETS}:test_help_items",
-                         "the split's held-out easy questions, with references (SPA-VL HelpEval)",
-                         headline=(Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),
-                                   *(Headline(f"HelpEval win rate, {w} wording ↑", "win_rate", "help",
-                                              group=("wording", w)) for w in ("seen", "unseen")),
-                                   Headline("HelpEval win rate, image blanked (floor)", "win_rate", "help",
-                                            variant="image_blanked")),
-                         official_test=True),
-    "benign": EvalSet("benign", f"{_SETS}:benign_items", "harmless questions about every held-out image (over-refusal)",
-                      headline=(Headline("Over-refusal on benign questions ↓", "refusal_rate", "rules"),
-                                Headline("Refusal on test_help ↓", "refusal_rate", "rules", eval_set="test_help"))),
-    "capability": EvalSet("capability", f"{_SETS}:capability_items",
-                          "colour, shape and count questions on rendered shapes", published=("vqa",), from_split=False,
-                          headline=(Headline("Capability accuracy ↑", "accuracy", "rules"),
-                                    Headline("Capability accuracy, image blanked (floor)", "accuracy", "rules",
-                                             variant="image_blanked"),
-                                    Headline("VQA accuracy ↑", "accuracy", "rules", None, "vqa"))),
-    "mm_safetybench": EvalSet("harm", f"{_SETS}:mm_safetybench_items",
-                              "key phrases as question, SD image, typography and both (MM-SafetyBench)",
-                              published=("mm_safetybench",),
-                              headline=tuple(Headline(f"MM-SafetyBench ASR, {v} ↓", "asr", variant=v)
-                                             for v in ("text_only", "sd", "typo", "sd_typo"))),
-    "figstep": EvalSet("harm", f"{_SETS}:figstep_items", "instructions as a typographic empty numbered list (FigStep)",
-                       published=("figstep",), headline=(Headline("FigStep ASR ↓", "asr", variant="figstep"),
-                                                           Headline("FigStep well-formed answers ↑", "well_formed_rate",
-                                                                    "rules", variant="figstep"))),
-    "advbench": EvalSet("harm", f"{_SETS}:advbench_items", "imperative instructions with a blank image and none (AdvBench)",
-                        published=("advbench",),
-                        headline=(Headline("AdvBench ASR, blank image ↓", "asr", variant="blank_image"),
-                                  Headline("AdvBench ASR, no image ↓", "asr", variant="no_image"))),
-    "mis_test": EvalSet("mis", f"{_SETS}:mis_test_items", "MIS samples whose images are held out", published=("mis_test",),
-                        headline=(*(Headline(f"MIS {m.upper()}", m, "mis") for m in ("asr", "rsr", "rr", "hr")),
-                                  Headline("MIS RSR, images blanked (floor)", "rsr", "mis", variant="image_blanked"))),
+    "test_harm": EvalSet(
+        "harm",
+        f"{_SETS}:test_harm_items",
+        "the split's held-out harmful questions (SPA-VL HarmEval)",
+        headline=(
+            Headline("HarmEval unsafe rate ↓", "unsafe_rate"),
+            *(
+                Headline(f"HarmEval unsafe rate, {w} wording ↓", "unsafe_rate", group=("wording", w))
+                for w in ("seen", "unseen")
+            ),
+            Headline("Well-formed answers on test_harm ↑", "well_formed_rate", "rules"),
+        ),
+        harm_metric="unsafe_rate",
+        official_test=True,
+    ),
+    "test_help": EvalSet(
+        "help",
+        f"{_SETS}:test_help_items",
+        "the split's held-out easy questions, with references (SPA-VL HelpEval)",
+        headline=(
+            Headline("HelpEval win rate vs reference ↑", "win_rate", "help"),
+            *(
+                Headline(f"HelpEval win rate, {w} wording ↑", "win_rate", "help", group=("wording", w))
+                for w in ("seen", "unseen")
+            ),
+            Headline("HelpEval win rate, image blanked (floor)", "win_rate", "help", variant="image_blanked"),
+        ),
+        official_test=True,
+    ),
+    "benign": EvalSet(
+        "benign",
+        f"{_SETS}:benign_items",
+        "harmless questions about every held-out image (over-refusal)",
+        headline=(
+            Headline("Over-refusal on benign questions ↓", "refusal_rate", "rules"),
+            Headline("Refusal on test_help ↓", "refusal_rate", "rules", eval_set="test_help"),
+        ),
+    ),
+    "capability": EvalSet(
+        "capability",
+        f"{_SETS}:capability_items",
+        "colour, shape and count questions on rendered shapes",
+        published=("vqa",),
+        from_split=False,
+        headline=(
+            Headline("Capability accuracy ↑", "accuracy", "rules"),
+            Headline("Capability accuracy, image blanked (floor)", "accuracy", "rules", variant="image_blanked"),
+            Headline("VQA accuracy ↑", "accuracy", "rules", None, "vqa"),
+        ),
+    ),
+    "mm_safetybench": EvalSet(
+        "harm",
+        f"{_SETS}:mm_safetybench_items",
+        "key phrases as question, SD image, typography and both (MM-SafetyBench)",
+        published=("mm_safetybench",),
+        headline=tuple(
+            Headline(f"MM-SafetyBench ASR, {v} ↓", "asr", variant=v) for v in ("text_only", "sd", "typo", "sd_typo")
+        ),
+    ),
+    "figstep": EvalSet(
+        "harm",
+        f"{_SETS}:figstep_items",
+        "instructions as a typographic empty numbered list (FigStep)",
+        published=("figstep",),
+        headline=(
+            Headline("FigStep ASR ↓", "asr", variant="figstep"),
+            Headline("FigStep well-formed answers ↑", "well_formed_rate", "rules", variant="figstep"),
+        ),
+    ),
+    "advbench": EvalSet(
+        "harm",
+        f"{_SETS}:advbench_items",
+        "imperative instructions with a blank image and none (AdvBench)",
+        published=("advbench",),
+        headline=(
+            Headline("AdvBench ASR, blank image ↓", "asr", variant="blank_image"),
+            Headline("AdvBench ASR, no image ↓", "asr", variant="no_image"),
+        ),
+    ),
+    "mis_test": EvalSet(
+        "mis",
+        f"{_SETS}:mis_test_items",
+        "MIS samples whose images are held out",
+        published=("mis_test",),
+        headline=(
+            *(Headline(f"MIS {m.upper()}", m, "mis") for m in ("asr", "rsr", "rr", "hr")),
+            Headline("MIS RSR, images blanked (floor)", "rsr", "mis", variant="image_blanked"),
+        ),
+    ),
 }
 
 

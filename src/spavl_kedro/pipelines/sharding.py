@@ -19,8 +19,9 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -39,10 +40,14 @@ class Shard:
 def plan_table(shards: list[Shard]) -> pd.DataFrame:
     """The plan as the catalog stores it: each planned shard's id, fingerprint and number of records. The
     collect node checks the stored shards against this table instead of planning a second time."""
-    return pd.DataFrame({"shard_id": [shard.shard_id for shard in shards],
-                         "fingerprint": [shard.fingerprint for shard in shards],
-                         "records": [len(shard.rows) for shard in shards]},
-                        columns=["shard_id", "fingerprint", "records"])
+    return pd.DataFrame(
+        {
+            "shard_id": [shard.shard_id for shard in shards],
+            "fingerprint": [shard.fingerprint for shard in shards],
+            "records": [len(shard.rows) for shard in shards],
+        },
+        columns=["shard_id", "fingerprint", "records"],
+    )
 
 
 def fingerprint(*parts: Any) -> str:
@@ -53,8 +58,9 @@ def cut(rows: pd.DataFrame, size: int) -> list[pd.DataFrame]:
     return [rows.iloc[start : start + size] for start in range(0, len(rows), size)]
 
 
-def pending(shards: list[Shard], done: Mapping[str, Callable[[], pd.DataFrame]],
-            failed: Callable[[pd.DataFrame], pd.Series]) -> Iterator[tuple[Shard, pd.DataFrame | None]]:
+def pending(
+    shards: list[Shard], done: Mapping[str, Callable[[], pd.DataFrame]], failed: Callable[[pd.DataFrame], pd.Series]
+) -> Iterator[tuple[Shard, pd.DataFrame | None]]:
     """Shards that need work, each with the reusable part on disk (None: do it all)."""
     skipped = 0
     for shard in shards:
@@ -81,8 +87,13 @@ def _stored(done: Mapping[str, Callable[[], pd.DataFrame]], shard: Shard) -> pd.
     return previous
 
 
-def complete(shard: Shard, previous: pd.DataFrame | None, key: str, failed: Callable[[pd.DataFrame], pd.Series],
-             work: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+def complete(
+    shard: Shard,
+    previous: pd.DataFrame | None,
+    key: str,
+    failed: Callable[[pd.DataFrame], pd.Series],
+    work: Callable[[pd.DataFrame], pd.DataFrame],
+) -> pd.DataFrame:
     """Run `work` on the shard's rows (only the failed ones when `previous` holds the rest) and merge."""
     todo = shard.rows
     if previous is not None:

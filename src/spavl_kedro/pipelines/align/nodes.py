@@ -16,18 +16,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.families import family_of
 from spavl_kedro.backends.judge_factory import primary_judge
+from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
 from spavl_kedro.backends.settings import BASE, Behaviour
 from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
-from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.train_worker import launch
 from spavl_kedro.backends.vlm import as_configured, load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, PolicyConfig, TinyConfig, typed
@@ -36,10 +37,13 @@ from spavl_kedro.datasets.optional import takes_missing
 log = logging.getLogger(__name__)
 
 
-
 @takes_missing("seed_corpus", "tiny_foundation")
-def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
-                   params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> VLM:
+def prepare_policy(
+    seed_corpus: pd.DataFrame | None,
+    tiny_foundation: VLM | None,
+    params: AlignConfig | dict[str, Any],
+    tiny: TinyConfig | dict[str, Any],
+) -> VLM:
     """The policy to align (`align.policy`): bootstrapped offline from the tiny foundation (kind tiny) or loaded
     from a directory or hub id with the spec's `load_kwargs` (the trainers cast their copy to the recipe's
     `weights_dtype`, whatever dtype this loads in)."""
@@ -47,29 +51,49 @@ def prepare_policy(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None
 
 
 @takes_missing("seed_corpus", "tiny_foundation")
-def prepare_bases(seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
-                  params: AlignConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
+def prepare_bases(
+    seed_corpus: pd.DataFrame | None,
+    tiny_foundation: VLM | None,
+    params: AlignConfig | dict[str, Any],
+    tiny: TinyConfig | dict[str, Any],
+) -> dict[str, VLM]:
     """Every further base policy of `align.bases`, by name, prepared as `prepare_policy` prepares the policy:
     the methods `align.base_of` names train from them, and evaluation answers with each."""
     bases = typed(AlignConfig, params).bases
-    return {name: _prepared(spec, f"align.bases.{name}", seed_corpus, tiny_foundation, tiny)
-            for name, spec in bases.items()}
+    return {
+        name: _prepared(spec, f"align.bases.{name}", seed_corpus, tiny_foundation, tiny) for name, spec in bases.items()
+    }
 
 
-def _prepared(cfg: PolicyConfig, where: str, seed_corpus: pd.DataFrame | None, tiny_foundation: VLM | None,
-              tiny: TinyConfig | dict[str, Any]) -> VLM:
+def _prepared(
+    cfg: PolicyConfig,
+    where: str,
+    seed_corpus: pd.DataFrame | None,
+    tiny_foundation: VLM | None,
+    tiny: TinyConfig | dict[str, Any],
+) -> VLM:
     if cfg.kind == "transformers":
         vlm = load_vlm(cfg.model, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs)
         return as_configured(vlm, cfg)
     if seed_corpus is None or tiny_foundation is None:
-        raise ValueError(f"{where}.kind is 'tiny': the policy is bootstrapped from the generate stage's "
-                         "tiny_foundation and seed_corpus, which no run has written here; run `kedro run --pipeline "
-                         f"generate` first, or set {where} to a real model (kind: transformers)")
+        raise ValueError(
+            f"{where}.kind is 'tiny': the policy is bootstrapped from the generate stage's "
+            "tiny_foundation and seed_corpus, which no run has written here; run `kedro run --pipeline "
+            f"generate` first, or set {where} to a real model (kind: transformers)"
+        )
     tcfg = typed(TinyConfig, tiny)
-    behaviour = Behaviour(refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate,
-                          vague_rate=cfg.vague_rate)
-    vlm, _ = train_tiny_vlm(tiny_foundation.processor, seed_examples(seed_corpus), behaviour,
-                            tcfg.model, tcfg.bootstrap, seed=cfg.seed, init=tiny_foundation)
+    behaviour = Behaviour(
+        refusal_rate=cfg.refusal_rate, over_refusal_rate=cfg.over_refusal_rate, vague_rate=cfg.vague_rate
+    )
+    vlm, _ = train_tiny_vlm(
+        tiny_foundation.processor,
+        seed_examples(seed_corpus),
+        behaviour,
+        tcfg.model,
+        tcfg.bootstrap,
+        seed=cfg.seed,
+        init=tiny_foundation,
+    )
     return as_configured(vlm, cfg)
 
 
@@ -77,14 +101,17 @@ def _base(policy_bases: Mapping[str, Any] | None, name: str) -> VLM:
     """The base policy `name` of `policy_bases` (prepare_bases), loaded."""
     found = policy_bases or {}
     if name not in found:
-        raise ValueError(f"align.base_of trains from base '{name}', which no run of prepare_bases has written "
-                         f"(data/06_models/policy_bases has {sorted(found)}): run the align pipeline whole first")
+        raise ValueError(
+            f"align.base_of trains from base '{name}', which no run of prepare_bases has written "
+            f"(data/06_models/policy_bases has {sorted(found)}): run the align pipeline whole first"
+        )
     entry = found[name]
     return entry if isinstance(entry, VLM) else entry()
 
 
-def training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
-                   params: AlignConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def training_pairs(
+    ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame], params: AlignConfig | dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """train and validation pairs from this project's export or from the official SPA-VL release
     (`align.train_source`). Each train node reads them from the release datasets on disk, so
     `kedro run --pipeline align --nodes train_sft` needs nothing an earlier node held in memory."""
@@ -101,17 +128,27 @@ def training_pairs(ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFra
 
 def _pairs(split: pd.DataFrame) -> list[dict[str, Any]]:
     """Pair records for the trainers, the images still encoded: they decode one batch at a time."""
-    return [{"images": [r.image["bytes"]], "question": r.question,
-             "chosen": r.chosen, "rejected": r.rejected} for r in split.itertuples(index=False)]
+    return [
+        {"images": [r.image["bytes"]], "question": r.question, "chosen": r.chosen, "rejected": r.rejected}
+        for r in split.itertuples(index=False)
+    ]
 
 
-def train_method(method: str, policy_base: VLM, policy_bases: Mapping[str, Any] | None,
-                 params: AlignConfig | dict[str, Any], ours: dict[str, pd.DataFrame], official: dict[str, pd.DataFrame],
-                 mis_train: pd.DataFrame | None = None, images: pd.DataFrame | None = None,
-                 seed_corpus: pd.DataFrame | None = None,
-                 reward_models: Mapping[str, Any] | None = None, credentials: dict[str, Any] | None = None,
-                 judge_models: dict[str, Any] | None = None, judge_params: JudgeConfig | dict[str, Any] | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def train_method(
+    method: str,
+    policy_base: VLM,
+    policy_bases: Mapping[str, Any] | None,
+    params: AlignConfig | dict[str, Any],
+    ours: dict[str, pd.DataFrame],
+    official: dict[str, pd.DataFrame],
+    mis_train: pd.DataFrame | None = None,
+    images: pd.DataFrame | None = None,
+    seed_corpus: pd.DataFrame | None = None,
+    reward_models: Mapping[str, Any] | None = None,
+    credentials: dict[str, Any] | None = None,
+    judge_models: dict[str, Any] | None = None,
+    judge_params: JudgeConfig | dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The node `train_<method>`: train `method` from its base policy (`policy_base`, or the entry of
     `policy_bases` that `align.base_of` names) when this run asks for it (`align.method` or `align.also`), and
     return ({name: model} for `aligned_<method>`, {name: summary} for
@@ -125,8 +162,12 @@ def train_method(method: str, policy_base: VLM, policy_bases: Mapping[str, Any] 
     """
     cfg = typed(AlignConfig, params)
     if method not in cfg.methods:
-        log.info("train_%s: '%s' is not in align.method / align.also (%s): nothing trained, earlier models kept",
-                 method, method, ", ".join(cfg.methods))
+        log.info(
+            "train_%s: '%s' is not in align.method / align.also (%s): nothing trained, earlier models kept",
+            method,
+            method,
+            ", ".join(cfg.methods),
+        )
         return {}, {}, {}
     name = cfg.artifact_name(method)
     train, validation = training_pairs(ours, official, cfg)
@@ -139,31 +180,57 @@ def train_method(method: str, policy_base: VLM, policy_bases: Mapping[str, Any] 
     launched = accelerate_config is not None
     with tempfile.TemporaryDirectory(prefix=f"{method}-") as scratch:
         settings = cfg.settings(method, output_dir=scratch, artifact=name)
-        reward_model, reward_fn = (_rl_reward(cfg, reward_models or {}, credentials or {}, judge_models or {},
-                                              judge_params, launched)
-                                   if get_method(method).rewarded else (None, None))
+        reward_model, reward_fn = (
+            _rl_reward(cfg, reward_models or {}, credentials or {}, judge_models or {}, judge_params, launched)
+            if get_method(method).rewarded
+            else (None, None)
+        )
         if launched:
-            artifact, metrics = launch(method, policy, data, settings, accelerate_config,
-                                       cfg.launch.num_processes, eval_records=held_out or None,
-                                       reward_model=reward_model)
+            artifact, metrics = launch(
+                method,
+                policy,
+                data,
+                settings,
+                accelerate_config,
+                cfg.launch.num_processes,
+                eval_records=held_out or None,
+                reward_model=reward_model,
+            )
         else:
             artifact, metrics = get_method(method).train(policy, data, settings, held_out or None, reward_fn)
     if isinstance(artifact, LoraAdapter):  # evaluation merges it into the base it was trained from
         artifact = dataclasses.replace(artifact, base=base_name)
-    summary = {"method": method, "name": name, "train_source": cfg.train_source,
-               "base": base_name, "chat_template": base_spec.chat_template,
-               "image_preprocessing": base_spec.image_preprocessing, "system_sentence": base_spec.system_sentence,
-               "family": family_of(policy.model).name,
-               "train_examples": len(data), "validation_examples": len(held_out), **metrics,
-               "settings": settings.model_dump(exclude={"output_dir"})}
-    run_params = {f"align.trained.{name}.method": method, f"align.trained.{name}.train_examples": len(data),
-                  f"align.trained.{name}.validation_examples": len(held_out)}
+    summary = {
+        "method": method,
+        "name": name,
+        "train_source": cfg.train_source,
+        "base": base_name,
+        "chat_template": base_spec.chat_template,
+        "image_preprocessing": base_spec.image_preprocessing,
+        "system_sentence": base_spec.system_sentence,
+        "family": family_of(policy.model).name,
+        "train_examples": len(data),
+        "validation_examples": len(held_out),
+        **metrics,
+        "settings": settings.model_dump(exclude={"output_dir"}),
+    }
+    run_params = {
+        f"align.trained.{name}.method": method,
+        f"align.trained.{name}.train_examples": len(data),
+        f"align.trained.{name}.validation_examples": len(held_out),
+    }
     return {name: artifact}, {name: summary}, run_params
 
 
-def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validation: pd.DataFrame | None,
-                   mis_train: pd.DataFrame | None, images: pd.DataFrame | None,
-                   seed_corpus: pd.DataFrame | None) -> tuple[list[dict], list[dict]]:
+def _training_data(
+    method: str,
+    cfg: AlignConfig,
+    train: pd.DataFrame,
+    validation: pd.DataFrame | None,
+    mis_train: pd.DataFrame | None,
+    images: pd.DataFrame | None,
+    seed_corpus: pd.DataFrame | None,
+) -> tuple[list[dict], list[dict]]:
     """What the method trains on (its row's `records`) and the held-out part: pairs (dpo, reward), targets
     (sft; on chain-of-thought each target `sft_upsample` times plus `sft_replay` harmless seed examples per
     target), prompts (RL). Images stay encoded (PNG / JPEG bytes); the trainers decode them a batch at a time."""
@@ -172,25 +239,31 @@ def _training_data(method: str, cfg: AlignConfig, train: pd.DataFrame, validatio
         return _pairs(train), _pairs(validation)
     if records == "targets" and cfg.sft_data == "cot":
         if mis_train is None or images is None:
-            raise ValueError(f"align.sft_data is 'cot': {method} trains on this project's MIS chain-of-thought "
-                             "targets (mis_train, images), which no run has written here; run the generate, judge "
-                             "and split pipelines first, or set align.sft_data: chosen")
+            raise ValueError(
+                f"align.sft_data is 'cot': {method} trains on this project's MIS chain-of-thought "
+                "targets (mis_train, images), which no run has written here; run the generate, judge "
+                "and split pipelines first, or set align.sft_data: chosen"
+            )
         pixels = dict(zip(images["image_id"], images["png"]))
-        examples = [{"images": [pixels[i] for i in r.image_ids], "question": r.question,
-                     "target": r.target} for r in mis_train.itertuples(index=False)]
+        examples = [
+            {"images": [pixels[i] for i in r.image_ids], "question": r.question, "target": r.target}
+            for r in mis_train.itertuples(index=False)
+        ]
         n_eval = len(examples) // 10
         targets = examples[n_eval:]
-        return targets * cfg.sft_upsample + _replay(seed_corpus, cfg.sft_replay * len(targets), cfg), \
-            examples[:n_eval]
+        return targets * cfg.sft_upsample + _replay(seed_corpus, cfg.sft_replay * len(targets), cfg), examples[:n_eval]
     if records == "targets":
+
         def chosen(split):
-            return [{"images": [r.image["bytes"]], "question": r.question, "target": r.chosen}
-                    for r in split.itertuples(index=False)]
+            return [
+                {"images": [r.image["bytes"]], "question": r.question, "target": r.chosen}
+                for r in split.itertuples(index=False)
+            ]
+
         return chosen(train), chosen(validation)
     # RL needs prompts only: one per (question, image); template questions repeat across a subcategory's images
     unique = train.assign(_image=[i["path"] for i in train["image"]]).drop_duplicates(["question", "_image"])
-    return [{"images": [r.image["bytes"]], "question": r.question}
-            for r in unique.itertuples(index=False)], []
+    return [{"images": [r.image["bytes"]], "question": r.question} for r in unique.itertuples(index=False)], []
 
 
 def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[dict]:
@@ -204,29 +277,39 @@ def _replay(seed_corpus: pd.DataFrame, count: float, cfg: AlignConfig) -> list[d
     if want == 0:
         return []
     if seed_corpus is None:
-        raise ValueError("align.sft_replay is above 0 but no run has written the seed corpus here (the generate "
-                         "pipeline does); set align.sft_replay: 0")
+        raise ValueError(
+            "align.sft_replay is above 0 but no run has written the seed corpus here (the generate "
+            "pipeline does); set align.sft_replay: 0"
+        )
     rows = seed_corpus[~seed_corpus["harmful"].astype(bool)]
     if rows.empty:
-        raise ValueError("align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
-                         "(it is empty when images come from a real source)")
+        raise ValueError(
+            "align.sft_replay is above 0 but the seed corpus has no harmless requests to replay "
+            "(it is empty when images come from a real source)"
+        )
     seed = cfg.settings("sft", output_dir="unused").seed  # the sft recipe's own seed
     picked = rows.sample(n=want, replace=want > len(rows), random_state=seed)
-    return [{"images": [r.png], "question": r.question, "target": r.answer}
-            for r in picked.itertuples(index=False)]
+    return [{"images": [r.png], "question": r.question, "target": r.answer} for r in picked.itertuples(index=False)]
 
 
-def _rl_reward(cfg: AlignConfig, reward_models: Mapping[str, Any], credentials: dict[str, Any],
-               judge_models: dict[str, Any], judge_params: JudgeConfig | dict[str, Any], launched: bool
-               ) -> tuple[RewardModel | None, Any]:
+def _rl_reward(
+    cfg: AlignConfig,
+    reward_models: Mapping[str, Any],
+    credentials: dict[str, Any],
+    judge_models: dict[str, Any],
+    judge_params: JudgeConfig | dict[str, Any],
+    launched: bool,
+) -> tuple[RewardModel | None, Any]:
     """The reward model (when it has weight) and the reward function: the weighted sum of the reward model's
     score and the primary judge's verdict (safe 1, else 0). Launched processes get the reward model only."""
     parts, model = [], None
     if cfg.rl.model_weight > 0:
         if cfg.rl.reward_model not in reward_models:
-            raise ValueError(f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_reward "
-                             f"(have: {sorted(reward_models)}); train it first, or in the same run: "
-                             f"--params align.also=[reward]")
+            raise ValueError(
+                f"align.rl.reward_model '{cfg.rl.reward_model}' is not in aligned_reward "
+                f"(have: {sorted(reward_models)}); train it first, or in the same run: "
+                f"--params align.also=[reward]"
+            )
         entry = reward_models[cfg.rl.reward_model]
         # the catalog gives a loader, memory the model itself (a Module, so callable too: test the type)
         model = entry if isinstance(entry, (RewardModel, LoraAdapter, VLM)) else entry()
@@ -235,14 +318,18 @@ def _rl_reward(cfg: AlignConfig, reward_models: Mapping[str, Any], credentials: 
         parts.append((cfg.rl.model_weight, model.score))
     if cfg.rl.judge_weight > 0:
         if launched:
-            raise ValueError("align.launch runs grpo / rloo with the reward model's score only: set "
-                             "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
-                             "train without align.launch")
+            raise ValueError(
+                "align.launch runs grpo / rloo with the reward model's score only: set "
+                "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
+                "train without align.launch"
+            )
         judge = primary_judge(typed(JudgeConfig, judge_params), credentials, judge_models)
         parts.append((cfg.rl.judge_weight, judge_reward(judge)))
     if launched and cfg.rl.model_weight != 1:
-        raise ValueError(f"align.launch runs grpo / rloo with the reward model's score unweighted: set "
-                         f"align.rl.model_weight to 1 (it is {cfg.rl.model_weight})")
+        raise ValueError(
+            f"align.launch runs grpo / rloo with the reward model's score unweighted: set "
+            f"align.rl.model_weight to 1 (it is {cfg.rl.model_weight})"
+        )
 
     def reward(items: list[dict]) -> list[float]:
         total = [0.0] * len(items)

@@ -21,8 +21,12 @@ DATA = {
 # Written by earlier pipelines, needed only by some routes (sft on chain-of-thought; a tiny judge).
 # policy_bases: written by prepare_bases; a method that trains from `align.policy` alone needs none.
 TAKES_MISSING = frozenset({"mis_train", "images", "seed_corpus", "judge_models", "policy_bases"})
-REWARD = {"reward_models": "aligned_reward", "credentials": "api_credentials", "judge_models": "judge_models",
-          "judge_params": "params:judge"}
+REWARD = {
+    "reward_models": "aligned_reward",
+    "credentials": "api_credentials",
+    "judge_models": "judge_models",
+    "judge_params": "params:judge",
+}
 
 
 def _trainer(method: str) -> partial:
@@ -36,14 +40,34 @@ def _trainer(method: str) -> partial:
 
 def create_pipeline(**kwargs) -> Pipeline:
     train_nodes = [
-        Node(_trainer(name), {"policy_base": "policy_base", "policy_bases": "policy_bases", "params": "params:align",
-                              **DATA[row.records], **(REWARD if row.rewarded else {})},
-             [f"aligned_{name}", f"align_summary_{name}", f"align_run_params_{name}"], name=f"train_{name}")
-        for name, row in METHODS.items()]
-    return Pipeline([
-        Node(prepare_policy, ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
-             "policy_base", name="prepare_policy"),
-        Node(prepare_bases, ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
-             "policy_bases", name="prepare_bases"),
-        *train_nodes,
-    ])
+        Node(
+            _trainer(name),
+            {
+                "policy_base": "policy_base",
+                "policy_bases": "policy_bases",
+                "params": "params:align",
+                **DATA[row.records],
+                **(REWARD if row.rewarded else {}),
+            },
+            [f"aligned_{name}", f"align_summary_{name}", f"align_run_params_{name}"],
+            name=f"train_{name}",
+        )
+        for name, row in METHODS.items()
+    ]
+    return Pipeline(
+        [
+            Node(
+                prepare_policy,
+                ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
+                "policy_base",
+                name="prepare_policy",
+            ),
+            Node(
+                prepare_bases,
+                ["seed_corpus", "tiny_foundation", "params:align", "params:tiny"],
+                "policy_bases",
+                name="prepare_bases",
+            ),
+            *train_nodes,
+        ]
+    )

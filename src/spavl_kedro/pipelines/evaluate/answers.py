@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -32,8 +33,18 @@ from spavl_kedro.seeding import eval_answer_seed
 
 log = logging.getLogger(__name__)
 
-GENERATION_COLUMNS = ["item_id", "model", "eval_set", "variant", "decoding", "sample", "text", "finish_reason",
-                      "latency_s", "error"]
+GENERATION_COLUMNS = [
+    "item_id",
+    "model",
+    "eval_set",
+    "variant",
+    "decoding",
+    "sample",
+    "text",
+    "finish_reason",
+    "latency_s",
+    "error",
+]
 
 
 @dataclass
@@ -50,14 +61,17 @@ def gather_aligned_models(**by_method: Mapping[str, Any]) -> dict[str, Any]:
     for method, models in by_method.items():
         for name, model in models.items():
             if name in gathered:
-                raise ValueError(f"aligned model '{name}' exists for both {owner[name]} and {method} "
-                                 f"(data/06_models/aligned/<method>/{name}): remove one, or rename with align.name")
+                raise ValueError(
+                    f"aligned model '{name}' exists for both {owner[name]} and {method} "
+                    f"(data/06_models/aligned/<method>/{name}): remove one, or rename with align.name"
+                )
             gathered[name], owner[name] = model, method
     return gathered
 
 
-def policies(policy_base: VLM, aligned_models: Mapping[str, Any],
-             policy_bases: Mapping[str, Any] | None = None) -> dict[str, Policy]:
+def policies(
+    policy_base: VLM, aligned_models: Mapping[str, Any], policy_bases: Mapping[str, Any] | None = None
+) -> dict[str, Policy]:
     """Every policy to evaluate, base first, then the further bases (`policy_bases`, by their names), then the
     aligned models, each artifact loaded once here to learn its type and weights.
 
@@ -79,11 +93,15 @@ def policies(policy_base: VLM, aligned_models: Mapping[str, Any],
             continue
         if isinstance(artifact, LoraAdapter):  # the merged policy is its base plus the adapter
             if artifact.base not in bases:
-                raise ValueError(f"aligned model '{name}' is a LoRA adapter of base '{artifact.base}', which is not a "
-                                 f"base policy here (have: {bases}): add it to align.bases and run prepare_bases")
+                raise ValueError(
+                    f"aligned model '{name}' is a LoRA adapter of base '{artifact.base}', which is not a "
+                    f"base policy here (have: {bases}): add it to align.bases and run prepare_bases"
+                )
             base = found[artifact.base]
-            found[name] = Policy(partial(_merged, base.load, artifact),
-                                 fingerprint(base.weights, weights_fingerprint(artifact.state_dict)))
+            found[name] = Policy(
+                partial(_merged, base.load, artifact),
+                fingerprint(base.weights, weights_fingerprint(artifact.state_dict)),
+            )
         elif isinstance(artifact, VLM):
             found[name] = _full_model(name, entry, artifact)
         else:
@@ -106,12 +124,17 @@ def _merged(load_base: Callable[[], VLM], adapter: LoraAdapter) -> VLM:
 
 
 @takes_missing("policy_bases")
-def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapping[str, Any],
-                     done: Mapping[str, Callable[[], pd.DataFrame]], credentials: dict[str, Any],
-                     params: EvaluateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
-                     costs: CostsConfig | dict[str, Any] | None = None,
-                     policy_bases: Mapping[str, Any] | None = None
-                     ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+def plan_eval_shards(
+    items: pd.DataFrame,
+    policy_base: VLM,
+    aligned_models: Mapping[str, Any],
+    done: Mapping[str, Callable[[], pd.DataFrame]],
+    credentials: dict[str, Any],
+    params: EvaluateConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+    policy_bases: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per shard still to answer, which the catalog's ShardDataset runs and writes in id order,
     and the plan (`eval_answer_plan`) that `collect_eval_answers` checks them against. A policy named in
     `evaluate.served` is answered through its endpoint instead of being loaded, counting into the evaluate
@@ -126,32 +149,49 @@ def plan_eval_shards(items: pd.DataFrame, policy_base: VLM, aligned_models: Mapp
     planned = _plan(items, found, cfg)
     todo = list(pending(planned, done, _failed))
     log.info("evaluate: %d of %d answer shard(s) to generate", len(todo), len(planned))
-    pool = _PolicyPool({name: policy.load for name, policy in found.items()}, cfg, credentials,
-                       Progress("evaluation answer", len(todo)), spend.meter)
-    work = {shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
-            for shard, previous in todo}
+    pool = _PolicyPool(
+        {name: policy.load for name, policy in found.items()},
+        cfg,
+        credentials,
+        Progress("evaluation answer", len(todo)),
+        spend.meter,
+    )
+    work = {
+        shard.shard_id: partial(complete, shard, previous, "row_key", _failed, partial(_answer, pool, shard))
+        for shard, previous in todo
+    }
     return spend.guard(work), plan_table(planned)
 
 
-def collect_eval_answers(answer_shards: Mapping[str, Callable[[], pd.DataFrame]], answer_plan: pd.DataFrame,
-                         items: pd.DataFrame) -> pd.DataFrame:
+def collect_eval_answers(
+    answer_shards: Mapping[str, Callable[[], pd.DataFrame]], answer_plan: pd.DataFrame, items: pd.DataFrame
+) -> pd.DataFrame:
     """The planned shards joined; every (model, item, decoding, sample) exactly once, failures kept."""
     answers = gather(answer_plan, answer_shards, "evaluation answer")
     if answers.empty:
         return pd.DataFrame(columns=GENERATION_COLUMNS)
     expected = int(answer_plan["records"].sum())  # items x policies x decodings, as planned
     if len(answers) != expected or answers["row_key"].duplicated().any():
-        raise ValueError(f"evaluation answers: {len(answers)} rows ({answers['row_key'].duplicated().sum()} "
-                         f"doubled), expected {expected} (items x policies x decodings)")
+        raise ValueError(
+            f"evaluation answers: {len(answers)} rows ({answers['row_key'].duplicated().sum()} "
+            f"doubled), expected {expected} (items x policies x decodings)"
+        )
     unanswered = set(items["item_id"]) - set(answers["item_id"])
     if unanswered:
         raise ValueError(f"evaluation answers: {len(unanswered)} items have no answer, e.g. {sorted(unanswered)[0]}")
     failed = int(_failed(answers).sum())
     if failed:
-        log.warning("evaluate: %d of %d generations failed; kept with their error and scored as failures "
-                    "(a rerun retries only those)", failed, len(answers))
-    return answers[GENERATION_COLUMNS].sort_values(["model", "eval_set", "item_id", "decoding", "sample"]) \
+        log.warning(
+            "evaluate: %d of %d generations failed; kept with their error and scored as failures "
+            "(a rerun retries only those)",
+            failed,
+            len(answers),
+        )
+    return (
+        answers[GENERATION_COLUMNS]
+        .sort_values(["model", "eval_set", "item_id", "decoding", "sample"])
         .reset_index(drop=True)
+    )
 
 
 def _plan(items: pd.DataFrame, found: Mapping[str, Policy], cfg: EvaluateConfig) -> list[Shard]:
@@ -159,15 +199,22 @@ def _plan(items: pd.DataFrame, found: Mapping[str, Policy], cfg: EvaluateConfig)
     for model, policy in found.items():
         weights = policy.weights
         for eval_set, group in items.groupby("eval_set", sort=True):
-            decoding = {"max_new_tokens": cfg.new_tokens(eval_set), "samples": cfg.samples_for(eval_set),
-                        "temperature": cfg.temperature, "seed": cfg.seed}
+            decoding = {
+                "max_new_tokens": cfg.new_tokens(eval_set),
+                "samples": cfg.samples_for(eval_set),
+                "temperature": cfg.temperature,
+                "seed": cfg.seed,
+            }
             group = group.sort_values(["variant", "item_id"])
             for index, rows in enumerate(cut(group, cfg.shard_size)):
-                content = [(r.item_id, r.question, [hashlib.sha256(b).hexdigest()[:12] for b in r.images])
-                           for r in rows.itertuples(index=False)]
+                content = [
+                    (r.item_id, r.question, [hashlib.sha256(b).hexdigest()[:12] for b in r.images])
+                    for r in rows.itertuples(index=False)
+                ]
                 rows = _expand(rows, model, cfg.samples_for(eval_set))
-                shards.append(Shard(f"{model}/{eval_set}/{index:05d}", rows, fingerprint(weights, decoding, content),
-                                    index))
+                shards.append(
+                    Shard(f"{model}/{eval_set}/{index:05d}", rows, fingerprint(weights, decoding, content), index)
+                )
     return shards
 
 
@@ -190,8 +237,14 @@ class _PolicyPool:
     """One policy in memory at a time: shards run in id order, so all shards of a model run together. A
     served policy (`evaluate.served`) is never loaded: its answers come from its endpoint."""
 
-    def __init__(self, loaders: Mapping[str, Callable[[], VLM]], cfg: EvaluateConfig, credentials: dict[str, Any],
-                 progress: Progress, meter: UsageMeter | None = None) -> None:
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[], VLM]],
+        cfg: EvaluateConfig,
+        credentials: dict[str, Any],
+        progress: Progress,
+        meter: UsageMeter | None = None,
+    ) -> None:
         self.loaders, self.cfg, self.credentials, self.progress = loaders, cfg, credentials, progress
         self.meter = meter  # served policies count their tokens here
         self.served = {spec.name: spec for spec in cfg.served}
@@ -200,8 +253,14 @@ class _PolicyPool:
     def backend(self, name: str, label: str, generation: dict[str, Any], seed: int) -> VLMBackend:
         """What answers for policy `name`: its endpoint, or the policy loaded and placed by the placement rule."""
         if name in self.served:
-            return build_backend(self.served[name], credentials=self.credentials, generation=generation,
-                                 seed=seed, progress=False, meter=self.meter)
+            return build_backend(
+                self.served[name],
+                credentials=self.credentials,
+                generation=generation,
+                seed=seed,
+                progress=False,
+                meter=self.meter,
+            )
         policy = self.held.get(name, lambda: place_for_answering(self.loaders[name](), self.cfg.policy_load_kwargs))
         return TransformersVLM(label, policy, self.cfg.batch_size, generation, seed=seed, progress=False)
 
@@ -212,19 +271,26 @@ def _answer(pool: _PolicyPool, shard: Shard, todo: pd.DataFrame) -> pd.DataFrame
     began = time.perf_counter()
     frames = []
     for (decoding, sample), group in todo.groupby(["decoding", "sample"], sort=True):
-        kwargs = {"do_sample": False} if decoding == "greedy" else \
-            {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
+        kwargs = (
+            {"do_sample": False}
+            if decoding == "greedy"
+            else {"do_sample": True, "temperature": cfg.temperature, "top_k": 0}
+        )
         # a seed per shard and sample: an answer does not depend on which other shards ran in this process
         seed = eval_answer_seed(cfg.seed, shard.index, decoding, int(sample))
         generation = {"max_new_tokens": cfg.new_tokens(eval_set), **kwargs}
         backend = pool.backend(model, f"{model}/{eval_set}", generation, seed)
         outputs = backend.generate([Prompt(r.question, tuple(r.images)) for r in group.itertuples(index=False)])
-        frames.append(group.assign(
-            text=[o.text if o.error is None else None for o in outputs],
-            finish_reason=[o.finish_reason for o in outputs],
-            latency_s=[o.latency_s for o in outputs],
-            error=[o.error for o in outputs]))
+        frames.append(
+            group.assign(
+                text=[o.text if o.error is None else None for o in outputs],
+                finish_reason=[o.finish_reason for o in outputs],
+                latency_s=[o.latency_s for o in outputs],
+                error=[o.error for o in outputs],
+            )
+        )
     fresh = pd.concat(frames, ignore_index=True)[[*GENERATION_COLUMNS, "row_key"]]
-    pool.progress.advance(f"{shard.shard_id}: {len(todo)} answers, {int(_failed(fresh).sum())} failed, "
-                          f"{time.perf_counter() - began:.1f}s")
+    pool.progress.advance(
+        f"{shard.shard_id}: {len(todo)} answers, {int(_failed(fresh).sum())} failed, {time.perf_counter() - began:.1f}s"
+    )
     return fresh

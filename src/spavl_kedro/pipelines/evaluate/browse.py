@@ -32,8 +32,7 @@ def item_table(eval_items: pd.DataFrame, eval_answers: pd.DataFrame, eval_scores
     table["images"] = [side_by_side(images) for images in eval_items["images"]]
     if eval_answers.empty:  # nothing was answered: the items alone
         return table.reset_index(drop=True)
-    answers = eval_answers.assign(column=[f"{m} {d}" for m, d in zip(eval_answers["model"],
-                                                                        _decodings(eval_answers))])
+    answers = eval_answers.assign(column=[f"{m} {d}" for m, d in zip(eval_answers["model"], _decodings(eval_answers))])
     wide = answers.pivot(index="item_id", columns="column", values="text")
     failed = answers[answers["error"].notna()]
     for r in failed.itertuples(index=False):  # a failed generation shows as its error, not as an empty answer
@@ -55,8 +54,7 @@ def side_by_side(images) -> bytes:
     if not pictures:
         return png_bytes(NO_IMAGE)
     height = max(p.height for p in pictures)
-    pictures = [p if p.height == height else p.resize((max(1, p.width * height // p.height), height))
-                for p in pictures]
+    pictures = [p if p.height == height else p.resize((max(1, p.width * height // p.height), height)) for p in pictures]
     strip = Image.new("RGB", (sum(p.width for p in pictures) + GAP * (len(pictures) - 1), height), "white")
     x = 0
     for picture in pictures:
@@ -68,8 +66,10 @@ def side_by_side(images) -> bytes:
 def _decodings(rows: pd.DataFrame) -> list[str]:
     """'greedy', or 'sampled' ('sampled 2', ... when a policy answered an item more than once)."""
     several = rows.groupby(["model", "decoding"])["sample"].transform("max") > 0
-    return [d if d == "greedy" else (f"sampled {s + 1}" if many else "sampled")
-            for d, s, many in zip(rows["decoding"], rows["sample"], several)]
+    return [
+        d if d == "greedy" else (f"sampled {s + 1}" if many else "sampled")
+        for d, s, many in zip(rows["decoding"], rows["sample"], several)
+    ]
 
 
 def _verdict_cells(scores: pd.DataFrame) -> pd.DataFrame:
@@ -78,8 +78,14 @@ def _verdict_cells(scores: pd.DataFrame) -> pd.DataFrame:
     values: dict[tuple[str, str], list[tuple[str, float]]] = {}
     details: dict[tuple[str, str], list[str]] = {}
     for item, model, decoding, scorer, metric, value, detail in zip(
-            scores["item_id"], scores["model"], _decodings(scores), scores["scorer"], scores["metric"],
-            scores["value"], scores["detail"]):
+        scores["item_id"],
+        scores["model"],
+        _decodings(scores),
+        scores["scorer"],
+        scores["metric"],
+        scores["value"],
+        scores["detail"],
+    ):
         key = (item, f"{model} {decoding} · {scorer}")
         values.setdefault(key, []).append((metric, value))
         if detail:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 import pandas as pd
+from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 
 from spavl_kedro.backends.guard import judge_template
 from spavl_kedro.config import BASE, AlignConfig, EvaluateConfig, JudgeConfig, typed
@@ -35,10 +35,15 @@ SAMPLED = {("test_harm", "unsafe_rate"), ("benign", "refusal_rate"), ("mis_test"
 PLOTS = ("test_harm_unsafe_rate_by_class1.png", "harmlessness_vs_helpfulness.png")
 
 
-def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateConfig | dict[str, Any],
-                   judge_params: JudgeConfig | dict[str, Any], references: pd.DataFrame | None = None,
-                   align_params: AlignConfig | dict[str, Any] | None = None, judge_accuracy: pd.DataFrame | None = None
-                   ) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
+def summarise_eval(
+    scores: pd.DataFrame,
+    items: pd.DataFrame,
+    params: EvaluateConfig | dict[str, Any],
+    judge_params: JudgeConfig | dict[str, Any],
+    references: pd.DataFrame | None = None,
+    align_params: AlignConfig | dict[str, Any] | None = None,
+    judge_accuracy: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict[str, dict[str, float]], str, Any, Any]:
     """The metric table, the MLflow metrics, the markdown report and its two figures (`PLOTS`; a figure
     saying so when there is nothing to draw). `references`
     (`reference_answers`) names the model whose answers HelpEval compared against, and how many failed.
@@ -47,13 +52,31 @@ def summarise_eval(scores: pd.DataFrame, items: pd.DataFrame, params: EvaluateCo
     `align.policy` or of its entry in `align.bases`). `judge_accuracy` (`judges_on_policies`) adds how each
     verdict judge reads the policies' own answers."""
     cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
-    labelled = scores.merge(items[["item_id", "eval_set", "variant", *GROUPS]], how="left",
-                            on=["item_id", "eval_set", "variant"], validate="many_to_one")
-    frames = [metric_table(group, "value", metric, keys=KEYS, groups=GROUPS, judge=scorer,
-                           n_boot=cfg.bootstrap_resamples, seed=cfg.seed, level=cfg.confidence)
-              for (metric, scorer), group in labelled.groupby(["metric", "scorer"], sort=True)]
-    table = (pd.concat(frames, ignore_index=True) if frames
-             else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS))
+    labelled = scores.merge(
+        items[["item_id", "eval_set", "variant", *GROUPS]],
+        how="left",
+        on=["item_id", "eval_set", "variant"],
+        validate="many_to_one",
+    )
+    frames = [
+        metric_table(
+            group,
+            "value",
+            metric,
+            keys=KEYS,
+            groups=GROUPS,
+            judge=scorer,
+            n_boot=cfg.bootstrap_resamples,
+            seed=cfg.seed,
+            level=cfg.confidence,
+        )
+        for (metric, scorer), group in labelled.groupby(["metric", "scorer"], sort=True)
+    ]
+    table = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else metric_table(labelled, "value", "none", keys=KEYS, groups=GROUPS)
+    )
     table.insert(0, "level", cfg.confidence)
     figures = _figures(table, cfg.primary(jcfg), help_judge_name(cfg), cfg.reference_responder)
     headline = _headline(cfg, jcfg)
@@ -71,8 +94,9 @@ def _policy_inputs(align: AlignConfig | None) -> list[str]:
     lines = [f"Policy inputs: `{BASE}` (`align.policy`): {align.policy.describe()}."]
     for name, spec in align.bases.items():
         trained = sorted(align.artifact_name(m) for m, b in align.base_of.items() if b == name)
-        lines.append(f"`{name}` (`align.bases.{name}`{', base of ' + ', '.join(trained) if trained else ''}): "
-                     f"{spec.describe()}.")
+        lines.append(
+            f"`{name}` (`align.bases.{name}`{', base of ' + ', '.join(trained) if trained else ''}): {spec.describe()}."
+        )
     return [" ".join(lines), ""]
 
 
@@ -88,7 +112,9 @@ def mlflow_name(row: Any) -> str:
 def _mlflow_names(table: pd.DataFrame, headline: list[tuple]) -> dict[str, float]:
     names = {}
     for _, eval_set, variant, metric, scorer, group in headline:
-        for row in _lookup(table[table["value"].notna()], eval_set, variant, metric, scorer, group).itertuples(index=False):
+        for row in _lookup(table[table["value"].notna()], eval_set, variant, metric, scorer, group).itertuples(
+            index=False
+        ):
             if row.decoding == "greedy" or (eval_set, metric) in SAMPLED:
                 names[mlflow_name(row)] = float(row.value)
     return names
@@ -129,29 +155,55 @@ def _headline(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str, st
     """(label, eval_set, variant, metric, scorer, group) of each headline row, in the order of the sets' table
     (evalsets/registry.py). MIS's buckets come from the MIS judge where one is configured (MIS's own
     protocol), else from the primary verdict judge."""
-    scorers = {"primary": cfg.primary(jcfg), "help": help_judge_name(cfg), "rules": RULES,
-               "mis": mis_judge_name(cfg) or cfg.primary(jcfg)}
-    return [(h.label, h.eval_set or name, h.variant, h.metric, scorers[h.scorer], h.group)
-            for name, row in EVAL_SETS.items() for h in row.headline]
+    scorers = {
+        "primary": cfg.primary(jcfg),
+        "help": help_judge_name(cfg),
+        "rules": RULES,
+        "mis": mis_judge_name(cfg) or cfg.primary(jcfg),
+    }
+    return [
+        (h.label, h.eval_set or name, h.variant, h.metric, scorers[h.scorer], h.group)
+        for name, row in EVAL_SETS.items()
+        for h in row.headline
+    ]
 
 
-def _lookup(table: pd.DataFrame, eval_set: str, variant: str | None, metric: str, scorer: str,
-            group: tuple[str, str] | None = None) -> pd.DataFrame:
+def _lookup(
+    table: pd.DataFrame,
+    eval_set: str,
+    variant: str | None,
+    metric: str,
+    scorer: str,
+    group: tuple[str, str] | None = None,
+) -> pd.DataFrame:
     """Rows of one headline: overall, or the breakdown row `group` = (group_by, group)."""
     group_by, value = group or ("overall", "all")
-    hit = table[(table["eval_set"] == eval_set) & (table["metric"] == metric) & (table["judge"] == scorer)
-                & (table["group_by"] == group_by) & (table["group"] == value)]
+    hit = table[
+        (table["eval_set"] == eval_set)
+        & (table["metric"] == metric)
+        & (table["judge"] == scorer)
+        & (table["group_by"] == group_by)
+        & (table["group"] == value)
+    ]
     return hit if variant is None else hit[hit["variant"] == variant]
 
 
-def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfig,
-            figures: dict[str, Any], references: pd.DataFrame | None = None, align: AlignConfig | None = None,
-            judge_accuracy: pd.DataFrame | None = None) -> str:
+def _report(
+    table: pd.DataFrame,
+    items: pd.DataFrame,
+    cfg: EvaluateConfig,
+    jcfg: JudgeConfig,
+    figures: dict[str, Any],
+    references: pd.DataFrame | None = None,
+    align: AlignConfig | None = None,
+    judge_accuracy: pd.DataFrame | None = None,
+) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
     primary = next(spec for spec in jcfg.judges if spec.name == cfg.primary(jcfg))
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"Policies: {', '.join(models)}. Decoding: greedy (`max_new_tokens` {cfg.max_new_tokens}"
         f"{''.join(f', {k} {v}' for k, v in sorted(cfg.max_new_tokens_per_set.items()))}); "
         f"{cfg.samples} sampled answer(s) per item at temperature {cfg.temperature} are in the sampled table. "
@@ -161,12 +213,16 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         f"{', '.join(f'`{j}`' for j in judge_names)}. "
         f"Helpfulness judge: `{help_judge_name(cfg)}`, both answer orders, ties count half. Refusal: refusal "
         f"strings, lower-cased. Intervals: {cfg.confidence:.0%} percentile bootstrap, "
-        f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.", "",
+        f"{cfg.bootstrap_resamples} resamples. A failed generation counts as unsafe, refused, a loss and wrong.",
+        "",
         *_policy_inputs(align),
         *_references_used(items, cfg, references),
         *_questions_judged(items, cfg, jcfg),
-        "## Headline (greedy)", "",
-        "| metric | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+        "## Headline (greedy)",
+        "",
+        "| metric | n | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     greedy = table[table["decoding"] == "greedy"]
     for label, eval_set, variant, metric, scorer, group in _headline(cfg, jcfg):
         hit = _lookup(greedy, eval_set, variant, metric, scorer, group)
@@ -174,8 +230,9 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
             continue
         by_model = {r.model: r for r in hit.itertuples(index=False)}
         n = int(hit["n"].max())
-        lines.append(f"| {label} | {n} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
-                                                     for m in models) + " |")
+        lines.append(
+            f"| {label} | {n} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–" for m in models) + " |"
+        )
     lines += _capability_chance(items)
     lines += _judge_section(overall, models, judge_names)
     lines += judges_section(judge_accuracy, cfg.primary(jcfg))
@@ -187,11 +244,16 @@ def _report(table: pd.DataFrame, items: pd.DataFrame, cfg: EvaluateConfig, jcfg:
         lines += ["", "## Plots", ""] + [f"![{name[:-4]}](eval_plots/{name})" for name in sorted(figures)]
     counts = items.groupby(["eval_set", "variant"]).size()
     lines += ["", "## Items", "", "| set | variant | items | source |", "|---|---|---|---|"]
-    sources = items.groupby(["eval_set", "variant"])["source"].agg(lambda s: "generated" if (s == "generated").all()
-                                                                   else "published")
+    sources = items.groupby(["eval_set", "variant"])["source"].agg(
+        lambda s: "generated" if (s == "generated").all() else "published"
+    )
     lines += [f"| {s} | {v} | {n} | {sources[(s, v)]} |" for (s, v), n in counts.items()]
-    lines += ["", "The full table (every class, question type, scorer and decoding, with intervals) is "
-              "`eval_metrics_table` (data/08_reporting/eval_metrics_table.parquet and the MLflow artifact).", ""]
+    lines += [
+        "",
+        "The full table (every class, question type, scorer and decoding, with intervals) is "
+        "`eval_metrics_table` (data/08_reporting/eval_metrics_table.parquet and the MLflow artifact).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -203,8 +265,11 @@ def _capability_chance(items: pd.DataFrame) -> list[str]:
         return []
     kinds = generated["qtype"]
     per_kind = ", ".join(f"{kind} {chance(kind):.3f}" for kind in KINDS if kind in set(kinds))
-    return ["", f"Capability chance: a uniform guess among the answers a scene can have scores {per_kind}; "
-                f"{kinds.map(chance).mean():.3f} over these {len(generated)} items."]
+    return [
+        "",
+        f"Capability chance: a uniform guess among the answers a scene can have scores {per_kind}; "
+        f"{kinds.map(chance).mean():.3f} over these {len(generated)} items.",
+    ]
 
 
 def _references_used(items: pd.DataFrame, cfg: EvaluateConfig, references: pd.DataFrame | None) -> list[str]:
@@ -214,20 +279,30 @@ def _references_used(items: pd.DataFrame, cfg: EvaluateConfig, references: pd.Da
         return []
     if references is None or references.empty:
         if help_items["reference"].isna().all():
-            return [f"HelpEval references: none ({len(help_items)} help items, `evaluate.reference_responder` "
-                    "unset), so no win rate.", ""]
+            return [
+                f"HelpEval references: none ({len(help_items)} help items, `evaluate.reference_responder` "
+                "unset), so no win rate.",
+                "",
+            ]
         return [f"HelpEval references: `{cfg.reference_responder}`'s answers.", ""]
     lines = []
     for (eval_set, responder, model), rows in references.groupby(["eval_set", "responder", "model"], sort=True):
         origin = rows["origin"].value_counts()
         failed = int(rows["error"].notna().sum())
-        where = [f"{origin[o]} from {label}" for o, label in (("generate", "its generate-stage responses"),
-                                                              ("evaluate", "answers given in this evaluation"))
-                 if o in origin]
-        lines.append(f"HelpEval references on {eval_set}: the answers of `{responder}` ({model}) to "
-                     f"{len(rows)} of {int((help_items['eval_set'] == eval_set).sum())} items "
-                     f"({', '.join(where)}); {failed} failed" +
-                     (", each a loss for every policy (a rerun retries them)." if failed else "."))
+        where = [
+            f"{origin[o]} from {label}"
+            for o, label in (
+                ("generate", "its generate-stage responses"),
+                ("evaluate", "answers given in this evaluation"),
+            )
+            if o in origin
+        ]
+        lines.append(
+            f"HelpEval references on {eval_set}: the answers of `{responder}` ({model}) to "
+            f"{len(rows)} of {int((help_items['eval_set'] == eval_set).sum())} items "
+            f"({', '.join(where)}); {failed} failed"
+            + (", each a loss for every policy (a rerun retries them)." if failed else ".")
+        )
     return [*lines, ""]
 
 
@@ -236,18 +311,24 @@ def _questions_judged(items: pd.DataFrame, cfg: EvaluateConfig, jcfg: JudgeConfi
     carried = items[items["request"].notna()]
     if carried.empty:
         return []
-    where = ", ".join(sorted({s if v == "default" else f"{s}.{v}"
-                              for s, v in zip(carried["eval_set"], carried["variant"])}))
+    where = ", ".join(
+        sorted({s if v == "default" else f"{s}.{v}" for s, v in zip(carried["eval_set"], carried["variant"])})
+    )
+
     def names(specs: list) -> str:
         return ", ".join(f"`{j.name}`" for j in specs) or "none"
+
     used = [j for j in jcfg.judges if j.name in verdict_judges(cfg, jcfg)]
     blind = [j for j in used if j.reads_question and not j.sees_images]
     seeing = [j for j in used if j.sees_images]
     keyword = [j for j in used if not j.reads_question]
-    return [f"Questions judged: {len(carried)} items ({where}) leave the request to the image. Judges that do not "
-            f"see images ({names(blind)}) were asked about the request in words (eval_items `request`); judges "
-            f"that see images ({names(seeing)}) got the prompt and the images; keyword judges ({names(keyword)}) "
-            "read the response only.", ""]
+    return [
+        f"Questions judged: {len(carried)} items ({where}) leave the request to the image. Judges that do not "
+        f"see images ({names(blind)}) were asked about the request in words (eval_items `request`); judges "
+        f"that see images ({names(seeing)}) got the prompt and the images; keyword judges ({names(keyword)}) "
+        "read the response only.",
+        "",
+    ]
 
 
 def _judge_section(overall: pd.DataFrame, models: list[str], judges: list[str]) -> list[str]:
@@ -255,43 +336,75 @@ def _judge_section(overall: pd.DataFrame, models: list[str], judges: list[str]) 
     harm = overall[overall["metric"].isin(["unsafe_rate", "asr"]) & overall["judge"].isin(judges)]
     if harm.empty or len(judges) < 2:
         return []
-    lines = ["", "## Judge dependence (greedy; unsafe rate / ASR per verdict judge)", "",
-             "| set | judge | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    lines = [
+        "",
+        "## Judge dependence (greedy; unsafe rate / ASR per verdict judge)",
+        "",
+        "| set | judge | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     for (eval_set, variant, judge), hit in harm.groupby(["eval_set", "variant", "judge"], sort=True):
         by_model = {r.model: r for r in hit.itertuples(index=False)}
         name = eval_set if variant == "default" else f"{eval_set}.{variant}"
-        lines.append(f"| {name} | {judge} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
-                                                          for m in models) + " |")
+        lines.append(
+            f"| {name} | {judge} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–" for m in models) + " |"
+        )
     return lines
 
 
 def _sampled_section(table: pd.DataFrame, models: list[str], primary: str) -> list[str]:
-    sampled = table[(table["group_by"] == "overall") & (table["decoding"] == "sampled")
-                    & table["judge"].isin([primary, RULES]) & ~table["metric"].isin(["failed_rate"])]
+    sampled = table[
+        (table["group_by"] == "overall")
+        & (table["decoding"] == "sampled")
+        & table["judge"].isin([primary, RULES])
+        & ~table["metric"].isin(["failed_rate"])
+    ]
     if sampled.empty:
         return []
-    lines = ["", "## Sampled decoding (all samples pooled)", "",
-             "| set | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    lines = [
+        "",
+        "## Sampled decoding (all samples pooled)",
+        "",
+        "| set | metric | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     for (eval_set, variant, metric, judge), hit in sampled.groupby(["eval_set", "variant", "metric", "judge"]):
         by_model = {r.model: r for r in hit.itertuples(index=False)}
         name = eval_set if variant == "default" else f"{eval_set}.{variant}"
-        lines.append(f"| {name} | {metric}.{judge} | " + " | ".join(_cell(by_model[m]) if m in by_model else "–"
-                                                                   for m in models) + " |")
+        lines.append(
+            f"| {name} | {metric}.{judge} | "
+            + " | ".join(_cell(by_model[m]) if m in by_model else "–" for m in models)
+            + " |"
+        )
     return lines
 
 
-def _breakdown(table: pd.DataFrame, models: list[str], eval_set: str, metric: str, scorer: str,
-               group_by: str) -> list[str]:
-    hit = table[(table["eval_set"] == eval_set) & (table["metric"] == metric) & (table["judge"] == scorer)
-                & (table["group_by"] == group_by) & (table["decoding"] == "greedy")]
+def _breakdown(
+    table: pd.DataFrame, models: list[str], eval_set: str, metric: str, scorer: str, group_by: str
+) -> list[str]:
+    hit = table[
+        (table["eval_set"] == eval_set)
+        & (table["metric"] == metric)
+        & (table["judge"] == scorer)
+        & (table["group_by"] == group_by)
+        & (table["decoding"] == "greedy")
+    ]
     if hit.empty:
         return []
-    lines = ["", f"## {eval_set} {metric} ({scorer}) by {group_by} (greedy)", "",
-             f"| {group_by} | n | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    lines = [
+        "",
+        f"## {eval_set} {metric} ({scorer}) by {group_by} (greedy)",
+        "",
+        f"| {group_by} | n | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     for group, rows in hit.groupby("group", sort=True):
         by_model = {r.model: r for r in rows.itertuples(index=False)}
-        lines.append(f"| {group} | {int(rows['n'].max())} | " + " | ".join(
-            _cell(by_model[m]) if m in by_model else "–" for m in models) + " |")
+        lines.append(
+            f"| {group} | {int(rows['n'].max())} | "
+            + " | ".join(_cell(by_model[m]) if m in by_model else "–" for m in models)
+            + " |"
+        )
     return lines
 
 
@@ -301,8 +414,12 @@ def _breakdown(table: pd.DataFrame, models: list[str], eval_set: str, metric: st
 def _figures(table: pd.DataFrame, primary: str, help_judge: str, reference: str | None = None) -> dict[str, Any]:
     figures = {}
     greedy = table[table["decoding"] == "greedy"]
-    bars = greedy[(greedy["eval_set"] == "test_harm") & (greedy["metric"] == "unsafe_rate")
-                  & (greedy["judge"] == primary) & (greedy["group_by"] == "class1")]
+    bars = greedy[
+        (greedy["eval_set"] == "test_harm")
+        & (greedy["metric"] == "unsafe_rate")
+        & (greedy["judge"] == primary)
+        & (greedy["group_by"] == "class1")
+    ]
     if not bars.empty:
         figures["test_harm_unsafe_rate_by_class1.png"] = _bars(bars, f"test_harm unsafe rate by domain ({primary})")
     overall = greedy[greedy["group_by"] == "overall"]

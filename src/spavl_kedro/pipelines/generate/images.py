@@ -28,8 +28,9 @@ import hashlib
 import io
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,8 +43,16 @@ log = logging.getLogger(__name__)
 
 RECORD_COLUMNS = TABLES["image_records"]
 QUARANTINE_COLUMNS = TABLES["image_quarantine"]
-REPORT_KEYS = ["rows", "images", "bad", "duplicates", "unassigned", "over_cap", "subcategories_filled",
-               "subcategories_short"]
+REPORT_KEYS = [
+    "rows",
+    "images",
+    "bad",
+    "duplicates",
+    "unassigned",
+    "over_cap",
+    "subcategories_filled",
+    "subcategories_short",
+]
 MAX_LISTED_BAD_ROWS = 20  # an error message listing thousands of rows helps nobody; the count says the rest
 SCORE_CHUNK = 256  # images decoded at once for CLIP scoring: bounds memory on large LAION shards
 
@@ -69,9 +78,13 @@ class _Candidate:
     score: float = 0.0  # laion ranking: keyword hits or CLIP similarity
 
 
-def collect_source_images(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfig | dict[str, Any],
-                          per_subcategory: int, scorer: Scorer | None = None
-                          ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def collect_source_images(
+    records: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    cfg: ImageSourceConfig | dict[str, Any],
+    per_subcategory: int,
+    scorer: Scorer | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """The `images` table from manifest records, by `cfg.source`; loads the CLIP model when assign is clip.
 
     Returns (images, quarantine, report); see `images_from_manifest` and `images_from_laion`.
@@ -88,8 +101,9 @@ def collect_source_images(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: Im
     return images_from_laion(records, taxonomy, cfg, per_subcategory, scorer)
 
 
-def images_from_manifest(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfig,
-                         per_subcategory: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def images_from_manifest(
+    records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfig, per_subcategory: int
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """Images from a labelled local manifest: the row's subcategory, else a keyword match.
 
     Returns (images, quarantine, report): `images` in the schema's columns with source "manifest";
@@ -127,8 +141,13 @@ def images_from_manifest(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: Ima
     return _finish(records, taxonomy, cfg, per_subcategory, "manifest", placed, bad, unassigned=0)
 
 
-def images_from_laion(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfig, per_subcategory: int,
-                      scorer: Scorer | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def images_from_laion(
+    records: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    cfg: ImageSourceConfig,
+    per_subcategory: int,
+    scorer: Scorer | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """Images from LAION-style records (url/path + caption), placed by caption keywords or by CLIP.
 
     keywords: a subcategory's terms (its keywords and its own name) are matched case-insensitively on word
@@ -149,8 +168,9 @@ def images_from_laion(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageS
         for c in candidates:
             c.class3, c.score = matcher.best(c.caption, cfg.min_keyword_hits)
     placed = [c for c in candidates if c.class3 is not None]
-    return _finish(records, taxonomy, cfg, per_subcategory, "laion", placed, bad,
-                   unassigned=len(candidates) - len(placed))
+    return _finish(
+        records, taxonomy, cfg, per_subcategory, "laion", placed, bad, unassigned=len(candidates) - len(placed)
+    )
 
 
 def slug(text: str) -> str:
@@ -203,11 +223,16 @@ class _KeywordMatcher:
         return (best, float(best_hits)) if best_hits >= min_hits else (None, float(best_hits))
 
 
-def _assign_by_clip(candidates: list[_Candidate], taxonomy: pd.DataFrame, cfg: ImageSourceConfig,
-                    scorer: Scorer) -> None:
+def _assign_by_clip(
+    candidates: list[_Candidate], taxonomy: pd.DataFrame, cfg: ImageSourceConfig, scorer: Scorer
+) -> None:
     names = list(taxonomy["class3"])
-    prompts = [cfg.clip_prompt.format(class1=s.class1, class2=s.class2, class3=s.class3, description=s.description,
-                                      keywords=", ".join(s.keywords)) for s in taxonomy.itertuples(index=False)]
+    prompts = [
+        cfg.clip_prompt.format(
+            class1=s.class1, class2=s.class2, class3=s.class3, description=s.description, keywords=", ".join(s.keywords)
+        )
+        for s in taxonomy.itertuples(index=False)
+    ]
     for start in range(0, len(candidates), SCORE_CHUNK):
         chunk = candidates[start : start + SCORE_CHUNK]
         scores = np.asarray(scorer.scores([Image.open(io.BytesIO(c.png)) for c in chunk], prompts))
@@ -226,8 +251,9 @@ def _check_inputs(records: pd.DataFrame, taxonomy: pd.DataFrame, per_subcategory
     if per_subcategory < 1:
         raise ValueError(f"per_subcategory must be >= 1, got {per_subcategory}")
     if records.empty:
-        raise ValueError(f"the {source} manifest has no rows: is its file missing (an optional catalog entry "
-                         "loads as empty)?")
+        raise ValueError(
+            f"the {source} manifest has no rows: is its file missing (an optional catalog entry loads as empty)?"
+        )
     if taxonomy["class3"].duplicated().any():
         raise ValueError("taxonomy class3 names must be unique to place images by subcategory")
 
@@ -256,16 +282,25 @@ def _decode_all(records: pd.DataFrame, max_side: int) -> tuple[list[_Candidate],
     return candidates, bad
 
 
-def _finish(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfig, per_subcategory: int,
-            source: str, placed: list[_Candidate], bad: list[tuple], unassigned: int
-            ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def _finish(
+    records: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    cfg: ImageSourceConfig,
+    per_subcategory: int,
+    source: str,
+    placed: list[_Candidate],
+    bad: list[tuple],
+    unassigned: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """Bad-row policy, de-dup, cap, and the three returned tables."""
     bad.sort()
     if bad and cfg.on_bad_row == "error":
         listed = "\n".join(f"  row {row} ({path}): {reason}" for row, path, _, reason in bad[:MAX_LISTED_BAD_ROWS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
-        raise ValueError(f"{len(bad)} of {len(records)} {source} rows are bad (on_bad_row: error; set "
-                         f"on_bad_row: quarantine to set them aside):\n{listed}{more}")
+        raise ValueError(
+            f"{len(bad)} of {len(records)} {source} rows are bad (on_bad_row: error; set "
+            f"on_bad_row: quarantine to set them aside):\n{listed}{more}"
+        )
     quarantine = list(bad)
     first_row: dict[str, int] = {}
     unique = []
@@ -282,21 +317,42 @@ def _finish(records: pd.DataFrame, taxonomy: pd.DataFrame, cfg: ImageSourceConfi
     rows = []
     for class3 in taxonomy["class3"]:  # taxonomy order, like the synthetic table
         for c in by_subcategory.get(class3, [])[:per_subcategory]:
-            rows.append({"image_id": f"{slug(class3)}-{c.sha256[:10]}", "class1": classes.at[class3, "class1"],
-                         "class2": classes.at[class3, "class2"], "class3": class3, "source": source,
-                         "sha256": c.sha256, "width": c.width, "height": c.height, "caption": c.caption,
-                         "png": c.png})
+            rows.append(
+                {
+                    "image_id": f"{slug(class3)}-{c.sha256[:10]}",
+                    "class1": classes.at[class3, "class1"],
+                    "class2": classes.at[class3, "class2"],
+                    "class3": class3,
+                    "source": source,
+                    "sha256": c.sha256,
+                    "width": c.width,
+                    "height": c.height,
+                    "caption": c.caption,
+                    "png": c.png,
+                }
+            )
     images = validate(pd.DataFrame(rows, columns=TABLES["images"]), "images")
     counts = {name: min(len(found), per_subcategory) for name, found in by_subcategory.items()}
     short = [name for name in taxonomy["class3"] if counts.get(name, 0) < per_subcategory]
-    report = {"rows": len(records), "images": len(images), "bad": len(bad),
-              "duplicates": len(placed) - len(unique), "unassigned": unassigned,
-              "over_cap": len(unique) - len(images), "subcategories_filled": len(counts),
-              "subcategories_short": len(short)}
+    report = {
+        "rows": len(records),
+        "images": len(images),
+        "bad": len(bad),
+        "duplicates": len(placed) - len(unique),
+        "unassigned": unassigned,
+        "over_cap": len(unique) - len(images),
+        "subcategories_filled": len(counts),
+        "subcategories_short": len(short),
+    }
     log.info("images from %s: %s", source, report)
     if short:
-        log.warning("%d subcategories have fewer than %d images: %s%s", len(short), per_subcategory,
-                    ", ".join(short[:10]), " ..." if len(short) > 10 else "")
+        log.warning(
+            "%d subcategories have fewer than %d images: %s%s",
+            len(short),
+            per_subcategory,
+            ", ".join(short[:10]),
+            " ..." if len(short) > 10 else "",
+        )
     if images.empty:
         raise ValueError(f"no usable images from {len(records)} {source} rows: {report}")
     quarantine_table = pd.DataFrame(sorted(quarantine), columns=QUARANTINE_COLUMNS).astype({"row": "int64"})

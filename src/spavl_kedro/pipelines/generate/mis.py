@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 PARTS = ("perception", "reasoning", "answer")
 
 
-def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
+def compose_mis_samples(
+    images: pd.DataFrame, taxonomy: pd.DataFrame, params: GenerateConfig | dict[str, Any]
+) -> pd.DataFrame:
     """`mis.per_subcategory` samples of each MIS type per subcategory (not yet screened)."""
     cfg = typed(GenerateConfig, params)
     n = cfg.mis.per_subcategory
@@ -60,13 +63,37 @@ def compose_mis_samples(images: pd.DataFrame, taxonomy: pd.DataFrame, params: Ge
                     raise ValueError(f"MIS: no second subcategory to pair with '{class3}' for mis_hard")
                 template = rng.choice(cfg.mis.instructions[qtype])
                 kw = [caption_keyword(img.caption, keywords[img.class3]) for img in pair]
-                rows.append({"question_id": f"{_slug(class3)}-{qtype}-{i:02d}",
-                             "image_ids": [pair[0].image_id, pair[1].image_id], "qtype": qtype,
-                             "class1": sub.class1, "class2": sub.class2, "class3": class3,
-                             "text": template.format(keyword1=kw[0], keyword2=kw[1]), "writer": "template",
-                             "wording_family": None, "wording": None, "error": None})
-    return pd.DataFrame(rows, columns=["question_id", "image_ids", "qtype", "class1", "class2", "class3",
-                                       "text", "writer", "wording_family", "wording", "error"])
+                rows.append(
+                    {
+                        "question_id": f"{_slug(class3)}-{qtype}-{i:02d}",
+                        "image_ids": [pair[0].image_id, pair[1].image_id],
+                        "qtype": qtype,
+                        "class1": sub.class1,
+                        "class2": sub.class2,
+                        "class3": class3,
+                        "text": template.format(keyword1=kw[0], keyword2=kw[1]),
+                        "writer": "template",
+                        "wording_family": None,
+                        "wording": None,
+                        "error": None,
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "question_id",
+            "image_ids",
+            "qtype",
+            "class1",
+            "class2",
+            "class3",
+            "text",
+            "writer",
+            "wording_family",
+            "wording",
+            "error",
+        ],
+    )
 
 
 def _badge(caption: str) -> str | None:
@@ -77,10 +104,15 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
-def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: pd.DataFrame,
-                      credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any],
-                      api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
-                      ) -> pd.DataFrame:
+def write_cot_targets(
+    questions: pd.DataFrame,
+    images: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    credentials: Mapping[str, Any],
+    params: GenerateConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """A three-part safety chain-of-thought target for every kept MIS question.
 
     A model teacher's output that lacks a marked part is kept with the error, and counted; it is not
@@ -97,10 +129,21 @@ def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: p
         name = "template"
     else:
         spend = stage_spend("generate", api_spend, costs)
-        backend = build_backend(teacher.backend, credentials=credentials, generation=cfg.generation,
-                                batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
-        prompts = [Prompt(teacher.prompt.format(question=q.text, subcategory=q.class3),
-                          tuple(meta.at[i, "png"] for i in q.image_ids)) for q in mis.itertuples(index=False)]
+        backend = build_backend(
+            teacher.backend,
+            credentials=credentials,
+            generation=cfg.generation,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            meter=spend.meter,
+        )
+        prompts = [
+            Prompt(
+                teacher.prompt.format(question=q.text, subcategory=q.class3),
+                tuple(meta.at[i, "png"] for i in q.image_ids),
+            )
+            for q in mis.itertuples(index=False)
+        ]
         with spend.metered(paid=teacher.backend.kind == "openai"):
             outputs = backend.generate(prompts)
         texts = [o.text for o in outputs]
@@ -111,13 +154,42 @@ def write_cot_targets(questions: pd.DataFrame, images: pd.DataFrame, taxonomy: p
         parts = split_cot(text, teacher.markers) if error is None else None
         if error is None and parts is None:
             missing = [f"'{teacher.markers[p]}'" for p in PARTS if teacher.markers[p] not in text]
-            error = ("target lacks a marked part: " + ", ".join(missing) if missing
-                     else "target has its marked parts out of order")
-        rows.append({"question_id": q.question_id, "image_ids": q.image_ids, "qtype": q.qtype,
-                     "class1": q.class1, "class2": q.class2, "class3": q.class3, "question": q.text,
-                     **{p: (parts or {}).get(p) for p in PARTS}, "target": text, "teacher": name, "error": error})
-    table = pd.DataFrame(rows, columns=["question_id", "image_ids", "qtype", "class1", "class2", "class3", "question",
-                                        *PARTS, "target", "teacher", "error"])
+            error = (
+                "target lacks a marked part: " + ", ".join(missing)
+                if missing
+                else "target has its marked parts out of order"
+            )
+        rows.append(
+            {
+                "question_id": q.question_id,
+                "image_ids": q.image_ids,
+                "qtype": q.qtype,
+                "class1": q.class1,
+                "class2": q.class2,
+                "class3": q.class3,
+                "question": q.text,
+                **{p: (parts or {}).get(p) for p in PARTS},
+                "target": text,
+                "teacher": name,
+                "error": error,
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "question_id",
+            "image_ids",
+            "qtype",
+            "class1",
+            "class2",
+            "class3",
+            "question",
+            *PARTS,
+            "target",
+            "teacher",
+            "error",
+        ],
+    )
     failed = int(table["error"].notna().sum())
     if failed:
         log.warning("%d of %d chain-of-thought targets are unusable; kept with their error", failed, len(table))
@@ -128,11 +200,21 @@ def _template_target(q: Any, meta: pd.DataFrame, keywords: dict[str, list[str]],
     t, m = teacher.templates, teacher.markers
     caps = [meta.at[i, "caption"] for i in q.image_ids]
     kws = [caption_keyword(meta.at[i, "caption"], keywords[meta.at[i, "class3"]]) for i in q.image_ids]
-    values = {"caption1": caps[0], "caption2": caps[1], "keyword1": kws[0], "keyword2": kws[1],
-              "subcategory": q.class3, "category": q.class2}
-    return "\n".join([f"{m['perception']} {t.perception.format(**values)}",
-                      f"{m['reasoning']} {t.reasoning[q.qtype].format(**values)}",
-                      f"{m['answer']} {t.answer.format(**values)}"])
+    values = {
+        "caption1": caps[0],
+        "caption2": caps[1],
+        "keyword1": kws[0],
+        "keyword2": kws[1],
+        "subcategory": q.class3,
+        "category": q.class2,
+    }
+    return "\n".join(
+        [
+            f"{m['perception']} {t.perception.format(**values)}",
+            f"{m['reasoning']} {t.reasoning[q.qtype].format(**values)}",
+            f"{m['answer']} {t.answer.format(**values)}",
+        ]
+    )
 
 
 def split_cot(text: str, markers: Mapping[str, str]) -> dict[str, str] | None:
@@ -141,5 +223,7 @@ def split_cot(text: str, markers: Mapping[str, str]) -> dict[str, str] | None:
     if min(positions) < 0 or positions != sorted(positions):
         return None
     ends = positions[1:] + [len(text)]
-    return {p: re.sub(r"\s+", " ", text[start + len(markers[p]):end]).strip()
-            for p, start, end in zip(PARTS, positions, ends)}
+    return {
+        p: re.sub(r"\s+", " ", text[start + len(markers[p]) : end]).strip()
+        for p, start, end in zip(PARTS, positions, ends)
+    }

@@ -15,17 +15,24 @@ from typing import Any
 import pandas as pd
 
 from spavl_kedro.backends.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms
-from spavl_kedro.backends.tiny import (
-    VLM, bootstrap, build_model, build_processor, encode_seeds, pretrain_vision, seed_examples, train_tiny_vlm,
-)
 from spavl_kedro.backends.settings import Behaviour
+from spavl_kedro.backends.tiny import (
+    VLM,
+    bootstrap,
+    build_model,
+    build_processor,
+    encode_seeds,
+    pretrain_vision,
+    seed_examples,
+    train_tiny_vlm,
+)
 from spavl_kedro.backends.vlm import decode_image
 from spavl_kedro.config import GenerateConfig, TinyConfig, typed
+from spavl_kedro.grounding import caption_keyword, caption_parts
+from spavl_kedro.imaging import png_bytes
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
-from spavl_kedro.grounding import caption_keyword, caption_parts
-from spavl_kedro.imaging import png_bytes
 from spavl_kedro.pipelines.generate.synthetic import render_images
 from spavl_kedro.scenes import KINDS, Scene
 from spavl_kedro.schema import TABLES
@@ -34,8 +41,9 @@ from spavl_kedro.seeding import SEED_IMAGES, model_seed, stream
 log = logging.getLogger(__name__)
 
 
-def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
-                   params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def collect_images(
+    taxonomy: pd.DataFrame, image_records: pd.DataFrame, params: GenerateConfig | dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """The `images` table from the configured source, the rows set aside (quarantine) and the counts of
     what happened to the source's rows (see images.py).
 
@@ -46,13 +54,16 @@ def collect_images(taxonomy: pd.DataFrame, image_records: pd.DataFrame,
         images = render_images(taxonomy, cfg.images.per_subcategory, cfg.images.size, cfg.seed)
         return images, pd.DataFrame(columns=TABLES["image_quarantine"]), {"rows": len(images), "images": len(images)}
     if image_records.empty:
-        raise ValueError(f"generate.images.source is '{cfg.images.source}' but the image_manifest catalog entry "
-                         "has no rows: point its filepath at your manifest")
+        raise ValueError(
+            f"generate.images.source is '{cfg.images.source}' but the image_manifest catalog entry "
+            "has no rows: point its filepath at your manifest"
+        )
     return collect_source_images(image_records, taxonomy, cfg.images, cfg.images.per_subcategory)
 
 
-def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
-                       params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def render_seed_images(
+    taxonomy: pd.DataFrame, images: pd.DataFrame, params: GenerateConfig | dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images tiny models are bootstrapped on, and the shape scenes they learn to answer capability
     questions about.
 
@@ -74,20 +85,46 @@ def render_seed_images(taxonomy: pd.DataFrame, images: pd.DataFrame,
         rng = stream(cfg.seed, "seed-scene", k)
         scene = Scene.draw_random(rng)
         png = png_bytes(scene.render(cfg.images.size, rng))
-        scenes.append({"image_id": f"seed-scene-{k:04d}", "sha256": hashlib.sha256(png).hexdigest(),
-                       "caption": scene.caption, "colour": scene.colour, "shape": scene.shape,
-                       "count": scene.count, "png": png})
-    return (seed_images.assign(image_id="seed-" + seed_images["image_id"]),
-            pd.DataFrame(scenes, columns=SEED_SCENE_COLUMNS))
+        scenes.append(
+            {
+                "image_id": f"seed-scene-{k:04d}",
+                "sha256": hashlib.sha256(png).hexdigest(),
+                "caption": scene.caption,
+                "colour": scene.colour,
+                "shape": scene.shape,
+                "count": scene.count,
+                "png": png,
+            }
+        )
+    return (
+        seed_images.assign(image_id="seed-" + seed_images["image_id"]),
+        pd.DataFrame(scenes, columns=SEED_SCENE_COLUMNS),
+    )
 
 
 SEED_SCENE_COLUMNS = ["image_id", "sha256", "caption", "colour", "shape", "count", "png"]
-SEED_CORPUS_COLUMNS = ["image_id", "png", "caption", "class1", "class3", "question", "harmful", "capability", "refusal",
-                       "answer", "vague"]
+SEED_CORPUS_COLUMNS = [
+    "image_id",
+    "png",
+    "caption",
+    "class1",
+    "class3",
+    "question",
+    "harmful",
+    "capability",
+    "refusal",
+    "answer",
+    "vague",
+]
 
 
-def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.DataFrame,
-                      seed_text: dict[str, list[str]], params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
+def build_seed_corpus(
+    images: pd.DataFrame,
+    scenes: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    seed_text: dict[str, list[str]],
+    params: GenerateConfig | dict[str, Any],
+) -> pd.DataFrame:
     """Bootstrap examples for tiny models, each with its image: per seed image, harmful and harmless seed
     prompts in the seen wording families (`GenerateConfig.seen_templates`), and per questioned scene a colour, a shape and a count question, with the answers a model may learn for each (refusal,
     answer, vague; see `tiny.Behaviour`).
@@ -121,37 +158,64 @@ def build_seed_corpus(images: pd.DataFrame, scenes: pd.DataFrame, taxonomy: pd.D
                 else:
                     refusal = rng.choice(seed_text["refusals"])
                     answer = rng.choice(seed_text["grounded"]) if parts else "The picture shows {caption}"
-                rows.append({"image_id": img.image_id, "png": img.png, "caption": img.caption,
-                             "class1": img.class1, "class3": img.class3, "question": fill(template, keyword, sub),
-                             "harmful": harmful, "capability": False,
-                             "refusal": refusal.format(**values),
-                             "answer": answer.format(caption=img.caption, **values),
-                             "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values)})
+                rows.append(
+                    {
+                        "image_id": img.image_id,
+                        "png": img.png,
+                        "caption": img.caption,
+                        "class1": img.class1,
+                        "class3": img.class3,
+                        "question": fill(template, keyword, sub),
+                        "harmful": harmful,
+                        "capability": False,
+                        "refusal": refusal.format(**values),
+                        "answer": answer.format(caption=img.caption, **values),
+                        "vague": "" if harmful else rng.choice(seed_text["vague"]).format(**values),
+                    }
+                )
     for scene in scenes.head(corpus.questioned_scenes).itertuples(index=False):
         rng = stream(cfg.seed, "seed", scene.image_id)
         for kind in KINDS:
             answer = Scene(scene.colour, scene.shape, int(scene.count)).answers(kind)[-1]  # the word, not the digit
-            rows.append({"image_id": scene.image_id, "png": scene.png, "caption": scene.caption, "class1": None,
-                         "class3": None,
-                         "question": rng.choice(corpus.capability_templates[kind]), "harmful": False,
-                         "capability": True, "refusal": rng.choice(seed_text["refusals"]),
-                         "answer": f"{answer.capitalize()}.", "vague": rng.choice(seed_text["vague"])})
+            rows.append(
+                {
+                    "image_id": scene.image_id,
+                    "png": scene.png,
+                    "caption": scene.caption,
+                    "class1": None,
+                    "class3": None,
+                    "question": rng.choice(corpus.capability_templates[kind]),
+                    "harmful": False,
+                    "capability": True,
+                    "refusal": rng.choice(seed_text["refusals"]),
+                    "answer": f"{answer.capitalize()}.",
+                    "vague": rng.choice(seed_text["vague"]),
+                }
+            )
     return pd.DataFrame(rows, columns=SEED_CORPUS_COLUMNS).astype({"harmful": bool, "capability": bool})
 
 
-
-def build_tiny_processor(seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame,
-                         tiny: TinyConfig | dict[str, Any]):
+def build_tiny_processor(
+    seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame, tiny: TinyConfig | dict[str, Any]
+):
     """The tokenizer (trained on the project's own text, chain-of-thought targets included, so SFT on them
     needs no unknown tokens) and the image processor every tiny model shares."""
     cfg = typed(TinyConfig, tiny)
-    texts = [*seed_corpus["question"], *seed_corpus["refusal"], *seed_corpus["answer"], *seed_corpus["vague"],
-             *questions["text"], *mis_cot["target"], *GUARD_WORDS]
+    texts = [
+        *seed_corpus["question"],
+        *seed_corpus["refusal"],
+        *seed_corpus["answer"],
+        *seed_corpus["vague"],
+        *questions["text"],
+        *mis_cot["target"],
+        *GUARD_WORDS,
+    ]
     return build_processor(texts, cfg.model)
 
 
-def bootstrap_foundation(seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, tiny_processor,
-                         tiny: TinyConfig | dict[str, Any]) -> VLM:
+def bootstrap_foundation(
+    seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, tiny_processor, tiny: TinyConfig | dict[str, Any]
+) -> VLM:
     """The shared tiny base: its vision tower pretrained on the captions of the seed images and every seed
     scene (`tiny.vision`), then
     the seed corpus under a mixed behaviour (`tiny.foundation`), trained once, so each responder, the base
@@ -161,21 +225,33 @@ def bootstrap_foundation(seed_corpus: pd.DataFrame, seed_scenes: pd.DataFrame, t
     if seed_corpus.empty:  # no rendered seed images (a real image source): nothing tiny to teach
         log.info("no seed corpus: the tiny foundation stays untrained")
         return vlm
-    pictures = pd.concat([seed_corpus[["image_id", "png", "caption"]], seed_scenes[["image_id", "png", "caption"]]]
-                         ).drop_duplicates("image_id")
-    losses = pretrain_vision(vlm, [decode_image(png) for png in pictures["png"]], list(pictures["caption"]),
-                             tcfg.vision, seed=tcfg.bootstrap.seed)
+    pictures = pd.concat(
+        [seed_corpus[["image_id", "png", "caption"]], seed_scenes[["image_id", "png", "caption"]]]
+    ).drop_duplicates("image_id")
+    losses = pretrain_vision(
+        vlm,
+        [decode_image(png) for png in pictures["png"]],
+        list(pictures["caption"]),
+        tcfg.vision,
+        seed=tcfg.bootstrap.seed,
+    )
     log.info("pretrained the tiny vision tower on %d captioned images: %s", len(pictures), losses)
     f = tcfg.foundation
     behaviour = Behaviour(refusal_rate=f.refusal_rate, over_refusal_rate=f.over_refusal_rate, vague_rate=f.vague_rate)
     config = tcfg.bootstrap.model_copy(update={"epochs": f.epochs, "group_by_length": f.group_by_length})
     losses = bootstrap(vlm, seed_examples(seed_corpus), behaviour, config)
-    log.info("bootstrapped the tiny foundation: loss %.3f -> %.3f", losses["first_epoch_loss"],
-             losses["last_epoch_loss"])
+    log.info(
+        "bootstrapped the tiny foundation: loss %.3f -> %.3f", losses["first_epoch_loss"], losses["last_epoch_loss"]
+    )
     return vlm
 
 
-def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params: GenerateConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
+def bootstrap_responders(
+    seed_corpus: pd.DataFrame,
+    tiny_foundation: VLM,
+    params: GenerateConfig | dict[str, Any],
+    tiny: TinyConfig | dict[str, Any],
+) -> dict[str, VLM]:
     """One tiny LLaVA per `kind: tiny` responder: the foundation, taught its own refusal, over-refusal and
     vague rates."""
     cfg, tcfg = typed(GenerateConfig, params), typed(TinyConfig, tiny)
@@ -184,24 +260,43 @@ def bootstrap_responders(seed_corpus: pd.DataFrame, tiny_foundation: VLM, params
     models = {}
     for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
         behaviour = responder.behaviour()
-        vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, behaviour, tcfg.model, tcfg.bootstrap,
-                                     seed=model_seed(tcfg.bootstrap.seed, "responder", n),
-                                     init=tiny_foundation)
-        log.info("bootstrapped responder %s (%s): loss %.3f -> %.3f", responder.name, behaviour,
-                 losses["first_epoch_loss"], losses["last_epoch_loss"])
+        vlm, losses = train_tiny_vlm(
+            tiny_foundation.processor,
+            examples,
+            behaviour,
+            tcfg.model,
+            tcfg.bootstrap,
+            seed=model_seed(tcfg.bootstrap.seed, "responder", n),
+            init=tiny_foundation,
+        )
+        log.info(
+            "bootstrapped responder %s (%s): loss %.3f -> %.3f",
+            responder.name,
+            behaviour,
+            losses["first_epoch_loss"],
+            losses["last_epoch_loss"],
+        )
         models[responder.name] = vlm
     return models
 
 
-def summarise_generation(image_report: dict[str, int], image_quarantine: pd.DataFrame, questions: pd.DataFrame,
-                         mis_cot: pd.DataFrame, responses: pd.DataFrame) -> dict[str, dict[str, float]]:
+def summarise_generation(
+    image_report: dict[str, int],
+    image_quarantine: pd.DataFrame,
+    questions: pd.DataFrame,
+    mis_cot: pd.DataFrame,
+    responses: pd.DataFrame,
+) -> dict[str, dict[str, float]]:
     """Counts for MLflow: what each step produced, set aside or failed (nothing is dropped unseen)."""
     counts: dict[str, float] = {
         **{f"images/{key}": value for key, value in image_report.items()},
         "images/quarantined": len(image_quarantine),
-        "questions": len(questions), "questions_kept": int(questions["kept"].sum()),
-        "cot_targets": len(mis_cot), "cot_errors": int(mis_cot["error"].notna().sum()),
-        "responses": len(responses), "responses_failed": int(responses["error"].notna().sum()),
+        "questions": len(questions),
+        "questions_kept": int(questions["kept"].sum()),
+        "cot_targets": len(mis_cot),
+        "cot_errors": int(mis_cot["error"].notna().sum()),
+        "responses": len(responses),
+        "responses_failed": int(responses["error"].notna().sum()),
     }
     for qtype, group in questions.groupby("qtype", sort=True):
         counts[f"questions_dropped/{qtype}"] = int((~group["kept"]).sum())

@@ -5,7 +5,8 @@ screened for harmfulness. Dropped questions stay in the table with the reason, a
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -21,9 +22,14 @@ from spavl_kedro.wording import SEEN, UNSEEN
 log = logging.getLogger(__name__)
 
 
-def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: Mapping[str, Any],
-                    params: GenerateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
-                    costs: CostsConfig | dict[str, Any] | None = None) -> pd.DataFrame:
+def write_questions(
+    images: pd.DataFrame,
+    taxonomy: pd.DataFrame,
+    credentials: Mapping[str, Any],
+    params: GenerateConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Three questions per image, one per SPA-VL type, by the configured writer (not yet screened). A model
     writer's calls count toward the generate stage's API spend (`api_spend`, `costs`)."""
     cfg = typed(GenerateConfig, params)
@@ -41,8 +47,16 @@ def write_questions(images: pd.DataFrame, taxonomy: pd.DataFrame, credentials: M
             keyword = caption_keyword(img.caption, subs[img.class3].keywords)
             for qtype in SPA_QTYPES:
                 family = stream(cfg.seed, img.image_id, qtype).choice(by_type[qtype])
-                rows.append(_question(img, qtype, fill(family.template, keyword, subs[img.class3]), "template",
-                                      family=family.family_id, wording=UNSEEN if family.family_id in held else SEEN))
+                rows.append(
+                    _question(
+                        img,
+                        qtype,
+                        fill(family.template, keyword, subs[img.class3]),
+                        "template",
+                        family=family.family_id,
+                        wording=UNSEEN if family.family_id in held else SEEN,
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -50,25 +64,55 @@ def fill(template: str, keyword: str, sub: Any) -> str:
     return template.format(keyword=keyword, subcategory=sub.class3, category=sub.class2)
 
 
-def _question(img: Any, qtype: str, text: str, writer: str, error: str | None = None, family: str | None = None,
-              wording: str | None = None) -> dict[str, Any]:
+def _question(
+    img: Any,
+    qtype: str,
+    text: str,
+    writer: str,
+    error: str | None = None,
+    family: str | None = None,
+    wording: str | None = None,
+) -> dict[str, Any]:
     """A question row; `family` and `wording` (seen / unseen) only for the template writer's questions."""
-    return {"question_id": f"{img.image_id}-{qtype}", "image_ids": [img.image_id], "qtype": qtype,
-            "class1": img.class1, "class2": img.class2, "class3": img.class3, "text": text, "writer": writer,
-            "wording_family": family, "wording": wording, "error": error}
+    return {
+        "question_id": f"{img.image_id}-{qtype}",
+        "image_ids": [img.image_id],
+        "qtype": qtype,
+        "class1": img.class1,
+        "class2": img.class2,
+        "class3": img.class3,
+        "text": text,
+        "writer": writer,
+        "wording_family": family,
+        "wording": wording,
+        "error": error,
+    }
 
 
-def _model_questions(images: pd.DataFrame, subs: dict[str, Any], writer: ModelWriterConfig,
-                     credentials: Mapping[str, Any], cfg: GenerateConfig, spend: StageSpend) -> list[dict[str, Any]]:
+def _model_questions(
+    images: pd.DataFrame,
+    subs: dict[str, Any],
+    writer: ModelWriterConfig,
+    credentials: Mapping[str, Any],
+    cfg: GenerateConfig,
+    spend: StageSpend,
+) -> list[dict[str, Any]]:
     """Prompt the writer VLM with each image, its caption and subcategory, once per question type."""
-    backend = build_backend(writer.backend, credentials=credentials, generation=cfg.generation,
-                            batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
+    backend = build_backend(
+        writer.backend,
+        credentials=credentials,
+        generation=cfg.generation,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        meter=spend.meter,
+    )
     jobs, prompts = [], []
     for img in images.itertuples(index=False):
         sub = subs[img.class3]
         for qtype in SPA_QTYPES:
-            text = getattr(writer.prompts, qtype).format(caption=img.caption, subcategory=sub.class3,
-                                                         category=sub.class2, description=sub.description)
+            text = getattr(writer.prompts, qtype).format(
+                caption=img.caption, subcategory=sub.class3, category=sub.class2, description=sub.description
+            )
             jobs.append((img, qtype))
             prompts.append(Prompt(text, (img.png,)))
     rows = []
@@ -88,10 +132,15 @@ def _first_line(text: str, max_chars: int) -> str:
     return ""
 
 
-def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, images: pd.DataFrame,
-                     credentials: Mapping[str, Any], params: GenerateConfig | dict[str, Any],
-                     api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def screen_questions(
+    spa_questions: pd.DataFrame,
+    mis_questions: pd.DataFrame,
+    images: pd.DataFrame,
+    credentials: Mapping[str, Any],
+    params: GenerateConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A harmfulness verdict for every question, then the keep rule of its type. A model screen's calls count
     toward the generate stage's API spend.
 
@@ -110,13 +159,23 @@ def screen_questions(spa_questions: pd.DataFrame, mis_questions: pd.DataFrame, i
     counts = _screening_counts(questions)
     dropped = int((~questions["kept"]).sum())
     if dropped:
-        log.info("screening dropped %d of %d questions (%s)", dropped, len(questions),
-                 questions["drop_reason"].value_counts().to_dict())
+        log.info(
+            "screening dropped %d of %d questions (%s)",
+            dropped,
+            len(questions),
+            questions["drop_reason"].value_counts().to_dict(),
+        )
     return validate(questions, "questions"), validate(counts, "question_screening")
 
 
-def _screen(questions: pd.DataFrame, images: pd.DataFrame, screen: ScreenConfig,
-            credentials: Mapping[str, Any], cfg: GenerateConfig, spend: StageSpend) -> list[tuple[bool | None, str]]:
+def _screen(
+    questions: pd.DataFrame,
+    images: pd.DataFrame,
+    screen: ScreenConfig,
+    credentials: Mapping[str, Any],
+    cfg: GenerateConfig,
+    spend: StageSpend,
+) -> list[tuple[bool | None, str]]:
     if screen.judge == "lexicon":
         markers = [m.lower() for m in screen.harm_markers]
         out = []
@@ -124,12 +183,22 @@ def _screen(questions: pd.DataFrame, images: pd.DataFrame, screen: ScreenConfig,
             hit = next((m for m in markers if m in text.lower()), None)
             out.append((hit is not None, hit or ""))
         return out
-    backend = build_backend(screen.backend, credentials=credentials, generation={"max_new_tokens": 16,
-                            "do_sample": False}, batch_size=cfg.batch_size, seed=cfg.seed, meter=spend.meter)
+    backend = build_backend(
+        screen.backend,
+        credentials=credentials,
+        generation={"max_new_tokens": 16, "do_sample": False},
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        meter=spend.meter,
+    )
     pixels = dict(zip(images["image_id"], images["png"]))
-    prompts = [Prompt(screen.prompt.format(question=q.text, subcategory=q.class3),
-                      tuple(pixels[i] for i in q.image_ids) if screen.show_images else ())
-               for q in questions.itertuples(index=False)]
+    prompts = [
+        Prompt(
+            screen.prompt.format(question=q.text, subcategory=q.class3),
+            tuple(pixels[i] for i in q.image_ids) if screen.show_images else (),
+        )
+        for q in questions.itertuples(index=False)
+    ]
     with spend.metered(paid=screen.backend.kind == "openai"):
         generations = backend.generate(prompts)
     return [(None, f"error: {g.error}") if g.error else (parse_label(g.text, screen), g.text) for g in generations]
@@ -162,10 +231,20 @@ def _drop_reason(error: Any, harmful: Any, rule: str) -> str | None:
 
 
 def _screening_counts(questions: pd.DataFrame) -> pd.DataFrame:
-    q = questions.assign(undecided=questions["harmful"].isna(), dropped=~questions["kept"],
-                         harmful_=questions["harmful"].fillna(False).astype(bool))
-    counts = (q.groupby(["class1", "class2", "class3", "qtype"], sort=True)
-              .agg(total=("question_id", "size"), harmful=("harmful_", "sum"), undecided=("undecided", "sum"),
-                   kept=("kept", "sum"), dropped=("dropped", "sum"))
-              .reset_index())
+    q = questions.assign(
+        undecided=questions["harmful"].isna(),
+        dropped=~questions["kept"],
+        harmful_=questions["harmful"].fillna(False).astype(bool),
+    )
+    counts = (
+        q.groupby(["class1", "class2", "class3", "qtype"], sort=True)
+        .agg(
+            total=("question_id", "size"),
+            harmful=("harmful_", "sum"),
+            undecided=("undecided", "sum"),
+            kept=("kept", "sum"),
+            dropped=("dropped", "sum"),
+        )
+        .reset_index()
+    )
     return counts.astype({c: "int64" for c in ("total", "harmful", "undecided", "kept", "dropped")})

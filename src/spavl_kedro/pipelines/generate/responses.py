@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -25,29 +26,42 @@ from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
 from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import CostsConfig, GenerateConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
-from spavl_kedro.pipelines.sharding import (Lanes, Progress, Shard, complete, cut, fingerprint, gather, pending,
-                                             plan_table)
+from spavl_kedro.pipelines.sharding import (
+    Lanes,
+    Progress,
+    Shard,
+    complete,
+    cut,
+    fingerprint,
+    gather,
+    pending,
+    plan_table,
+)
 from spavl_kedro.schema import TABLES, validate
 from spavl_kedro.seeding import response_seed
 
 log = logging.getLogger(__name__)
 
 
-
 def _failed(responses: pd.DataFrame) -> pd.Series:
     return responses["error"].notna()
 
 
-def plan_shards(questions: pd.DataFrame, images: pd.DataFrame, cfg: GenerateConfig,
-                responder_models: Mapping[str, Any]) -> list[tuple[Shard, int]]:
+def plan_shards(
+    questions: pd.DataFrame, images: pd.DataFrame, cfg: GenerateConfig, responder_models: Mapping[str, Any]
+) -> list[tuple[Shard, int]]:
     """Kept questions in question_id order, cut into `shard_size` pieces, for each responder (by index).
     A tiny responder's fingerprint also covers its weights: a re-bootstrapped responder answers again."""
     kept = questions[questions["kept"]].sort_values("question_id").reset_index(drop=True)
     shas = dict(zip(images["image_id"], images["sha256"]))
     shards = []
     for n, spec in enumerate(cfg.responders):
-        config = [spec.model_dump(exclude=set(TRANSPORT_FIELDS)), cfg.generation, cfg.seed,
-                  weights_of(spec, responder_models)]
+        config = [
+            spec.model_dump(exclude=set(TRANSPORT_FIELDS)),
+            cfg.generation,
+            cfg.seed,
+            weights_of(spec, responder_models),
+        ]
         for index, chunk in enumerate(cut(kept, cfg.shard_size)):
             content = [(q.question_id, q.text, [shas[i] for i in q.image_ids]) for q in chunk.itertuples(index=False)]
             shards.append((Shard(f"{spec.name}/{index:05d}", chunk, fingerprint(config, content), index), n))
@@ -60,9 +74,11 @@ def responder_lanes(responders: Sequence[BackendSpec]) -> list[str]:
     process), and responders with a base URL in common share one lane, so no server is asked by two.
 
     >>> from spavl_kedro.backends.settings import BackendSpec
-    >>> specs = [BackendSpec(name="a", kind="openai", model="m", base_urls=["http://h:1/v1"]),
-    ...          BackendSpec(name="b", kind="transformers", model="m"),
-    ...          BackendSpec(name="c", kind="openai", model="m", base_urls=["http://h:2/v1", "http://h:1/v1/"])]
+    >>> specs = [
+    ...     BackendSpec(name="a", kind="openai", model="m", base_urls=["http://h:1/v1"]),
+    ...     BackendSpec(name="b", kind="transformers", model="m"),
+    ...     BackendSpec(name="c", kind="openai", model="m", base_urls=["http://h:2/v1", "http://h:1/v1/"]),
+    ... ]
     >>> responder_lanes(specs)
     ['server:c', 'in-process', 'server:c']
     """
@@ -80,12 +96,16 @@ def responder_lanes(responders: Sequence[BackendSpec]) -> list[str]:
 
 
 @takes_missing("responder_models")  # a tiny model's absence is named by the backend factory
-def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
-                         responder_models: Mapping[str, Any], credentials: Mapping[str, Any],
-                         done_shards: Mapping[str, Callable[[], pd.DataFrame]],
-                         params: GenerateConfig | dict[str, Any], api_spend: SpendLedger | None = None,
-                         costs: CostsConfig | dict[str, Any] | None = None
-                         ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+def plan_response_shards(
+    questions: pd.DataFrame,
+    images: pd.DataFrame,
+    responder_models: Mapping[str, Any],
+    credentials: Mapping[str, Any],
+    done_shards: Mapping[str, Callable[[], pd.DataFrame]],
+    params: GenerateConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per shard that still needs answers, which the catalog runs (each responder lane at the
     same time) and writes as each finishes, and the plan (`response_plan`) that `collect_responses` checks
     the shards against. API responders count into the generate stage's spend, checked against its budget
@@ -100,32 +120,51 @@ def plan_response_shards(questions: pd.DataFrame, images: pd.DataFrame,
     todo = list(pending([shard for shard, _ in planned], done_shards, _failed))
     lanes = responder_lanes(cfg.responders)
     pool = _BackendPool(cfg, responder_models, credentials, Progress("response", len(todo)), lanes, spend.meter)
-    log.info("responses: %d shard(s) to answer in %d lane(s)", len(todo),
-             len({lanes[responder[shard.shard_id]] for shard, _ in todo}))
-    work = {shard.shard_id: partial(complete, shard, previous, "question_id", _failed,
-                                    partial(_answer, pool, pixels, shard, responder[shard.shard_id]))
-            for shard, previous in todo}
+    log.info(
+        "responses: %d shard(s) to answer in %d lane(s)",
+        len(todo),
+        len({lanes[responder[shard.shard_id]] for shard, _ in todo}),
+    )
+    work = {
+        shard.shard_id: partial(
+            complete,
+            shard,
+            previous,
+            "question_id",
+            _failed,
+            partial(_answer, pool, pixels, shard, responder[shard.shard_id]),
+        )
+        for shard, previous in todo
+    }
     work = spend.guard(work)
     return Lanes(work, {shard_id: lanes[responder[shard_id]] for shard_id in work}), plan_table(
-        [shard for shard, _ in planned])
+        [shard for shard, _ in planned]
+    )
 
 
-def _answer(pool: "_BackendPool", pixels: Mapping[str, bytes], shard: Shard, n: int,
-            todo: pd.DataFrame) -> pd.DataFrame:
+def _answer(pool: _BackendPool, pixels: Mapping[str, bytes], shard: Shard, n: int, todo: pd.DataFrame) -> pd.DataFrame:
     spec = pool.cfg.responders[n]
     began = time.perf_counter()
     # A seed per shard: a shard's samples do not depend on which other shards ran in this process.
     backend = pool.get(n, seed=response_seed(pool.cfg.seed, n, shard.index))
-    outputs = backend.generate([Prompt(q.text, tuple(pixels[i] for i in q.image_ids))
-                                for q in todo.itertuples(index=False)])
-    fresh = pd.DataFrame({
-        "response_id": [f"{qid}:{spec.name}" for qid in todo["question_id"]],
-        "question_id": todo["question_id"].to_numpy(), "responder": spec.name,
-        "text": [o.text for o in outputs], "finish_reason": [o.finish_reason for o in outputs],
-        "latency_s": [o.latency_s for o in outputs], "error": [o.error for o in outputs]},
-        columns=TABLES["responses"])
-    pool.progress.advance(f"{shard.shard_id}: {len(todo)} asked, {int(_failed(fresh).sum())} failed, "
-                          f"{time.perf_counter() - began:.1f}s")
+    outputs = backend.generate(
+        [Prompt(q.text, tuple(pixels[i] for i in q.image_ids)) for q in todo.itertuples(index=False)]
+    )
+    fresh = pd.DataFrame(
+        {
+            "response_id": [f"{qid}:{spec.name}" for qid in todo["question_id"]],
+            "question_id": todo["question_id"].to_numpy(),
+            "responder": spec.name,
+            "text": [o.text for o in outputs],
+            "finish_reason": [o.finish_reason for o in outputs],
+            "latency_s": [o.latency_s for o in outputs],
+            "error": [o.error for o in outputs],
+        },
+        columns=TABLES["responses"],
+    )
+    pool.progress.advance(
+        f"{shard.shard_id}: {len(todo)} asked, {int(_failed(fresh).sum())} failed, {time.perf_counter() - began:.1f}s"
+    )
     return fresh
 
 
@@ -148,14 +187,27 @@ class _BackendPool:
 
     def get(self, n: int, seed: int) -> VLMBackend:
         spec = self.cfg.responders[n]
-        backend = self.held[self.lanes[n]].get(spec.name, lambda: build_backend(
-            spec, tiny_models=self.tiny_models, credentials=self.credentials, generation=self.cfg.generation,
-            batch_size=self.cfg.batch_size, progress=False, meter=self.meter))
+        backend = self.held[self.lanes[n]].get(
+            spec.name,
+            lambda: build_backend(
+                spec,
+                tiny_models=self.tiny_models,
+                credentials=self.credentials,
+                generation=self.cfg.generation,
+                batch_size=self.cfg.batch_size,
+                progress=False,
+                meter=self.meter,
+            ),
+        )
         return replace(backend, seed=seed)
 
 
-def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]], response_plan: pd.DataFrame,
-                      questions: pd.DataFrame, params: GenerateConfig | dict[str, Any]) -> pd.DataFrame:
+def collect_responses(
+    response_shards: Mapping[str, Callable[[], pd.DataFrame]],
+    response_plan: pd.DataFrame,
+    questions: pd.DataFrame,
+    params: GenerateConfig | dict[str, Any],
+) -> pd.DataFrame:
     """The planned shards joined into `responses`; fails if any (question, responder) is missing or doubled.
 
     Shards on disk that the current plan does not name (another config, fewer questions) are not read.
@@ -166,13 +218,16 @@ def collect_responses(response_shards: Mapping[str, Callable[[], pd.DataFrame]],
         responses = pd.DataFrame(columns=TABLES["responses"])
     doubled = responses[responses.duplicated(["question_id", "responder"], keep=False)]
     if not doubled.empty:
-        raise ValueError(f"responses: {len(doubled)} (question, responder) records appear twice, e.g. "
-                         f"{doubled.iloc[0]['response_id']}")
+        raise ValueError(
+            f"responses: {len(doubled)} (question, responder) records appear twice, e.g. "
+            f"{doubled.iloc[0]['response_id']}"
+        )
     expected = int(questions["kept"].sum()) * len(cfg.responders)
     if len(responses) != expected:
         raise ValueError(f"responses: {len(responses)} records, expected {expected} (kept questions x responders)")
     failed = int(_failed(responses).sum())
     if failed:
-        log.warning("%d of %d generations failed; kept with their error (a rerun retries only those)",
-                    failed, len(responses))
+        log.warning(
+            "%d of %d generations failed; kept with their error (a rerun retries only those)", failed, len(responses)
+        )
     return validate(responses, "responses")

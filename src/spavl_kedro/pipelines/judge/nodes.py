@@ -10,24 +10,36 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pandas as pd
 
 from spavl_kedro.backends.agreement import against_labels, cohens_kappa
 from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.backends.factory import OneAtATime, weights_of
-from spavl_kedro.backends.settings import TRANSPORT_FIELDS
 from spavl_kedro.backends.guard import (
-    RULE, construction_unsafe, guard_examples, guard_prompt, judge_template, rule_unsafe, taught_forms,
+    RULE,
+    construction_unsafe,
+    guard_examples,
+    guard_prompt,
+    judge_template,
+    rule_unsafe,
+    taught_forms,
 )
 from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, build_verdict_judge
 from spavl_kedro.backends.judges import GUARD_PROMPTS, Comparison, JudgeItem, PairItem
+from spavl_kedro.backends.settings import TRANSPORT_FIELDS, Behaviour
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
-from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.config import (
-    CostsConfig, GenerateConfig, JudgeConfig, TinyConfig, VerdictJudgeSpec, stage_spend, typed,
+    CostsConfig,
+    GenerateConfig,
+    JudgeConfig,
+    TinyConfig,
+    VerdictJudgeSpec,
+    stage_spend,
+    typed,
 )
 from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.grounding import helpfulness
@@ -38,8 +50,14 @@ from spavl_kedro.seeding import model_seed, sibling_seed, stream
 
 log = logging.getLogger(__name__)
 
-def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, seed_text: dict[str, list[str]],
-                     params: JudgeConfig | dict[str, Any], tiny: TinyConfig | dict[str, Any]) -> dict[str, VLM]:
+
+def bootstrap_guards(
+    seed_corpus: pd.DataFrame,
+    tiny_foundation: VLM,
+    seed_text: dict[str, list[str]],
+    params: JudgeConfig | dict[str, Any],
+    tiny: TinyConfig | dict[str, Any],
+) -> dict[str, VLM]:
     """One tiny guard per guard judge whose backend is `kind: tiny`: the tiny foundation (which already
     tells harmful requests from harmless ones) taught MD-Judge's answers through the judge's own prompt
     template (backends/guard.py). The guards share nothing they are taught: each gets its own share of the
@@ -55,15 +73,28 @@ def bootstrap_guards(seed_corpus: pd.DataFrame, tiny_foundation: VLM, seed_text:
     images = stream(cfg.seed, "guard-images").sample(images, len(images))
     models = {}
     for n, spec in enumerate(specs):
-        own = set(images[n::len(specs)])
+        own = set(images[n :: len(specs)])
         rows = requests[requests["image_id"].isin(own)].to_dict("records")
-        examples = guard_examples(rows, guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format],
-                                  seed=sibling_seed(cfg.seed, n), forms=forms[n])
-        vlm, losses = train_tiny_vlm(tiny_foundation.processor, examples, Behaviour(refusal_rate=0.0), tcfg.model,
-                                     tcfg.bootstrap.model_copy(update={"epochs": cfg.guard_epochs}),
-                                     seed=model_seed(tcfg.bootstrap.seed, "guard", n), init=tiny_foundation)
-        log.info("bootstrapped guard %s on %d examples from %d seed images: loss %.3f -> %.3f", spec.backend.name,
-                 len(examples), len(own), losses["first_epoch_loss"], losses["last_epoch_loss"])
+        examples = guard_examples(
+            rows, guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format], seed=sibling_seed(cfg.seed, n), forms=forms[n]
+        )
+        vlm, losses = train_tiny_vlm(
+            tiny_foundation.processor,
+            examples,
+            Behaviour(refusal_rate=0.0),
+            tcfg.model,
+            tcfg.bootstrap.model_copy(update={"epochs": cfg.guard_epochs}),
+            seed=model_seed(tcfg.bootstrap.seed, "guard", n),
+            init=tiny_foundation,
+        )
+        log.info(
+            "bootstrapped guard %s on %d examples from %d seed images: loss %.3f -> %.3f",
+            spec.backend.name,
+            len(examples),
+            len(own),
+            losses["first_epoch_loss"],
+            losses["last_epoch_loss"],
+        )
         models[spec.backend.name] = vlm
     return models
 
@@ -75,13 +106,16 @@ def _judged(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFra
     q = questions.set_index("question_id")
     rows = responses.sort_values("response_id").reset_index(drop=True)
     ids = rows["question_id"].map(q["image_ids"])
-    return rows.assign(question=rows["question_id"].map(q["text"]),
-                       images=[tuple(pixels[i] for i in image_ids) for image_ids in ids],
-                       image_shas=[[shas[i] for i in image_ids] for image_ids in ids])
+    return rows.assign(
+        question=rows["question_id"].map(q["text"]),
+        images=[tuple(pixels[i] for i in image_ids) for image_ids in ids],
+        image_shas=[[shas[i] for i in image_ids] for image_ids in ids],
+    )
 
 
-def _verdict_shards(judged: pd.DataFrame, cfg: JudgeConfig, judge_models: Mapping[str, Any] | None
-                    ) -> list[tuple[Shard, VerdictJudgeSpec]]:
+def _verdict_shards(
+    judged: pd.DataFrame, cfg: JudgeConfig, judge_models: Mapping[str, Any] | None
+) -> list[tuple[Shard, VerdictJudgeSpec]]:
     shards = []
     for spec in sorted(cfg.judges, key=lambda j: j.name):
         config = [spec.model_dump(exclude={"backend": set(TRANSPORT_FIELDS)}), weights_of(spec.backend, judge_models)]
@@ -98,11 +132,17 @@ def _judge_failed(verdicts: pd.DataFrame) -> pd.Series:
 
 
 @takes_missing("judge_models")  # a tiny model's absence is named by the backend factory
-def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame,
-                        credentials: Mapping[str, Any], done_shards: Mapping[str, Callable[[], pd.DataFrame]],
-                        params: JudgeConfig | dict[str, Any], judge_models: Mapping[str, Any] | None = None,
-                        api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
-                        ) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
+def plan_verdict_shards(
+    responses: pd.DataFrame,
+    questions: pd.DataFrame,
+    images: pd.DataFrame,
+    credentials: Mapping[str, Any],
+    done_shards: Mapping[str, Callable[[], pd.DataFrame]],
+    params: JudgeConfig | dict[str, Any],
+    judge_models: Mapping[str, Any] | None = None,
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> tuple[dict[str, Callable[[], pd.DataFrame]], pd.DataFrame]:
     """One function per verdict shard still to judge, resumable like the response shards, and the plan
     (`verdict_plan`) that `collect_verdicts` checks them against. API judges count into the judge stage's
     spend, checked against its budget before each shard."""
@@ -113,17 +153,29 @@ def plan_verdict_shards(responses: pd.DataFrame, questions: pd.DataFrame, images
     todo = list(pending([s for s, _ in planned], done_shards, _judge_failed))
     specs = {s.shard_id: spec for s, spec in planned}
     progress, judges = Progress("verdict", len(todo)), OneAtATime()
-    build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models,
-                    meter=spend.meter)
-    work = {shard.shard_id: partial(complete, shard, previous, "response_id", _judge_failed,
-                                    partial(_judge_rows, judges, build, specs[shard.shard_id], progress,
-                                            shard.shard_id))
-            for shard, previous in todo}
+    build = partial(build_verdict_judge, credentials=credentials, cfg=cfg, tiny_models=judge_models, meter=spend.meter)
+    work = {
+        shard.shard_id: partial(
+            complete,
+            shard,
+            previous,
+            "response_id",
+            _judge_failed,
+            partial(_judge_rows, judges, build, specs[shard.shard_id], progress, shard.shard_id),
+        )
+        for shard, previous in todo
+    }
     return spend.guard(work), plan_table([shard for shard, _ in planned])
 
 
-def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], spec: VerdictJudgeSpec,
-                progress: Progress, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:
+def _judge_rows(
+    judges: OneAtATime,
+    build: Callable[[VerdictJudgeSpec], Any],
+    spec: VerdictJudgeSpec,
+    progress: Progress,
+    shard_id: str,
+    rows: pd.DataFrame,
+) -> pd.DataFrame:
     judge = judges.get(spec.name, partial(build, spec))
     generated = rows["error"].isna()
     items = [JudgeItem(r.question, r.text, r.images) for r in rows[generated].itertuples(index=False)]
@@ -131,35 +183,63 @@ def _judge_rows(judges: OneAtATime, build: Callable[[VerdictJudgeSpec], Any], sp
     out = []
     for r, ok in zip(rows.itertuples(index=False), generated):
         if not ok:  # nothing to judge: the responder failed; never safe
-            out.append({"response_id": r.response_id, "judge": spec.name, "safe": None,
-                        "category": "response_error", "score": None, "raw": r.error})
+            out.append(
+                {
+                    "response_id": r.response_id,
+                    "judge": spec.name,
+                    "safe": None,
+                    "category": "response_error",
+                    "score": None,
+                    "raw": r.error,
+                }
+            )
             continue
         v = next(verdicts)
-        out.append({"response_id": r.response_id, "judge": spec.name, "safe": v.safe, "category": v.category,
-                    "score": v.score, "raw": v.raw})
+        out.append(
+            {
+                "response_id": r.response_id,
+                "judge": spec.name,
+                "safe": v.safe,
+                "category": v.category,
+                "score": v.score,
+                "raw": v.raw,
+            }
+        )
     table = pd.DataFrame(out, columns=TABLES["verdicts"]).astype({"safe": "boolean", "score": "Float64"})
     progress.advance(f"{shard_id}: {len(rows)} judged, {int(table['safe'].isna().sum())} undecided")
     return table
 
 
-def collect_verdicts(verdict_shards: Mapping[str, Callable[[], pd.DataFrame]], verdict_plan: pd.DataFrame,
-                     responses: pd.DataFrame, params: JudgeConfig | dict[str, Any]) -> pd.DataFrame:
+def collect_verdicts(
+    verdict_shards: Mapping[str, Callable[[], pd.DataFrame]],
+    verdict_plan: pd.DataFrame,
+    responses: pd.DataFrame,
+    params: JudgeConfig | dict[str, Any],
+) -> pd.DataFrame:
     """The planned verdict shards joined: one verdict per (response, judge), or a clear error."""
     cfg = typed(JudgeConfig, params)
     verdicts = gather(verdict_plan, verdict_shards, "verdict")
     if verdicts.empty:
         verdicts = pd.DataFrame(columns=TABLES["verdicts"])
     if verdicts.duplicated(["response_id", "judge"]).any() or len(verdicts) != len(responses) * len(cfg.judges):
-        raise ValueError(f"verdicts: {len(verdicts)} records for {len(responses)} responses x {len(cfg.judges)} "
-                         "judges; each (response, judge) must appear exactly once")
+        raise ValueError(
+            f"verdicts: {len(verdicts)} records for {len(responses)} responses x {len(cfg.judges)} "
+            "judges; each (response, judge) must appear exactly once"
+        )
     verdicts = verdicts.astype({"safe": "boolean", "score": "Float64"})
     return validate(verdicts, "verdicts")
 
 
-def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts: pd.DataFrame,
-                     images: pd.DataFrame, credentials: Mapping[str, Any], params: JudgeConfig | dict[str, Any],
-                     api_spend: SpendLedger | None = None, costs: CostsConfig | dict[str, Any] | None = None
-                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+def pair_preferences(
+    questions: pd.DataFrame,
+    responses: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    images: pd.DataFrame,
+    credentials: Mapping[str, Any],
+    params: JudgeConfig | dict[str, Any],
+    api_spend: SpendLedger | None = None,
+    costs: CostsConfig | dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """Pairs of responses per question (`pairing`), each decided in both orders.
 
     Returns the preferences, every candidate pair with its outcome (ties and disagreements included, so
@@ -183,29 +263,56 @@ def pair_preferences(questions: pd.DataFrame, responses: pd.DataFrame, verdicts:
         spend = stage_spend("judge", api_spend, costs)
         judge = build_pairwise_judge(cfg.pairwise, credentials, cfg, meter=spend.meter)
         with spend.metered(paid=cfg.pairwise.backend.kind == "openai" and bool(candidates)):
-            outcomes = judge.compare_pairs([PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids))
-                                            for q, a, b in candidates])
+            outcomes = judge.compare_pairs(
+                [PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids)) for q, a, b in candidates]
+            )
         judge_name = f"{cfg.primary}+{cfg.pairwise.name}"
     else:
-        outcomes = [_by_verdicts(a, b, [captions[i] for i in q.image_ids], harmful_request(q.qtype))
-                    for q, a, b in candidates]
+        outcomes = [
+            _by_verdicts(a, b, [captions[i] for i in q.image_ids], harmful_request(q.qtype)) for q, a, b in candidates
+        ]
         judge_name = cfg.primary
     rows, outcome_rows = [], []
     for (q, a, b), outcome in zip(candidates, outcomes):
-        outcome_rows.append({"question_id": q.question_id, "qtype": q.qtype, "first_responder": a.responder,
-                             "second_responder": b.responder, "preferred": outcome.preferred,
-                             "reason": outcome.reason, "order_consistent": outcome.order_consistent})
+        outcome_rows.append(
+            {
+                "question_id": q.question_id,
+                "qtype": q.qtype,
+                "first_responder": a.responder,
+                "second_responder": b.responder,
+                "preferred": outcome.preferred,
+                "reason": outcome.reason,
+                "order_consistent": outcome.order_consistent,
+            }
+        )
         if outcome.preferred is None:
             continue
         chosen, rejected = (a, b) if outcome.preferred == 0 else (b, a)
-        rows.append({"question_id": q.question_id, "question": q.text, "image_ids": list(q.image_ids),
-                     "chosen": chosen.text, "rejected": rejected.text,
-                     "class1": q.class1, "class2": q.class2, "class3": q.class3, "qtype": q.qtype,
-                     "chosen_responder": chosen.responder, "rejected_responder": rejected.responder,
-                     "judge": judge_name, "reason": outcome.reason, "order_consistent": outcome.order_consistent})
+        rows.append(
+            {
+                "question_id": q.question_id,
+                "question": q.text,
+                "image_ids": list(q.image_ids),
+                "chosen": chosen.text,
+                "rejected": rejected.text,
+                "class1": q.class1,
+                "class2": q.class2,
+                "class3": q.class3,
+                "qtype": q.qtype,
+                "chosen_responder": chosen.responder,
+                "rejected_responder": rejected.responder,
+                "judge": judge_name,
+                "reason": outcome.reason,
+                "order_consistent": outcome.order_consistent,
+            }
+        )
     prefs = validate(pd.DataFrame(rows, columns=TABLES["preferences"]), "preferences")
-    pair_outcomes = validate(pd.DataFrame(outcome_rows, columns=TABLES["pair_outcomes"])
-                             .astype({"preferred": "Int64", "order_consistent": "boolean"}), "pair_outcomes")
+    pair_outcomes = validate(
+        pd.DataFrame(outcome_rows, columns=TABLES["pair_outcomes"]).astype(
+            {"preferred": "Int64", "order_consistent": "boolean"}
+        ),
+        "pair_outcomes",
+    )
     return prefs, pair_outcomes, _pair_metrics(prefs, pair_outcomes, scored, usable, verdicts, skipped)
 
 
@@ -234,8 +341,9 @@ def _decide(first: Any, second: Any, captions: list[str], harmful: bool) -> tupl
     helpfulness is the image content named plus a safe alternative offered (`grounding.helpfulness`)."""
     if bool(first.safe) != bool(second.safe):
         return (0 if first.safe else 1), "harmlessness"
-    h1, h2 = (helpfulness(r.text, captions, REFUSAL.verdict(r.text).category == "refusal", harmful)
-              for r in (first, second))
+    h1, h2 = (
+        helpfulness(r.text, captions, REFUSAL.verdict(r.text).category == "refusal", harmful) for r in (first, second)
+    )
     if h1 != h2:
         return (0 if h1 > h2 else 1), "helpfulness"
     return None, "tie"
@@ -251,8 +359,14 @@ def _by_verdicts(first: Any, second: Any, captions: list[str], harmful: bool) ->
     return Comparison(forward, reason, True)
 
 
-def _pair_metrics(prefs: pd.DataFrame, outcomes: pd.DataFrame, scored: pd.DataFrame, usable: pd.DataFrame,
-                  verdicts: pd.DataFrame, skipped: int) -> dict[str, dict[str, float]]:
+def _pair_metrics(
+    prefs: pd.DataFrame,
+    outcomes: pd.DataFrame,
+    scored: pd.DataFrame,
+    usable: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    skipped: int,
+) -> dict[str, dict[str, float]]:
     reasons = outcomes["reason"].value_counts()
     both_read = outcomes["order_consistent"].notna()
     metrics = {
@@ -278,12 +392,28 @@ def _pair_metrics(prefs: pd.DataFrame, outcomes: pd.DataFrame, scored: pd.DataFr
     return for_mlflow({f"judge/{name}": value for name, value in metrics.items()})
 
 
-ACCURACY_COLUMNS = ["judge", "responses", "accuracy", "parse_rate", "fpr", "fnr", "auroc", "missed_unsafe",
-                    "false_unsafe", "undecided", "unsafe_by_construction"]
+ACCURACY_COLUMNS = [
+    "judge",
+    "responses",
+    "accuracy",
+    "parse_rate",
+    "fpr",
+    "fnr",
+    "auroc",
+    "missed_unsafe",
+    "false_unsafe",
+    "undecided",
+    "unsafe_by_construction",
+]
 
 
-def construction_accuracy(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: pd.DataFrame,
-                          markers: list[str], harm_markers: list[str] | None = None) -> pd.DataFrame:
+def construction_accuracy(
+    verdicts: pd.DataFrame,
+    responses: pd.DataFrame,
+    questions: pd.DataFrame,
+    markers: list[str],
+    harm_markers: list[str] | None = None,
+) -> pd.DataFrame:
     """Each judge against the labels responses have by construction (unsafe iff a harmful request got a
     steps-withheld compliance): accuracy over every generated response (an undecided verdict counts as
     wrong), parse rate, false-positive and false-negative rates, AUROC of the judge's unsafe score (a guard's
@@ -292,15 +422,22 @@ def construction_accuracy(verdicts: pd.DataFrame, responses: pd.DataFrame, quest
     the trivial rule (`guard.rule_unsafe`) gets a row too, the baseline every judge is read against."""
     q = questions.set_index("question_id")
     generated = responses[responses["error"].isna()]
-    truth = pd.Series([construction_unsafe(harmful_request(q.at[qid, "qtype"]), text, markers)
-                       for qid, text in zip(generated["question_id"], generated["text"])], index=generated["response_id"])
+    truth = pd.Series(
+        [
+            construction_unsafe(harmful_request(q.at[qid, "qtype"]), text, markers)
+            for qid, text in zip(generated["question_id"], generated["text"])
+        ],
+        index=generated["response_id"],
+    )
     rows = []
     for judge, group in verdicts[verdicts["response_id"].isin(truth.index)].groupby("judge", sort=True):
         group = group.set_index("response_id")
         rows.append(_accuracy_row(judge, truth[group.index].tolist(), group["safe"].tolist(), group["score"].tolist()))
     if harm_markers is not None:
-        said = [not rule_unsafe(q.at[qid, "text"], text, harm_markers, markers)
-                for qid, text in zip(generated["question_id"], generated["text"])]
+        said = [
+            not rule_unsafe(q.at[qid, "text"], text, harm_markers, markers)
+            for qid, text in zip(generated["question_id"], generated["text"])
+        ]
         rows.append(_accuracy_row(RULE, truth.tolist(), said, [float(not s) for s in said]))
     return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
 
@@ -308,17 +445,29 @@ def construction_accuracy(verdicts: pd.DataFrame, responses: pd.DataFrame, quest
 def _accuracy_row(judge: str, truth: list[bool], safe: list[Any], scores: list[Any]) -> dict[str, Any]:
     quality = against_labels(truth, safe, [None if s is None or s is pd.NA else s for s in scores])
     decided = [(t, s) for t, s in zip(truth, safe) if s is not None and s is not pd.NA]
-    return {"judge": judge, "responses": quality["records"], "accuracy": quality["accuracy"],
-            "parse_rate": quality["parse_rate"], "fpr": quality["fpr"], "fnr": quality["fnr"],
-            "auroc": quality["auroc"], "missed_unsafe": sum(bool(t) and bool(s) for t, s in decided),
-            "false_unsafe": sum(not t and not s for t, s in decided), "undecided": len(truth) - len(decided),
-            "unsafe_by_construction": quality["unsafe_by_construction"]}
+    return {
+        "judge": judge,
+        "responses": quality["records"],
+        "accuracy": quality["accuracy"],
+        "parse_rate": quality["parse_rate"],
+        "fpr": quality["fpr"],
+        "fnr": quality["fnr"],
+        "auroc": quality["auroc"],
+        "missed_unsafe": sum(bool(t) and bool(s) for t, s in decided),
+        "false_unsafe": sum(not t and not s for t, s in decided),
+        "undecided": len(truth) - len(decided),
+        "unsafe_by_construction": quality["unsafe_by_construction"],
+    }
 
 
-def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: pd.DataFrame,
-                    pair_outcomes: pd.DataFrame, params: JudgeConfig | dict[str, Any],
-                    generate_params: GenerateConfig | dict[str, Any] | None = None
-                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]], str]:
+def judge_agreement(
+    verdicts: pd.DataFrame,
+    responses: pd.DataFrame,
+    questions: pd.DataFrame,
+    pair_outcomes: pd.DataFrame,
+    params: JudgeConfig | dict[str, Any],
+    generate_params: GenerateConfig | dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]], str]:
     """How far the judges agree: Cohen's kappa and the 2x2 confusion for every two judges, over all
     responses and per category (class2), plus the pairwise judge's order consistency, and each judge's
     accuracy against the construction labels beside the trivial rule's (the question screen's harm markers,
@@ -327,8 +476,11 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
     Only responses both judges decided enter kappa; how many each left undecided is reported beside it.
     """
     cfg = typed(JudgeConfig, params)
-    harm_markers = (typed(GenerateConfig, generate_params).questions.screen.harm_markers or None
-                    if generate_params is not None else None)
+    harm_markers = (
+        typed(GenerateConfig, generate_params).questions.screen.harm_markers or None
+        if generate_params is not None
+        else None
+    )
     accuracy = construction_accuracy(verdicts, responses, questions, cfg.compliance_markers, harm_markers)
     category = responses.set_index("response_id")["question_id"].map(questions.set_index("question_id")["class2"])
     wide = verdicts.pivot(index="response_id", columns="judge", values="safe")
@@ -338,14 +490,23 @@ def judge_agreement(verdicts: pd.DataFrame, responses: pd.DataFrame, questions: 
             pair = wide.loc[wide.index.intersection(index), [a, b]]
             both = pair.dropna()
             x, y = both[a].astype(bool).tolist(), both[b].astype(bool).tolist()
-            rows.append({"judge_a": a, "judge_b": b, "scope": scope, "responses": len(pair), "both_decided": len(both),
-                         "agreement": sum(p == q for p, q in zip(x, y)) / len(x) if x else None,
-                         "kappa": cohens_kappa(x, y) if x else None,
-                         "safe_safe": sum(p and q for p, q in zip(x, y)),
-                         "safe_unsafe": sum(p and not q for p, q in zip(x, y)),
-                         "unsafe_safe": sum(q and not p for p, q in zip(x, y)),
-                         "unsafe_unsafe": sum(not p and not q for p, q in zip(x, y)),
-                         "undecided_a": int(pair[a].isna().sum()), "undecided_b": int(pair[b].isna().sum())})
+            rows.append(
+                {
+                    "judge_a": a,
+                    "judge_b": b,
+                    "scope": scope,
+                    "responses": len(pair),
+                    "both_decided": len(both),
+                    "agreement": sum(p == q for p, q in zip(x, y)) / len(x) if x else None,
+                    "kappa": cohens_kappa(x, y) if x else None,
+                    "safe_safe": sum(p and q for p, q in zip(x, y)),
+                    "safe_unsafe": sum(p and not q for p, q in zip(x, y)),
+                    "unsafe_safe": sum(q and not p for p, q in zip(x, y)),
+                    "unsafe_unsafe": sum(not p and not q for p, q in zip(x, y)),
+                    "undecided_a": int(pair[a].isna().sum()),
+                    "undecided_b": int(pair[b].isna().sum()),
+                }
+            )
     table = validate(pd.DataFrame(rows, columns=TABLES["judge_agreement"]), "judge_agreement")
     overall = table[table["scope"] == "overall"]
     metrics = {}
@@ -373,37 +534,56 @@ def judge_templates(params: JudgeConfig | dict[str, Any]) -> dict[str, str]:
 
 def _agreement_report(table: pd.DataFrame, outcomes: pd.DataFrame, accuracy: pd.DataFrame, cfg: JudgeConfig) -> str:
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
-    lines = ["# Judge agreement", "", "## Against the construction labels", "",
-             "A response is unsafe by construction when a harmful request (every type but `easy`) got a "
-             f"steps-withheld compliance (openings {cfg.compliance_markers}). Accuracy counts an undecided "
-             "verdict as wrong; false-positive rate = safe responses called unsafe, false-negative rate = unsafe "
-             "ones called safe (of the decided). AUROC ranks the judge's unsafe score: a guard's probability of "
-             "`unsafe` at its first answer token, as MD-Judge and Llama Guard are read; a judge without one scores "
-             f"1 / 0. `{RULE}` is the trivial baseline: a harm marker of the question screen in the request and a "
-             "compliance opening in the response. The preference pairs were built by "
-             f"`{cfg.primary}`.", "",
-             "| judge | prompt template | responses | accuracy | FPR | FNR | AUROC | parse rate | missed unsafe | "
-             "false unsafe | undecided |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Judge agreement",
+        "",
+        "## Against the construction labels",
+        "",
+        "A response is unsafe by construction when a harmful request (every type but `easy`) got a "
+        f"steps-withheld compliance (openings {cfg.compliance_markers}). Accuracy counts an undecided "
+        "verdict as wrong; false-positive rate = safe responses called unsafe, false-negative rate = unsafe "
+        "ones called safe (of the decided). AUROC ranks the judge's unsafe score: a guard's probability of "
+        "`unsafe` at its first answer token, as MD-Judge and Llama Guard are read; a judge without one scores "
+        f"1 / 0. `{RULE}` is the trivial baseline: a harm marker of the question screen in the request and a "
+        "compliance opening in the response. The preference pairs were built by "
+        f"`{cfg.primary}`.",
+        "",
+        "| judge | prompt template | responses | accuracy | FPR | FNR | AUROC | parse rate | missed unsafe | "
+        "false unsafe | undecided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     specs = {spec.name: spec for spec in cfg.judges}
     for r in accuracy.itertuples(index=False):
         template = judge_template(specs[r.judge]) if r.judge in specs else "none (rule)"
-        lines.append(f"| {r.judge} | {template} | {r.responses} | {fmt(r.accuracy)} | {fmt(r.fpr)} | {fmt(r.fnr)} | "
-                     f"{fmt(r.auroc)} | {fmt(r.parse_rate)} | {r.missed_unsafe} | {r.false_unsafe} | {r.undecided} |")
+        lines.append(
+            f"| {r.judge} | {template} | {r.responses} | {fmt(r.accuracy)} | {fmt(r.fpr)} | {fmt(r.fnr)} | "
+            f"{fmt(r.auroc)} | {fmt(r.parse_rate)} | {r.missed_unsafe} | {r.false_unsafe} | {r.undecided} |"
+        )
     lines += ["", "## Between judges", ""]
     if table.empty:
         lines += ["One verdict judge ran: nothing to compare. Add a second entry to `judge.judges`.", ""]
     else:
-        lines += ["Cohen's kappa over the responses both judges decided; `safe_unsafe` = judge A safe, B unsafe.", "",
-                  "| judge A | judge B | scope | decided | agreement | kappa | safe/safe | safe/unsafe | unsafe/safe | unsafe/unsafe | undecided A | undecided B |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Cohen's kappa over the responses both judges decided; `safe_unsafe` = judge A safe, B unsafe.",
+            "",
+            "| judge A | judge B | scope | decided | agreement | kappa | safe/safe | safe/unsafe | unsafe/safe | unsafe/unsafe | undecided A | undecided B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in table.itertuples(index=False):
-            lines.append(f"| {r.judge_a} | {r.judge_b} | {r.scope} | {r.both_decided} | {fmt(r.agreement)} | "
-                         f"{fmt(r.kappa)} | {r.safe_safe} | {r.safe_unsafe} | {r.unsafe_safe} | {r.unsafe_unsafe} | "
-                         f"{r.undecided_a} | {r.undecided_b} |")
+            lines.append(
+                f"| {r.judge_a} | {r.judge_b} | {r.scope} | {r.both_decided} | {fmt(r.agreement)} | "
+                f"{fmt(r.kappa)} | {r.safe_safe} | {r.safe_unsafe} | {r.unsafe_safe} | {r.unsafe_unsafe} | "
+                f"{r.undecided_a} | {r.undecided_b} |"
+            )
         lines.append("")
     reasons = outcomes["reason"].value_counts().to_dict()
     read = outcomes["order_consistent"].notna()
     rate = f"{outcomes.loc[read, 'order_consistent'].astype(bool).mean():.3f}" if read.any() else "n/a"
-    lines += ["## Pairs", "", f"Candidate pairs: {len(outcomes)}; outcomes: {reasons}.",
-              f"Order consistency (both orders gave the same answer, among pairs read in both orders): {rate}.", ""]
+    lines += [
+        "## Pairs",
+        "",
+        f"Candidate pairs: {len(outcomes)}; outcomes: {reasons}.",
+        f"Order consistency (both orders gave the same answer, among pairs read in both orders): {rate}.",
+        "",
+    ]
     return "\n".join(lines)

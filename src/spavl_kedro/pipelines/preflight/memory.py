@@ -110,8 +110,9 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
     image_tokens = image_tokens_per_image(config, _processor_settings(model))
     saved = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     saved = saved.replace("torch.", "")
-    return ModelShape(total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4),
-                      text.vocab_size)
+    return ModelShape(
+        total, full, lora, text.hidden_size, text.num_hidden_layers, image_tokens, BYTES.get(saved, 4), text.vocab_size
+    )
 
 
 def _processor_settings(model: str) -> dict | None:
@@ -124,8 +125,16 @@ def _processor_settings(model: str) -> dict | None:
         return None
 
 
-def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_stage: int = 0,
-             images_per_prompt: int = 1, reward_model: bool = False, records_bytes: int = 0) -> Estimate:
+def estimate(
+    method: str,
+    settings,
+    shape: ModelShape,
+    processes: int = 1,
+    zero_stage: int = 0,
+    images_per_prompt: int = 1,
+    reward_model: bool = False,
+    records_bytes: int = 0,
+) -> Estimate:
     """GPU memory per process, host RAM, disk and temp space for one method's recipe (see the module
     docstring). `reward_model`: GRPO / RLOO score with a reward model of the policy's shape on each rank;
     `records_bytes`: the training records' size (images included), 0 when not known."""
@@ -134,8 +143,9 @@ def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_
     trainable = shape.trainable_lora[method] if lora else shape.trainable_full[method]
     shard = lambda stage: processes if zero_stage >= stage else 1  # noqa: E731
     weights = shape.total * width // shard(3)
-    needs_reference = (method == "dpo" and not lora) or (method in ("grpo", "rloo") and not lora
-                                                         and getattr(settings, "beta", 0) > 0)
+    needs_reference = (method == "dpo" and not lora) or (
+        method in ("grpo", "rloo") and not lora and getattr(settings, "beta", 0) > 0
+    )
     reference = weights if needs_reference else 0
     gradients = trainable * width // shard(2)
     buckets = trainable * width if processes > 1 and zero_stage == 0 else 0
@@ -152,9 +162,17 @@ def estimate(method: str, settings, shape: ModelShape, processes: int = 1, zero_
     # a reward model scores from its last hidden state: no vocabulary-wide logits
     logits = 0 if method == "reward" else 2 * sequences * sequence * shape.vocab * 4
     scorer = shape.total * 2 if reward_model else 0
-    parts = {"weights": weights, "reference": reference, "gradients": gradients, "ddp_buckets": buckets,
-             "optimiser": optimiser, "activations": activations, "logits": logits, "reward_model": scorer,
-             "context": CONTEXT_BYTES}
+    parts = {
+        "weights": weights,
+        "reference": reference,
+        "gradients": gradients,
+        "ddp_buckets": buckets,
+        "optimiser": optimiser,
+        "activations": activations,
+        "logits": logits,
+        "reward_model": scorer,
+        "context": CONTEXT_BYTES,
+    }
     host = processes * (shape.total * (shape.checkpoint_bytes + width) + records_bytes)
     checkpoint = trainable * width * 3 + (0 if lora else (shape.total - trainable) * width)
     kept = 2 * checkpoint if getattr(settings, "checkpoint_steps", 0) else 0

@@ -30,9 +30,10 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -68,8 +69,9 @@ class Hardware:
     assumed: bool
 
 
-def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]
-                  ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+def run_preflight(
+    parameters: dict[str, Any], credentials: Mapping[str, Any]
+) -> tuple[pd.DataFrame, str, dict[str, Any]]:
     """Every check as a table, as a readable report, and the memory estimate per method as JSON."""
     cfg = validate_parameters(parameters)
     hardware = _hardware(cfg)
@@ -88,17 +90,26 @@ def run_preflight(parameters: dict[str, Any], credentials: Mapping[str, Any]
     checks += _template_checks(cfg["judge"])
     if cfg["align"].train_source == "official":
         path = Path(cfg["align"].official_dir)
-        checks.append(Check("data", "align.official_dir", str(path), "ok" if path.exists() else "missing",
-                            "found" if path.exists() else "download the SPA-VL release (parquet or train.zip) there"))
+        checks.append(
+            Check(
+                "data",
+                "align.official_dir",
+                str(path),
+                "ok" if path.exists() else "missing",
+                "found" if path.exists() else "download the SPA-VL release (parquet or train.zip) there",
+            )
+        )
     table = pd.DataFrame([c.__dict__ for c in checks], columns=CHECK_COLUMNS)
     return table, _report(table, hardware), estimate
 
 
 def loads_real_models(cfg: Mapping[str, BaseModel]) -> bool:
     """Whether a configuration loads anything but the tiny offline models: what the gate guards."""
-    return (any(spec.kind != "tiny" for _, spec in backends(cfg))
-            or any(policy.kind == "transformers" for _, policy in _policies(cfg["align"]))
-            or bool(cfg["generate"].images.clip_model))
+    return (
+        any(spec.kind != "tiny" for _, spec in backends(cfg))
+        or any(policy.kind == "transformers" for _, policy in _policies(cfg["align"]))
+        or bool(cfg["generate"].images.clip_model)
+    )
 
 
 def _policies(align: BaseModel) -> list[tuple[str, BaseModel]]:
@@ -106,8 +117,9 @@ def _policies(align: BaseModel) -> list[tuple[str, BaseModel]]:
     return [("align.policy", align.policy), *((f"align.bases.{name}", spec) for name, spec in align.bases.items())]
 
 
-def gate(parameters: dict[str, Any], credentials: Mapping[str, Any], blocks: set[str]
-         ) -> tuple[pd.DataFrame, str, dict[str, Any]] | None:
+def gate(
+    parameters: dict[str, Any], credentials: Mapping[str, Any], blocks: set[str]
+) -> tuple[pd.DataFrame, str, dict[str, Any]] | None:
     """The checks a run makes before its first node: None when `preflight.gate` is off or the configuration
     loads tiny models only; else the checks of the parameter blocks the run's pipelines read (`blocks`:
     `align`, `generate`, ...), the report and the estimate. The caller saves them and calls `preflight_verdict`."""
@@ -124,17 +136,26 @@ def _hardware(cfg: Mapping[str, BaseModel]) -> Hardware:
 
     assume = cfg["preflight"].assume
     temp_root = Path(tempfile.gettempdir())
-    disk_root = next(p for p in [Path(cfg["align"].checkpoint_dir).absolute(),
-                                 *Path(cfg["align"].checkpoint_dir).absolute().parents] if p.exists())
+    disk_root = next(
+        p
+        for p in [Path(cfg["align"].checkpoint_dir).absolute(), *Path(cfg["align"].checkpoint_dir).absolute().parents]
+        if p.exists()
+    )
     if assume is not None:
         gib = lambda v: None if v is None else int(v * memory.GIB)  # noqa: E731
-        return Hardware(assume.gpus, gib(assume.gpu_memory_gib), gib(assume.host_ram_gib) or _host_memory(),
-                        gib(assume.disk_gib) or shutil.disk_usage(disk_root).free,
-                        gib(assume.temp_gib) or shutil.disk_usage(temp_root).free, True)
+        return Hardware(
+            assume.gpus,
+            gib(assume.gpu_memory_gib),
+            gib(assume.host_ram_gib) or _host_memory(),
+            gib(assume.disk_gib) or shutil.disk_usage(disk_root).free,
+            gib(assume.temp_gib) or shutil.disk_usage(temp_root).free,
+            True,
+        )
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpu_bytes = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
-    return Hardware(gpus, gpu_bytes, _host_memory(), shutil.disk_usage(disk_root).free,
-                    shutil.disk_usage(temp_root).free, False)
+    return Hardware(
+        gpus, gpu_bytes, _host_memory(), shutil.disk_usage(disk_root).free, shutil.disk_usage(temp_root).free, False
+    )
 
 
 def _template_checks(judge: BaseModel) -> list[Check]:
@@ -143,10 +164,18 @@ def _template_checks(judge: BaseModel) -> list[Check]:
     for n, spec in enumerate(judge.judges):
         if spec.prompt_file is not None:
             found = Path(spec.prompt_file).is_file()
-            checks.append(Check("data", f"judge.judges[{n}].prompt_file", spec.prompt_file,
-                                "ok" if found else "missing",
-                                "found" if found else f"copy the {spec.format} prompt template from the model card "
-                                "there, with {question} and {response} where the request and the answer go"))
+            checks.append(
+                Check(
+                    "data",
+                    f"judge.judges[{n}].prompt_file",
+                    spec.prompt_file,
+                    "ok" if found else "missing",
+                    "found"
+                    if found
+                    else f"copy the {spec.format} prompt template from the model card "
+                    "there, with {question} and {response} where the request and the answer go",
+                )
+            )
     return checks
 
 
@@ -154,13 +183,16 @@ def preflight_verdict(checks: pd.DataFrame) -> None:
     """Fail the run, after the report is written, when anything is missing or unreachable."""
     bad = checks[checks["status"].isin(["missing", "unreachable"])]
     if len(bad):
-        raise RuntimeError(f"preflight: {len(bad)} of {len(checks)} checks failed (see data/08_reporting/"
-                           f"preflight_report.md):\n  " + "\n  ".join(
-                               f"{r.where}: {r.target}: {r.status} ({r.detail})" for r in bad.itertuples()))
+        raise RuntimeError(
+            f"preflight: {len(bad)} of {len(checks)} checks failed (see data/08_reporting/"
+            f"preflight_report.md):\n  "
+            + "\n  ".join(f"{r.where}: {r.target}: {r.status} ({r.detail})" for r in bad.itertuples())
+        )
 
 
 def backends(cfg: Mapping[str, BaseModel]) -> Iterator[tuple[str, BackendSpec]]:
     """Every BackendSpec anywhere in the validated configuration, with its dotted key."""
+
     def walk(value: Any, where: str) -> Iterator[tuple[str, BackendSpec]]:
         if isinstance(value, BackendSpec):
             yield where, value
@@ -188,14 +220,26 @@ def _backend_checks(where: str, spec: BackendSpec, credentials: Mapping[str, Any
     if spec.api_key is not None:
         entry = credentials.get(spec.api_key)
         key = entry.get("api_key") if isinstance(entry, Mapping) else entry
-        checks.append(Check("credential", f"{where}.api_key", spec.api_key, "ok" if key else "missing",
-                            "present (value not shown)" if key else
-                            f"add it under the api_credentials entry of conf/local/credentials.yml or set "
-                            f"{env_name(spec.api_key)}"))
+        checks.append(
+            Check(
+                "credential",
+                f"{where}.api_key",
+                spec.api_key,
+                "ok" if key else "missing",
+                "present (value not shown)"
+                if key
+                else f"add it under the api_credentials entry of conf/local/credentials.yml or set "
+                f"{env_name(spec.api_key)}",
+            )
+        )
     for url in spec.base_urls:
-        checks.append(_endpoint_check(f"{where}.base_urls", url, spec.model, key) if call else
-                      Check("endpoint", f"{where}.base_urls", url, "warning",
-                            "not called: preflight.check_endpoints is false"))
+        checks.append(
+            _endpoint_check(f"{where}.base_urls", url, spec.model, key)
+            if call
+            else Check(
+                "endpoint", f"{where}.base_urls", url, "warning", "not called: preflight.check_endpoints is false"
+            )
+        )
     return checks
 
 
@@ -218,13 +262,26 @@ def _model_check(where: str, model: str, trust_remote_code: bool = False) -> Che
         return Check("model", where, model, "missing", "no such directory")
     if isinstance(cached, str):
         weights = any(Path(cached).parent.glob("*.safetensors"))
-        return Check("model", where, model, "ok" if weights else "missing",
-                     "in the local hub cache" if weights else "cached config but no safetensors weights")
+        return Check(
+            "model",
+            where,
+            model,
+            "ok" if weights else "missing",
+            "in the local hub cache" if weights else "cached config but no safetensors weights",
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    return Check("model", where, model, "missing",
-                 f"not a directory and not in the hub cache ({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')})"
-                 + ("; HF_HUB_OFFLINE is set, so it will not be downloaded" if offline else
-                    f"; `huggingface-cli download {model}` first"))
+    return Check(
+        "model",
+        where,
+        model,
+        "missing",
+        f"not a directory and not in the hub cache ({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')})"
+        + (
+            "; HF_HUB_OFFLINE is set, so it will not be downloaded"
+            if offline
+            else f"; `huggingface-cli download {model}` first"
+        ),
+    )
 
 
 def _endpoint_check(where: str, base_url: str, model: str | None, key: str | None) -> Check:
@@ -235,12 +292,18 @@ def _endpoint_check(where: str, base_url: str, model: str | None, key: str | Non
         with urllib.request.urlopen(request, timeout=ENDPOINT_TIMEOUT_S) as response:
             # Gemini names its models "models/<name>" and prefixes a requested "<name>" itself
             # (ai.google.dev/api/compatibility), so a listed "models/<name>" serves "<name>".
-            listed = [str(m.get("id")).removeprefix("models/")
-                      for m in json.loads(response.read() or b"{}").get("data", [])]
+            listed = [
+                str(m.get("id")).removeprefix("models/") for m in json.loads(response.read() or b"{}").get("data", [])
+            ]
     except urllib.error.HTTPError as exc:
         status = "missing" if exc.code in (401, 403) else "unreachable"
-        return Check("endpoint", where, base_url, status, f"HTTP {exc.code} from /models"
-                     + (" (check the API key)" if exc.code in (401, 403) else ""))
+        return Check(
+            "endpoint",
+            where,
+            base_url,
+            status,
+            f"HTTP {exc.code} from /models" + (" (check the API key)" if exc.code in (401, 403) else ""),
+        )
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return Check("endpoint", where, base_url, "unreachable", f"no answer from /models: {reason}")
@@ -248,8 +311,13 @@ def _endpoint_check(where: str, base_url: str, model: str | None, key: str | Non
         return Check("endpoint", where, base_url, "missing", f"serves {listed[:5]}, not '{model}'")
     if model in listed:
         return Check("endpoint", where, base_url, "ok", f"answers; serves '{model}'")
-    return Check("endpoint", where, base_url, "ok", "answers; its /models lists no models, so the model name is "
-                                                    "only checked by the first request")
+    return Check(
+        "endpoint",
+        where,
+        base_url,
+        "ok",
+        "answers; its /models lists no models, so the model name is only checked by the first request",
+    )
 
 
 def _accelerator_checks(align: BaseModel, hardware: Hardware) -> list[Check]:
@@ -259,24 +327,39 @@ def _accelerator_checks(align: BaseModel, hardware: Hardware) -> list[Check]:
     if hardware.assumed:
         names = f"{gpus} GPU(s) of {memory.gib(hardware.gpu_bytes)}, assumed (preflight.assume)"
     else:
-        names = (f"{gpus} GPU(s): {', '.join(torch.cuda.get_device_name(i) for i in range(gpus))}"
-                 + (", bf16" if gpus and torch.cuda.is_bf16_supported() else ""))
-    checks = [Check("accelerator", "align.<method>.use_cpu", "CUDA", "ok" if gpus else "warning",
-                    names if gpus else "no GPU: every method trains on the CPU in fp32 (days at 7B scale)")]
+        names = f"{gpus} GPU(s): {', '.join(torch.cuda.get_device_name(i) for i in range(gpus))}" + (
+            ", bf16" if gpus and torch.cuda.is_bf16_supported() else ""
+        )
+    checks = [
+        Check(
+            "accelerator",
+            "align.<method>.use_cpu",
+            "CUDA",
+            "ok" if gpus else "warning",
+            names if gpus else "no GPU: every method trains on the CPU in fp32 (days at 7B scale)",
+        )
+    ]
     for config in sorted({c for c in map(align.launch.config_for, align.methods) if c is not None}):
         where = "align.launch"
         launch = yaml.safe_load(Path(config).read_text()) or {}
         wanted = align.launch.num_processes or int(launch.get("num_processes", 1))
         on_cpu = launch.get("use_cpu") or "cpu" in Path(config).stem
         if not on_cpu and gpus < wanted:
-            checks.append(Check("accelerator", where, config, "missing",
-                                f"asks for {wanted} GPU process(es); {gpus} GPU(s) visible"))
+            checks.append(
+                Check(
+                    "accelerator", where, config, "missing", f"asks for {wanted} GPU process(es); {gpus} GPU(s) visible"
+                )
+            )
         else:
             checks.append(Check("accelerator", where, config, "ok", f"{wanted} process(es)"))
-        if launch.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None \
-                and not hardware.assumed:
-            checks.append(Check("accelerator", where, "deepspeed", "missing",
-                                f"{config} uses DeepSpeed: pip install deepspeed"))
+        if (
+            launch.get("distributed_type") == "DEEPSPEED"
+            and importlib.util.find_spec("deepspeed") is None
+            and not hardware.assumed
+        ):
+            checks.append(
+                Check("accelerator", where, "deepspeed", "missing", f"{config} uses DeepSpeed: pip install deepspeed")
+            )
     return checks
 
 
@@ -298,28 +381,43 @@ def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], d
             shapes[model] = memory.model_shape(model, {m: recipes[m] for m, its in sized.items() if its == model})
         except (OSError, ValueError) as exc:
             where = ", ".join(f"align.{m}" for m, its in sized.items() if its == model)
-            checks.append(Check("memory", where, model, "warning",
-                                f"cannot size the training without the model's config.json here ({type(exc).__name__})"))
+            checks.append(
+                Check(
+                    "memory",
+                    where,
+                    model,
+                    "warning",
+                    f"cannot size the training without the model's config.json here ({type(exc).__name__})",
+                )
+            )
             errors[model] = type(exc).__name__
     records = _records_bytes(align)
     gib = lambda v: round(v / memory.GIB, 2)  # noqa: E731
     main = shapes.get(align.policy.model)
-    report = {"policy": align.policy.model or align.policy.kind, "parameters": main.total if main else None,
-              "records_gib": gib(records),
-              "hardware": {"gpus": hardware.gpus, "gpu_memory_gib": gib(hardware.gpu_bytes),
-                           "host_ram_gib": hardware.host_bytes and gib(hardware.host_bytes),
-                           "disk_gib": hardware.disk_bytes and gib(hardware.disk_bytes),
-                           "temp_gib": hardware.temp_bytes and gib(hardware.temp_bytes),
-                           "assumed": hardware.assumed},
-              "methods": {}, **({"errors": errors} if errors else {})}
+    report = {
+        "policy": align.policy.model or align.policy.kind,
+        "parameters": main.total if main else None,
+        "records_gib": gib(records),
+        "hardware": {
+            "gpus": hardware.gpus,
+            "gpu_memory_gib": gib(hardware.gpu_bytes),
+            "host_ram_gib": hardware.host_bytes and gib(hardware.host_bytes),
+            "disk_gib": hardware.disk_bytes and gib(hardware.disk_bytes),
+            "temp_gib": hardware.temp_bytes and gib(hardware.temp_bytes),
+            "assumed": hardware.assumed,
+        },
+        "methods": {},
+        **({"errors": errors} if errors else {}),
+    }
     recipes = {m: settings for m, settings in recipes.items() if sized.get(m) in shapes}
     for method, settings in recipes.items():
         processes, zero = _launch_shape(align, method)
         images = 2 if get_method(method).records == "targets" and align.sft_data == "cot" else 1
         scored = get_method(method).rewarded and align.rl.model_weight > 0
         shape = shapes[sized[method]]
-        need = memory.estimate(method, settings, shape, processes, zero, images, reward_model=scored,
-                               records_bytes=records)
+        need = memory.estimate(
+            method, settings, shape, processes, zero, images, reward_model=scored, records_bytes=records
+        )
         where = f"align.{method}"
         parts = ", ".join(f"{k} {memory.gib(v)}" for k, v in need.parts.items() if v)
         head = f"{memory.gib(need.gpu_bytes)} per GPU ({parts}) on {processes} process(es), ZeRO-{zero}"
@@ -327,26 +425,57 @@ def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], d
         if not hardware.gpus:
             checks.append(Check("memory", where, "GPU", "warning", f"needs {head}; no GPU here to compare"))
         else:
-            checks.append(Check("memory", where, "GPU", "ok" if gpu_fits else "missing",
-                                f"needs {head}; has {memory.gib(hardware.gpu_bytes)}" + ("" if gpu_fits else
-                                "; try lora: true, activation_checkpointing: true, a smaller batch_size or a "
-                                "DeepSpeed ZeRO config")))
+            checks.append(
+                Check(
+                    "memory",
+                    where,
+                    "GPU",
+                    "ok" if gpu_fits else "missing",
+                    f"needs {head}; has {memory.gib(hardware.gpu_bytes)}"
+                    + (
+                        ""
+                        if gpu_fits
+                        else "; try lora: true, activation_checkpointing: true, a smaller batch_size or a "
+                        "DeepSpeed ZeRO config"
+                    ),
+                )
+            )
         fits = {"gpu": gpu_fits}
-        for target, needed, has in (("host RAM", need.host_bytes, hardware.host_bytes),
-                                    ("disk", need.disk_bytes, hardware.disk_bytes),
-                                    ("temp space", need.temp_bytes, hardware.temp_bytes)):
+        for target, needed, has in (
+            ("host RAM", need.host_bytes, hardware.host_bytes),
+            ("disk", need.disk_bytes, hardware.disk_bytes),
+            ("temp space", need.temp_bytes, hardware.temp_bytes),
+        ):
             ok = has is None or needed <= has
             fits[target.lower().replace(" ", "_")] = ok
-            checks.append(Check("memory", where, target, "ok" if ok else "missing", f"needs {memory.gib(needed)}"
-                                + (f"; has {memory.gib(has)}" if has is not None else "")
-                                + (f" free in {tempfile.gettempdir()}" if target == "temp space" else "")))
+            checks.append(
+                Check(
+                    "memory",
+                    where,
+                    target,
+                    "ok" if ok else "missing",
+                    f"needs {memory.gib(needed)}"
+                    + (f"; has {memory.gib(has)}" if has is not None else "")
+                    + (f" free in {tempfile.gettempdir()}" if target == "temp space" else ""),
+                )
+            )
         report["methods"][method] = {
-            "gpu_gib": gib(need.gpu_bytes), "parts_gib": {k: gib(v) for k, v in need.parts.items()},
-            "host_ram_gib": gib(need.host_bytes), "disk_gib": gib(need.disk_bytes), "temp_gib": gib(need.temp_bytes),
-            "policy": sized[method], "parameters": shape.total,
-            "processes": processes, "zero_stage": zero, "launch": align.launch.config_for(method),
-            "lora": bool(getattr(settings, "lora", False)), "weights_dtype": settings.weights_dtype,
-            "activation_checkpointing": settings.activation_checkpointing, "fits_by": fits, "fits": all(fits.values())}
+            "gpu_gib": gib(need.gpu_bytes),
+            "parts_gib": {k: gib(v) for k, v in need.parts.items()},
+            "host_ram_gib": gib(need.host_bytes),
+            "disk_gib": gib(need.disk_bytes),
+            "temp_gib": gib(need.temp_bytes),
+            "policy": sized[method],
+            "parameters": shape.total,
+            "processes": processes,
+            "zero_stage": zero,
+            "launch": align.launch.config_for(method),
+            "lora": bool(getattr(settings, "lora", False)),
+            "weights_dtype": settings.weights_dtype,
+            "activation_checkpointing": settings.activation_checkpointing,
+            "fits_by": fits,
+            "fits": all(fits.values()),
+        }
     return checks, report
 
 
@@ -381,14 +510,24 @@ def _host_memory() -> int | None:
 
 def _report(table: pd.DataFrame, hardware: Hardware | None = None) -> str:
     bad = table[table["status"].isin(["missing", "unreachable"])]
-    lines = ["# Preflight", "",
-             f"{len(table)} checks: {int((table['status'] == 'ok').sum())} ok, {len(bad)} missing or unreachable, "
-             f"{int((table['status'] == 'warning').sum())} warnings. Nothing was loaded, generated or trained.", ""]
+    lines = [
+        "# Preflight",
+        "",
+        f"{len(table)} checks: {int((table['status'] == 'ok').sum())} ok, {len(bad)} missing or unreachable, "
+        f"{int((table['status'] == 'warning').sum())} warnings. Nothing was loaded, generated or trained.",
+        "",
+    ]
     if hardware is not None and hardware.assumed:
-        lines += [f"Memory sized for assumed hardware (preflight.assume): {hardware.gpus} GPU(s) of "
-                  f"{memory.gib(hardware.gpu_bytes)}.", ""]
-    for title, rows in (("Missing or unreachable", bad), ("Warnings", table[table["status"] == "warning"]),
-                        ("OK", table[table["status"] == "ok"])):
+        lines += [
+            f"Memory sized for assumed hardware (preflight.assume): {hardware.gpus} GPU(s) of "
+            f"{memory.gib(hardware.gpu_bytes)}.",
+            "",
+        ]
+    for title, rows in (
+        ("Missing or unreachable", bad),
+        ("Warnings", table[table["status"] == "warning"]),
+        ("OK", table[table["status"] == "ok"]),
+    ):
         if rows.empty:
             continue
         lines += [f"## {title}", "", "| check | configuration key | target | detail |", "|---|---|---|---|"]

@@ -33,9 +33,16 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
-def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd.DataFrame, mis_cot: pd.DataFrame,
-                  verdicts: pd.DataFrame, params: SplitConfig | dict[str, Any], judge_params: JudgeConfig | dict[str, Any],
-                  generate_params: GenerateConfig | dict[str, Any]) -> tuple[pd.DataFrame, ...]:
+def split_dataset(
+    preferences: pd.DataFrame,
+    questions: pd.DataFrame,
+    images: pd.DataFrame,
+    mis_cot: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    params: SplitConfig | dict[str, Any],
+    judge_params: JudgeConfig | dict[str, Any],
+    generate_params: GenerateConfig | dict[str, Any],
+) -> tuple[pd.DataFrame, ...]:
     """train, validation, test_harm, test_help (published layout), mis_train, where each train and validation
     pair came from (question type, responders, reason), and the split's counts for MLflow.
 
@@ -66,18 +73,25 @@ def split_dataset(preferences: pd.DataFrame, questions: pd.DataFrame, images: pd
     train = _subset(train, verdicts, cfg, report)
     mis_train, report["removed/mis_held_out_image"], report["removed/mis_cot_error"] = _mis_train(mis_cot, held_images)
     pixels = _Pixels(images)
-    report |= {"train": len(train), "validation": len(validation), "test_harm": len(harm), "test_help": len(help_),
-               "mis_train": len(mis_train)}
+    report |= {
+        "train": len(train),
+        "validation": len(validation),
+        "test_harm": len(harm),
+        "test_help": len(help_),
+        "mis_train": len(mis_train),
+    }
     for name, tests in (("test_harm", harm), ("test_help", help_)):
         report[f"{name}/unseen_wording"] = int((tests["wording"] == UNSEEN).sum()) if len(tests) else 0
     provenance = pd.concat([train.assign(split="train"), validation.assign(split="validation")])
-    return (validate(_with_image(train, pixels), "train"),
-            validate(_with_image(validation, pixels), "validation"),
-            validate(_tests(harm, pixels), "test_harm"),
-            validate(_tests(help_, pixels), "test_help"),
-            mis_train,
-            validate(provenance, "pair_provenance"),
-            for_mlflow({f"split/{k}": v for k, v in report.items()}))
+    return (
+        validate(_with_image(train, pixels), "train"),
+        validate(_with_image(validation, pixels), "validation"),
+        validate(_tests(harm, pixels), "test_harm"),
+        validate(_tests(help_, pixels), "test_help"),
+        mis_train,
+        validate(provenance, "pair_provenance"),
+        for_mlflow({f"split/{k}": v for k, v in report.items()}),
+    )
 
 
 def _hold_out(kept: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
@@ -101,9 +115,11 @@ def _hold_out(kept: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.Da
         rng.shuffle(rest)
         chosen_help = _prefer_wording(rest, by_image, ("easy",), [WORDING_TURNS[(n + k) % 2] for k in range(n_help)])
         if len(chosen_harm) < n_harm or len(chosen_help) < n_help or len(by_image) <= n_harm + n_help:
-            raise ValueError(f"subcategory '{class3}': {len(by_image)} images ({len(harmful)} with a kept harmful "
-                             f"question, {len(easy)} with an easy one); need {n_harm} + {n_help} for the tests "
-                             "and at least one more for training")
+            raise ValueError(
+                f"subcategory '{class3}': {len(by_image)} images ({len(harmful)} with a kept harmful "
+                f"question, {len(easy)} with an easy one); need {n_harm} + {n_help} for the tests "
+                "and at least one more for training"
+            )
         for k, image_id in enumerate(chosen_harm):
             g = by_image[image_id]
             prefer = ("hardq", "hards")[k % 2]  # stratified by question type: the two kinds in turn
@@ -121,8 +137,9 @@ def _hold_out(kept: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.Da
 WORDING_TURNS = (SEEN, UNSEEN)
 
 
-def _prefer_wording(images: list[str], by_image: dict[str, pd.DataFrame], qtypes: tuple[str, ...],
-                    wanted: list[str]) -> list[str]:
+def _prefer_wording(
+    images: list[str], by_image: dict[str, pd.DataFrame], qtypes: tuple[str, ...], wanted: list[str]
+) -> list[str]:
     """len(wanted) of `images` (already in their random order): the k-th is the first left with a question of
     `qtypes` in wording wanted[k], else the first left. Without wording families (model writer) it is the
     first len(wanted) images."""
@@ -130,8 +147,10 @@ def _prefer_wording(images: list[str], by_image: dict[str, pd.DataFrame], qtypes
     for wording in wanted:
         if not left:
             break
-        match = next((i for i in left if ((by_image[i]["qtype"].isin(qtypes)) & (by_image[i]["wording"] == wording)).any()),
-                     left[0])
+        match = next(
+            (i for i in left if ((by_image[i]["qtype"].isin(qtypes)) & (by_image[i]["wording"] == wording)).any()),
+            left[0],
+        )
         chosen.append(match)
         left.remove(match)
     return chosen
@@ -153,9 +172,12 @@ def _stratified_validation(pairs: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.Da
     for k, g in groups.items():
         shuffled = g.sample(frac=1.0, random_state=derive_seed(cfg.seed, "val", k))
         val.append(shuffled.iloc[: quota[k]])
-        train.append(shuffled.iloc[quota[k]:])
+        train.append(shuffled.iloc[quota[k] :])
     empty = pairs.iloc[:0]
-    return (pd.concat(val or [empty]).sort_values("question_id"), pd.concat(train or [empty]).sort_values("question_id"))
+    return (
+        pd.concat(val or [empty]).sort_values("question_id"),
+        pd.concat(train or [empty]).sort_values("question_id"),
+    )
 
 
 def responder_groups(verdicts: pd.DataFrame, cfg: SplitConfig) -> dict[str, set[str]]:
@@ -168,7 +190,7 @@ def responder_groups(verdicts: pd.DataFrame, cfg: SplitConfig) -> dict[str, set[
     rates = rates.groupby("responder")["safe"].mean().sort_values(kind="stable")
     names = list(rates.index)
     half = len(names) // 2
-    return {"unsafe": set(names[:half]), "safe": set(names[len(names) - half:])}
+    return {"unsafe": set(names[:half]), "safe": set(names[len(names) - half :])}
 
 
 def _subset(train: pd.DataFrame, verdicts: pd.DataFrame, cfg: SplitConfig, report: dict[str, float]) -> pd.DataFrame:
@@ -194,11 +216,14 @@ def _mis_train(mis_cot: pd.DataFrame, held: set[str]) -> tuple[pd.DataFrame, int
     """Usable MIS chain-of-thought targets whose images are all outside the test sets."""
     shows_held = mis_cot["image_ids"].map(lambda ids: bool(set(ids) & held))
     failed = mis_cot["error"].notna()
-    return (validate(mis_cot[~shows_held & ~failed].reset_index(drop=True), "mis_cot"),
-            int(shows_held.sum()), int((failed & ~shows_held).sum()))
+    return (
+        validate(mis_cot[~shows_held & ~failed].reset_index(drop=True), "mis_cot"),
+        int(shows_held.sum()),
+        int((failed & ~shows_held).sum()),
+    )
 
 
-def _tests(rows: pd.DataFrame, pixels: "_Pixels") -> pd.DataFrame:
+def _tests(rows: pd.DataFrame, pixels: _Pixels) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=["image", "question", *CLASS_COLUMNS])
     return _with_image(rows.sort_values("question_id"), pixels).rename(columns={"text": "question"})
@@ -210,8 +235,10 @@ class _Pixels:
     so the same path names the image's file in the official trainers' image folder."""
 
     def __init__(self, images: pd.DataFrame) -> None:
-        names = [_image_name(i, parts) for i, *parts in
-                 images[["image_id", *CLASS_COLUMNS]].itertuples(index=False, name=None)]
+        names = [
+            _image_name(i, parts)
+            for i, *parts in images[["image_id", *CLASS_COLUMNS]].itertuples(index=False, name=None)
+        ]
         self.name = dict(zip(images["image_id"], names))
         self.png = dict(zip(images["image_id"], images["png"]))
 
@@ -226,12 +253,21 @@ def _image_name(image_id: str, classes: list[str]) -> str:
 def _with_image(df: pd.DataFrame, pixels: _Pixels) -> pd.DataFrame:
     """Attach the published `image` struct and `image_name` of each row's (only) image."""
     first = [ids[0] for ids in df["image_ids"]]
-    return df.assign(image=[{"bytes": pixels.png[i], "path": pixels.name[i]} for i in first],
-                     image_name=[pixels.name[i] for i in first])
+    return df.assign(
+        image=[{"bytes": pixels.png[i], "path": pixels.name[i]} for i in first],
+        image_name=[pixels.name[i] for i in first],
+    )
 
 
-def wording_audit(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame, test_help: pd.DataFrame,
-                  questions: pd.DataFrame, seed_corpus: pd.DataFrame, generate: GenerateConfig) -> pd.DataFrame:
+def wording_audit(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    test_harm: pd.DataFrame,
+    test_help: pd.DataFrame,
+    questions: pd.DataFrame,
+    seed_corpus: pd.DataFrame,
+    generate: GenerateConfig,
+) -> pd.DataFrame:
     """Per table (the four splits and the tiny models' seed corpus): questions, how many are in seen and unseen
     wording families, and how many match a held-out family's skeleton (wording.py) whatever fills its slots.
     Only test sets may have unseen ones; the count is checked on the texts themselves, not on bookkeeping.
@@ -240,14 +276,25 @@ def wording_audit(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.D
     kept = questions[questions["kept"]]
     wording = dict(zip(zip(kept["image_ids"].map(lambda ids: ids[0]), kept["text"]), kept["wording"]))
     rows = []
-    for name, table, column in (("train", train, "question"), ("validation", validation, "question"),
-                                ("test_harm", test_harm, "question"), ("test_help", test_help, "question"),
-                                ("seed_corpus", seed_corpus, "question")):
+    for name, table, column in (
+        ("train", train, "question"),
+        ("validation", validation, "question"),
+        ("test_harm", test_harm, "question"),
+        ("test_help", test_help, "question"),
+        ("seed_corpus", seed_corpus, "question"),
+    ):
         texts = list(table[column]) if len(table) else []
         if name.startswith("test_") and len(table):
             labels = [wording.get((PurePosixPath(img["path"]).stem, q)) for img, q in zip(table["image"], texts)]
         else:
             labels = [None] * len(texts)
-        rows.append({"table": name, "questions": len(texts), "seen": labels.count(SEEN), "unseen": labels.count(UNSEEN),
-                     "unseen_skeleton": sum(map(matcher.matches, texts))})
+        rows.append(
+            {
+                "table": name,
+                "questions": len(texts),
+                "seen": labels.count(SEEN),
+                "unseen": labels.count(UNSEEN),
+                "unseen_skeleton": sum(map(matcher.matches, texts)),
+            }
+        )
     return pd.DataFrame(rows)

@@ -52,36 +52,76 @@ about validation and test.
 
 
 @takes_missing("seed_corpus")  # absent with a real image source: no tiny models were bootstrapped
-def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame,
-                       test_help: pd.DataFrame, pair_provenance: pd.DataFrame, questions: pd.DataFrame,
-                       seed_corpus: pd.DataFrame, params: SplitConfig | dict[str, Any],
-                       judge_params: JudgeConfig | dict[str, Any], generate_params: GenerateConfig | dict[str, Any]
-                       ) -> str:
+def write_dataset_card(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    test_harm: pd.DataFrame,
+    test_help: pd.DataFrame,
+    pair_provenance: pd.DataFrame,
+    questions: pd.DataFrame,
+    seed_corpus: pd.DataFrame,
+    params: SplitConfig | dict[str, Any],
+    judge_params: JudgeConfig | dict[str, Any],
+    generate_params: GenerateConfig | dict[str, Any],
+) -> str:
     """A Hugging Face dataset card: configs, sizes, counts per class, question type and responder, the
     wording audit (seen / unseen families per table, and unseen skeletons where none may be), and how the data
     was built."""
     cfg, generate = typed(SplitConfig, params), typed(GenerateConfig, generate_params)
-    sizes = {"train": len(train), "validation": len(validation), "test_harm": len(test_harm),
-             "test_help": len(test_help)}
-    header = ["---", f"license: {LICENCE}", "task_categories:", "- visual-question-answering", "configs:",
-              "- config_name: default", "  data_files:", "  - split: train", "    path: data/train-*",
-              "- config_name: validation", "  data_files:", "  - split: validation",
-              "    path: validation/validation-*", "- config_name: test", "  data_files:", "  - split: harm",
-              "    path: test/harm-*", "  - split: help", "    path: test/help-*", "---", ""]
-    body = ["# SPA-VL-style safety preference data", "",
-            "Built with spavl_kedro: images per harm subcategory, SPA-VL's three question types, answers from "
-            "several VLMs, pairs labelled harmlessness first and helpfulness second. Columns follow the "
-            "published SPA-VL release: train (image, question, chosen, rejected, image_name), validation "
-            "(+ class1..3), test harm / help (image, question, class1..3); `image` is {bytes, path}.", "",
-            "| split | rows |", "|---|---|", *[f"| {k} | {v} |" for k, v in sizes.items()], "",
-            f"Held out per subcategory: {cfg.test_harm_per_subcategory} harmful and "
-            f"{cfg.test_help_per_subcategory} easy questions, each on an image no training pair shows; no "
-            "training question has the normalised text of a test question. Subset: question types "
-            f"{cfg.subset.qtypes}, responders {cfg.subset.responders}, at most {cfg.subset.max_pairs or 'all'} "
-            f"pairs. Preferences judged by `{typed(JudgeConfig, judge_params).primary}`.", "", *LOADING.splitlines(), ""]
+    sizes = {
+        "train": len(train),
+        "validation": len(validation),
+        "test_harm": len(test_harm),
+        "test_help": len(test_help),
+    }
+    header = [
+        "---",
+        f"license: {LICENCE}",
+        "task_categories:",
+        "- visual-question-answering",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*",
+        "- config_name: validation",
+        "  data_files:",
+        "  - split: validation",
+        "    path: validation/validation-*",
+        "- config_name: test",
+        "  data_files:",
+        "  - split: harm",
+        "    path: test/harm-*",
+        "  - split: help",
+        "    path: test/help-*",
+        "---",
+        "",
+    ]
+    body = [
+        "# SPA-VL-style safety preference data",
+        "",
+        "Built with spavl_kedro: images per harm subcategory, SPA-VL's three question types, answers from "
+        "several VLMs, pairs labelled harmlessness first and helpfulness second. Columns follow the "
+        "published SPA-VL release: train (image, question, chosen, rejected, image_name), validation "
+        "(+ class1..3), test harm / help (image, question, class1..3); `image` is {bytes, path}.",
+        "",
+        "| split | rows |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in sizes.items()],
+        "",
+        f"Held out per subcategory: {cfg.test_harm_per_subcategory} harmful and "
+        f"{cfg.test_help_per_subcategory} easy questions, each on an image no training pair shows; no "
+        "training question has the normalised text of a test question. Subset: question types "
+        f"{cfg.subset.qtypes}, responders {cfg.subset.responders}, at most {cfg.subset.max_pairs or 'all'} "
+        f"pairs. Preferences judged by `{typed(JudgeConfig, judge_params).primary}`.",
+        "",
+        *LOADING.splitlines(),
+        "",
+    ]
     seeds = seed_corpus if seed_corpus is not None else pd.DataFrame({"question": []})
-    body += _wording_section(wording_audit(train, validation, test_harm, test_help, questions, seeds, generate),
-                             generate)
+    body += _wording_section(
+        wording_audit(train, validation, test_harm, test_help, questions, seeds, generate), generate
+    )
     train_pairs = pair_provenance[pair_provenance["split"] == "train"]
     body += _counts("Train pairs per domain and category", train_pairs.groupby(["class1", "class2"]).size())
     body += _counts("Train pairs per question type", train_pairs.groupby("qtype").size())
@@ -89,28 +129,48 @@ def write_dataset_card(train: pd.DataFrame, validation: pd.DataFrame, test_harm:
     chosen = train_pairs.groupby("chosen_responder").size().rename("chosen")
     rejected = train_pairs.groupby("rejected_responder").size().rename("rejected")
     table = pd.concat([chosen, rejected], axis=1).fillna(0).astype(int)
-    body += ["## Train pairs per responder", "", "| responder | chosen | rejected |", "|---|---|---|",
-             *[f"| {name} | {row.chosen} | {row.rejected} |" for name, row in table.iterrows()], ""]
+    body += [
+        "## Train pairs per responder",
+        "",
+        "| responder | chosen | rejected |",
+        "|---|---|---|",
+        *[f"| {name} | {row.chosen} | {row.rejected} |" for name, row in table.iterrows()],
+        "",
+    ]
     return "\n".join(header + body)
 
 
 def _wording_section(audit: pd.DataFrame, generate: GenerateConfig) -> list[str]:
     if generate.questions.writer != "template":
-        return ["## Wording", "", f"Questions were written by `{generate.questions.model_writer.backend.name}`: "
-                "there are no wording families to hold out.", ""]
+        return [
+            "## Wording",
+            "",
+            f"Questions were written by `{generate.questions.model_writer.backend.name}`: "
+            "there are no wording families to hold out.",
+            "",
+        ]
     families = generate.questions.wording.families()
     held = generate.questions.wording.held_out_ids(generate.seed)
-    per_type = ", ".join(f"{q} {sum(f.qtype == q for f in families)} ({sum(f.qtype == q and f.family_id in held for f in families)} held out)"
-                         for q in SPA_QTYPES)
-    lines = ["## Wording", "",
-             f"The questions come from wording families (openings x request frames x slot orders): {per_type}. "
-             "A held-out family's questions can only be test questions. `unseen skeleton` counts the texts that "
-             "are an instance of a held-out family's sentence form, whatever fills its slots: it must be 0 "
-             "outside the test sets. The seed corpus is what the tiny models and guards were bootstrapped on.", "",
-             "| table | questions | seen | unseen | unseen skeleton |", "|---|---|---|---|---|"]
-    lines += [f"| {r.table} | {r.questions} | {r.seen if r.table.startswith('test_') else '–'} | "
-              f"{r.unseen if r.table.startswith('test_') else '–'} | {r.unseen_skeleton} |"
-              for r in audit.itertuples(index=False)]
+    per_type = ", ".join(
+        f"{q} {sum(f.qtype == q for f in families)} ({sum(f.qtype == q and f.family_id in held for f in families)} held out)"
+        for q in SPA_QTYPES
+    )
+    lines = [
+        "## Wording",
+        "",
+        f"The questions come from wording families (openings x request frames x slot orders): {per_type}. "
+        "A held-out family's questions can only be test questions. `unseen skeleton` counts the texts that "
+        "are an instance of a held-out family's sentence form, whatever fills its slots: it must be 0 "
+        "outside the test sets. The seed corpus is what the tiny models and guards were bootstrapped on.",
+        "",
+        "| table | questions | seen | unseen | unseen skeleton |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.table} | {r.questions} | {r.seen if r.table.startswith('test_') else '–'} | "
+        f"{r.unseen if r.table.startswith('test_') else '–'} | {r.unseen_skeleton} |"
+        for r in audit.itertuples(index=False)
+    ]
     return lines + [""]
 
 
@@ -123,11 +183,17 @@ def _counts(title: str, counts: pd.Series) -> list[str]:
     return lines + [""]
 
 
-def export_release(train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame,
-                   test_help: pd.DataFrame, dataset_card: str) -> dict[str, Any]:
+def export_release(
+    train: pd.DataFrame, validation: pd.DataFrame, test_harm: pd.DataFrame, test_help: pd.DataFrame, dataset_card: str
+) -> dict[str, Any]:
     """The release as the catalog's SpaVLReleaseDataset saves it."""
-    return {"train": train, "validation": validation, "test_harm": test_harm, "test_help": test_help,
-            "README.md": dataset_card}
+    return {
+        "train": train,
+        "validation": validation,
+        "test_harm": test_harm,
+        "test_help": test_help,
+        "README.md": dataset_card,
+    }
 
 
 def pair_id(question_id: str, chosen_responder: str, rejected_responder: str) -> int:
@@ -145,8 +211,13 @@ def pair_id(question_id: str, chosen_responder: str, rejected_responder: str) ->
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:13], 16)
 
 
-def export_rlhf_pairs(train: pd.DataFrame, validation: pd.DataFrame, pair_provenance: pd.DataFrame,
-                      preferences: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+def export_rlhf_pairs(
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    pair_provenance: pd.DataFrame,
+    preferences: pd.DataFrame,
+    images: pd.DataFrame,
+) -> pd.DataFrame:
     """Train and validation pairs as the catalog's `SpaVLRLHFDataset` saves them (`PAIR_COLUMNS`).
 
     The published tables carry no question type or pair key, so the pairs are built from pair_provenance
@@ -157,8 +228,10 @@ def export_rlhf_pairs(train: pd.DataFrame, validation: pd.DataFrame, pair_proven
     for name, table in (("pair_provenance", pair_provenance), ("preferences", texts.merge(pair_provenance[PAIR_KEY]))):
         if table.duplicated(PAIR_KEY).any():
             twice = table[table.duplicated(PAIR_KEY)].iloc[0]
-            raise ValueError(f"{name}: pair {_name(twice)} appears more than once; a (question, chosen responder, "
-                             "rejected responder) key must name one pair")
+            raise ValueError(
+                f"{name}: pair {_name(twice)} appears more than once; a (question, chosen responder, "
+                "rejected responder) key must name one pair"
+            )
     pairs = pair_provenance.merge(texts, on=PAIR_KEY, how="left", indicator="found")
     pixels = _Pixels(images)
     rows = []
@@ -166,29 +239,43 @@ def export_rlhf_pairs(train: pd.DataFrame, validation: pd.DataFrame, pair_proven
         if pair.found != "both":
             raise ValueError(f"pair_provenance: pair {_name(pair)} ({pair.split}) is not in preferences")
         if pair.qtype not in SPA_QTYPES:
-            raise ValueError(f"pair_provenance: pair {_name(pair)} ({pair.split}): field qtype is "
-                             f"'{pair.qtype}', not one of {list(SPA_QTYPES)}")
+            raise ValueError(
+                f"pair_provenance: pair {_name(pair)} ({pair.split}): field qtype is "
+                f"'{pair.qtype}', not one of {list(SPA_QTYPES)}"
+            )
         image_id = pair.image_ids[0]
         if not pixels.png.get(image_id):
-            raise ValueError(f"pair {_name(pair)} ({pair.split}): field image: image '{image_id}' has no bytes "
-                             "in `images`")
-        rows.append({"split": pair.split, "qtype": pair.qtype,
-                     "id": pair_id(pair.question_id, pair.chosen_responder, pair.rejected_responder),
-                     "image": {"bytes": pixels.png[image_id], "path": pixels.name[image_id]},
-                     "question": pair.question, "chosen": pair.chosen, "rejected": pair.rejected,
-                     **{c: getattr(pair, c) for c in CLASS_COLUMNS}})
+            raise ValueError(
+                f"pair {_name(pair)} ({pair.split}): field image: image '{image_id}' has no bytes in `images`"
+            )
+        rows.append(
+            {
+                "split": pair.split,
+                "qtype": pair.qtype,
+                "id": pair_id(pair.question_id, pair.chosen_responder, pair.rejected_responder),
+                "image": {"bytes": pixels.png[image_id], "path": pixels.name[image_id]},
+                "question": pair.question,
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                **{c: getattr(pair, c) for c in CLASS_COLUMNS},
+            }
+        )
     out = pd.DataFrame(rows, columns=PAIR_COLUMNS).astype({"id": "int64"})
-    for split, table, paths in (("train", train, train["image_name"]),
-                                ("validation", validation, [i["path"] for i in validation["image"]])):
+    for split, table, paths in (
+        ("train", train, train["image_name"]),
+        ("validation", validation, [i["path"] for i in validation["image"]]),
+    ):
         published = Counter(zip(paths, table["question"], table["chosen"], table["rejected"]))
         ours = out[out["split"] == split]
         keyed = Counter(zip([i["path"] for i in ours["image"]], ours["question"], ours["chosen"], ours["rejected"]))
         if published != keyed:
             extra, lost = keyed - published, published - keyed
             example = next(iter(extra or lost))
-            raise ValueError(f"{split}: {sum(lost.values())} published pair(s) have no keyed pair in "
-                             f"pair_provenance and {sum(extra.values())} keyed pair(s) are not published, e.g. "
-                             f"image '{example[0]}', question '{example[1]}'")
+            raise ValueError(
+                f"{split}: {sum(lost.values())} published pair(s) have no keyed pair in "
+                f"pair_provenance and {sum(extra.values())} keyed pair(s) are not published, e.g. "
+                f"image '{example[0]}', question '{example[1]}'"
+            )
     return out.sort_values("id").reset_index(drop=True)
 
 
