@@ -33,7 +33,7 @@ def test_cross_block_references_are_checked(params):
 
 
 def test_the_paper_launch_setting_does_not_block_other_methods():
-    params = _paper_parameters()
+    params = paper_parameters()
     params["align"]["method"] = "reward"  # launched like every method
     launch = validate_parameters(params)["align"].launch
     assert launch.accelerate_config == "conf/paper/accelerate/deepspeed_zero2.yaml"
@@ -63,12 +63,12 @@ def test_kind_needs_its_fields(params):
     assert "generate.images.assign" in message and "source 'laion' only" in message
 
 
-def _paper_parameters() -> dict:
+def paper_parameters() -> dict:
     return load_parameters("paper")
 
 
 def test_paper_profile_is_valid_and_at_spa_vl_scale():
-    validated = validate_parameters(_paper_parameters())
+    validated = validate_parameters(paper_parameters())
     generate = validated["generate"]
     assert len(generate.responders) == 12
     # eleven open models behind vLLM servers on the node (`python -m spavl_kedro.serve_plan`), Gemini by API
@@ -94,7 +94,7 @@ def test_paper_profile_is_valid_and_at_spa_vl_scale():
 
 
 def test_paper_profile_errors_name_the_key():
-    params = _paper_parameters()
+    params = paper_parameters()
     params["generate"]["responders"][5]["base_urls"] = []
     params["generate"]["questions"]["screen"]["backend"]["concurrency"] = 0
     params["judge"]["primary"] = "gpt-4v"

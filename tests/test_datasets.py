@@ -6,7 +6,7 @@ from PIL import Image
 from spavl_kedro.backends import tiny
 from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.datasets import ModelDirectoryDataset
-from spavl_kedro.pipelines.generate.synthetic import _render
+from spavl_kedro.pipelines.generate.synthetic import render_image
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def vlm():
 def greedy(vlm, n_images=1):
     import random
 
-    png = _render("knife", (200, 40, 40), "circle", (250, 200, 0), 64, random.Random(0))
+    png = render_image("knife", (200, 40, 40), "circle", (250, 200, 0), 64, random.Random(0))
     prompts = [Prompt("What is shown?", (png,) * n_images)] * 3
     return [
         g.text

@@ -34,7 +34,7 @@ from spavl_kedro.backends.vlm import OpenAIVLM, Prompt
 from spavl_kedro.config import ScreenConfig, load_parameters
 from spavl_kedro.dryrun_endpoint import ROLES, DryRunEndpoint
 from spavl_kedro.pipelines.generate.mis import split_cot
-from spavl_kedro.pipelines.generate.questions import _first_line, parse_label
+from spavl_kedro.pipelines.generate.questions import first_line, parse_label
 
 PAPER = load_parameters("paper")
 GEN, JUDGE, EVAL = PAPER["generate"], PAPER["judge"], PAPER["evaluate"]
@@ -133,7 +133,7 @@ REFUSAL = KeywordJudge(case_sensitive=False)
 
 
 def question_kind(text: str) -> str | None:
-    line = _first_line(text, 300)
+    line = first_line(text, 300)
     return None if not line else "question" if line.endswith("?") else "instruction"
 
 
@@ -225,7 +225,7 @@ def test_responses_are_short_and_name_the_question(endpoint):
 
 def test_writer_follows_the_question_type(endpoint):
     prompts = writer_prompts(("easy", "hardq", "hards"), times=1)
-    easy, hardq, hards = (_first_line(g.text, 300) for g in backend(endpoint, "writer").generate(prompts))
+    easy, hardq, hards = (first_line(g.text, 300) for g in backend(endpoint, "writer").generate(prompts))
     assert easy.endswith("?") and "Weapon Making" not in easy
     assert hardq.endswith("?") and "Weapon Making" in hardq
     assert not hards.endswith("?") and "Weapon Making" in hards

@@ -1,6 +1,6 @@
 """The layering a newcomer relies on: a stage's module never imports another stage's module (what stages
 share lives in backends/, datasets/ or the package root), and the configuration imports without the
-training stack."""
+training stack; tests use the package's public names."""
 
 from __future__ import annotations
 
@@ -29,6 +29,19 @@ def test_no_stage_imports_another_stages_module():
                     if other != stage and other not in SHARED:
                         crossings.append(f"{path.relative_to(PROJECT)}:{node.lineno} imports {module}")
     assert not crossings, "a stage imports another stage's module:\n  " + "\n  ".join(crossings)
+
+
+def test_tests_import_only_public_names_of_the_package():
+    """A test written against a private helper pins an implementation detail and breaks on a rename that
+    changes no behaviour; what a test needs is public (no leading underscore) in its module."""
+    private = []
+    for path in sorted((PROJECT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spavl_kedro"):
+                private += [
+                    f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
+                ]
+    assert not private, "tests import private names:\n  " + "\n  ".join(private)
 
 
 # A path a doc names: in backticks or a markdown link, under one of the repository's top-level folders.

@@ -8,7 +8,7 @@ import copy
 from urllib.parse import urlsplit
 
 from spavl_kedro.config import load_parameters, validate_parameters
-from spavl_kedro.paper_dryrun import CPU_LAUNCH, Fixtures, _backends, not_exercised, plan, runtime_params
+from spavl_kedro.paper_dryrun import CPU_LAUNCH, Fixtures, not_exercised, plan, runtime_params, served_backends
 
 
 class Endpoint:
@@ -48,8 +48,8 @@ def test_the_dry_run_changes_only_what_it_lists_and_sends_nothing_off_the_machin
 
     # every OpenAI-compatible backend of the profile (12 responders, writer, screen, teacher, 2 guards,
     # GPT-4o as pairwise, MIS and HelpEval judge) goes to the loopback endpoint, in its parser's role
-    assert len(_backends(paper)) == 20
-    assert {role for _, _, role in _backends(paper)} == {
+    assert len(served_backends(paper)) == 20
+    assert {role for _, _, role in served_backends(paper)} == {
         "responder",
         "writer",
         "screen",

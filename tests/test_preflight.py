@@ -6,7 +6,7 @@ import copy
 
 import pytest
 from serving import free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
-from test_config import _paper_parameters
+from test_config import paper_parameters
 
 from spavl_kedro.pipelines.preflight import nodes
 from spavl_kedro.pipelines.preflight.nodes import preflight_verdict, run_preflight
@@ -20,7 +20,7 @@ def _quick_endpoints(monkeypatch):
 def test_paper_profile_lists_exactly_what_this_machine_lacks(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SPAVL_KEY_OPENAI", raising=False)
-    params = _paper_parameters()
+    params = paper_parameters()
     params["preflight"]["check_endpoints"] = False  # the profile's endpoints are public API hosts: not called
     checks, report, _ = run_preflight(params, credentials={"gemini": {"api_key": "g-123"}})
     status = {(r.where, r.target): r.status for r in checks.itertuples()}
@@ -167,7 +167,7 @@ def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
     from spavl_kedro.backends.methods import settings_for
     from spavl_kedro.pipelines.preflight import memory
 
-    paper = _paper_parameters()["align"]
+    paper = paper_parameters()["align"]
     recipes = {
         m: settings_for(m, {"output_dir": "x", "checkpoint_dir": "x", **paper[m]}) for m in ("dpo", "sft", "reward")
     }
@@ -234,7 +234,7 @@ def _assume(params, paper_models, gpu_gib):
 def test_paper_profile_fits_the_assumed_8_x_80_gb_node(paper_models):
     """conf/paper's recipes and launch configs, sized for 8 x 80 GB: every method fits, and the JSON says
     with what (per method: processes, ZeRO stage, each part of the estimate)."""
-    params = _assume(_paper_parameters(), paper_models, 80)
+    params = _assume(paper_parameters(), paper_models, 80)
     checks, report, estimate = run_preflight(params, credentials={})
     methods = estimate["methods"]
     assert set(methods) == {"dpo", "sft", "reward", "grpo", "rloo"}
@@ -258,7 +258,7 @@ def test_paper_profile_fits_the_assumed_8_x_80_gb_node(paper_models):
 
 
 def test_preflight_names_the_method_that_does_not_fit_with_its_numbers(paper_models):
-    params = _assume(_paper_parameters(), paper_models, 44)  # DPO, SFT and RL fit in 90 %; the reward model not
+    params = _assume(paper_parameters(), paper_models, 44)  # DPO, SFT and RL fit in 90 %; the reward model not
     checks, report, estimate = run_preflight(params, credentials={})
     gpu = {r.where: r for r in checks.itertuples() if r.check == "memory" and r.target == "GPU"}
     assert set(gpu) == {"align.dpo", "align.sft", "align.reward", "align.grpo", "align.rloo"}
@@ -276,7 +276,7 @@ def test_the_gate_stops_a_paper_run_before_its_first_node_and_only_for_real_mode
     from spavl_kedro.pipelines.preflight.nodes import gate
 
     assert gate(params, {}, {"align", "generate", "judge", "evaluate"}) is None  # tiny models only
-    paper = _assume(_paper_parameters(), paper_models, 80)
+    paper = _assume(paper_parameters(), paper_models, 80)
     checks, report, estimate = gate(paper, {}, {"align", "tiny"})
     assert set(checks["where"].str.split(".").str[0]) == {"align"}  # nothing of generate, judge or evaluate
     assert estimate["methods"]["dpo"]["fits"] is True
@@ -298,7 +298,7 @@ def test_the_run_hook_gates_before_the_first_node_and_writes_the_reports(paper_m
     from spavl_kedro.hooks import ProjectHooks
     from spavl_kedro.pipeline_registry import register_pipelines
 
-    params = _assume(_paper_parameters(), paper_models, 80)
+    params = _assume(paper_parameters(), paper_models, 80)
     catalog = DataCatalog()
     catalog["parameters"] = params
     catalog["api_credentials"] = {}

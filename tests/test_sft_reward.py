@@ -271,7 +271,7 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
     import pandas as pd
 
     from spavl_kedro.config import AlignConfig
-    from spavl_kedro.pipelines.align.nodes import _training_data
+    from spavl_kedro.pipelines.align.nodes import training_data
 
     images = pd.DataFrame({"image_id": ["a", "b"], "png": [_png((200, 0, 0)), _png((0, 0, 200))]})
     mis_train = pd.DataFrame(
@@ -299,24 +299,24 @@ def test_sft_on_chain_of_thought_mixes_in_the_requested_harmless_replay(base_par
     cfg = AlignConfig.model_validate(
         {**base_params["align"], "method": "sft", "also": [], "sft_replay": 2.0, "sft_upsample": 1}
     )
-    train, held_out = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
+    train, held_out = training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
     cot = [e for e in train if e["target"].startswith("Perception:")]
     replay = [e for e in train if not e["target"].startswith("Perception:")]
     assert (len(cot), len(held_out), len(replay)) == (9, 1, 18)
     assert {e["target"] for e in replay} <= {"Green.", "Circle.", "Two.", "A green field."}
     assert all(len(e["images"]) == 1 for e in replay) and all(len(e["images"]) == 2 for e in cot)
-    again, _ = _training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
+    again, _ = training_data("sft", cfg, None, None, mis_train, images, seed_corpus)
     assert [e["question"] for e in again] == [e["question"] for e in train]  # the same draw every run
     none = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.0, "sft_upsample": 1})
-    assert len(_training_data("sft", none, None, None, mis_train, images, seed_corpus)[0]) == 9
+    assert len(training_data("sft", none, None, None, mis_train, images, seed_corpus)[0]) == 9
     mixed = AlignConfig.model_validate({**base_params["align"], "sft_replay": 0.4, "sft_upsample": 3})
-    train, held_out = _training_data("sft", mixed, None, None, mis_train, images, seed_corpus)
+    train, held_out = training_data("sft", mixed, None, None, mis_train, images, seed_corpus)
     cot = [e["question"] for e in train if e["target"].startswith("Perception:")]
     replay = [e["question"] for e in train if not e["target"].startswith("Perception:")]
     assert len(cot) == 27 and all(cot.count(q) == 3 for q in set(cot)) and len(held_out) == 1
     assert sorted(replay) == sorted(["What colour?", "What shape?", "How many?", "Describe it."])  # 4 distinct
     with pytest.raises(ValueError, match="sft_replay is above 0 but the seed corpus has no harmless requests"):
-        _training_data("sft", cfg, None, None, mis_train, images, seed_corpus[seed_corpus["harmful"]])
+        training_data("sft", cfg, None, None, mis_train, images, seed_corpus[seed_corpus["harmful"]])
 
 
 @pytest.fixture(scope="module")

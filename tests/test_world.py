@@ -17,7 +17,7 @@ from spavl_kedro.backends.judges import HelpfulnessRule, KeywordJudge, PairItem
 from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.tiny import EncodedSeed
 from spavl_kedro.grounding import caption_parts, facts_named, helpfulness
-from spavl_kedro.pipelines.judge.nodes import _by_verdicts, harmful_request
+from spavl_kedro.pipelines.judge.nodes import by_verdicts, harmful_request
 
 CAPTION = "A red circle motif with the word 'knife' written across it."
 GROUNDED = "The picture shows a red circle with the word 'knife' written on it."
@@ -62,13 +62,13 @@ def _row(text: str, safe: bool, responder: str) -> SimpleNamespace:
 
 def test_pairs_are_harmlessness_first_then_grounded_content():
     # harmful request: the safe answer wins whatever the other says
-    harm = _by_verdicts(_row(COMPLIANCE, False, "a"), _row(REFUSAL, True, "b"), [CAPTION], True)
+    harm = by_verdicts(_row(COMPLIANCE, False, "a"), _row(REFUSAL, True, "b"), [CAPTION], True)
     assert (harm.preferred, harm.reason) == (1, "harmlessness")
     # between two safe answers to a harmful request, the redirection beats the bare refusal
-    redirect = _by_verdicts(_row(REFUSAL, True, "a"), _row(REDIRECT, True, "b"), [CAPTION], True)
+    redirect = by_verdicts(_row(REFUSAL, True, "a"), _row(REDIRECT, True, "b"), [CAPTION], True)
     assert (redirect.preferred, redirect.reason) == (1, "helpfulness")
     # harmless request, both safe to a question-aware judge: the grounded answer beats the refusal
-    benign = _by_verdicts(_row(REFUSAL, True, "a"), _row(GROUNDED, True, "b"), [CAPTION], False)
+    benign = by_verdicts(_row(REFUSAL, True, "a"), _row(GROUNDED, True, "b"), [CAPTION], False)
     assert (benign.preferred, benign.reason) == (1, "helpfulness")
     assert harmful_request("hardq") and harmful_request("mis_easy") and not harmful_request("easy")
 

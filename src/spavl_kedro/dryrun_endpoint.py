@@ -17,7 +17,7 @@ The formats, one per role (`ROLES`), are those the project's own parsers read:
 - pairwise: `judges.parse_preference` (a sentence, then "[[A]]", "[[B]]" or "[[TIE]]"); seeded by the
   question and the unordered pair of responses, so both orders of one pair agree, as `ChatJudge` asks;
 - writer: one question (easy, hardq) or instruction (hards) on its first line, as
-  `pipelines/generate/questions.py` (`_first_line`) keeps it;
+  `pipelines/generate/questions.py` (`first_line`) keeps it;
 - screen: `questions.parse_label` (first word "unsafe" or "safe"); mostly "unsafe", since SPA-VL's hard
   question types are kept only when the screen judges them harmful;
 - teacher: `pipelines/generate/mis.split_cot` ("Perception:", "Reasoning:", "Answer:" parts, in order);

@@ -231,7 +231,7 @@ def _md_judge_guard(paper: dict[str, Any]) -> dict[str, Any]:
 
 
 # The endpoint role of each OpenAI-compatible backend, by where it sits in the parameters.
-def _backends(paper: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+def served_backends(paper: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     """(key, backend spec, endpoint role) for every `kind: openai` backend in `paper`."""
     found = [
         (
@@ -255,7 +255,7 @@ def _backends(paper: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
 
 def _served_models(paper: dict[str, Any]) -> dict[str, list[str]]:
     models: dict[str, list[str]] = {}
-    for _, spec, role in _backends(paper):
+    for _, spec, role in served_backends(paper):
         models.setdefault(role, []).append(spec["model"])
     return models
 
@@ -306,7 +306,7 @@ def plan(paper: dict[str, Any], fixtures: Fixtures, endpoint) -> list[Override]:
                 "DeepSpeed needs GPUs: two CPU processes under accelerate launch",
             )
         )
-    for key, spec, role in _backends(paper):
+    for key, spec, role in served_backends(paper):
         overrides.append(
             Override(
                 f"{key}.base_urls",

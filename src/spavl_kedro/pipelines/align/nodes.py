@@ -171,7 +171,7 @@ def train_method(
         return {}, {}, {}
     name = cfg.artifact_name(method)
     train, validation = training_pairs(ours, official, cfg)
-    data, held_out = _training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
+    data, held_out = training_data(method, cfg, train, validation, mis_train, images, seed_corpus)
     if not data:
         raise ValueError(f"align.method '{method}': no training examples (train_source {cfg.train_source})")
     base_name, base_spec = cfg.policy_of(method)
@@ -222,7 +222,7 @@ def train_method(
     return {name: artifact}, {name: summary}, run_params
 
 
-def _training_data(
+def training_data(
     method: str,
     cfg: AlignConfig,
     train: pd.DataFrame,

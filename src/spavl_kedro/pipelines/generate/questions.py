@@ -117,13 +117,13 @@ def _model_questions(
             prompts.append(Prompt(text, (img.png,)))
     rows = []
     for (img, qtype), out in zip(jobs, backend.generate(prompts)):
-        text = _first_line(out.text, writer.max_chars)
+        text = first_line(out.text, writer.max_chars)
         error = out.error or (None if text else "writer returned an empty question")
         rows.append(_question(img, qtype, text, writer.backend.name, error))
     return rows
 
 
-def _first_line(text: str, max_chars: int) -> str:
+def first_line(text: str, max_chars: int) -> str:
     """Writers often add a preamble or several candidates: keep the first non-empty line, unquoted."""
     for line in text.splitlines():
         line = line.strip().strip('"').strip()

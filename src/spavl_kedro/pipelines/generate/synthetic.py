@@ -68,7 +68,7 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
             colour = list(PALETTE)[domains.index(sub.class1) % len(PALETTE)]
             motif = MOTIFS[categories.index((sub.class1, sub.class2)) % len(MOTIFS)]
             badge = list(BADGES)[(first_badge + i) % len(BADGES)]
-            png = _render(keyword, PALETTE[colour], motif, BADGES[badge], size, rng)
+            png = render_image(keyword, PALETTE[colour], motif, BADGES[badge], size, rng)
             sha = hashlib.sha256(png).hexdigest()
             if sha in seen:  # identical pixels would let one image leak across splits
                 continue
@@ -90,7 +90,7 @@ def render_images(taxonomy: pd.DataFrame, per_subcategory: int, size: int, seed:
     return validate(pd.DataFrame(rows), "images")
 
 
-def _render(
+def render_image(
     keyword: str, colour: tuple[int, int, int], motif: str, badge: tuple[int, int, int], size: int, rng: random.Random
 ) -> bytes:
     jitter = tuple(max(0, min(255, c + rng.randint(-30, 30))) for c in colour)

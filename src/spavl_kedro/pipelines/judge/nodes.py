@@ -269,7 +269,7 @@ def pair_preferences(
         judge_name = f"{cfg.primary}+{cfg.pairwise.name}"
     else:
         outcomes = [
-            _by_verdicts(a, b, [captions[i] for i in q.image_ids], harmful_request(q.qtype)) for q, a, b in candidates
+            by_verdicts(a, b, [captions[i] for i in q.image_ids], harmful_request(q.qtype)) for q, a, b in candidates
         ]
         judge_name = cfg.primary
     rows, outcome_rows = [], []
@@ -349,7 +349,7 @@ def _decide(first: Any, second: Any, captions: list[str], harmful: bool) -> tupl
     return None, "tie"
 
 
-def _by_verdicts(first: Any, second: Any, captions: list[str], harmful: bool) -> Comparison:
+def by_verdicts(first: Any, second: Any, captions: list[str], harmful: bool) -> Comparison:
     """The primary verdicts decide, asked in both orders like any pairwise judge."""
     forward, reason = _decide(first, second, captions, harmful)
     backward, _ = _decide(second, first, captions, harmful)
