@@ -676,6 +676,10 @@ class JudgeConfig(Strict):
             raise ValueError(f"primary '{self.primary}' is not one of the judges {names}")
         return self
 
+    def tiny_guards(self) -> list[VerdictJudgeSpec]:
+        """The guard judges bootstrapped offline as tiny models (`kind: guard`, backend `kind: tiny`)."""
+        return [j for j in self.judges if j.kind == "guard" and j.backend.kind == "tiny"]
+
 
 class SubsetConfig(Strict):
     qtypes: list[Literal["easy", "hardq", "hards"]] = Field(

@@ -182,6 +182,11 @@ def guard_prompt(spec) -> tuple[str | None, str]:
     return None, f"the project's own wording (fallback), sha256 {text_hash(GUARD_PROMPTS[spec.format])}"
 
 
+def guard_template(spec) -> str:
+    """The prompt template a guard judge is asked through (`guard_prompt`, or the fallback wording it names)."""
+    return guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format]
+
+
 def judge_template(spec) -> str:
     """Which input format a verdict judge is asked in, as reports and MLflow name it."""
     return "none (refusal strings)" if spec.kind == "keyword" else f"{spec.format}: {guard_prompt(spec)[1]}"

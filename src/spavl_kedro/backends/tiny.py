@@ -25,6 +25,7 @@ import hashlib
 import io
 import random
 import re
+import string
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,15 +189,23 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> LlamaTokenizer
     return tokenizer
 
 
-def build_processor(texts: Sequence[str], config: TinyModelConfig) -> LlavaProcessor:
-    """Tokenizer trained on `texts` plus a CLIP image processor, joined as a LlavaProcessor."""
+def build_processor(texts: Sequence[str], config: TinyModelConfig, frames: Sequence[str] = ()) -> LlavaProcessor:
+    """Tokenizer trained on `texts` plus a CLIP image processor, joined as a LlavaProcessor.
+
+    The byte-level layout also gets one token for each piece of fixed text its models are prompted with:
+    the chat template's role markers and `frames` (e.g. a guard prompt's `template_literals`). Learned from
+    the project's text alone, "USER:" and " ASSISTANT:" were spelled letter by letter (15 tokens) and a guard
+    prompt's frame took 23 more: a third of every sequence the tiny models train and generate on. Real
+    tokenizers have seen their own chat format. The LLaVA-1.5 layout keeps its checkpoint's behaviour, which
+    splits "USER" and "ASSISTANT" into pieces.
+    """
     llava15 = config.layout == "llava-1.5"
     tokenizer = (train_sentencepiece if llava15 else train_tokenizer)(texts, config.vocab_size)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
     )
-    return LlavaProcessor(
+    processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.patch_size,
@@ -205,6 +214,22 @@ def build_processor(texts: Sequence[str], config: TinyModelConfig) -> LlavaProce
         vision_feature_select_strategy="default",
         chat_template=LLAVA15_CHAT_TEMPLATE if llava15 else CHAT_TEMPLATE,
     )
+    if not llava15:
+        processor.tokenizer.add_tokens(sorted({*chat_frames(processor), *frames}))
+    return processor
+
+
+def chat_frames(processor: LlavaProcessor) -> list[str]:
+    """The fixed text the processor's chat template puts around a user turn, up to the answer."""
+    sentinel = "\x00"
+    asked = [{"role": "user", "content": [{"type": "text", "text": sentinel}]}]
+    rendered = processor.apply_chat_template(asked, add_generation_prompt=True)
+    return [part for part in rendered.split(sentinel) if part.strip()]
+
+
+def template_literals(template: str) -> list[str]:
+    """The fixed text a `str.format` prompt template puts around its fields: '[INST] User: ', ..."""
+    return [literal for literal, *_ in string.Formatter().parse(template) if literal.strip()]
 
 
 def build_model(processor: LlavaProcessor, config: TinyModelConfig, seed: int) -> LlavaForConditionalGeneration:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms
+from spavl_kedro.backends.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms, guard_template
 from spavl_kedro.backends.settings import Behaviour
 from spavl_kedro.backends.tiny import (
     VLM,
@@ -24,10 +24,11 @@ from spavl_kedro.backends.tiny import (
     encode_seeds,
     pretrain_vision,
     seed_examples,
+    template_literals,
     train_tiny_vlm,
 )
 from spavl_kedro.backends.vlm import decode_image
-from spavl_kedro.config import GenerateConfig, TinyConfig, typed
+from spavl_kedro.config import GenerateConfig, JudgeConfig, TinyConfig, typed
 from spavl_kedro.grounding import caption_keyword, caption_parts
 from spavl_kedro.imaging import png_bytes
 from spavl_kedro.metrics import for_mlflow
@@ -196,11 +197,21 @@ def build_seed_corpus(
 
 
 def build_tiny_processor(
-    seed_corpus: pd.DataFrame, questions: pd.DataFrame, mis_cot: pd.DataFrame, tiny: TinyConfig | dict[str, Any]
+    seed_corpus: pd.DataFrame,
+    questions: pd.DataFrame,
+    mis_cot: pd.DataFrame,
+    judge: JudgeConfig | dict[str, Any],
+    tiny: TinyConfig | dict[str, Any],
 ):
     """The tokenizer (trained on the project's own text, chain-of-thought targets included, so SFT on them
-    needs no unknown tokens) and the image processor every tiny model shares."""
+    needs no unknown tokens; the tiny guards' prompt frames are whole tokens) and the image processor every
+    tiny model shares."""
     cfg = typed(TinyConfig, tiny)
+    frames = [
+        literal
+        for spec in typed(JudgeConfig, judge).tiny_guards()
+        for literal in template_literals(guard_template(spec))
+    ]
     texts = [
         *seed_corpus["question"],
         *seed_corpus["refusal"],
@@ -210,7 +221,7 @@ def build_tiny_processor(
         *mis_cot["target"],
         *GUARD_WORDS,
     ]
-    return build_processor(texts, cfg.model)
+    return build_processor(texts, cfg.model, frames)
 
 
 def bootstrap_foundation(

@@ -69,7 +69,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 build_tiny_processor,
-                ["seed_corpus", "questions", "mis_cot", "params:tiny"],
+                ["seed_corpus", "questions", "mis_cot", "params:judge", "params:tiny"],
                 "tiny_processor",
                 name="build_tiny_processor",
             ),

@@ -23,13 +23,13 @@ from spavl_kedro.backends.guard import (
     RULE,
     construction_unsafe,
     guard_examples,
-    guard_prompt,
+    guard_template,
     judge_template,
     rule_unsafe,
     taught_forms,
 )
 from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, build_verdict_judge
-from spavl_kedro.backends.judges import GUARD_PROMPTS, Comparison, JudgeItem, PairItem
+from spavl_kedro.backends.judges import Comparison, JudgeItem, PairItem
 from spavl_kedro.backends.settings import TRANSPORT_FIELDS, Behaviour
 from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
 from spavl_kedro.config import (
@@ -64,7 +64,7 @@ def bootstrap_guards(
     seed images (dealt out from a seeded order) and its own forms of each kind of answer (`taught_forms`),
     and `judge.guard_training.held_out_forms` forms of each kind are taught to none."""
     cfg, tcfg = typed(JudgeConfig, params), typed(TinyConfig, tiny)
-    specs = [j for j in cfg.judges if j.kind == "guard" and j.backend.kind == "tiny"]
+    specs = cfg.tiny_guards()
     if not specs:
         return {}
     forms = taught_forms(seed_text, len(specs), cfg.guard_training.held_out_forms, cfg.seed)
@@ -75,9 +75,7 @@ def bootstrap_guards(
     for n, spec in enumerate(specs):
         own = set(images[n :: len(specs)])
         rows = requests[requests["image_id"].isin(own)].to_dict("records")
-        examples = guard_examples(
-            rows, guard_prompt(spec)[0] or GUARD_PROMPTS[spec.format], seed=sibling_seed(cfg.seed, n), forms=forms[n]
-        )
+        examples = guard_examples(rows, guard_template(spec), seed=sibling_seed(cfg.seed, n), forms=forms[n])
         vlm, losses = train_tiny_vlm(
             tiny_foundation.processor,
             examples,
