@@ -171,7 +171,7 @@ REPORT_SEEDS = (11, 12, 13, 14, 15)
 
 
 def report(args: argparse.Namespace) -> None:
-    from results import write_results  # noqa: PLC0415  (benchmarks/results.py: the statistics and the page)
+    from results import inputs_fingerprint, write_results  # noqa: PLC0415  (benchmarks/results.py: the page)
 
     seeds = args.seeds if args.seeds != [0, 1, 2] else list(REPORT_SEEDS)
     if set(seeds) & set(DEV_SEEDS):
@@ -200,6 +200,7 @@ def report(args: argparse.Namespace) -> None:
         dev_seeds=DEV_SEEDS,
         seconds=seconds,
         machine=machine(),
+        fingerprint=inputs_fingerprint(PROJECT),
     )
     print(page)
 

@@ -11,6 +11,8 @@ with replacement; the statistic is the mean over the drawn seeds of their mean p
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,11 @@ import pandas as pd
 from spavl_kedro.scenes import KINDS, chance
 
 RESAMPLES = 4000
+# What the default run is made from besides the code: its configuration and its raw text. When either changes,
+# docs/results.md is stale (tests/test_docs.py). A code change that moves the default's tables needs a new
+# report too; comparing the tables before and after the change shows whether it does.
+INPUTS = (("conf/base", "**/*.y*ml"), ("data/01_raw", "*.yml"))
+FINGERPRINT = re.compile(r"inputs sha256 `([0-9a-f]{16})`")
 LEVEL = 0.95
 GUARD = "tiny-guard"
 
@@ -196,8 +203,28 @@ def _verdict(row) -> str:
     return "not resolved (interval holds 0)"
 
 
+def inputs_fingerprint(project: Path) -> str:
+    """sha256 (16 hex digits) over the default run's inputs (INPUTS): each file's path and bytes, in order."""
+    digest = hashlib.sha256()
+    for folder, pattern in INPUTS:
+        for path in sorted((project / folder).glob(pattern)):
+            digest.update(path.relative_to(project).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def recorded_fingerprint(page: str) -> str | None:
+    """The inputs fingerprint a results page was generated from (None: the page records none)."""
+    found = FINGERPRINT.search(page)
+    return found.group(1) if found else None
+
+
 def write_results(
-    runs: dict[int, Path], out: Path, dev_seeds: tuple[int, ...], seconds: dict[int, float], machine: dict
+    runs: dict[int, Path],
+    out: Path,
+    dev_seeds: tuple[int, ...],
+    seconds: dict[int, float],
+    machine: dict,
+    fingerprint: str,
 ) -> str:
     claims, judges = summarise(runs)
     f = lambda v: f"{v:.3f}"  # noqa: E731
@@ -231,6 +258,8 @@ def write_results(
         f"(kernels {machine.get('cpu_capability')}). Wall time per run: "
         + (", ".join(f"seed {s} {t} s" for s, t in sorted(seconds.items())) or "not measured (--reuse)")
         + ".",
+        f"- Inputs: {', '.join(f'`{folder}/{pattern}`' for folder, pattern in INPUTS)}, inputs sha256 "
+        f"`{fingerprint}`. When they change, this page is stale (a test says so): run the command above again.",
         "",
         "## Claims",
         "",

@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PROJECT
 
 from spavl_kedro import config_docs
 from spavl_kedro.config import load_parameters as parameters
@@ -96,6 +97,19 @@ def test_generated_tables_are_current():
     stale = config_docs.stale_blocks(DOC.read_text(), config_docs.tables())
     assert not stale, (
         f"docs/configuration.md: the generated tables {stale} differ from the config classes; run `make docs`"
+    )
+
+
+def test_results_page_was_generated_from_the_current_default_inputs():
+    """docs/results.md records the fingerprint of the configuration and raw text it was run from; a recipe or
+    seed text changed since then makes its figures describe another default."""
+    sys.path.insert(0, str(PROJECT / "benchmarks"))
+    from results import inputs_fingerprint, recorded_fingerprint
+
+    recorded = recorded_fingerprint((PROJECT / "docs" / "results.md").read_text())
+    assert recorded == inputs_fingerprint(PROJECT), (
+        f"docs/results.md was generated from inputs {recorded}, the default's are now "
+        f"{inputs_fingerprint(PROJECT)}: run `.venv/bin/python benchmarks/miniature_seeds.py --report`"
     )
 
 

@@ -39,6 +39,9 @@ PARAMS = {
     "tiny.vision.steps": 20,
     "tiny.foundation.epochs": 2,
     "tiny.bootstrap.epochs": 1,
+    # a guard taught 36 examples twice answered almost nothing in MD-Judge's format, so no pair was judged and
+    # align had nothing to train on: enough passes for the format (its verdicts need not be right here)
+    "judge.guard_epochs": 12,
     "judge.shard_size": 16,
     "split.validation_size": 0.2,
     "align.dpo.num_train_epochs": 1,
