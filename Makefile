@@ -16,7 +16,7 @@ export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
 # core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
 
-.PHONY: install run test test-fast lint docs paper-dryrun smoke viz viz-build mlflow ui clean
+.PHONY: install browser run test test-fast lint docs paper-dryrun smoke viz viz-build mlflow ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,17 @@ run: install  ## the embedded default: all six pipelines (extra arguments: make 
 # processes, so two single-threaded workers keep both cores busy where one two-threaded process did not.
 TEST_WORKERS ?= 2
 
-test: install  ## every test, as CI runs them, with the 15 slowest listed at the end
+test: install browser  ## every test, as CI runs them, with the 15 slowest listed at the end
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-fast: install  ## the unit tests and small integration slices, without the tests marked slow (~1 min)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian's chromium, for the test that opens the kedro-viz build in a headless browser; apt keeps it, so only
+# the first run pays. Package lists are refreshed once when the install fails on stale ones.
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+browser:  ## Debian's chromium for the browser tests, installed with apt-get when missing
+	@command -v chromium >/dev/null || $(APT_INSTALL) >/dev/null || (apt-get update >/dev/null && $(APT_INSTALL) >/dev/null)
 
 lint: install  ## ruff's linter and formatter check (pyproject.toml [tool.ruff]); `.venv/bin/ruff format .` fixes the format
 	$(BIN)/ruff check .

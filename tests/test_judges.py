@@ -482,12 +482,3 @@ def test_model_judges_on_a_served_tiny_llava(served):
             progress=False,
         )
     )
-
-
-def test_every_verdict_judge_kind_of_the_config_has_a_builder():
-    import typing
-
-    from spavl_kedro.backends.judge_factory import VERDICT_KINDS
-    from spavl_kedro.config import VerdictJudgeSpec
-
-    assert set(VERDICT_KINDS) == set(typing.get_args(VerdictJudgeSpec.model_fields["kind"].annotation))

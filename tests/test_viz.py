@@ -1,9 +1,9 @@
 """kedro-viz: every dataset sits in one of the project's layers, every name is readable, and the static build
 (`make viz` = `kedro viz build`) renders the pipelines in a real browser.
 
-The browser test installs Debian's chromium when it is missing (once: apt keeps it), serves the build over
-http (the app fetches /api/main by absolute path, so file:// shows an empty page), opens it headless and
-reads the rendered DOM. The screenshots stay in tests/artifacts/ (git ignores it) for a person to look at.
+The browser test uses Debian's chromium (`make browser` installs it; `make test` runs that first), serves the
+build over http (the app fetches /api/main by absolute path, so file:// shows an empty page), opens it headless
+and reads the rendered DOM. The screenshots stay in tests/artifacts/ (git ignores it) for a person to look at.
 """
 
 from __future__ import annotations
@@ -235,21 +235,9 @@ class _Rendered(HTMLParser):
 
 
 def _chromium() -> str:
-    """Debian's chromium; installed with apt-get when missing (the package stays, so only the first run pays)."""
+    """Debian's chromium, which `make browser` installs (`make test` runs it first)."""
     found = shutil.which("chromium")
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install Debian's chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "--no-install-recommends", "chromium"]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:  # stale package lists: refresh once
-        subprocess.run([apt, "update"], env=env, capture_output=True, text=True, timeout=300)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    found = shutil.which("chromium")
-    assert found, f"apt-get install chromium failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert found, "chromium is not installed: run `make browser` (apt-get install chromium), as `make test` does"
     return found
 
 

@@ -79,8 +79,8 @@ def test_behaviour_draws_each_family_at_its_rate():
 
     behaviour = Behaviour(refusal_rate=0.3, over_refusal_rate=0.1, vague_rate=0.5)
     rng = random.Random(0)
-    harmful = [behaviour.target(encoded(True), rng) for _ in range(4000)]
-    benign = [behaviour.target(encoded(False), rng) for _ in range(4000)]
+    harmful = [encoded(True).target(behaviour, rng) for _ in range(4000)]
+    benign = [encoded(False).target(behaviour, rng) for _ in range(4000)]
     assert harmful.count("refusal") / 4000 == pytest.approx(0.3, abs=0.03)
     assert "vague" not in harmful
     assert benign.count("refusal") / 4000 == pytest.approx(0.1, abs=0.02)

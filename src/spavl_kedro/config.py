@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
+from spavl_kedro.backends.judge_specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
 from spavl_kedro.backends.methods import METHODS, get_method, settings_for
 from spavl_kedro.backends.settings import (
     BASE,
@@ -35,6 +35,7 @@ from spavl_kedro.backends.settings import (
     FoundationConfig,
     InputFormat,
     RecipeSettings,
+    Strict,
     TinyModelConfig,
     VisionPretrainConfig,
 )
@@ -61,10 +62,6 @@ def key_meanings(**meanings: str) -> dict[str, dict[str, str]]:
 
 MethodName = Annotated[str, _row_of(get_method)]  # a row of backends.methods.METHODS
 EvalSetName = Annotated[str, _row_of(get_eval_set)]  # a row of evalsets.registry.EVAL_SETS
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class TaxonomyConfig(Strict):
@@ -253,7 +250,7 @@ class ModelWriterConfig(Strict):
 
     @model_validator(mode="after")
     def _no_tiny(self):
-        if self.backend.kind == "tiny":
+        if self.backend.bootstrapped:
             raise ValueError(
                 "backend: kind 'tiny' cannot write questions (tiny models are trained on the "
                 "questions); use transformers or openai"
@@ -467,7 +464,7 @@ class GenerateConfig(Strict):
         names = [r.name for r in self.responders]
         if len(set(names)) != len(names):
             raise ValueError(f"responders: names must be unique, got {names}")
-        untaught = [r.name for r in self.responders if r.kind == "tiny" and r.refusal_rate is None]
+        untaught = [r.name for r in self.responders if r.bootstrapped and r.refusal_rate is None]
         if untaught:
             raise ValueError(f"responders {untaught}: a tiny responder needs refusal_rate")
         return self
@@ -511,111 +508,6 @@ class TinyConfig(Strict):
         default_factory=BootstrapConfig,
         description="the short full fine-tune from the foundation that gives each tiny model its own rates",
     )
-
-
-class VerdictJudgeSpec(Strict):
-    name: str = Field(
-        pattern=NAME_PATTERN, description="a unique name; it is the `judge` column and part of metric names"
-    )
-    kind: Literal["keyword", "guard"] = Field(description="`keyword`: refusal strings; `guard`: a guard model")
-    case_sensitive: bool = Field(
-        True,
-        description="`keyword`: `true` is GCG's exact substring test; `false` is "
-        'VLGuard\'s lower-cased test, where "sorry" inside a sentence '
-        "counts as a refusal",
-    )
-    compliance_markers: list[str] = Field(
-        default_factory=list,
-        description="`keyword`: openings of a complying answer. They only sort unsafe answers "
-        "into compliance and no_refusal",
-    )
-    format: Literal["md_judge", "llama_guard"] | None = Field(
-        None, description="`guard`, required there: the prompt and output format"
-    )
-    backend: BackendSpec | None = Field(
-        None,
-        description="`guard`, required there: the model, of kind `transformers` "
-        "or `openai`, or `tiny`: a guard bootstrapped offline on the "
-        "seed corpus to answer in MD-Judge's format (text only)",
-    )
-    prompt: str | None = Field(
-        None,
-        description="`guard`, `md_judge` only: the prompt template inline, with "
-        "`{question}` and `{response}` filled in. Llama Guard takes none: its "
-        "chat template is its format",
-    )
-    prompt_file: str | None = Field(
-        None,
-        description="`guard`, `md_judge` only: a file holding the prompt template (MD-Judge's is in its model "
-        "card; copy it there), relative to the project root. Neither this nor `prompt`: the "
-        "project's own wording, which reports label as a fallback. Reports and MLflow name the file "
-        "and its SHA-256; preflight checks that it exists",
-    )
-    show_images: bool | None = Field(
-        None,
-        description="`guard`: attach the images. Null means yes for `llama_guard` "
-        "and no for `md_judge`. A guard without images is asked about "
-        "an evaluation item's `request` in words where the question "
-        "leaves it to the image "
-        "([evaluate.md](evaluate.md#what-a-judge-is-asked))",
-    )
-    max_retries: int = Field(
-        2,
-        ge=0,
-        description="`guard`: sampled re-asks after an unparsable answer; after that the "
-        "verdict stays null (undecided)",
-    )
-
-    @model_validator(mode="after")
-    def _kind_fields(self):
-        if self.kind == "guard" and (self.format is None or self.backend is None):
-            raise ValueError(f"judge '{self.name}': kind 'guard' needs format (md_judge or llama_guard) and backend")
-        if self.prompt is not None and self.prompt_file is not None:
-            raise ValueError(f"judge '{self.name}': give prompt or prompt_file, not both")
-        if self.format == "llama_guard" and (self.prompt is not None or self.prompt_file is not None):
-            raise ValueError(
-                f"judge '{self.name}': Llama Guard's input format is its own chat template, applied "
-                "to the conversation; drop prompt / prompt_file"
-            )
-        if self.kind == "keyword" and (self.prompt is not None or self.prompt_file is not None):
-            raise ValueError(f"judge '{self.name}': prompt and prompt_file are for kind 'guard'")
-        if self.kind == "guard" and self.backend.kind == "tiny" and (self.format != "md_judge" or self.show_images):
-            raise ValueError(
-                f"judge '{self.name}': a tiny guard learns MD-Judge's format on text only "
-                "(format md_judge, show_images false)"
-            )
-        if self.kind == "keyword" and (self.format or self.backend):
-            raise ValueError(f"judge '{self.name}': format and backend are for kind 'guard'")
-        return self
-
-    @property
-    def reads_question(self) -> bool:
-        """Whether the verdict depends on the question at all: a keyword judge reads the response only."""
-        return self.kind == "guard"
-
-    @property
-    def sees_images(self) -> bool:
-        """Whether the guard is shown the items' images: `show_images`, else Llama Guard yes, MD-Judge no. A
-        guard that reads the question without the images is asked about an item's `request` in words."""
-        if self.kind != "guard":
-            return False
-        return self.format == "llama_guard" if self.show_images is None else self.show_images
-
-
-class PairwiseJudgeSpec(Strict):
-    name: str = Field(
-        description="the scorer's name: the `judge` of the preferences it decides (`judge.pairwise`), or "
-        "the scorer in metric names such as `win_rate.gpt-4o-help` "
-        "(`evaluate.help_judge.pairwise`)"
-    )
-    backend: BackendSpec = Field(description="the chat model that compares the two answers, asked in both orders")
-    prompt: str | None = Field(
-        None,
-        description="replaces the built-in prompt; `{question}`, `{response_a}` and "
-        "`{response_b}` are filled in (`{image_note}` optional), and the "
-        "answer must end with `[[A]]`, `[[B]]` or `[[TIE]]`",
-    )
-    max_retries: int = Field(2, ge=0, description="re-asks after an unparsable comparison")
 
 
 class GuardTrainingConfig(Strict):
@@ -676,9 +568,16 @@ class JudgeConfig(Strict):
             raise ValueError(f"primary '{self.primary}' is not one of the judges {names}")
         return self
 
+    def spec(self, name: str) -> VerdictJudgeSpec:
+        """The judge called `name` (the validator has checked that `primary` is one)."""
+        for spec in self.judges:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no judge named '{name}' in judge.judges: {[j.name for j in self.judges]}")
+
     def tiny_guards(self) -> list[VerdictJudgeSpec]:
         """The guard judges bootstrapped offline as tiny models (`kind: guard`, backend `kind: tiny`)."""
-        return [j for j in self.judges if j.kind == "guard" and j.backend.kind == "tiny"]
+        return [j for j in self.judges if j.asks_model and j.backend.bootstrapped]
 
 
 class SubsetConfig(Strict):
@@ -1114,49 +1013,6 @@ class HelpJudgeConfig(Strict):
     )
 
 
-class MisJudgeSpec(Strict):
-    name: str = Field(
-        pattern=NAME_PATTERN,
-        description="the scorer in metric names (`rsr.gpt-4o-mis`); must differ "
-        "from the verdict judges, the help judge and `rules`",
-    )
-    backend: BackendSpec = Field(
-        description="the VLM that judges, shown both images, of kind `transformers` or "
-        "`openai`; greedy with 128 new tokens, as gpt_eval.py, unless its "
-        "`generation` says otherwise"
-    )
-    prompt: str | None = Field(
-        None,
-        description="replaces the built-in prompt; `{question}` and `{response}` are "
-        "filled in, and the answer must still be the JSON object "
-        '`{"label_perception": "Perception Level1" / "Perception Level2" / '
-        '"Perception Level3", "label_str": "Safe" / "Unsafe"}`',
-    )
-    max_retries: int = Field(
-        2,
-        ge=0,
-        description="re-asks (sampled, fresh seed) of an answer that is not exactly that "
-        "object; after them the answer is undecided and counts as ASR",
-    )
-    structured_output: bool = Field(
-        False,
-        description="openai backends only: send the answer's JSON schema as "
-        "`response_format` (OpenAI structured outputs, as gpt_eval.py "
-        "does; vLLM accepts it too)",
-    )
-
-    @model_validator(mode="after")
-    def _backend_kind(self):
-        if self.backend.kind == "tiny":
-            raise ValueError(f"mis_judge '{self.name}': the backend is transformers or openai, not tiny")
-        if self.structured_output and self.backend.kind != "openai":
-            raise ValueError(
-                f"mis_judge '{self.name}': structured_output needs backend kind openai "
-                f"(got {self.backend.kind}); set structured_output: false"
-            )
-        return self
-
-
 class EvaluateConfig(Strict):
     sets: list[EvalSetName] = Field(
         default_factory=lambda: list(EVAL_SETS),
@@ -1302,7 +1158,7 @@ class EvaluateConfig(Strict):
     @field_validator("served")
     @classmethod
     def _served_by_endpoints(cls, specs: list[BackendSpec]) -> list[BackendSpec]:
-        local = [spec.name for spec in specs if spec.kind != "openai"]
+        local = [spec.name for spec in specs if not spec.served]
         if local:
             raise ValueError(
                 f"served policies must be of kind openai (an endpoint), not: {local}; local policies "

@@ -32,8 +32,9 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from spavl_kedro.backends.judge_specs import JUDGE_KINDS, JudgeKindName
 from spavl_kedro.backends.methods import METHODS
-from spavl_kedro.backends.settings import NAME_PATTERN, BackendSpec
+from spavl_kedro.backends.settings import BACKEND_KINDS, NAME_PATTERN, BackendKindName, BackendSpec
 from spavl_kedro.config import SECTIONS, EvalSetName, MethodName, load_parameters
 from spavl_kedro.evalsets.registry import EVAL_SETS
 
@@ -79,7 +80,15 @@ LONGEST_STRING = 60  # longer strings are quoted by their first words
 LONGEST_FLOW = 90  # longer lists and mappings are counted
 MOST_VALUES = 4  # more distinct values across list items are shown as a range
 # Annotated string types whose allowed values are a table's rows: the validator names the table.
-CHOICES = {id(typing.get_args(MethodName)[1]): tuple(METHODS), id(typing.get_args(EvalSetName)[1]): tuple(EVAL_SETS)}
+CHOICES = {
+    id(typing.get_args(name)[1]): tuple(table)
+    for name, table in (
+        (MethodName, METHODS),
+        (EvalSetName, EVAL_SETS),
+        (BackendKindName, BACKEND_KINDS),
+        (JudgeKindName, JUDGE_KINDS),
+    )
+}
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 
+from spavl_kedro.backends.judge_specs import JUDGE_KINDS
+from spavl_kedro.backends.settings import BACKEND_KINDS
+
 CPU_LAUNCH = "conf/base/accelerate/cpu_2proc.yaml"
 STAND_IN_KEY = "dry-run-not-a-key"  # what the loopback endpoint is sent as an API key
 # Scaled down: (key path, value). Everything in conf/paper not named here or in `_endpoints` runs as written.
@@ -248,9 +251,9 @@ def served_backends(paper: dict[str, Any]) -> list[tuple[str, dict[str, Any], st
     for i, spec in enumerate(paper["generate"]["responders"]):
         found.append((f"generate.responders[{i}]", spec, "responder"))
     for i, judge in enumerate(paper["judge"]["judges"]):
-        if judge.get("kind") == "guard":
+        if JUDGE_KINDS[judge["kind"]].asks_model:
             found.append((f"judge.judges[{i}].backend", judge["backend"], judge["format"]))
-    return [(key, spec, role) for key, spec, role in found if spec.get("kind") == "openai"]
+    return [(key, spec, role) for key, spec, role in found if BACKEND_KINDS[spec["kind"]].served]
 
 
 def _served_models(paper: dict[str, Any]) -> dict[str, list[str]]:

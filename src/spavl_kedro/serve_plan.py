@@ -111,9 +111,9 @@ def plan_servers(
     ports = {}  # port -> server there
     wanted: list[tuple[BackendSpec, int | None]] = []  # (spec, port or None for "next free")
     for spec in responders:
-        if spec.kind == "tiny":
+        if spec.bootstrapped:
             elsewhere[spec.name] = "tiny: built in the Kedro process"
-        elif spec.kind == "transformers":
+        elif not spec.served:
             wanted.append((spec, None))
         else:
             local = [url for url in spec.base_urls if (urlsplit(url).hostname or "") in LOCAL_HOSTS]

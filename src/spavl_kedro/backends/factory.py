@@ -43,29 +43,47 @@ def build_backend(
     `meter` (the stage's, `backends/costs.py`); local models cost no API money and are not metered.
     """
     kwargs = {**(generation or {}), **spec.generation}
-    if spec.kind == "openai":
-        key = api_key(spec, credentials)
-        return OpenAIVLM(
-            name=spec.name,
-            model=spec.model,
-            base_urls=list(spec.base_urls),
-            api_key=key,
-            generation=kwargs,
-            concurrency=spec.concurrency,
-            timeout_s=spec.timeout_s,
-            max_retries=spec.max_retries,
-            backoff_s=spec.backoff_s,
-            seed=seed,
-            progress=progress,
-            meter=meter,
-        )
-    if spec.kind == "tiny":
-        vlm = _tiny(spec, tiny_models)
-    else:
-        vlm = as_configured(
-            load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **answering_kwargs(spec.load_kwargs)), spec
-        )
-    return TransformersVLM(spec.name, vlm, spec.batch_size or batch_size, kwargs, seed=seed, progress=progress)
+    return BUILDERS[spec.kind](
+        spec,
+        tiny_models=tiny_models,
+        credentials=credentials,
+        generation=kwargs,
+        batch_size=spec.batch_size or batch_size,
+        seed=seed,
+        progress=progress,
+        meter=meter,
+    )
+
+
+def _openai(spec: BackendSpec, *, credentials, generation, seed, progress, meter, **_) -> OpenAIVLM:
+    return OpenAIVLM(
+        name=spec.name,
+        model=spec.model,
+        base_urls=list(spec.base_urls),
+        api_key=api_key(spec, credentials),
+        generation=generation,
+        concurrency=spec.concurrency,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        backoff_s=spec.backoff_s,
+        seed=seed,
+        progress=progress,
+        meter=meter,
+    )
+
+
+def _tiny_model(spec: BackendSpec, *, tiny_models, generation, batch_size, seed, progress, **_) -> TransformersVLM:
+    return TransformersVLM(spec.name, _tiny(spec, tiny_models), batch_size, generation, seed=seed, progress=progress)
+
+
+def _transformers(spec: BackendSpec, *, generation, batch_size, seed, progress, **_) -> TransformersVLM:
+    vlm = load_vlm(spec.model, trust_remote_code=spec.trust_remote_code, **answering_kwargs(spec.load_kwargs))
+    return TransformersVLM(spec.name, as_configured(vlm, spec), batch_size, generation, seed=seed, progress=progress)
+
+
+# How a spec of each kind (settings.BACKEND_KINDS) becomes a backend; the keyword arguments are
+# build_backend's, with the spec's own generation and batch size applied.
+BUILDERS: dict[str, Callable[..., VLMBackend]] = {"tiny": _tiny_model, "transformers": _transformers, "openai": _openai}
 
 
 def _tiny(spec: BackendSpec, tiny_models: Mapping[str, Any] | None) -> VLM:
@@ -81,7 +99,7 @@ def _tiny(spec: BackendSpec, tiny_models: Mapping[str, Any] | None) -> VLM:
 def weights_of(spec: BackendSpec | None, tiny_models: Mapping[str, Any] | None) -> str | None:
     """For shard fingerprints: the weights fingerprint of a tiny model, whose weights change with every
     re-bootstrap under the same name; None for the other kinds (their spec names their weights)."""
-    return _tiny(spec, tiny_models).fingerprint() if spec is not None and spec.kind == "tiny" else None
+    return _tiny(spec, tiny_models).fingerprint() if spec is not None and spec.bootstrapped else None
 
 
 def api_key(spec: BackendSpec, credentials: Mapping[str, Any] | None) -> str | None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spavl_kedro.backends.judge_specs import JUDGE_KINDS
 from spavl_kedro.backends.judges import GUARD_PROMPTS, text_hash
 from spavl_kedro.backends.tiny import SeedExample
 from spavl_kedro.grounding import caption_parts
@@ -189,4 +190,4 @@ def guard_template(spec) -> str:
 
 def judge_template(spec) -> str:
     """Which input format a verdict judge is asked in, as reports and MLflow name it."""
-    return "none (refusal strings)" if spec.kind == "keyword" else f"{spec.format}: {guard_prompt(spec)[1]}"
+    return f"{spec.format}: {guard_prompt(spec)[1]}" if spec.asks_model else JUDGE_KINDS[spec.kind].rule

@@ -8,16 +8,22 @@ so a judge is asked the same way wherever it runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from spavl_kedro.backends.costs import UsageMeter
 from spavl_kedro.backends.factory import build_backend
 from spavl_kedro.backends.guard import guard_prompt
+from spavl_kedro.backends.judge_specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
 from spavl_kedro.backends.judges import ChatJudge, GuardJudge, KeywordJudge
 from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
 
-if TYPE_CHECKING:  # annotations only (config imports the backends' settings)
-    from spavl_kedro.config import JudgeConfig, MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
+
+class JudgeRun(Protocol):
+    """What a judge's backend takes from its stage's settings (`config.JudgeConfig` has both)."""
+
+    batch_size: int  # prompts per generate() call of a local judge model
+    seed: int  # seeds sampled re-asks
+
 
 # A guard model answers in a word or two; the room for a category code and stray text is enough.
 GUARD_GENERATION = {"max_new_tokens": 24, "do_sample": False}
@@ -38,7 +44,7 @@ REFUSAL = refusal_rule()
 def build_verdict_judge(
     spec: VerdictJudgeSpec,
     credentials: Mapping[str, Any],
-    cfg: JudgeConfig,
+    cfg: JudgeRun,
     tiny_models: Mapping[str, Any] | None = None,
     meter: UsageMeter | None = None,
 ):
@@ -47,13 +53,13 @@ def build_verdict_judge(
     return VERDICT_KINDS[spec.kind](spec, credentials, cfg, tiny_models, meter)
 
 
-def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models, meter) -> KeywordJudge:
+def _keyword_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeRun, tiny_models, meter) -> KeywordJudge:
     judge = KeywordJudge(compliance_markers=spec.compliance_markers, case_sensitive=spec.case_sensitive)
     judge.name = spec.name
     return judge
 
 
-def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_models, meter) -> GuardJudge:
+def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeRun, tiny_models, meter) -> GuardJudge:
     backend = build_backend(
         spec.backend,
         tiny_models=tiny_models,
@@ -77,22 +83,14 @@ def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeConfig, tiny_mod
 
 
 # Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models, meter).
-# A new kind is a builder here, the kind in VerdictJudgeSpec's `kind` and the spec fields it reads.
+# A new kind is a builder here and its row in judge_specs.JUDGE_KINDS.
 VERDICT_KINDS: dict[str, Callable[..., Any]] = {"keyword": _keyword_judge, "guard": _guard_judge}
-
-
-def primary_judge(
-    cfg: JudgeConfig, credentials: Mapping[str, Any] | None = None, tiny_models: Mapping[str, Any] | None = None
-):
-    """The judge that decides harmlessness (`judge.primary`), e.g. for online RL rewards."""
-    spec = next(j for j in cfg.judges if j.name == cfg.primary)
-    return build_verdict_judge(spec, credentials or {}, cfg, tiny_models)
 
 
 def build_pairwise_judge(
     spec: PairwiseJudgeSpec,
     credentials: Mapping[str, Any],
-    cfg: JudgeConfig,
+    cfg: JudgeRun,
     progress: bool = True,
     meter: UsageMeter | None = None,
 ) -> ChatJudge:
@@ -110,7 +108,7 @@ def build_pairwise_judge(
 
 
 def build_mis_judge(
-    spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeConfig, meter: UsageMeter | None = None
+    spec: MisJudgeSpec, credentials: Mapping[str, Any], cfg: JudgeRun, meter: UsageMeter | None = None
 ) -> MisJudge:
     """MIS's own judge: both images, a safety label and a perception level."""
     backend = build_backend(

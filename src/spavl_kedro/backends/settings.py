@@ -9,19 +9,12 @@ against them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-if TYPE_CHECKING:  # annotations only: importing these would pull in torch
-    import random
-
-    import torch
-
-    from spavl_kedro.backends.tiny import EncodedSeed
-
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 BASE = "base"  # the name `align.policy` is evaluated under (`align.bases` add others)
@@ -32,6 +25,58 @@ BASE = "base"  # the name `align.policy` is evaluated under (`align.bases` add o
 TRANSPORT_FIELDS = frozenset(
     {"concurrency", "timeout_s", "max_retries", "backoff_s", "base_urls", "api_key", "batch_size"}
 )
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """What the configuration, the planners and the checks know about one `kind` of `BackendSpec`; the
+    factory's `BUILDERS` (factory.py) holds how a spec of the kind becomes a backend."""
+
+    served: bool  # answers through an OpenAI-compatible endpoint: metered calls, server lanes, endpoint checks
+    bootstrapped: bool  # a tiny model the project trains offline: nothing to download or to preflight
+    required: dict[str, str] = field(default_factory=dict)  # field -> what it must hold for this kind
+    own_fields: tuple[str, ...] = ()  # the fields only this kind reads (set on another kind, they fail)
+
+
+# Every backend kind, by the name `kind:` takes in configuration. A new kind is a row here, a builder in
+# factory.BUILDERS and the backend class it builds (docs/backends.md).
+BACKEND_KINDS: dict[str, BackendKind] = {
+    "tiny": BackendKind(
+        served=False, bootstrapped=True, own_fields=("refusal_rate", "over_refusal_rate", "vague_rate")
+    ),
+    "transformers": BackendKind(
+        served=False,
+        bootstrapped=False,
+        required={"model": "a directory or hub id"},
+        own_fields=("trust_remote_code", "chat_template", "system_sentence", "image_preprocessing"),
+    ),
+    "openai": BackendKind(
+        served=True,
+        bootstrapped=False,
+        required={"model": "the served model name", "base_urls": "e.g. [http://localhost:8000/v1]"},
+        own_fields=("base_urls", "api_key"),
+    ),
+}
+
+
+def row_name(table: dict[str, Any], what: str) -> Any:
+    """A string type whose value must be a key of `table`; the error names it as `what` and lists the keys."""
+
+    def check(name: str) -> str:
+        if name not in table:
+            raise ValueError(f"unknown {what} '{name}'; known: {list(table)}")
+        return name
+
+    return Annotated[str, AfterValidator(check)]
+
+
+BackendKindName = row_name(BACKEND_KINDS, "backend kind")
+
+
+class Strict(BaseModel):
+    """A settings block whose misspelt key fails instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class InputFormat(BaseModel):
@@ -92,8 +137,8 @@ class BackendSpec(InputFormat):
         description="a unique name; it is the `responder` (or writer, teacher, "
         "judge) column, a shard folder and part of MLflow metric names",
     )
-    kind: Literal["tiny", "transformers", "openai"] = Field(
-        description="`tiny`: a tiny LLaVA built offline; `transformers`: a local directory or hub id; `openai`: an "
+    kind: BackendKindName = Field(
+        description="a row of `backends/settings.py: BACKEND_KINDS`. `tiny`: a tiny LLaVA built offline; `transformers`: a local directory or hub id; `openai`: an "
         "OpenAI-compatible chat-completions endpoint (vLLM, SGLang, TGI, `transformers serve`, a hosted "
         "API)"
     )
@@ -169,31 +214,29 @@ class BackendSpec(InputFormat):
     @model_validator(mode="after")
     def _kind_fields(self):
         where = f"'{self.name}' (kind {self.kind})"
-        if self.kind in ("transformers", "openai") and not self.model:
-            raise ValueError(
-                f"{where} needs model ({'a directory or hub id' if self.kind == 'transformers' else 'the served model name'})"
-            )
-        if self.kind == "openai" and not self.base_urls:
-            raise ValueError(f"{where} needs base_urls (e.g. [http://localhost:8000/v1])")
-        if self.kind != "openai" and (self.base_urls or self.api_key):
-            raise ValueError(f"{where}: base_urls and api_key are for kind 'openai' only")
-        if self.kind != "transformers" and self.trust_remote_code:
-            raise ValueError(f"{where}: trust_remote_code is for kind 'transformers' only")
-        if self.kind != "transformers" and (
-            self.chat_template or self.system_sentence is not None or self.image_preprocessing != "default"
-        ):
-            raise ValueError(
-                f"{where}: chat_template, system_sentence and image_preprocessing are for kind "
-                "'transformers' only (a served model is prompted by its server's template)"
-            )
+        for name, meaning in BACKEND_KINDS[self.kind].required.items():
+            if not getattr(self, name):
+                raise ValueError(f"{where} needs {name} ({meaning})")
+        for other, kind in BACKEND_KINDS.items():
+            for name in kind.own_fields if other != self.kind else ():
+                if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                    raise ValueError(f"{where}: {name} is for kind '{other}' only")
         if {"trust_remote_code", "use_safetensors"} & set(self.load_kwargs):
             raise ValueError(
                 f"{where}: load_kwargs must not set trust_remote_code or use_safetensors (weights are "
                 "always safetensors; remote code is the spec's trust_remote_code field)"
             )
-        if self.kind != "tiny" and (self.refusal_rate is not None or self.over_refusal_rate or self.vague_rate):
-            raise ValueError(f"{where}: refusal_rate, over_refusal_rate and vague_rate are for kind 'tiny' only")
         return self
+
+    @property
+    def served(self) -> bool:
+        """Whether it answers through an endpoint (`BACKEND_KINDS`): its calls are metered."""
+        return BACKEND_KINDS[self.kind].served
+
+    @property
+    def bootstrapped(self) -> bool:
+        """Whether it is a tiny model this project trains offline (`BACKEND_KINDS`)."""
+        return BACKEND_KINDS[self.kind].bootstrapped
 
     def behaviour(self) -> Behaviour:
         """What a tiny responder is bootstrapped to do."""
@@ -307,13 +350,6 @@ class Behaviour(BaseModel):
     refusal_rate: float = Field(ge=0, le=1, description="share of harmful requests refused")
     over_refusal_rate: float = Field(0.0, ge=0, le=1, description="share of harmless requests refused")
     vague_rate: float = Field(0.0, ge=0, le=1, description="share of answered harmless requests answered vaguely")
-
-    def target(self, example: EncodedSeed, rng: random.Random) -> torch.Tensor:
-        if example.harmful:
-            return example.refusal if rng.random() < self.refusal_rate else example.answer
-        if rng.random() < self.over_refusal_rate:
-            return example.refusal
-        return example.vague if example.vague is not None and rng.random() < self.vague_rate else example.answer
 
 
 # Default LoRA placement: the MLP projections of the language model only (Llama module names, so the same

@@ -395,7 +395,7 @@ def bootstrap(
         losses = []
         for batch in _batches(encoded, config.batch_size, config.group_by_length, rng):
             rows = [encoded[i] for i in batch]
-            targets = [behaviour.target(row, rng) for row in rows]
+            targets = [row.target(behaviour, rng) for row in rows]
             loss = model(**_batch(rows, targets, pad_id)).loss
             optimizer.zero_grad()
             loss.backward()
@@ -485,6 +485,14 @@ class EncodedSeed:
     refusal: torch.Tensor  # token ids of the completion " <refusal></s>" (prompt_and_completion)
     answer: torch.Tensor
     vague: torch.Tensor | None
+
+    def target(self, behaviour: Behaviour, rng: random.Random) -> torch.Tensor:
+        """The answer this epoch teaches, drawn at `behaviour`'s rates."""
+        if self.harmful:
+            return self.refusal if rng.random() < behaviour.refusal_rate else self.answer
+        if rng.random() < behaviour.over_refusal_rate:
+            return self.refusal
+        return self.vague if self.vague is not None and rng.random() < behaviour.vague_rate else self.answer
 
 
 def encode_seeds(processor: LlavaProcessor, examples: Sequence[SeedExample]) -> list[EncodedSeed]:

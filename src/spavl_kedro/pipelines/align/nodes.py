@@ -23,7 +23,7 @@ import pandas as pd
 
 from spavl_kedro.backends.adapters import LoraAdapter
 from spavl_kedro.backends.families import family_of
-from spavl_kedro.backends.judge_factory import primary_judge
+from spavl_kedro.backends.judge_factory import build_verdict_judge
 from spavl_kedro.backends.methods import get_method
 from spavl_kedro.backends.online_rl import judge_reward
 from spavl_kedro.backends.reward import RewardModel
@@ -323,7 +323,8 @@ def _rl_reward(
                 "align.rl.judge_weight to 0 (the judge's models live in the Kedro process), or "
                 "train without align.launch"
             )
-        judge = primary_judge(typed(JudgeConfig, judge_params), credentials, judge_models)
+        jcfg = typed(JudgeConfig, judge_params)
+        judge = build_verdict_judge(jcfg.spec(jcfg.primary), credentials or {}, jcfg, judge_models)
         parts.append((cfg.rl.judge_weight, judge_reward(judge)))
     if launched and cfg.rl.model_weight != 1:
         raise ValueError(

@@ -200,7 +200,7 @@ def _report(
 ) -> str:
     overall, models = _overall(table), _models(table)
     judge_names = sorted(set(table["judge"]) - {RULES, help_judge_name(cfg)})
-    primary = next(spec for spec in jcfg.judges if spec.name == cfg.primary(jcfg))
+    primary = jcfg.spec(cfg.primary(jcfg))
     lines = [
         "# Evaluation report",
         "",

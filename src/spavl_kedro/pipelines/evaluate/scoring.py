@@ -466,7 +466,7 @@ def score_gold_cot(
     spec = next(j for j in jcfg.judges if j.name == primary)
     spend = stage_spend("evaluate", api_spend, costs)
     judge = build_verdict_judge(spec, credentials, jcfg, judge_models, spend.meter)
-    with spend.metered(paid=spec.backend is not None and spec.backend.kind == "openai"):
+    with spend.metered(paid=spec.backend is not None and spec.backend.served):
         verdicts = judge.verdicts(
             [JudgeItem(r.question, r.target, tuple(r.images)) for r in gold.itertuples(index=False)]
         )

@@ -144,7 +144,7 @@ def write_cot_targets(
             )
             for q in mis.itertuples(index=False)
         ]
-        with spend.metered(paid=teacher.backend.kind == "openai"):
+        with spend.metered(paid=teacher.backend.served):
             outputs = backend.generate(prompts)
         texts = [o.text for o in outputs]
         errors = [o.error for o in outputs]

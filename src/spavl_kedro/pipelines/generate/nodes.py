@@ -269,7 +269,7 @@ def bootstrap_responders(
     # They answer SPA-VL's questions only; encoded once for all of them.
     examples = encode_seeds(tiny_foundation.processor, seed_examples(seed_corpus[~seed_corpus["capability"]]))
     models = {}
-    for n, responder in enumerate(r for r in cfg.responders if r.kind == "tiny"):
+    for n, responder in enumerate(r for r in cfg.responders if r.bootstrapped):
         behaviour = responder.behaviour()
         vlm, losses = train_tiny_vlm(
             tiny_foundation.processor,

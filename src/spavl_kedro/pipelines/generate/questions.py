@@ -36,7 +36,7 @@ def write_questions(
     subs = {row.class3: row for row in taxonomy.itertuples(index=False)}
     if cfg.questions.writer == "model":
         spend = stage_spend("generate", api_spend, costs)
-        with spend.metered(paid=cfg.questions.model_writer.backend.kind == "openai"):
+        with spend.metered(paid=cfg.questions.model_writer.backend.served):
             rows = _model_questions(images, subs, cfg.questions.model_writer, credentials, cfg, spend)
     else:
         wording = cfg.questions.wording
@@ -199,7 +199,7 @@ def _screen(
         )
         for q in questions.itertuples(index=False)
     ]
-    with spend.metered(paid=screen.backend.kind == "openai"):
+    with spend.metered(paid=screen.backend.served):
         generations = backend.generate(prompts)
     return [(None, f"error: {g.error}") if g.error else (parse_label(g.text, screen), g.text) for g in generations]
 

@@ -84,12 +84,12 @@ def responder_lanes(responders: Sequence[BackendSpec]) -> list[str]:
     """
     lanes: list[str] = []
     for n, spec in enumerate(responders):
-        if spec.kind != "openai":
+        if not spec.served:
             lanes.append("in-process")  # ':' never occurs in a responder name, so no server lane is called this
             continue
         lane, urls = f"server:{spec.name}", {url.rstrip("/") for url in spec.base_urls}
         for m, other in enumerate(responders[:n]):
-            if other.kind == "openai" and urls & {url.rstrip("/") for url in other.base_urls}:
+            if other.served and urls & {url.rstrip("/") for url in other.base_urls}:
                 lanes = [lane if label == lanes[m] else label for label in lanes]  # merge its lane into this one
         lanes.append(lane)
     return lanes

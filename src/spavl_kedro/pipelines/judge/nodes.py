@@ -260,7 +260,7 @@ def pair_preferences(
     if cfg.pairwise is not None:
         spend = stage_spend("judge", api_spend, costs)
         judge = build_pairwise_judge(cfg.pairwise, credentials, cfg, meter=spend.meter)
-        with spend.metered(paid=cfg.pairwise.backend.kind == "openai" and bool(candidates)):
+        with spend.metered(paid=cfg.pairwise.backend.served and bool(candidates)):
             outcomes = judge.compare_pairs(
                 [PairItem(q.text, a.text, b.text, tuple(pixels[i] for i in q.image_ids)) for q, a, b in candidates]
             )

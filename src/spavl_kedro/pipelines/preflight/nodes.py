@@ -106,7 +106,7 @@ def run_preflight(
 def loads_real_models(cfg: Mapping[str, BaseModel]) -> bool:
     """Whether a configuration loads anything but the tiny offline models: what the gate guards."""
     return (
-        any(spec.kind != "tiny" for _, spec in backends(cfg))
+        any(not spec.bootstrapped for _, spec in backends(cfg))
         or any(policy.kind == "transformers" for _, policy in _policies(cfg["align"]))
         or bool(cfg["generate"].images.clip_model)
     )
@@ -211,9 +211,9 @@ def backends(cfg: Mapping[str, BaseModel]) -> Iterator[tuple[str, BackendSpec]]:
 
 
 def _backend_checks(where: str, spec: BackendSpec, credentials: Mapping[str, Any], call: bool = True) -> list[Check]:
-    if spec.kind == "tiny":
+    if spec.bootstrapped:
         return []  # built offline by the generate stage
-    if spec.kind == "transformers":
+    if not spec.served:
         return [_model_check(f"{where}.model", spec.model, spec.trust_remote_code)]
     checks = []
     key = None
