@@ -36,7 +36,7 @@ def test_every_backend_kind_has_a_builder():
 
 def test_a_backend_kind_is_one_row_away(monkeypatch):
     spec = {"name": "toy-guard", "kind": "toy", "model": "keyword-guard-1"}
-    with pytest.raises(ValueError, match=r"unknown backend kind 'toy'; known: \['tiny', 'transformers', 'openai'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend kind 'toy'; known: \['openai', 'tiny', 'transformers'\]"):
         BackendSpec.model_validate(spec)
 
     monkeypatch.setitem(
@@ -89,7 +89,7 @@ def test_every_judge_kind_has_a_builder():
 
 def test_a_judge_kind_is_one_row_away(monkeypatch):
     judges = {"judges": [{"name": "shout", "kind": "toy"}], "primary": "shout"}
-    with pytest.raises(ValueError, match=r"unknown judge kind 'toy'; known: \['keyword', 'guard'\]"):
+    with pytest.raises(ValueError, match=r"unknown judge kind 'toy'; known: \['guard', 'keyword'\]"):
         JudgeConfig.model_validate(judges)
 
     monkeypatch.setitem(JUDGE_KINDS, "toy", JudgeKind(asks_model=False, rule="none (capital letters)"))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     Field,
     PrivateAttr,
@@ -26,7 +25,7 @@ from pydantic import (
 
 from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
 from spavl_kedro.backends.judge_specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
-from spavl_kedro.backends.methods import METHODS, get_method, settings_for
+from spavl_kedro.backends.methods import METHODS, settings_for
 from spavl_kedro.backends.settings import (
     BASE,
     NAME_PATTERN,
@@ -38,20 +37,11 @@ from spavl_kedro.backends.settings import (
     Strict,
     TinyModelConfig,
     VisionPretrainConfig,
+    row_name,
 )
-from spavl_kedro.evalsets.registry import EVAL_SETS, get_eval_set
+from spavl_kedro.evalsets.registry import EVAL_SETS
 from spavl_kedro.wording import Family, SkeletonMatcher, held_out_ids
 from spavl_kedro.wording import families as wording_families
-
-
-def _row_of(lookup):
-    """A validator that checks a name against a table (the lookup raises, listing the known names)."""
-
-    def check(name: str) -> str:
-        lookup(name)
-        return name
-
-    return AfterValidator(check)
 
 
 def key_meanings(**meanings: str) -> dict[str, dict[str, str]]:
@@ -60,8 +50,8 @@ def key_meanings(**meanings: str) -> dict[str, dict[str, str]]:
     return {"key_descriptions": meanings}
 
 
-MethodName = Annotated[str, _row_of(get_method)]  # a row of backends.methods.METHODS
-EvalSetName = Annotated[str, _row_of(get_eval_set)]  # a row of evalsets.registry.EVAL_SETS
+MethodName = row_name(METHODS, "alignment method")
+EvalSetName = row_name(EVAL_SETS, "evaluation set")
 
 
 class TaxonomyConfig(Strict):

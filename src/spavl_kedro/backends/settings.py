@@ -64,7 +64,7 @@ def row_name(table: dict[str, Any], what: str) -> Any:
 
     def check(name: str) -> str:
         if name not in table:
-            raise ValueError(f"unknown {what} '{name}'; known: {list(table)}")
+            raise ValueError(f"unknown {what} {name!r}; known: {sorted(table)}")
         return name
 
     return Annotated[str, AfterValidator(check)]
