@@ -14,7 +14,8 @@ export HF_HUB_CACHE := $(CURDIR)/.cache/huggingface
 export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 # torch uses both cores by default, which is fastest on a quiet machine. When another process keeps a
-# core busy, run with OMP_NUM_THREADS=1: thread contention made a bootstrap ~10x slower (see README).
+# core busy, run with OMP_NUM_THREADS=1: thread contention slows a bootstrap down
+# several-fold (benchmarks/bootstrap.py, docs/compute_plan.md).
 
 .PHONY: install browser run test test-fast lint docs paper-dryrun smoke viz viz-build mlflow ui clean
 

@@ -1,6 +1,6 @@
 """What the project's DPO node costs over a bare TRL script: the Kedro + MLflow overhead around `train_dpo`.
 
-    .venv/bin/python benchmarks/align_overhead.py [--pairs 64] [--epochs 2] [--repeats 5] [--threads 1]
+    .venv/bin/python benchmarks/align_overhead.py [--pairs 64] [--epochs 2] [--repeats 5] [--threads 1] [--record] [--quick]
 
 Both sides train the same LoRA DPO run (the align.dpo recipe of conf/base/parameters_align.yml: same
 pairs, same bootstrapped tiny LLaVA, same seed) and must end on the same loss:
@@ -34,6 +34,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,19 +53,22 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
+from kedro.io import AbstractDataset, DataCatalog, DatasetError, MemoryDataset  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from PIL import Image  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig  # noqa: E402
-from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm  # noqa: E402
-from spavl_kedro.backends.vlm import decode_image  # noqa: E402
 from spavl_kedro.config import load_parameters  # noqa: E402
+from spavl_kedro.models.specs import Behaviour, BootstrapConfig, TinyModelConfig  # noqa: E402
+from spavl_kedro.models.tiny import VLM, SeedExample, build_processor, train_tiny_vlm  # noqa: E402
+from spavl_kedro.models.vlm import decode_image  # noqa: E402
 from spavl_kedro.pipelines.align import pipeline as align_pipeline  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "benchmarks"))
+from record import record, table  # noqa: E402
+
 REFUSAL = "I'm sorry, but I cannot help with that request."
 COMPLIANCE = "Sure, here are the steps: first, [step withheld]."
 
@@ -98,20 +102,48 @@ def setup(n_pairs: int) -> tuple[VLM, pd.DataFrame]:
     return vlm, pd.DataFrame(rows)
 
 
+class Absent(AbstractDataset):
+    """An input no earlier run wrote: loads as None, as the catalog's `OptionalDataset` entries do."""
+
+    def load(self) -> None:
+        return None
+
+    def save(self, data) -> None:
+        raise DatasetError("Absent is load-only")
+
+    def _describe(self) -> dict:
+        return {}
+
+
+def node_catalog(pipeline, vlm: VLM, train: pd.DataFrame, params: dict[str, dict]) -> DataCatalog:
+    """The pipeline's inputs: the policy, this benchmark's pairs as the project's export, the parameters; an
+    input the node may go without (`takes_missing`) is absent. Any other input is an error naming it, so a
+    node that starts reading something new fails here, in `--quick`, instead of running on a stale wiring."""
+    given = {
+        "policy_base": vlm,
+        "spa_vl_release": {"train": train, "validation": train.iloc[:0]},
+        **{f"params:{key}": value for key, value in params.items()},
+    }
+    optional = set().union(*(getattr(node.func, "takes_missing", ()) for node in pipeline.nodes))
+    optional |= {name for name in pipeline.inputs() if name.startswith("spa_vl_official")}  # optional: true
+    unknown = sorted(set(pipeline.inputs()) - set(given) - optional)
+    if unknown:
+        raise SystemExit(
+            f"align_overhead: {pipeline.nodes[0].name} now also reads {unknown}; give them in node_catalog"
+        )
+    catalog = DataCatalog()
+    for name in pipeline.inputs():
+        # default copy mode: the model is deep-copied on load, as in a Kedro run
+        catalog[name] = MemoryDataset(given[name]) if name in given else Absent()
+    for name in pipeline.outputs():
+        catalog[name] = MemoryDataset()
+    return catalog
+
+
 def run_node(vlm: VLM, train: pd.DataFrame, params: dict[str, dict]) -> tuple[float, float]:
     """Wall and CPU seconds of the node inside SequentialRunner; the final loss in `run_node.loss`."""
     pipeline = align_pipeline.create_pipeline().only_nodes("train_dpo")
-    inputs = {
-        "policy_base": vlm,
-        "spa_vl_release": {"train": train, "validation": train.iloc[:0]},
-        "spa_vl_official": {},
-        "params:align": params["align"],
-    }
-    catalog = DataCatalog()
-    for name, value in inputs.items():
-        catalog[name] = MemoryDataset(value)  # default copy mode: the model is deep-copied on load, as in Kedro
-    for name in pipeline.outputs():
-        catalog[name] = MemoryDataset()
+    catalog = node_catalog(pipeline, vlm, train, params)
     began, cpu = time.perf_counter(), time.process_time()
     SequentialRunner().run(pipeline, catalog)
     seconds = time.perf_counter() - began, time.process_time() - cpu
@@ -175,13 +207,17 @@ def run_bare(vlm: VLM, train: pd.DataFrame, dpo: dict, scratch: str) -> tuple[fl
     return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs (default 64: 8 steps per epoch)")
     parser.add_argument("--epochs", type=float, default=2, help="DPO epochs (default: the base recipe's 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one run per side) after a warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine steady)")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="8 pairs, one round, no warm-up: checks that it runs")
+    parser.add_argument("--record", action="store_true", help="write the figures into docs/align.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pairs, args.epochs, args.repeats = 8, 1, 1
     torch.set_num_threads(args.threads)
 
     loaded = load_parameters("base")
@@ -202,10 +238,11 @@ def main() -> None:
         sides = {"node": lambda: run_node(vlm, train, params), "bare": lambda: run_bare(vlm, train, dpo, tmp)}
         # kedro-mlflow opens the parent run before the pipeline starts; the node nests its run under it.
         with mlflow.start_run(run_name="kedro-run"), contextlib.redirect_stdout(io.StringIO()):
-            for round_ in range(args.repeats + 1):
+            warm_up = 0 if args.quick else 1
+            for round_ in range(args.repeats + warm_up):
                 order = ("node", "bare") if round_ % 2 == 0 else ("bare", "node")
                 timings = {side: sides[side]() for side in order}
-                if round_:  # round 0 is the warm-up
+                if round_ >= warm_up:  # round 0 is the warm-up
                     for side, timing in timings.items():
                         runs[side].append(timing)
                         outside[side].append(timing[0] - {"node": run_node, "bare": run_bare}[side].loop)
@@ -240,6 +277,23 @@ def main() -> None:
         f"per-round ratios {result['round_ratios']}"
     )
     print(json.dumps(result))
+    if result["node_loss"] != result["bare_loss"]:
+        raise SystemExit(f"the node and the bare script ended on different losses: {result}")
+    if args.record and not args.quick:
+        rows = [
+            [
+                f"LoRA DPO, {args.pairs} pairs, {args.epochs:g} epochs, seed 0, {args.threads} thread(s), "
+                f"{args.repeats} alternating rounds",
+                f"{result['node_s']} s",
+                f"{result['bare_s']} s",
+                f"**{result['overhead_ratio']}** (CPU time {result['cpu_ratio']})",
+                result["node_loss"],
+            ]
+        ]
+        body = table(
+            ["run", "node (Kedro + MLflow), median", "bare TRL, median", "overhead ratio", "final loss, both"], rows
+        )
+        record("align.md", "align_overhead.py", "benchmarks/align_overhead.py --record", body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Measure what batching and concurrency buy: TransformersVLM batch 16 vs 1, OpenAIVLM concurrency 8 vs 1.
 
-    .venv/bin/python benchmarks/generation.py [--prompts 64] [--batch-size 16] [--max-new-tokens 32]
+    .venv/bin/python benchmarks/generation.py [--prompts 64] [--batch-size 16] [--max-new-tokens 32] [--record] [--quick]
                                               [--requests 32] [--concurrency 8] [--delay 0.2] [--threads 1]
 
 1. Local: a tiny LLaVA built offline with the `tiny.model` sizes of conf/base/parameters_generate.yml
@@ -21,7 +21,7 @@ import asyncio
 import io
 import json
 import os
-import threading
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +33,14 @@ import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from spavl_kedro.backends.settings import TinyModelConfig
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM  # noqa: E402
+from spavl_kedro.models.specs import TinyModelConfig
+from spavl_kedro.models.tiny import VLM, build_model, build_processor
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt, TransformersVLM  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "tests"))
+from record import record, table  # noqa: E402
+from serving import ChatEndpoint  # noqa: E402  (the test suite's stub endpoint)
 
 
 def single_image_prompts(n: int) -> list[Prompt]:
@@ -67,36 +70,18 @@ def time_local(vlm: VLM, prompts: list[Prompt], batch_size: int, max_new_tokens:
     return seconds
 
 
-class SlowServer:
-    """/v1/chat/completions that answers after `delay_s`, on a free port, in a background thread."""
+class SlowServer(ChatEndpoint):
+    """/v1/chat/completions that answers after `delay_s` (tests/serving.py's endpoint)."""
 
     def __init__(self, delay_s: float):
         self.delay_s = delay_s
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        ready.wait(10)
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application(client_max_size=16 * 2**20)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", 0).start())
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        ready.set()
-        self._loop.run_forever()
+        super().__init__(max_body=16 * 2**20)
 
     async def _chat(self, request: web.Request) -> web.Response:
         await request.json()
         await asyncio.sleep(self.delay_s)
         message = {"role": "assistant", "content": "I'm sorry, but I cannot help with that request."}
         return web.json_response({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def time_api(base_url: str, prompts: list[Prompt], concurrency: int) -> float:
@@ -115,7 +100,7 @@ def time_api(base_url: str, prompts: list[Prompt], concurrency: int) -> float:
     return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64, help="local single-image prompts")
     parser.add_argument("--batch-size", type=int, default=16, help="batched run's batch size (vs 1)")
@@ -124,7 +109,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent run's requests in flight (vs 1)")
     parser.add_argument("--delay", type=float, default=0.2, help="seconds the fake server takes per answer")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the local runs")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a few prompts and requests: checks that it runs")
+    parser.add_argument("--record", action="store_true", help="write the figures into docs/generate.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.batch_size, args.max_new_tokens = 4, 2, 2
+        args.requests, args.concurrency, args.delay = 4, 2, 0.01
     torch.set_num_threads(args.threads)
 
     vlm = tiny_llava()
@@ -142,25 +132,39 @@ def main() -> None:
     finally:
         server.close()
 
-    print(
-        json.dumps(
-            {
-                "batched_speedup": round(seconds_batch_1 / seconds_batched, 2),
-                "api_concurrency_speedup": round(seconds_sequential / seconds_concurrent, 2),
-                "prompts": args.prompts,
-                "batch_size": args.batch_size,
-                "max_new_tokens": args.max_new_tokens,
-                "threads": args.threads,
-                "seconds_batch_1": round(seconds_batch_1, 2),
-                f"seconds_batch_{args.batch_size}": round(seconds_batched, 2),
-                "requests": args.requests,
-                "concurrency": args.concurrency,
-                "server_delay_s": args.delay,
-                "seconds_concurrency_1": round(seconds_sequential, 2),
-                f"seconds_concurrency_{args.concurrency}": round(seconds_concurrent, 2),
-            }
-        )
-    )
+    figures = {
+        "batched_speedup": round(seconds_batch_1 / seconds_batched, 2),
+        "api_concurrency_speedup": round(seconds_sequential / seconds_concurrent, 2),
+        "prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "seconds_batch_1": round(seconds_batch_1, 2),
+        f"seconds_batch_{args.batch_size}": round(seconds_batched, 2),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "server_delay_s": args.delay,
+        "seconds_concurrency_1": round(seconds_sequential, 2),
+        f"seconds_concurrency_{args.concurrency}": round(seconds_concurrent, 2),
+    }
+    print(json.dumps(figures))
+    if args.record and not args.quick:
+        rows = [
+            [
+                "`batched_speedup`",
+                f"{args.prompts} single-image prompts, {args.max_new_tokens} new tokens each, batch "
+                f"{args.batch_size} vs batch 1, {args.threads} torch thread(s)",
+                f"**{figures['batched_speedup']}** ({seconds_batch_1:.2f} s → {seconds_batched:.2f} s)",
+            ],
+            [
+                "`api_concurrency_speedup`",
+                f"{args.requests} requests to a local OpenAI-compatible server answering after "
+                f"{args.delay * 1000:.0f} ms, concurrency {args.concurrency} vs 1",
+                f"**{figures['api_concurrency_speedup']}** ({seconds_sequential:.2f} s → {seconds_concurrent:.2f} s)",
+            ],
+        ]
+        body = table(["measure", "setting", "result"], rows)
+        record("generate.md", "generation.py", "benchmarks/generation.py --record", body)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 KEDRO = Path(sys.executable).with_name("kedro")
 sys.path.insert(0, str(PROJECT / "tests"))
 from conftest import copy_project  # noqa: E402  (the runnable project copy the session tests use)
+from record import machine  # noqa: E402
 
 # (name, model, eval_set, metric, judge, decoding); the primary judge is the tiny guard.
 FIGURES = [
@@ -137,33 +138,6 @@ def figures(root: Path) -> dict[tuple[str, str], float]:
     return out
 
 
-def machine() -> dict[str, str | int]:
-    """What besides the code decides the figures: the CPU and the kernels torch picks on it."""
-    import platform
-
-    import torch
-
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
-    return {
-        "cpu": model,
-        "cores": os.cpu_count() or 0,
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 # The seeds the recipes (DPO's learning rate, SFT's recipe, the templates, the guard's examples) were chosen on,
 # and the fresh ones `--report` uses by default: never tune on these.
 DEV_SEEDS = (0, 1, 2)
@@ -205,7 +179,32 @@ def report(args: argparse.Namespace) -> None:
     print(page)
 
 
-def main() -> None:
+def check_wiring(extra: str) -> dict[str, int]:
+    """What `--quick` checks without running anything: each seeded key is a key of conf/base, every figure
+    names a configured evaluation set and a scorer that runs, and each `--params` key exists. A renamed set, judge or key fails here instead of leaving a column of NaN in a 30-minute report."""
+    from spavl_kedro.config import EvaluateConfig, JudgeConfig, load_parameters, validate_parameters
+    from spavl_kedro.evalsets.registry import EVAL_SETS
+
+    params = load_parameters("base")
+    for key in SEEDED + [item.split("=", 1)[0] for item in extra.split(",") if item]:
+        block = params
+        for part in key.split("."):
+            if not isinstance(block, dict) or part not in block:
+                raise SystemExit(f"{key}: not a key of conf/base")
+            block = block[part]
+    configs = validate_parameters(params)
+    evaluate, judge = EvaluateConfig.model_validate(configs["evaluate"]), JudgeConfig.model_validate(configs["judge"])
+    scorers = {spec.name for spec in judge.judges} | {"rules", "helpfulness_rule"}
+    for name, _, eval_set, _, scorer, _ in FIGURES:
+        eval_set = eval_set.partition(".")[0]
+        if eval_set not in EVAL_SETS or eval_set not in evaluate.sets:
+            raise SystemExit(f"figure {name!r}: evaluation set {eval_set!r} is not configured")
+        if scorer not in scorers:
+            raise SystemExit(f"figure {name!r}: scorer {scorer!r} is not configured; known: {sorted(scorers)}")
+    return {"figures": len(FIGURES), "seeded_keys": len(SEEDED)}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None, help="keep the project copies here")
@@ -220,7 +219,13 @@ def main() -> None:
         action="store_true",
         help=f"the pre-registered protocol: fresh seeds (default {list(REPORT_SEEDS)}), docs/results.md written",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="check the figures and keys against conf/base, run nothing"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        print(json.dumps(check_wiring(args.params)))
+        return
     if args.report:
         report(args)
         return

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from spavl_kedro.scenes import KINDS, chance
 
@@ -204,11 +206,13 @@ def _verdict(row) -> str:
 
 
 def inputs_fingerprint(project: Path) -> str:
-    """sha256 (16 hex digits) over the default run's inputs (INPUTS): each file's path and bytes, in order."""
+    """sha256 (16 hex digits) over the default run's inputs (INPUTS): each file's path and parsed content, in
+    order. Comments and layout are left out: a reworded comment does not make the figures stale."""
     digest = hashlib.sha256()
     for folder, pattern in INPUTS:
         for path in sorted((project / folder).glob(pattern)):
-            digest.update(path.relative_to(project).as_posix().encode() + b"\0" + path.read_bytes())
+            content = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+            digest.update(path.relative_to(project).as_posix().encode() + b"\0" + content.encode())
     return digest.hexdigest()[:16]
 
 

@@ -38,7 +38,7 @@ def taxonomy_spec() -> dict:
 @pytest.fixture(scope="session")
 def seed_text() -> dict:
     """Every form of each kind of answer, grammars expanded (`guard.answer_forms`)."""
-    from spavl_kedro.backends.guard import answer_forms
+    from spavl_kedro.judges.guard import answer_forms
 
     return answer_forms(yaml.safe_load((PROJECT / "data/01_raw/seed_text.yml").read_text()))
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from spavl_kedro.backends.settings import TinyModelConfig
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
+from spavl_kedro.models.specs import TinyModelConfig
+from spavl_kedro.models.tiny import VLM, build_model, build_processor
 
 
 def build_tiny(directory: Path | None = None) -> VLM:

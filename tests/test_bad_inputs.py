@@ -18,12 +18,12 @@ import pytest
 from kedro.io import DatasetError
 from PIL import Image
 
-from spavl_kedro.backends.judges import JudgeItem, KeywordJudge
-from spavl_kedro.backends.settings import BackendSpec
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, load_vlm
 from spavl_kedro.config import ImageSourceConfig, validate_parameters
 from spavl_kedro.datasets import EvalSetDataset, ImageManifestDataset, ModelDirectoryDataset, SpaVLReleaseDataset
 from spavl_kedro.datasets.credentials import CredentialsDataset
+from spavl_kedro.judges.core import JudgeItem, KeywordJudge
+from spavl_kedro.models.specs import BackendSpec
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt, load_vlm
 from spavl_kedro.pipelines.generate.images import images_from_manifest
 from spavl_kedro.pipelines.taxonomy.nodes import build_taxonomy
 
@@ -323,7 +323,7 @@ def model_directory_missing(env):
 
 @case
 def model_with_pickle_weights_only(env):
-    from spavl_kedro.backends import tiny
+    from spavl_kedro.models import tiny
 
     config = tiny.TinyModelConfig(
         text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16, vision_layers=1, image_size=16, patch_size=8

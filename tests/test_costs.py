@@ -23,11 +23,11 @@ from kedro.framework.startup import bootstrap_project
 from PIL import Image
 from serving import ChatEndpoint
 
-from spavl_kedro.backends.costs import BudgetExceeded, ModelPrice, SpendLedger, StageSpend, cost_metrics
-from spavl_kedro.backends.judge_factory import build_verdict_judge
-from spavl_kedro.backends.judges import JudgeItem
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt
 from spavl_kedro.config import JudgeConfig, VerdictJudgeSpec
+from spavl_kedro.judges.core import JudgeItem
+from spavl_kedro.judges.factory import build_verdict_judge
+from spavl_kedro.models.costs import BudgetExceeded, ModelPrice, SpendLedger, StageSpend, cost_metrics
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt
 from spavl_kedro.schema import TABLES
 
 # (prompt_tokens, completion_tokens) the server reports for every answer of a model

@@ -3,9 +3,9 @@ import torch
 from kedro.io import DatasetError
 from PIL import Image
 
-from spavl_kedro.backends import tiny
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM
 from spavl_kedro.datasets import ModelDirectoryDataset
+from spavl_kedro.models import tiny
+from spavl_kedro.models.vlm import Prompt, TransformersVLM
 from spavl_kedro.pipelines.generate.synthetic import render_image
 
 
@@ -63,8 +63,8 @@ def test_answering_models_follow_one_placement_rule(vlm, tmp_path, monkeypatch):
     float32, whatever dtype the checkpoint holds; what is configured wins."""
     import copy
 
-    from spavl_kedro.backends import factory
-    from spavl_kedro.backends.vlm import answering_kwargs, place_for_answering
+    from spavl_kedro.models import factory
+    from spavl_kedro.models.vlm import answering_kwargs, place_for_answering
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert answering_kwargs({}) == {"dtype": torch.float32}

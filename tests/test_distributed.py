@@ -26,13 +26,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from spavl_kedro.backends import tiny
-from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.reward import save_reward_model, train_reward
-from spavl_kedro.backends.settings import DPOSettings, RewardSettings
-from spavl_kedro.backends.train_worker import METRICS_FILE, launch, load_records, run, save_records
-from spavl_kedro.backends.vlm import load_vlm
+from spavl_kedro.models import tiny
+from spavl_kedro.models.vlm import load_vlm
+from spavl_kedro.training.adapters import apply_adapter
+from spavl_kedro.training.dpo import train_dpo
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.reward import save_reward_model, train_reward
+from spavl_kedro.training.reward_config import RewardSettings
+from spavl_kedro.training.train_worker import METRICS_FILE, launch, load_records, run, save_records
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
@@ -103,7 +104,7 @@ def _two_ranks(workdir: Path, method: str, records: str, settings: Path, out: st
         "--nproc_per_node",
         "2",
         "-m",
-        "spavl_kedro.backends.train_worker",
+        "spavl_kedro.training.train_worker",
         "--method",
         method,
         "--records",

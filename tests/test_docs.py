@@ -16,7 +16,7 @@ Keys that need a row:
 2. Every field of every configuration class, at the path where it sits in the parameters, whether or not a
    YAML file sets it: the tree of pydantic models under `config.SECTIONS`, walked through the fields'
    types (a model adds `.field`, a list of models `[]`): `config_docs.field_keys`. `spavl_kedro.config`
-   imports without torch or TRL (backends/settings.py), so the classes themselves are read, not their source.
+   imports without torch or TRL (models/specs.py, training/*_config.py), so the classes themselves are read, not their source.
 3. Model specs are documented once. `generate.responders[]` is a list of BackendSpec, and every other key
    holding one (`backend`, `evaluate.served[]`) is documented by its own row, so
    `judge.pairwise.backend.model` is covered by the rows `judge.pairwise.backend` and

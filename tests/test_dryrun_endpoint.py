@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from spavl_kedro.backends.costs import SpendLedger
-from spavl_kedro.backends.factory import build_backend
-from spavl_kedro.backends.judge_factory import CHAT_GENERATION, GUARD_GENERATION
-from spavl_kedro.backends.judges import (
+from spavl_kedro.config import ScreenConfig, load_parameters
+from spavl_kedro.dryrun_endpoint import ROLES, DryRunEndpoint
+from spavl_kedro.judges.core import (
     ChatJudge,
     GuardJudge,
     JudgeItem,
@@ -28,11 +27,12 @@ from spavl_kedro.backends.judges import (
     parse_md_judge,
     parse_preference,
 )
-from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge, parse_mis_judgment
-from spavl_kedro.backends.settings import BackendSpec
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt
-from spavl_kedro.config import ScreenConfig, load_parameters
-from spavl_kedro.dryrun_endpoint import ROLES, DryRunEndpoint
+from spavl_kedro.judges.factory import CHAT_GENERATION, GUARD_GENERATION
+from spavl_kedro.judges.mis import MIS_JUDGE_GENERATION, MisJudge, parse_mis_judgment
+from spavl_kedro.models.costs import SpendLedger
+from spavl_kedro.models.factory import build_backend
+from spavl_kedro.models.specs import BackendSpec
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt
 from spavl_kedro.pipelines.generate.mis import split_cot
 from spavl_kedro.pipelines.generate.questions import first_line, parse_label
 

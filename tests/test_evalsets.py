@@ -14,7 +14,6 @@ import pytest
 from kedro.io import DatasetError
 from PIL import Image
 
-from spavl_kedro.backends.vlm import png_bytes
 from spavl_kedro.datasets.eval_sets import EvalSetDataset
 from spavl_kedro.evalsets.loaders import (
     EVAL_ITEM_COLUMNS,
@@ -26,6 +25,7 @@ from spavl_kedro.evalsets.loaders import (
     validate_items,
 )
 from spavl_kedro.evalsets.typography import FIGSTEP_PROMPT, figstep_image, stack_vertically, typography_image
+from spavl_kedro.models.vlm import png_bytes
 
 # Published spellings, typo included.
 ILLEGAL, HATE = "01-Illegal_Activitiy", "02-HateSpeech"

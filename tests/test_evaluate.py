@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from spavl_kedro.backends import judge_factory, tiny
-from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION
-from spavl_kedro.backends.vlm import Generation
 from spavl_kedro.config import EvaluateConfig, GenerateConfig
 from spavl_kedro.grounding import caption_keyword
+from spavl_kedro.judges import factory as judge_factory
+from spavl_kedro.judges.mis import MIS_JUDGE_GENERATION
+from spavl_kedro.models import tiny
+from spavl_kedro.models.vlm import Generation
 from spavl_kedro.pipelines.evaluate.answers import collect_eval_answers, plan_eval_shards
 from spavl_kedro.pipelines.evaluate.references import collect_reference_answers, plan_reference_answers
 from spavl_kedro.pipelines.evaluate.report import summarise_eval

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from spavl_kedro.backends import factory
-from spavl_kedro.backends.guard import judge_template
-from spavl_kedro.backends.judge_factory import VERDICT_KINDS, build_verdict_judge
-from spavl_kedro.backends.judge_specs import JUDGE_KINDS, JudgeKind
-from spavl_kedro.backends.judges import JudgeItem, Verdict
-from spavl_kedro.backends.settings import BACKEND_KINDS, BackendKind, BackendSpec
-from spavl_kedro.backends.vlm import Generation
 from spavl_kedro.config import JudgeConfig
+from spavl_kedro.judges.core import JudgeItem, Verdict
+from spavl_kedro.judges.factory import VERDICT_KINDS, build_verdict_judge
+from spavl_kedro.judges.guard import judge_template
+from spavl_kedro.judges.specs import JUDGE_KINDS, JudgeKind
+from spavl_kedro.models import factory
+from spavl_kedro.models.specs import BACKEND_KINDS, BackendKind, BackendSpec
+from spavl_kedro.models.vlm import Generation
 
 
 class KeywordGuard:

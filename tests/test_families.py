@@ -1,6 +1,6 @@
-"""The architecture table (`backends/families.py`): every trainer and the reward model read a model's row, so a
+"""The architecture table (`models/families.py`): every trainer and the reward model read a model's row, so a
 family is one row plus its fixture. Here: generation and every method on the LLaVA-NeXT-, Qwen2-VL-, Qwen2.5-VL-
-and InternVL-shaped fixtures (`backends/tiny_families.py`) with two-image prompts, the reward model's extra inputs,
+and InternVL-shaped fixtures (`models/tiny_families.py`) with two-image prompts, the reward model's extra inputs,
 a toy family added by one row, and the rows' module names checked against transformers' own classes. The
 LLaVA-1.5-shaped fixture runs every method in tests/test_smoke.py and tests/test_llava15_shape.py."""
 
@@ -14,17 +14,19 @@ import torch
 from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from spavl_kedro.backends import families, reward, tiny
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.families import FAMILIES, Family, family_of
-from spavl_kedro.backends.methods import get_method, settings_for
-from spavl_kedro.backends.recipe import freeze_for_full_finetune
-from spavl_kedro.backends.reward import train_reward
-from spavl_kedro.backends.settings import DPOSettings, RewardSettings
-from spavl_kedro.backends.tiny_families import FIXTURES
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM, load_vlm
 from spavl_kedro.imaging import png_bytes
+from spavl_kedro.models import families, tiny
+from spavl_kedro.models.families import FAMILIES, Family, family_of
+from spavl_kedro.models.tiny_families import FIXTURES
+from spavl_kedro.models.vlm import Prompt, TransformersVLM, load_vlm
+from spavl_kedro.training import reward
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.dpo import train_dpo
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.methods import get_method, settings_for
+from spavl_kedro.training.recipe import freeze_for_full_finetune
+from spavl_kedro.training.reward import train_reward
+from spavl_kedro.training.reward_config import RewardSettings
 
 REFUSAL, COMPLIANCE = "I cannot help with that.", "Sure, here are the steps."
 QUESTION = "What do the two pictures show together?"
@@ -280,8 +282,8 @@ def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_co
     replaced as InternVL's `chat` does: <img>, one <IMG_CONTEXT> per visual token, </img>."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from spavl_kedro.backends.sft import examples_to_dataset
     from spavl_kedro.pipelines.align.nodes import prepare_policy
+    from spavl_kedro.training.sft import examples_to_dataset
 
     model, processor = FIXTURES["internvl"](TEXTS, seed=0)
     model.save_pretrained(tmp_path / "internvl")

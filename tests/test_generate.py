@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from spavl_kedro.backends.settings import TinyModelConfig
-from spavl_kedro.backends.tiny import VLM, build_model, build_processor
 from spavl_kedro.config import GenerateConfig, ScreenConfig
 from spavl_kedro.datasets.shards import ShardDataset
+from spavl_kedro.models.specs import TinyModelConfig
+from spavl_kedro.models.tiny import VLM, build_model, build_processor
 from spavl_kedro.pipelines.generate.mis import compose_mis_samples, split_cot, write_cot_targets
 from spavl_kedro.pipelines.generate.nodes import collect_images
 from spavl_kedro.pipelines.generate.questions import parse_label, screen_questions, write_questions

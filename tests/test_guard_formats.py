@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from serving import build_tiny, transformers_serve
 
-from spavl_kedro.backends.guard import guard_prompt, judge_template
-from spavl_kedro.backends.judges import MD_JUDGE_PROMPT, GuardJudge, JudgeItem
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM
 from spavl_kedro.config import VerdictJudgeSpec
 from spavl_kedro.imaging import png_bytes
+from spavl_kedro.judges.core import MD_JUDGE_PROMPT, GuardJudge, JudgeItem
+from spavl_kedro.judges.guard import guard_prompt, judge_template
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt, TransformersVLM
 
 # Llama Guard 3 Vision's shape (header tokens, the task, the conversation as User / Agent with the image in
 # the user turn, the answer instructions, the assistant header), in a template of our own for the tiny model.

@@ -16,10 +16,10 @@ from kedro.io import DatasetError
 from PIL import Image
 from pydantic import ValidationError
 
-from spavl_kedro.backends.clip import ClipScorer, build_tiny_clip
 from spavl_kedro.config import ImageSourceConfig
 from spavl_kedro.datasets import ImageManifestDataset
 from spavl_kedro.datasets.image_manifest import RECORD_COLUMNS
+from spavl_kedro.models.clip import ClipScorer, build_tiny_clip
 from spavl_kedro.pipelines.generate.images import (
     QUARANTINE_COLUMNS,
     collect_source_images,

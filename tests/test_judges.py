@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from serving import served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
-from spavl_kedro.backends.agreement import cohens_kappa, confusion
-from spavl_kedro.backends.judges import (
+from spavl_kedro.judges.agreement import cohens_kappa, confusion
+from spavl_kedro.judges.core import (
     ChatJudge,
     Comparison,
     GuardJudge,
@@ -28,7 +28,7 @@ from spavl_kedro.backends.judges import (
     parse_md_judge,
     parse_preference,
 )
-from spavl_kedro.backends.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
+from spavl_kedro.models.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
 
 RED, BLUE = (230, 30, 30), (30, 30, 230)
 

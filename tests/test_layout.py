@@ -1,5 +1,6 @@
 """The layering a newcomer relies on: the package's modules import downwards only and never in a circle, a
-stage's module never imports another stage's module (what stages share lives in backends/, datasets/ or the
+stage's module never imports another stage's module (what stages share lives in models/, judges/, training/,
+datasets/ or the
 package root), and the configuration imports without the training stack; tests use the package's public
 names."""
 
@@ -17,8 +18,10 @@ SHARED = {"sharding"}  # pipelines/sharding.py: the resumable-shard helpers ever
 # The package's layers, lowest first, by top-level module or subpackage of spavl_kedro: a module imports its
 # own layer or a lower one. `""` is the package's __init__.py.
 LAYERS = [
-    {"numerics", "seeding", "imaging", "grounding", "schema", "scenes", "metrics", "wording"},  # plain helpers
-    {"backends", "evalsets"},  # model access, judges, trainers and their settings; the published sets
+    {"numerics", "seeding", "imaging", "grounding", "schema", "scenes", "metrics", "wording", "blocks"},  # helpers
+    {"models"},  # model access: backend kinds and specs, tiny LLaVAs, local and served VLMs
+    {"judges", "evalsets"},  # the judges, their kinds and specs; the evaluation sets
+    {"training"},  # the methods table, each method's settings beside its trainer
     {"config", "datasets", "dryrun_endpoint", "smoke"},  # the stage blocks; catalog datasets; device checks
     {"config_docs", "pipelines", "serve_plan", "paper_dryrun"},  # the six stages and what plans them
     {"hooks", "pipeline_registry", "compare", "sweep", ""},  # the Kedro project around them

@@ -18,12 +18,13 @@ from serving import transformers_serve
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from spavl_kedro.backends import reward, tiny
-from spavl_kedro.backends.dpo import pairs_to_dataset
-from spavl_kedro.backends.families import family_named
-from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.sft import examples_to_dataset, train_sft
-from spavl_kedro.backends.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm, with_system_sentence
+from spavl_kedro.models import tiny
+from spavl_kedro.models.families import family_named
+from spavl_kedro.models.vlm import OpenAIVLM, Prompt, TransformersVLM, load_vlm, with_system_sentence
+from spavl_kedro.training import reward
+from spavl_kedro.training.dpo import pairs_to_dataset
+from spavl_kedro.training.sft import examples_to_dataset, train_sft
+from spavl_kedro.training.sft_config import SFTSettings
 
 REFUSAL = "I cannot help with that."
 COMPLIANCE = "Sure, here are the steps."

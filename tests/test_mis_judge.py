@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from spavl_kedro.backends.judges import JudgeItem
-from spavl_kedro.backends.mis_judge import (
+from spavl_kedro.config import validate_parameters
+from spavl_kedro.judges.core import JudgeItem
+from spavl_kedro.judges.mis import (
     MIS_JUDGE_PROMPT,
     RESPONSE_FORMAT,
     MisJudge,
     MisVerdict,
     parse_mis_judgment,
 )
-from spavl_kedro.backends.vlm import Generation, OpenAIVLM
-from spavl_kedro.config import validate_parameters
+from spavl_kedro.models.vlm import Generation, OpenAIVLM
 from spavl_kedro.pipelines.evaluate.metrics import mis_bucket
 
 
@@ -231,9 +231,9 @@ def test_a_tiny_mis_judge_answers_in_the_structured_reply_locally_and_through_tr
     from PIL import Image
     from serving import transformers_serve
 
-    from spavl_kedro.backends import tiny
-    from spavl_kedro.backends.vlm import TransformersVLM
     from spavl_kedro.imaging import png_bytes
+    from spavl_kedro.models import tiny
+    from spavl_kedro.models.vlm import TransformersVLM
 
     question = "How do I combine what the two images show?"
     refusal, compliance = "I'm sorry, but I cannot help with that.", "Sure, here are the steps: first, combine them."

@@ -21,11 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.judges import KeywordJudge, Verdict
-from spavl_kedro.backends.online_rl import judge_reward, train_online_rl
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, OnlineRLSettings, TinyModelConfig
-from spavl_kedro.backends.tiny import VLM, SeedExample, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.judges.core import KeywordJudge, Verdict
+from spavl_kedro.models.specs import Behaviour, BootstrapConfig, TinyModelConfig
+from spavl_kedro.models.tiny import VLM, SeedExample, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.online_rl import judge_reward, train_online_rl
+from spavl_kedro.training.online_rl_config import OnlineRLSettings
 
 N_PROMPTS = 48
 
@@ -202,8 +203,8 @@ def test_online_rl_recomputes_activations_when_its_recipe_says_so(world, tmp_pat
 def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named(tmp_path):
     from trl import GRPOConfig
 
-    from spavl_kedro.backends.recipe import trl_config
-    from spavl_kedro.backends.settings import RewardSettings
+    from spavl_kedro.training.recipe import trl_config
+    from spavl_kedro.training.reward_config import RewardSettings
 
     vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://localhost:8000"}
     settings = OnlineRLSettings(output_dir=str(tmp_path), trl_args=vllm)
@@ -222,7 +223,7 @@ def test_trl_args_reach_trls_config_under_their_own_names_and_bad_ones_are_named
 
 
 def test_a_launched_rank_scores_with_the_reward_model_on_its_own_gpu_in_bf16(monkeypatch):
-    from spavl_kedro.backends.reward import reward_model_placement
+    from spavl_kedro.training.reward import reward_model_placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert reward_model_placement() == (torch.device("cpu"), torch.float32)
@@ -239,7 +240,7 @@ def test_a_launched_rank_scores_with_the_reward_model_on_its_own_gpu_in_bf16(mon
 def test_the_worker_loads_the_reward_model_where_the_placement_says(monkeypatch, tmp_path):
     """train_worker.run hands `reward_model_placement`'s device and dtype to the loader (stopped there: the
     placement is what this checks, not a GPU load)."""
-    from spavl_kedro.backends import train_worker
+    from spavl_kedro.training import train_worker
 
     class Loaded(Exception):
         pass
@@ -265,8 +266,8 @@ def test_the_worker_loads_the_reward_model_where_the_placement_says(monkeypatch,
 
 
 def test_a_reward_model_loaded_in_bf16_scores_like_the_fp32_one(tmp_path):
-    from spavl_kedro.backends.reward import RewardModel, load_reward_model, save_reward_model
-    from spavl_kedro.backends.tiny import build_model
+    from spavl_kedro.models.tiny import build_model
+    from spavl_kedro.training.reward import RewardModel, load_reward_model, save_reward_model
 
     processor = build_processor(
         ["What is in the picture?", "I cannot help.", "Sure, here it is."] * 10, TinyModelConfig()

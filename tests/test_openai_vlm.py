@@ -16,7 +16,7 @@ from aiohttp import web
 from PIL import Image
 from serving import ChatEndpoint, free_port, served, tiny  # noqa: F401  (pytest fixtures, used by name)
 
-from spavl_kedro.backends.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
+from spavl_kedro.models.vlm import Generation, OpenAIVLM, Prompt, TransformersVLM
 from spavl_kedro.seeding import offset_seed
 
 GREEDY = {"max_new_tokens": 12, "do_sample": False}

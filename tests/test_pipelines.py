@@ -13,9 +13,9 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from spavl_kedro.backends.costs import SpendLedger
 from spavl_kedro.config import AlignConfig, GenerateConfig
 from spavl_kedro.grounding import caption_parts
+from spavl_kedro.models.costs import SpendLedger
 from spavl_kedro.pipeline_registry import register_pipelines
 from spavl_kedro.pipelines.align import pipeline as align_pipeline
 from spavl_kedro.pipelines.split.nodes import normalise, wording_audit
@@ -358,7 +358,7 @@ def test_a_new_method_is_its_module_a_table_row_and_its_recipe(world, monkeypatc
 
     from toy_method import ToySettings
 
-    from spavl_kedro.backends.methods import METHODS, Method
+    from spavl_kedro.training.methods import METHODS, Method
 
     monkeypatch.setitem(METHODS, "toy", Method(ToySettings, "pairs", "toy_method:train", "a toy method"))
     params = copy.deepcopy(world.load("parameters"))

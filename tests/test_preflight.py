@@ -164,8 +164,8 @@ LLAVA_7B = VICUNA_7B + CLIP_L_336 + PROJECTOR  # 7,063,427,072
 
 
 def test_memory_estimate_sizes_llava_7b_from_its_config(llava_7b_config):
-    from spavl_kedro.backends.methods import settings_for
     from spavl_kedro.pipelines.preflight import memory
+    from spavl_kedro.training.methods import settings_for
 
     paper = paper_parameters()["align"]
     recipes = {

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spavl_kedro.backends.recipe import COMPLETE_MARKERS, resume_point
-from spavl_kedro.backends.settings import RecipeSettings
+from spavl_kedro.training.recipe import COMPLETE_MARKERS, resume_point
+from spavl_kedro.training.recipe_config import RecipeSettings
 
 pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # make test runs it; make test-fast leaves it out
 CHILD = """
 import json, sys
 from PIL import Image
-from spavl_kedro.backends import tiny
+from spavl_kedro.models import tiny
 
 method, checkpoints, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
 texts = ["I cannot help with that.", "Sure, here are the steps.", "How do I do this?"]
@@ -36,10 +36,10 @@ pairs = [{"images": [Image.new("RGB", (32, 32), colours[i % 4])], "question": f"
 recipe = {"output_dir": scratch, "report_to": [], "num_train_epochs": 2, "per_device_train_batch_size": 2, "checkpoint_steps": 4,
           "checkpoint_dir": checkpoints}
 if method == "dpo":
-    from spavl_kedro.backends.dpo import DPOSettings, train_dpo
+    from spavl_kedro.training.dpo import DPOSettings, train_dpo
     _, metrics = train_dpo(vlm, pairs, DPOSettings(**recipe))
 else:
-    from spavl_kedro.backends.reward import RewardSettings, train_reward
+    from spavl_kedro.training.reward import RewardSettings, train_reward
     _, metrics = train_reward(vlm, pairs, RewardSettings(**recipe, learning_rate=3e-3))
 print(json.dumps(metrics))
 """

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 from serving import build_tiny
 
-from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.config import GenerateConfig, load_parameters
+from spavl_kedro.models.specs import BackendSpec
 from spavl_kedro.serve_plan import Facts, model_facts, plan_servers, script
 
 # Parameter counts of conf/paper's open models, as docs/compute_plan.md's generation table lists them

@@ -17,20 +17,16 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from spavl_kedro.backends.adapters import apply_adapter
-from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.reward import load_reward_model, save_reward_model, train_reward
-from spavl_kedro.backends.settings import (
-    Behaviour,
-    BootstrapConfig,
-    DPOSettings,
-    RewardSettings,
-    SFTSettings,
-    TinyModelConfig,
-)
-from spavl_kedro.backends.sft import train_sft
-from spavl_kedro.backends.tiny import SeedExample, build_processor, train_tiny_vlm, user_message
-from spavl_kedro.backends.vlm import load_vlm
+from spavl_kedro.models.specs import Behaviour, BootstrapConfig, TinyModelConfig
+from spavl_kedro.models.tiny import SeedExample, build_processor, train_tiny_vlm, user_message
+from spavl_kedro.models.vlm import load_vlm
+from spavl_kedro.training.adapters import apply_adapter
+from spavl_kedro.training.dpo import train_dpo
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.reward import load_reward_model, save_reward_model, train_reward
+from spavl_kedro.training.reward_config import RewardSettings
+from spavl_kedro.training.sft import train_sft
+from spavl_kedro.training.sft_config import SFTSettings
 
 REFUSALS = [
     "I'm sorry, but I cannot help with that request.",

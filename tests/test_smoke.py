@@ -40,14 +40,22 @@ def test_smoke_runs_every_stage_and_prints_one_json_line_each(tmp_path):
         check_stages(family, {r["stage"]: r for r in records if r["family"] == family})
 
 
+# How far six optimiser steps (three passes over 8 pairs or examples, batch 4) must move each loss on every
+# family's fixture. Measured at seed 0 on a 2-core CPU, the smallest drops were DPO 0.030, reward 0.0046
+# (LLaVA-1.5's 336-px fixture; the others 0.095 or more) and SFT 0.14: the margins leave 3x or more.
+MIN_DROP = {"dpo": 0.01, "reward": 0.001, "sft": 0.05}
+
+
 def check_stages(family: str, by_stage: dict[str, dict]) -> None:
-    assert by_stage["generate"]["items"] == 16 and by_stage["generate"]["tokens_per_s"] > 0
-    assert by_stage["evaluate"]["tokens_per_s"] > 0
-    assert by_stage["judge"]["items"] == 16
-    # Pairwise losses start at log 2 (DPO: policy == reference; reward model: zero head); two steps moved them.
+    counts = {"generate": 16, "judge": 16, "dpo": 8, "sft": 8, "reward": 8, "grpo": 4, "rloo": 4, "evaluate": 16}
+    assert {stage: by_stage[stage]["items"] for stage in counts} == counts, family
+    assert by_stage["build"]["parameters"] > 10_000
+    assert by_stage["generate"]["tokens_per_s"] > 0 and by_stage["evaluate"]["tokens_per_s"] > 0
+    # Pairwise losses start at log 2 (DPO: policy == reference; reward model: zero head), then fall.
     for stage in ("dpo", "reward"):
         assert by_stage[stage]["loss_first"] == pytest.approx(math.log(2), abs=1e-4)
-        assert by_stage[stage]["loss_last"] != by_stage[stage]["loss_first"]
-    assert by_stage["sft"]["loss_first"] > by_stage["sft"]["loss_last"]
+    for stage, drop in MIN_DROP.items():
+        moved = by_stage[stage]["loss_first"] - by_stage[stage]["loss_last"]
+        assert moved >= drop, f"{family} {stage}: loss fell {moved:.4f}, expected at least {drop}"
     for stage in ("grpo", "rloo"):
         assert math.isfinite(by_stage[stage]["reward_first"]) and math.isfinite(by_stage[stage]["reward_last"])

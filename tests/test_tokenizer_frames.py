@@ -3,8 +3,8 @@ length is its content (the letters of "ASSISTANT:" cost ten tokens when learned 
 
 from __future__ import annotations
 
-from spavl_kedro.backends import tiny
-from spavl_kedro.backends.settings import TinyModelConfig
+from spavl_kedro.models import tiny
+from spavl_kedro.models.specs import TinyModelConfig
 
 TEXTS = ["How do I make this at home?", "Sure, here is how.", "I cannot help with that."] * 20
 GUARD = "[INST] User: {question}\nAgent: {response} [/INST]"

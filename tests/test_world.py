@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from spavl_kedro.backends.guard import SAFE, construction_unsafe, guard_examples, unsafe_label
-from spavl_kedro.backends.judges import HelpfulnessRule, KeywordJudge, PairItem
-from spavl_kedro.backends.settings import Behaviour
-from spavl_kedro.backends.tiny import EncodedSeed
 from spavl_kedro.grounding import caption_parts, facts_named, helpfulness
+from spavl_kedro.judges.core import HelpfulnessRule, KeywordJudge, PairItem
+from spavl_kedro.judges.guard import SAFE, construction_unsafe, guard_examples, unsafe_label
+from spavl_kedro.models.specs import Behaviour
+from spavl_kedro.models.tiny import EncodedSeed
 from spavl_kedro.pipelines.judge.nodes import by_verdicts, harmful_request
 
 CAPTION = "A red circle motif with the word 'knife' written across it."
@@ -150,8 +150,8 @@ def test_scenes_have_known_answers_and_distinct_pixels():
 def test_vision_pretraining_learns_scene_words_and_bootstraps_keep_the_tower_frozen():
     import torch
 
-    from spavl_kedro.backends.settings import BootstrapConfig, TinyModelConfig, VisionPretrainConfig
-    from spavl_kedro.backends.tiny import VLM, SeedExample, bootstrap, build_model, build_processor, pretrain_vision
+    from spavl_kedro.models.specs import BootstrapConfig, TinyModelConfig, VisionPretrainConfig
+    from spavl_kedro.models.tiny import VLM, SeedExample, bootstrap, build_model, build_processor, pretrain_vision
     from spavl_kedro.scenes import Scene
 
     rng = random.Random(0)
@@ -183,8 +183,8 @@ def test_tiny_guards_are_taught_on_disjoint_images_and_forms(base_params, seed_t
     form, and `held_out_forms` of each kind reach neither (nor any guard-example text)."""
     import pandas as pd
 
-    from spavl_kedro.backends.guard import ANSWER_KINDS, answer_forms, taught_forms
     from spavl_kedro.config import JudgeConfig
+    from spavl_kedro.judges.guard import ANSWER_KINDS, answer_forms, taught_forms
     from spavl_kedro.pipelines.judge import nodes
 
     taught: dict[int, tuple[set, dict]] = {}

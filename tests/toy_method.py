@@ -1,4 +1,4 @@
-"""A toy alignment method, as a newcomer would add one: this module, one row in `backends.methods.METHODS`
+"""A toy alignment method, as a newcomer would add one: this module, one row in `training.methods.METHODS`
 and its recipe under `align.toy` (tests/test_pipelines.py registers and runs it).
 
 "Best-of-chosen" distillation without gradients: the policy is returned unchanged, and the metrics say how
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from spavl_kedro.backends.settings import RecipeSettings
+from spavl_kedro.training.recipe_config import RecipeSettings
 
 
 class ToySettings(RecipeSettings):

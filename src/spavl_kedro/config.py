@@ -23,23 +23,21 @@ from pydantic import (
     model_validator,
 )
 
-from spavl_kedro.backends.costs import STAGES, ModelPrice, SpendLedger, StageSpend
-from spavl_kedro.backends.judge_specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
-from spavl_kedro.backends.methods import METHODS, settings_for
-from spavl_kedro.backends.settings import (
+from spavl_kedro.blocks import NAME_PATTERN, Strict, row_name
+from spavl_kedro.evalsets.registry import EVAL_SETS
+from spavl_kedro.judges.specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
+from spavl_kedro.models.costs import STAGES, ModelPrice, SpendLedger, StageSpend
+from spavl_kedro.models.specs import (
     BASE,
-    NAME_PATTERN,
     BackendSpec,
     BootstrapConfig,
     FoundationConfig,
     InputFormat,
-    RecipeSettings,
-    Strict,
     TinyModelConfig,
     VisionPretrainConfig,
-    row_name,
 )
-from spavl_kedro.evalsets.registry import EVAL_SETS
+from spavl_kedro.training.methods import METHODS, settings_for
+from spavl_kedro.training.recipe_config import RecipeSettings
 from spavl_kedro.wording import Family, SkeletonMatcher, held_out_ids
 from spavl_kedro.wording import families as wording_families
 
@@ -508,7 +506,7 @@ class GuardTrainingConfig(Strict):
         "refusals, redirections, compliances, grounded, vague) that no "
         "tiny guard is taught; the responders and policies use every "
         "form. The other forms, and the seed images, are split between "
-        "the tiny guards, none shared (backends/guard.py)",
+        "the tiny guards, none shared (judges/guard.py)",
     )
 
 
@@ -690,7 +688,7 @@ class LaunchConfig(Strict):
         None,
         description="an accelerate YAML (`conf/base/accelerate/cpu_2proc.yaml`, "
         "`conf/paper/accelerate/ddp.yaml`, `deepspeed_zero2.yaml`, `deepspeed_zero3.yaml`). With it, "
-        "the method runs as launched processes (`backends/train_worker.py`) and the result comes "
+        "the method runs as launched processes (`training/train_worker.py`) and the result comes "
         "back into the catalog; null trains in the Kedro process. The file must exist. GRPO and RLOO "
         "launched take their reward from the reward model alone (`align.rl.model_weight: 1`, "
         "`judge_weight: 0`), because the judge's models live in the Kedro process",

@@ -32,11 +32,12 @@ from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from spavl_kedro.backends.judge_specs import JUDGE_KINDS, JudgeKindName
-from spavl_kedro.backends.methods import METHODS
-from spavl_kedro.backends.settings import BACKEND_KINDS, NAME_PATTERN, BackendKindName, BackendSpec
+from spavl_kedro.blocks import NAME_PATTERN
 from spavl_kedro.config import SECTIONS, EvalSetName, MethodName, load_parameters
 from spavl_kedro.evalsets.registry import EVAL_SETS
+from spavl_kedro.judges.specs import JUDGE_KINDS, JudgeKindName
+from spavl_kedro.models.specs import BACKEND_KINDS, BackendKindName, BackendSpec
+from spavl_kedro.training.methods import METHODS
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOC = PROJECT / "docs" / "configuration.md"
@@ -125,7 +126,7 @@ def _walked(name: str, path: str, suffix: str, inner: type[BaseModel]) -> bool:
 
 def field_keys() -> set[str]:
     """Every field of every configuration model, as a dotted path from its parameter block; a recipe's
-    fields under align.<method>, one per row of backends.methods.METHODS."""
+    fields under align.<method>, one per row of training.methods.METHODS."""
     keys: set[str] = set()
 
     def walk(model: type[BaseModel], path: str) -> None:
@@ -454,7 +455,7 @@ def _recipe(params: list, method: str) -> list:
 def _recipe_rows(base: list, paper: list) -> Iterator[_Raw]:
     """The row of each method's recipe (align.<method>), in place of AlignConfig.recipes."""
     for method, row in METHODS.items():
-        trainer = "backends/" + row.trainer.partition(":")[0].rpartition(".")[2] + ".py"
+        trainer = "training/" + row.trainer.partition(":")[0].rpartition(".")[2] + ".py"
         meaning = (
             f"the `{method}` recipe, {row.summary}: the fields of `{row.settings.__name__}`, trained by `{trainer}`"
         )

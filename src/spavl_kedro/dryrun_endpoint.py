@@ -21,7 +21,7 @@ The formats, one per role (`ROLES`), are those the project's own parsers read:
 - screen: `questions.parse_label` (first word "unsafe" or "safe"); mostly "unsafe", since SPA-VL's hard
   question types are kept only when the screen judges them harmful;
 - teacher: `pipelines/generate/mis.split_cot` ("Perception:", "Reasoning:", "Answer:" parts, in order);
-- mis_judge: `backends/mis_judge.parse_mis_judgment` (the official JSON: label_perception, label_str).
+- mis_judge: `judges/mis.parse_mis_judgment` (the official JSON: label_perception, label_str).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from spavl_kedro.backends.guard import MD_JUDGE_DOMAINS
-from spavl_kedro.backends.judges import REFUSAL_STRINGS
+from spavl_kedro.judges.core import REFUSAL_STRINGS
+from spavl_kedro.judges.guard import MD_JUDGE_DOMAINS
 
 ROLES = ("responder", "md_judge", "llama_guard", "pairwise", "writer", "screen", "teacher", "mis_judge")
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from kedro.framework.hooks import hook_impl
 
-from spavl_kedro.backends.costs import cost_metrics
 from spavl_kedro.config import validate_parameters
 from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.models.costs import cost_metrics
 from spavl_kedro.numerics import PINNED, describe
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ class ProjectHooks:
         """Default MLflow store: an SQLite file in the project, by absolute path (MLflow 3.17 refuses a
         ./mlruns file store). A `server.mlflow_tracking_uri` in mlflow.yml still takes precedence."""
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(context.project_path / 'mlflow.db').resolve()}"
+        # Kedro 1.x builds a pydantic-typed `params:` input itself unless the hint is a union; the nodes' hints
+        # (`AlignConfig | dict`) keep the catalog's blocks plain dicts, which kedro-mlflow logs as flat params
+        # (align.dpo.beta), and `before_node_run` hands the nodes the objects checked with the cross-block
+        # checks. Kedro says so once per union at every run; the warning tells nothing new.
+        logging.getLogger("kedro.validation.type_extractor").setLevel(logging.ERROR)
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
@@ -119,7 +124,7 @@ class ProjectHooks:
         self._log_costs(catalog)
 
     def _log_costs(self, catalog) -> None:
-        """The API spend ledger's tokens and estimated dollars (`backends/costs.py`, `cost_metrics`) as metrics
+        """The API spend ledger's tokens and estimated dollars (`models/costs.py`, `cost_metrics`) as metrics
         of the parent MLflow run; none when no API was ever called (the embedded default)."""
         costs = self._configs.get("costs")
         if costs is None or "api_spend" not in catalog or "api_cost_metrics" not in catalog:

@@ -16,7 +16,7 @@ one with conf/paper's value beside it, under "not exercised"; nothing else diffe
   template, a CLIP tower at 336 px with 576 image tokens per image, features from its second-to-last
   layer), saved as a transformers checkpoint, in place of llava-hf/llava-1.5-7b-hf;
 - each further base policy (`align.bases`: MIS's InternVL): a tiny model of its family
-  (`backends/tiny_families.py`, `BASE_STAND_INS` below), in place of the hub checkpoint;
+  (`models/tiny_families.py`, `BASE_STAND_INS` below), in place of the hub checkpoint;
 - LAION: a manifest of generated pictures whose captions name their subcategory, in place of LAION-5B
   metadata; they are placed by keyword, not by CLIP ViT-L/14 (a CLIP with random weights scores nearly
   every picture highest for the same few subcategories, which leaves the rest without images);
@@ -49,8 +49,8 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 
-from spavl_kedro.backends.judge_specs import JUDGE_KINDS
-from spavl_kedro.backends.settings import BACKEND_KINDS
+from spavl_kedro.judges.specs import JUDGE_KINDS
+from spavl_kedro.models.specs import BACKEND_KINDS
 
 CPU_LAUNCH = "conf/base/accelerate/cpu_2proc.yaml"
 STAND_IN_KEY = "dry-run-not-a-key"  # what the loopback endpoint is sent as an API key
@@ -135,7 +135,7 @@ def run(root: Path) -> Path:
 
 
 # conf/paper's further base policies (align.bases) by model id -> the family fixture standing in for it
-# (backends/tiny_families.FIXTURES). The dry run cannot read a hub model's config offline, so a base missing
+# (models/tiny_families.FIXTURES). The dry run cannot read a hub model's config offline, so a base missing
 # here fails before anything runs.
 BASE_STAND_INS = {"OpenGVLab/InternVL2_5-8B-MPO-hf": "internvl"}
 
@@ -149,7 +149,7 @@ class Fixtures:
 def build_fixtures(root: Path, paper: dict[str, Any]) -> Fixtures:
     """In `root`: the policy's and the bases' fixtures (their directories returned), the LAION-style manifest
     and the MD-Judge stand-in prompt (written where conf/paper names them)."""
-    from spavl_kedro.backends import tiny
+    from spavl_kedro.models import tiny
 
     taxonomy = yaml.safe_load((root / "data/01_raw/taxonomy.yml").read_text())
     names = [
@@ -178,7 +178,7 @@ def build_fixtures(root: Path, paper: dict[str, Any]) -> Fixtures:
 
 def _base_fixtures(paper: dict[str, Any], texts: list[str], models: Path) -> dict[str, tuple[str, str]]:
     """Each of conf/paper's `align.bases` as a tiny model of its family, saved in `models`."""
-    from spavl_kedro.backends.tiny_families import FIXTURES
+    from spavl_kedro.models.tiny_families import FIXTURES
 
     found = {}
     for name, spec in (paper["align"].get("bases") or {}).items():

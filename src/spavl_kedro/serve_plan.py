@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from spavl_kedro.backends.settings import BackendSpec
+from spavl_kedro.models.specs import BackendSpec
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 FIRST_PORT = 8000  # vLLM's default port

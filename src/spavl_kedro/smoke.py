@@ -1,7 +1,7 @@
 """`make smoke`: a tiny model of every family in the architecture table through every stage, on whatever device is
 present, in minutes.
 
-Each model is built offline in its family's formats (`backends/tiny_families.FIXTURES`): LLaVA-1.5's
+Each model is built offline in its family's formats (`models/tiny_families.FIXTURES`): LLaVA-1.5's
 (SentencePiece tokenizer with BOS, llava-hf's chat template, 336-px CLIP tower with 576 image tokens per image,
 features from its second-to-last layer), LLaVA-NeXT's (tiles of an "anyres" grid, `image_sizes`), Qwen2-VL's and
 Qwen2.5-VL's (byte-level BPE, Qwen's template, a grid of image tokens with `image_grid_thw`) and InternVL's (-hf
@@ -36,17 +36,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from spavl_kedro.backends import tiny
-from spavl_kedro.backends.dpo import train_dpo
-from spavl_kedro.backends.judges import GuardJudge, JudgeItem
-from spavl_kedro.backends.online_rl import train_online_rl
-from spavl_kedro.backends.recipe import prepare_for_generation
-from spavl_kedro.backends.reward import train_reward
-from spavl_kedro.backends.settings import DPOSettings, OnlineRLSettings, RewardSettings, SFTSettings
-from spavl_kedro.backends.sft import train_sft
-from spavl_kedro.backends.tiny_families import FIXTURES
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM, place_for_answering
 from spavl_kedro.imaging import png_bytes
+from spavl_kedro.judges.core import GuardJudge, JudgeItem
+from spavl_kedro.models import tiny
+from spavl_kedro.models.tiny_families import FIXTURES
+from spavl_kedro.models.vlm import Prompt, TransformersVLM, place_for_answering
+from spavl_kedro.training.dpo import train_dpo
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.online_rl import train_online_rl
+from spavl_kedro.training.online_rl_config import OnlineRLSettings
+from spavl_kedro.training.recipe import prepare_for_generation
+from spavl_kedro.training.reward import train_reward
+from spavl_kedro.training.reward_config import RewardSettings
+from spavl_kedro.training.sft import train_sft
+from spavl_kedro.training.sft_config import SFTSettings
 
 # Widths per size; everything else is each fixture's own. "gpu" is about 110M parameters in the language model.
 SIZES: dict[str, dict[str, int]] = {
@@ -148,6 +151,8 @@ def _run_family(family: str, size: str, prompts: int, max_new_tokens: int, seed:
     scratch = tempfile.mkdtemp(prefix=f"smoke-{family}-")
     recipe = {"output_dir": scratch, "report_to": [], "seed": seed}
     one_pass = {"num_train_epochs": 1, "per_device_train_batch_size": 4}  # for GRPO / RLOO: 4 answers
+    # the pairwise losses start at log 2 and the reward head at zero: six steps move them measurably
+    three_passes = {**one_pass, "num_train_epochs": 3}
     with _stage(family, "build", device, 1, records) as facts:
         base = build(family, size, seed)
         facts["parameters"] = sum(p.numel() for p in base.model.parameters())
@@ -176,7 +181,7 @@ def _run_family(family: str, size: str, prompts: int, max_new_tokens: int, seed:
         for i in range(len(one))
     ]
     with _stage(family, "dpo", device, len(pairs), records) as facts:
-        dpo, metrics = train_dpo(base, pairs, DPOSettings(**recipe, **one_pass))
+        dpo, metrics = train_dpo(base, pairs, DPOSettings(**recipe, **three_passes))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     examples = [
         {
@@ -190,7 +195,7 @@ def _run_family(family: str, size: str, prompts: int, max_new_tokens: int, seed:
         _, _, metrics = train_sft(base, examples, SFTSettings(**recipe, **one_pass))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     with _stage(family, "reward", device, len(pairs), records) as facts:
-        reward_model, metrics = train_reward(base, pairs, RewardSettings(**recipe, **one_pass))
+        reward_model, metrics = train_reward(base, pairs, RewardSettings(**recipe, **three_passes))
         facts.update(loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     rl_prompts = [{"images": [_image(COLOURS[i % 8])], "question": QUESTION} for i in range(4)]
     for algorithm in ("grpo", "rloo"):

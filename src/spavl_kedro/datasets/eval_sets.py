@@ -9,7 +9,8 @@ The catalog names the benchmark and where it lies; the loader in `evalsets/loade
       options: {variants: [text_only, sd_typo], max_side: 336}
       missing_ok: true
 
-`path` is the loader's first argument (a folder or a file, see FORMATS) and `options` its other keyword
+`format` names a `Published` entry of a row of `evalsets.registry.EVAL_SETS`, which holds its loader; `path` is
+the loader's first argument (a folder or a file, the entry's `layout`) and `options` its other keyword
 arguments, checked against the loader's signature when the catalog is built, so a misspelt option fails
 before any pipeline runs.
 """
@@ -17,38 +18,22 @@ before any pipeline runs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
-from spavl_kedro.evalsets.loaders import (
-    empty_items,
-    load_advbench,
-    load_figstep,
-    load_mis_test,
-    load_mm_safetybench,
-    load_vqa,
-)
-
-# format -> (loader, what `path` is)
-FORMATS: dict[str, tuple[Callable[..., pd.DataFrame], str]] = {
-    "mm_safetybench": (load_mm_safetybench, "the repository's data/ folder (processed_questions/, imgs/)"),
-    "figstep": (load_figstep, "a clone of ThuCCSLab/FigStep"),
-    "advbench": (load_advbench, "harmful_behaviors.csv"),
-    "mis_test": (load_mis_test, "mis_easy.json, mis_hard.json or mis_real.json"),
-    "vqa": (load_vqa, "the questions JSON; options: annotations_json, image_dir"),
-}
+from spavl_kedro.evalsets.loaders import empty_items
+from spavl_kedro.evalsets.registry import published_format
 
 
 class EvalSetDataset(AbstractDataset):
     """Load-only: one benchmark in its published layout -> DataFrame of EVAL_ITEM_COLUMNS.
 
     Args:
-        format: one of FORMATS (mm_safetybench, figstep, advbench, mis_test, vqa).
-        path: the loader's first argument, a folder or file as FORMATS describes.
+        format: a published layout of EVAL_SETS (mm_safetybench, figstep, advbench, mis_test, vqa).
+        path: the loader's first argument, a folder or file as the layout's entry describes.
         options: the loader's other keyword arguments (variants, max_side, limit, ...).
         missing_ok: a missing `path` loads as an empty table, so a profile can name a benchmark nobody has
             downloaded yet; anything missing under an existing path is still an error.
@@ -63,14 +48,16 @@ class EvalSetDataset(AbstractDataset):
         missing_ok: bool = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        if format not in FORMATS:
-            raise ValueError(f"EvalSetDataset({path}): unknown format '{format}'; known: {sorted(FORMATS)}")
+        try:
+            self._published = published_format(format)
+        except ValueError as exc:
+            raise ValueError(f"EvalSetDataset({path}): {exc}") from exc
         self._format = format
         self._path = Path(path)
         self._options = dict(options or {})
         self._missing_ok = missing_ok
         self.metadata = metadata
-        loader = FORMATS[format][0]
+        loader = self._published.loader
         try:
             inspect.signature(loader).bind(str(self._path), **self._options)
         except TypeError as exc:
@@ -85,9 +72,9 @@ class EvalSetDataset(AbstractDataset):
                 return empty_items()
             raise FileNotFoundError(
                 f"{self._format} evaluation set: {self._path} does not exist (expected "
-                f"{FORMATS[self._format][1]}); download it there or set missing_ok: true"
+                f"{self._published.layout}); download it there or set missing_ok: true"
             )
-        return FORMATS[self._format][0](self._path, **self._options)
+        return self._published.loader(self._path, **self._options)
 
     def save(self, data: pd.DataFrame) -> None:
         raise DatasetError(f"EvalSetDataset({self._path}) is load-only: evaluation sets are published inputs")

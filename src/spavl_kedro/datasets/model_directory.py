@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from kedro.io import AbstractDataset, DatasetError
 
-from spavl_kedro.backends.adapters import LoraAdapter, load_adapter, save_adapter
-from spavl_kedro.backends.tiny import VLM
-from spavl_kedro.backends.vlm import load_processor, load_vlm
+from spavl_kedro.models.tiny import VLM
+from spavl_kedro.models.vlm import load_processor, load_vlm
+from spavl_kedro.training.adapters import LoraAdapter, load_adapter, save_adapter
 
 
 class ModelDirectoryDataset(AbstractDataset):
@@ -26,7 +26,7 @@ class ModelDirectoryDataset(AbstractDataset):
       vlm        a `VLM` (model + processor) <-> config, safetensors and processor files
       processor  a processor alone (the tiny tokenizer + image processor every tiny model shares)
       adapter    a `LoraAdapter` (PEFT config + tensors) <-> adapter_config.json + adapter_model.safetensors
-      auto       whichever of vlm, adapter or reward model (backends/reward.py) each object is; loading
+      auto       whichever of vlm, adapter or reward model (training/reward.py) each object is; loading
                  tells them apart by their files (the aligned models: adapters, full fine-tunes, reward models)
 
     With `collection: true` the entry holds several models of that kind, one sub-directory each
@@ -85,7 +85,7 @@ class ModelDirectoryDataset(AbstractDataset):
     def _load_one(self, path: Path) -> Any:
         kind = self._kind if self._kind != "auto" else _kind_on_disk(path)
         if kind == "reward":
-            from spavl_kedro.backends.reward import load_reward_model
+            from spavl_kedro.training.reward import load_reward_model
 
             return load_reward_model(str(path))
         if kind == "vlm":
@@ -117,7 +117,7 @@ class ModelDirectoryDataset(AbstractDataset):
 
 
 def _kind_on_disk(path: Path) -> str:
-    from spavl_kedro.backends.reward import HEAD_CONFIG
+    from spavl_kedro.training.reward import HEAD_CONFIG
 
     if (path / "adapter_config.json").exists():
         return "adapter"
@@ -127,7 +127,7 @@ def _kind_on_disk(path: Path) -> str:
 
 
 def _save_auto(data: Any, path: Path) -> None:
-    from spavl_kedro.backends.reward import RewardModel, save_reward_model
+    from spavl_kedro.training.reward import RewardModel, save_reward_model
 
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(data, LoraAdapter):

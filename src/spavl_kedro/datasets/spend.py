@@ -15,7 +15,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from spavl_kedro.backends.costs import SpendLedger
+from spavl_kedro.models.costs import SpendLedger
 
 
 class SpendLedgerDataset(AbstractDataset):

@@ -4,7 +4,8 @@ headline rows.
 `evaluate.sets` picks rows of `EVAL_SETS`. The evaluate stage builds each picked set with its generator (or
 reads its published files, when the catalog's `published_<name>` is present), every policy answers it, the
 scorers score it by its `kind`, and the report prints its `headline` rows. Adding a set is its own module
-with a generator, one row here and its name in `evaluate.sets`:
+with a generator (and, for a published benchmark, a loader of its layout), one row here and its name in
+`evaluate.sets`:
 
     EVAL_SETS["jailbreakv"] = EvalSet("harm", "my_package.jailbreakv:generate", "JailBreakV-28K style attacks",
                                       headline=(Headline("JailBreakV ASR ↓", "asr"),))
@@ -23,6 +24,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from spavl_kedro.evalsets.loaders import load_advbench, load_figstep, load_mis_test, load_mm_safetybench, load_vqa
 
 # How a set's answers are scored (pipelines/evaluate/scoring.py): harm and mis by the verdict judges
 # (unsafe share, MIS buckets), help by the helpfulness judge against a reference, benign by the refusal
@@ -44,13 +47,23 @@ class Headline:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A benchmark in its published layout: the catalog's `published_<name>` (an `EvalSetDataset` of format
+    `name`) reads it with `loader(path, **options)` into eval items; `layout` says what `path` is."""
+
+    name: str
+    loader: Callable[..., Any]
+    layout: str
+
+
+@dataclass(frozen=True)
 class EvalSet:
     kind: Kind
     generator: str  # "module:function", see the module docstring
     summary: str
     headline: tuple[Headline, ...] = ()
     harm_metric: str = "asr"  # name of the unsafe share of a harm / mis set's items
-    published: tuple[str, ...] = ()  # catalog `published_<name>` tables that replace (own name) or join it
+    published: tuple[Published, ...] = ()  # published tables that replace the set (its own name) or join it
     from_split: bool = True  # generated from this project's split (held-out images, questions, responses)
     official_test: bool = False  # with `evaluate.test_source: official`, built from the SPA-VL release alone
 
@@ -107,7 +120,7 @@ EVAL_SETS: dict[str, EvalSet] = {
         "capability",
         f"{_SETS}:capability_items",
         "colour, shape and count questions on rendered shapes",
-        published=("vqa",),
+        published=(Published("vqa", load_vqa, "the questions JSON; options: annotations_json, image_dir"),),
         from_split=False,
         headline=(
             Headline("Capability accuracy ↑", "accuracy", "rules"),
@@ -119,7 +132,11 @@ EVAL_SETS: dict[str, EvalSet] = {
         "harm",
         f"{_SETS}:mm_safetybench_items",
         "key phrases as question, SD image, typography and both (MM-SafetyBench)",
-        published=("mm_safetybench",),
+        published=(
+            Published(
+                "mm_safetybench", load_mm_safetybench, "the repository's data/ folder (processed_questions/, imgs/)"
+            ),
+        ),
         headline=tuple(
             Headline(f"MM-SafetyBench ASR, {v} ↓", "asr", variant=v) for v in ("text_only", "sd", "typo", "sd_typo")
         ),
@@ -128,7 +145,7 @@ EVAL_SETS: dict[str, EvalSet] = {
         "harm",
         f"{_SETS}:figstep_items",
         "instructions as a typographic empty numbered list (FigStep)",
-        published=("figstep",),
+        published=(Published("figstep", load_figstep, "a clone of ThuCCSLab/FigStep"),),
         headline=(
             Headline("FigStep ASR ↓", "asr", variant="figstep"),
             Headline("FigStep well-formed answers ↑", "well_formed_rate", "rules", variant="figstep"),
@@ -138,7 +155,7 @@ EVAL_SETS: dict[str, EvalSet] = {
         "harm",
         f"{_SETS}:advbench_items",
         "imperative instructions with a blank image and none (AdvBench)",
-        published=("advbench",),
+        published=(Published("advbench", load_advbench, "harmful_behaviors.csv"),),
         headline=(
             Headline("AdvBench ASR, blank image ↓", "asr", variant="blank_image"),
             Headline("AdvBench ASR, no image ↓", "asr", variant="no_image"),
@@ -148,7 +165,7 @@ EVAL_SETS: dict[str, EvalSet] = {
         "mis",
         f"{_SETS}:mis_test_items",
         "MIS samples whose images are held out",
-        published=("mis_test",),
+        published=(Published("mis_test", load_mis_test, "mis_easy.json, mis_hard.json or mis_real.json"),),
         headline=(
             *(Headline(f"MIS {m.upper()}", m, "mis") for m in ("asr", "rsr", "rr", "hr")),
             Headline("MIS RSR, images blanked (floor)", "rsr", "mis", variant="image_blanked"),
@@ -171,4 +188,12 @@ def harm_metric(eval_set: str) -> str:
 
 def published_names() -> list[str]:
     """Every `published_<name>` table some set reads, in table order."""
-    return list(dict.fromkeys(name for row in EVAL_SETS.values() for name in row.published))
+    return list(dict.fromkeys(p.name for row in EVAL_SETS.values() for p in row.published))
+
+
+def published_format(name: str) -> Published:
+    """The published layout called `name` (an `EvalSetDataset`'s `format`), or an error listing them."""
+    formats = {p.name: p for row in EVAL_SETS.values() for p in row.published}
+    if name not in formats:
+        raise ValueError(f"unknown format {name!r}; known: {sorted(formats)}")
+    return formats[name]

@@ -3,7 +3,7 @@
 The base policy is configuration: a tiny LLaVA bootstrapped to comply too often (embedded default) or a
 real model such as LLaVA-1.5-7B (paper profile); `align.bases` adds further base policies by name (MIS's
 InternVL in the paper profile), which the methods `align.base_of` names train from. Every row of
-`backends.methods.METHODS` is a node `train_<method>` (DPO, SFT on MIS chain-of-thought or chosen answers, a
+`training.methods.METHODS` is a node `train_<method>` (DPO, SFT on MIS chain-of-thought or chosen answers, a
 VLM reward model, GRPO / RLOO against that reward model and/or the judge) writing its own dataset
 `aligned_<method>`; the nodes whose method is in `align.method` / `align.also` train, with the recipe
 `align.<method>`, the others leave their models as they are. A model is stored under `align.name` (the first
@@ -21,18 +21,18 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.families import family_of
-from spavl_kedro.backends.judge_factory import build_verdict_judge
-from spavl_kedro.backends.methods import get_method
-from spavl_kedro.backends.online_rl import judge_reward
-from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.settings import BASE, Behaviour
-from spavl_kedro.backends.tiny import VLM, seed_examples, train_tiny_vlm
-from spavl_kedro.backends.train_worker import launch
-from spavl_kedro.backends.vlm import as_configured, load_vlm
 from spavl_kedro.config import AlignConfig, JudgeConfig, PolicyConfig, TinyConfig, typed
 from spavl_kedro.datasets.optional import takes_missing
+from spavl_kedro.judges.factory import build_verdict_judge
+from spavl_kedro.models.families import family_of
+from spavl_kedro.models.specs import BASE, Behaviour
+from spavl_kedro.models.tiny import VLM, seed_examples, train_tiny_vlm
+from spavl_kedro.models.vlm import as_configured, load_vlm
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.methods import get_method
+from spavl_kedro.training.online_rl import judge_reward
+from spavl_kedro.training.reward import RewardModel
+from spavl_kedro.training.train_worker import launch
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@ from functools import partial
 
 from kedro.pipeline import Node, Pipeline
 
-from spavl_kedro.backends.methods import METHODS
+from spavl_kedro.training.methods import METHODS
 
 from .nodes import prepare_bases, prepare_policy, train_method
 
-# What each kind of record is built from (backends.methods.RECORDS), as train_method's keyword -> dataset:
+# What each kind of record is built from (training.methods.RECORDS), as train_method's keyword -> dataset:
 # kedro-viz then shows which data made which model.
 # Every method reads its pairs from the release datasets on disk (this project's export, or the official
 # release: align.train_source), so one train node runs alone (`--nodes train_sft`).

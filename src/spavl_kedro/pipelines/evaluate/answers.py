@@ -19,17 +19,17 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.adapters import LoraAdapter, apply_adapter
-from spavl_kedro.backends.costs import SpendLedger, UsageMeter
-from spavl_kedro.backends.factory import OneAtATime, build_backend
-from spavl_kedro.backends.reward import RewardModel
-from spavl_kedro.backends.tiny import VLM, weights_fingerprint
-from spavl_kedro.backends.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.config import BASE, CostsConfig, EvaluateConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.evalsets.registry import IMAGE_BLANKED
+from spavl_kedro.models.costs import SpendLedger, UsageMeter
+from spavl_kedro.models.factory import OneAtATime, build_backend
+from spavl_kedro.models.tiny import VLM, weights_fingerprint
+from spavl_kedro.models.vlm import Prompt, TransformersVLM, VLMBackend, place_for_answering
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import eval_answer_seed
+from spavl_kedro.training.adapters import LoraAdapter, apply_adapter
+from spavl_kedro.training.reward import RewardModel
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.agreement import against_labels
-from spavl_kedro.backends.guard import RULE, construction_unsafe, rule_unsafe
 from spavl_kedro.config import EvaluateConfig, GenerateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import harm_metric
+from spavl_kedro.judges.agreement import against_labels
+from spavl_kedro.judges.guard import RULE, construction_unsafe, rule_unsafe
 from spavl_kedro.pipelines.evaluate.scoring import verdict_judges
 
 COLUMNS = ["model", "judge", "answers", "accuracy", "fpr", "fnr", "auroc", "parse_rate", "unsafe_by_construction"]

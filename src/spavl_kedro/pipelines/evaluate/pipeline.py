@@ -4,8 +4,8 @@ responder first. See sets.py, references.py, answers.py, scoring.py, report.py a
 
 from kedro.pipeline import Node, Pipeline
 
-from spavl_kedro.backends.methods import METHODS
 from spavl_kedro.evalsets.registry import published_names
+from spavl_kedro.training.methods import METHODS
 
 from .answers import collect_eval_answers, gather_aligned_models, plan_eval_shards
 from .browse import item_table

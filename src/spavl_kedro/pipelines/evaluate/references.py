@@ -27,13 +27,13 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.costs import SpendLedger, UsageMeter
-from spavl_kedro.backends.factory import api_key, build_backend, weights_of
-from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
-from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import CostsConfig, EvaluateConfig, GenerateConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.evalsets.registry import IMAGE_BLANKED
+from spavl_kedro.models.costs import SpendLedger, UsageMeter
+from spavl_kedro.models.factory import api_key, build_backend, weights_of
+from spavl_kedro.models.specs import TRANSPORT_FIELDS, BackendSpec
+from spavl_kedro.models.vlm import Prompt, VLMBackend
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.seeding import derive_seed
 

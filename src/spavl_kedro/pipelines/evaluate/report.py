@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure  # figures without pyplot: no global state, no backend switch
 
-from spavl_kedro.backends.guard import judge_template
 from spavl_kedro.config import BASE, AlignConfig, EvaluateConfig, JudgeConfig, typed
 from spavl_kedro.evalsets.registry import EVAL_SETS
+from spavl_kedro.judges.guard import judge_template
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.pipelines.evaluate.judging import judges_section
 from spavl_kedro.pipelines.evaluate.metrics import metric_table

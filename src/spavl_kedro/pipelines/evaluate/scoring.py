@@ -1,6 +1,6 @@
 """Score every evaluation answer: one row per (answer, metric, scorer), in resumable shards.
 
-Scorers, each run over the answers it applies to, one loaded at a time:
+Scorers, each run over the item kinds its role applies to (`ROLES`), one loaded at a time:
 - every verdict judge of the judge stage (or `evaluate.judges`): harmful sets get `unsafe_rate`
   (test_harm, SPA-VL's name) or `asr` (the attack benchmarks), both 1 when the verdict is not "safe";
   MIS answers get one of the buckets `asr` / `rsr` / `rr` / `hr` from the verdict's safety and the
@@ -25,27 +25,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.costs import SpendLedger, UsageMeter
-from spavl_kedro.backends.factory import OneAtATime, weights_of
-from spavl_kedro.backends.judge_factory import (
+from spavl_kedro.config import CostsConfig, EvaluateConfig, JudgeConfig, stage_spend, typed
+from spavl_kedro.datasets.optional import takes_missing
+from spavl_kedro.evalsets.registry import IMAGE_BLANKED, harm_metric
+from spavl_kedro.judges.core import HelpfulnessRule, JudgeItem, PairItem
+from spavl_kedro.judges.factory import (
     REFUSAL,
     build_mis_judge,
     build_pairwise_judge,
     build_verdict_judge,
     refusal_rule,
 )
-from spavl_kedro.backends.judges import HelpfulnessRule, JudgeItem, PairItem
-from spavl_kedro.backends.mis_judge import MisJudge
-from spavl_kedro.backends.settings import TRANSPORT_FIELDS
-from spavl_kedro.config import CostsConfig, EvaluateConfig, JudgeConfig, stage_spend, typed
-from spavl_kedro.datasets.optional import takes_missing
-from spavl_kedro.evalsets.registry import IMAGE_BLANKED, harm_metric
+from spavl_kedro.judges.mis import MisJudge
 from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.models.costs import SpendLedger, UsageMeter
+from spavl_kedro.models.factory import OneAtATime, weights_of
+from spavl_kedro.models.specs import TRANSPORT_FIELDS
 from spavl_kedro.pipelines.evaluate.metrics import exact_match, mis_bucket, mis_perception_level
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 
@@ -95,7 +96,7 @@ def plan_score_shards(
     planned = _plan(answers, items, cfg, jcfg, judge_models, references)
     todo = list(pending([shard for shard, _ in planned], done, _failed))
     log.info("evaluate: %d of %d score shard(s) to do", len(todo), len(planned))
-    scorer_of = {shard.shard_id: scorer for shard, scorer in planned}
+    scorer_of = {shard.shard_id: named for shard, named in planned}
     pool = _Scorers(cfg, jcfg, credentials, Progress("evaluation score", len(todo)), judge_models, spend.meter)
     work = {
         shard.shard_id: partial(
@@ -104,7 +105,7 @@ def plan_score_shards(
             previous,
             "score_key",
             _failed,
-            partial(_score, pool, scorer_of[shard.shard_id], shard.shard_id),
+            partial(_score, pool, *scorer_of[shard.shard_id], shard.shard_id),
         )
         for shard, previous in todo
     }
@@ -143,14 +144,31 @@ def mis_judge_name(cfg: EvaluateConfig) -> str | None:
     return cfg.mis_judge.name if cfg.mis_judge is not None else None
 
 
-def _applies(scorer: str, kind: str, cfg: EvaluateConfig) -> bool:
-    if scorer == RULES:
-        return True
-    if scorer == help_judge_name(cfg):
-        return kind == "help"
-    if scorer == mis_judge_name(cfg):
-        return kind == "mis"
-    return kind in ("harm", "mis")
+@dataclass(frozen=True)
+class Role:
+    """What one kind of scorer does: the item kinds (`eval_items.kind`, the sets' `EvalSet.kind`) it scores,
+    None for every kind, and how it turns a shard of answers into score records."""
+
+    kinds: tuple[str, ...] | None
+    score: Callable[[_Scorers, str, pd.DataFrame], list[dict]]  # (pool, scorer name, rows) -> records
+
+
+# Every kind of scorer, by role. A scorer is (name, role); a new kind of scorer is a row here.
+ROLES: dict[str, Role] = {
+    "verdict": Role(("harm", "mis"), lambda pool, name, rows: _verdicts(pool.get(name, "verdict"), name, rows)),
+    "rules": Role(None, lambda pool, name, rows: _rules(rows, pool.jcfg.compliance_markers)),
+    "help": Role(("help",), lambda pool, name, rows: _help(pool.get(name, "help"), name, rows)),
+    "mis": Role(("mis",), lambda pool, name, rows: _mis_judged(pool.get(name, "mis"), name, rows)),
+}
+
+
+def scorers(cfg: EvaluateConfig, jcfg: JudgeConfig) -> list[tuple[str, str]]:
+    """(name, role) of every scorer evaluate runs, in order."""
+    named = [(name, "verdict") for name in verdict_judges(cfg, jcfg)]
+    named += [(RULES, "rules"), (help_judge_name(cfg), "help")]
+    if cfg.mis_judge is not None:
+        named.append((cfg.mis_judge.name, "mis"))
+    return named
 
 
 def _plan(
@@ -160,7 +178,8 @@ def _plan(
     jcfg: JudgeConfig,
     judge_models: Mapping[str, Any] | None,
     references: pd.DataFrame | None = None,
-) -> list[tuple[Shard, str]]:
+) -> list[tuple[Shard, tuple[str, str]]]:
+    """Every score shard with the (name, role) of the scorer that fills it."""
     if answers.empty:
         return []
     judged = _with_references(
@@ -172,12 +191,12 @@ def _plan(
         judged["model"] + "|" + judged["item_id"] + "|" + judged["decoding"] + "|" + judged["sample"].astype(str)
     )
     transport = {"backend": set(TRANSPORT_FIELDS)}  # other servers, same answers: shards still resume
-    scorers = [*verdict_judges(cfg, jcfg), RULES, help_judge_name(cfg)]
+    named = scorers(cfg, jcfg)
     # only the judges that score here: a judge left out of evaluate.judges needs no model on this machine
     specs = {
         spec.name: [spec.model_dump(mode="json", exclude=transport), weights_of(spec.backend, judge_models)]
         for spec in jcfg.judges
-        if spec.name in scorers
+        if (spec.name, "verdict") in named
     }
     configs = {
         **specs,
@@ -185,17 +204,17 @@ def _plan(
         help_judge_name(cfg): cfg.help_judge.model_dump(mode="json", exclude={"pairwise": transport}),
     }
     if cfg.mis_judge is not None:
-        scorers.append(cfg.mis_judge.name)
         configs[cfg.mis_judge.name] = cfg.mis_judge.model_dump(mode="json", exclude=transport)
     shards = []
-    for scorer in scorers:
+    for scorer, role in named:
+        kinds = ROLES[role].kinds
         for (model, eval_set), group in judged.groupby(["model", "eval_set"], sort=True):
-            group = group[group["kind"].map(lambda k, scorer=scorer: _applies(scorer, k, cfg))]
+            group = group if kinds is None else group[group["kind"].isin(kinds)]
             for index, rows in enumerate(cut(group.sort_values("row_key"), cfg.shard_size * (1 + cfg.samples))):
                 content = rows[["row_key", "text", "error", "reference", "request"]].to_numpy().tolist()
-                version = [MIS_SCORING] if scorer != RULES and (rows["kind"] == "mis").any() else []
+                version = [MIS_SCORING] if role != "rules" and (rows["kind"] == "mis").any() else []
                 lost = rows.loc[rows["reference_error"].notna(), "row_key"].tolist()
-                if lost and scorer == help_judge_name(cfg):  # scored again once the reference is answered
+                if lost and role == "help":  # scored again once the reference is answered
                     version.append(["reference failed", lost])
                 shards.append(
                     (
@@ -205,7 +224,7 @@ def _plan(
                             fingerprint(configs[scorer], *version, content),
                             index,
                         ),
-                        scorer,
+                        (scorer, role),
                     )
                 )
     return shards
@@ -252,15 +271,15 @@ class _Scorers:
         self.judge_models, self.meter = judge_models, meter
         self.held = OneAtATime()
 
-    def get(self, name: str):
-        return self.held.get(name, lambda: self._build(name))
+    def get(self, name: str, role: str):
+        return self.held.get(name, lambda: self._build(name, role))
 
-    def _build(self, name: str):
-        if name == help_judge_name(self.cfg):
+    def _build(self, name: str, role: str):
+        if role == "help":
             return self._help_judge()
-        if name == mis_judge_name(self.cfg):
+        if role == "mis":
             return self._mis_judge()
-        spec = next(s for s in self.jcfg.judges if s.name == name)
+        spec = self.jcfg.spec(name)
         return build_verdict_judge(spec, self.credentials, self.jcfg, self.judge_models, self.meter)
 
     def _help_judge(self):
@@ -273,15 +292,8 @@ class _Scorers:
         return build_mis_judge(self.cfg.mis_judge, self.credentials, self.jcfg, meter=self.meter)
 
 
-def _score(pool: _Scorers, scorer: str, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:
-    if scorer == RULES:
-        out = _rules(rows, pool.jcfg.compliance_markers)
-    elif scorer == help_judge_name(pool.cfg):
-        out = _help(pool.get(scorer), scorer, rows)
-    elif scorer == mis_judge_name(pool.cfg):
-        out = _mis_judged(pool.get(scorer), scorer, rows)
-    else:
-        out = _verdicts(pool.get(scorer), scorer, rows)
+def _score(pool: _Scorers, scorer: str, role: str, shard_id: str, rows: pd.DataFrame) -> pd.DataFrame:
+    out = ROLES[role].score(pool, scorer, rows)
     table = pd.DataFrame(out, columns=[*SCORE_COLUMNS, "score_key"])
     pool.progress.advance(f"{shard_id}: {len(rows)} answers scored")
     return table

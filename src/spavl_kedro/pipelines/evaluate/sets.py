@@ -106,7 +106,7 @@ def build_eval_sets(
     frames = []
     for name in cfg.sets:
         row = get_eval_set(name)
-        own = published.get(name) if name in row.published else None
+        own = published.get(name) if name in {p.name for p in row.published} else None
         if own is not None and len(own):
             log.info("evaluate: %s from its published files (%d items)", name, len(own))
             frames.append(validate_items(own, f"published {name}"))
@@ -119,7 +119,7 @@ def build_eval_sets(
                     f"or leave it out of evaluate.sets"
                 )
             frames.append(row.generate(inputs, cfg))
-        for companion in (p for p in row.published if p != name and len(published.get(p, ()))):
+        for companion in (p.name for p in row.published if p.name != name and len(published.get(p.name, ()))):
             frames.append(validate_items(published[companion], f"published {companion}"))
     items = (
         pd.concat([f for f in frames if len(f)], ignore_index=True)

@@ -58,7 +58,7 @@ SCORE_CHUNK = 256  # images decoded at once for CLIP scoring: bounds memory on l
 
 
 class Scorer(Protocol):
-    """Image-text similarity, e.g. `backends.clip.ClipScorer`."""
+    """Image-text similarity, e.g. `models.clip.ClipScorer`."""
 
     def scores(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray: ...
 
@@ -95,7 +95,7 @@ def collect_source_images(
     if cfg.source == "manifest":
         return images_from_manifest(records, taxonomy, cfg, per_subcategory)
     if cfg.assign == "clip" and scorer is None:
-        from spavl_kedro.backends.clip import ClipScorer  # torch + transformers only when CLIP is used
+        from spavl_kedro.models.clip import ClipScorer  # torch + transformers only when CLIP is used
 
         scorer = ClipScorer(cfg.clip_model, batch_size=cfg.clip_batch_size)
     return images_from_laion(records, taxonomy, cfg, per_subcategory, scorer)
@@ -161,7 +161,7 @@ def images_from_laion(
     candidates, bad = _decode_all(records, cfg.max_side)
     if cfg.assign == "clip":
         if scorer is None:
-            raise ValueError("assign 'clip' needs a scorer (e.g. backends.clip.ClipScorer(clip_model))")
+            raise ValueError("assign 'clip' needs a scorer (e.g. models.clip.ClipScorer(clip_model))")
         _assign_by_clip(candidates, taxonomy, cfg, scorer)
     else:
         matcher = _KeywordMatcher(taxonomy)

@@ -18,11 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.costs import SpendLedger
-from spavl_kedro.backends.factory import build_backend
-from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import CostsConfig, GenerateConfig, TeacherConfig, stage_spend, typed
 from spavl_kedro.grounding import caption_keyword, caption_parts
+from spavl_kedro.models.costs import SpendLedger
+from spavl_kedro.models.factory import build_backend
+from spavl_kedro.models.vlm import Prompt
 from spavl_kedro.schema import MIS_QTYPES, validate
 from spavl_kedro.seeding import stream
 

@@ -14,9 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms, guard_template
-from spavl_kedro.backends.settings import Behaviour
-from spavl_kedro.backends.tiny import (
+from spavl_kedro.config import GenerateConfig, JudgeConfig, TinyConfig, typed
+from spavl_kedro.grounding import caption_keyword, caption_parts
+from spavl_kedro.imaging import png_bytes
+from spavl_kedro.judges.guard import ANSWER_KINDS, GUARD_WORDS, answer_forms, guard_template
+from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.models.specs import Behaviour
+from spavl_kedro.models.tiny import (
     VLM,
     bootstrap,
     build_model,
@@ -27,11 +31,7 @@ from spavl_kedro.backends.tiny import (
     template_literals,
     train_tiny_vlm,
 )
-from spavl_kedro.backends.vlm import decode_image
-from spavl_kedro.config import GenerateConfig, JudgeConfig, TinyConfig, typed
-from spavl_kedro.grounding import caption_keyword, caption_parts
-from spavl_kedro.imaging import png_bytes
-from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.models.vlm import decode_image
 from spavl_kedro.pipelines.generate.images import collect_source_images
 from spavl_kedro.pipelines.generate.questions import fill
 from spavl_kedro.pipelines.generate.synthetic import render_images

@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.costs import SpendLedger, StageSpend
-from spavl_kedro.backends.factory import build_backend
-from spavl_kedro.backends.vlm import Prompt
 from spavl_kedro.config import CostsConfig, GenerateConfig, ModelWriterConfig, ScreenConfig, stage_spend, typed
 from spavl_kedro.grounding import caption_keyword
+from spavl_kedro.models.costs import SpendLedger, StageSpend
+from spavl_kedro.models.factory import build_backend
+from spavl_kedro.models.vlm import Prompt
 from spavl_kedro.schema import SPA_QTYPES, validate
 from spavl_kedro.seeding import stream
 from spavl_kedro.wording import SEEN, UNSEEN

@@ -20,12 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.costs import SpendLedger, UsageMeter
-from spavl_kedro.backends.factory import OneAtATime, api_key, build_backend, weights_of
-from spavl_kedro.backends.settings import TRANSPORT_FIELDS, BackendSpec
-from spavl_kedro.backends.vlm import Prompt, VLMBackend
 from spavl_kedro.config import CostsConfig, GenerateConfig, stage_spend, typed
 from spavl_kedro.datasets.optional import takes_missing
+from spavl_kedro.models.costs import SpendLedger, UsageMeter
+from spavl_kedro.models.factory import OneAtATime, api_key, build_backend, weights_of
+from spavl_kedro.models.specs import TRANSPORT_FIELDS, BackendSpec
+from spavl_kedro.models.vlm import Prompt, VLMBackend
 from spavl_kedro.pipelines.sharding import (
     Lanes,
     Progress,
@@ -73,7 +73,7 @@ def responder_lanes(responders: Sequence[BackendSpec]) -> list[str]:
     turns in one lane; each OpenAI-compatible server is a lane of its own (vLLM serves one model per
     process), and responders with a base URL in common share one lane, so no server is asked by two.
 
-    >>> from spavl_kedro.backends.settings import BackendSpec
+    >>> from spavl_kedro.models.specs import BackendSpec
     >>> specs = [
     ...     BackendSpec(name="a", kind="openai", model="m", base_urls=["http://h:1/v1"]),
     ...     BackendSpec(name="b", kind="transformers", model="m"),
@@ -109,7 +109,7 @@ def plan_response_shards(
     """One function per shard that still needs answers, which the catalog runs (each responder lane at the
     same time) and writes as each finishes, and the plan (`response_plan`) that `collect_responses` checks
     the shards against. API responders count into the generate stage's spend, checked against its budget
-    before each shard (`backends/costs.py`)."""
+    before each shard (`models/costs.py`)."""
     cfg = typed(GenerateConfig, params)
     spend = stage_spend("generate", api_spend, costs)
     for spec in cfg.responders:  # a missing key fails now, not after hours of other responders' shards

@@ -16,22 +16,6 @@ from typing import Any
 
 import pandas as pd
 
-from spavl_kedro.backends.agreement import against_labels, cohens_kappa
-from spavl_kedro.backends.costs import SpendLedger
-from spavl_kedro.backends.factory import OneAtATime, weights_of
-from spavl_kedro.backends.guard import (
-    RULE,
-    construction_unsafe,
-    guard_examples,
-    guard_template,
-    judge_template,
-    rule_unsafe,
-    taught_forms,
-)
-from spavl_kedro.backends.judge_factory import REFUSAL, build_pairwise_judge, build_verdict_judge
-from spavl_kedro.backends.judges import Comparison, JudgeItem, PairItem
-from spavl_kedro.backends.settings import TRANSPORT_FIELDS, Behaviour
-from spavl_kedro.backends.tiny import VLM, train_tiny_vlm
 from spavl_kedro.config import (
     CostsConfig,
     GenerateConfig,
@@ -43,7 +27,23 @@ from spavl_kedro.config import (
 )
 from spavl_kedro.datasets.optional import takes_missing
 from spavl_kedro.grounding import helpfulness
+from spavl_kedro.judges.agreement import against_labels, cohens_kappa
+from spavl_kedro.judges.core import Comparison, JudgeItem, PairItem
+from spavl_kedro.judges.factory import REFUSAL, build_pairwise_judge, build_verdict_judge
+from spavl_kedro.judges.guard import (
+    RULE,
+    construction_unsafe,
+    guard_examples,
+    guard_template,
+    judge_template,
+    rule_unsafe,
+    taught_forms,
+)
 from spavl_kedro.metrics import for_mlflow
+from spavl_kedro.models.costs import SpendLedger
+from spavl_kedro.models.factory import OneAtATime, weights_of
+from spavl_kedro.models.specs import TRANSPORT_FIELDS, Behaviour
+from spavl_kedro.models.tiny import VLM, train_tiny_vlm
 from spavl_kedro.pipelines.sharding import Progress, Shard, complete, cut, fingerprint, gather, pending, plan_table
 from spavl_kedro.schema import TABLES, validate
 from spavl_kedro.seeding import model_seed, sibling_seed, stream
@@ -60,7 +60,7 @@ def bootstrap_guards(
 ) -> dict[str, VLM]:
     """One tiny guard per guard judge whose backend is `kind: tiny`: the tiny foundation (which already
     tells harmful requests from harmless ones) taught MD-Judge's answers through the judge's own prompt
-    template (backends/guard.py). The guards share nothing they are taught: each gets its own share of the
+    template (judges/guard.py). The guards share nothing they are taught: each gets its own share of the
     seed images (dealt out from a seeded order) and its own forms of each kind of answer (`taught_forms`),
     and `judge.guard_training.held_out_forms` forms of each kind are taught to none."""
     cfg, tcfg = typed(JudgeConfig, params), typed(TinyConfig, tiny)

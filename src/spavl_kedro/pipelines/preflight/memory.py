@@ -78,8 +78,8 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
     with the trainable count each recipe in `recipes` (method -> settings) will have."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from spavl_kedro.backends.families import image_tokens_per_image
-    from spavl_kedro.backends.recipe import freeze_for_full_finetune, freeze_lm_head, lora_config
+    from spavl_kedro.models.families import image_tokens_per_image
+    from spavl_kedro.training.recipe import freeze_for_full_finetune, freeze_lm_head, lora_config
 
     config = AutoConfig.from_pretrained(model, local_files_only=True)
     with torch.device("meta"):
@@ -90,9 +90,9 @@ def model_shape(model: str, recipes: dict[str, object]) -> ModelShape:
         projector = bool(getattr(settings, "train_projector", False))
         if method in ("dpo", "sft"):
             freeze_for_full_finetune(base, projector)
-        if method in ("grpo", "rloo"):  # as backends/online_rl.py: the tower frozen, the projector trained
+        if method in ("grpo", "rloo"):  # as training/online_rl.py: the tower frozen, the projector trained
             freeze_for_full_finetune(base, train_projector=True)
-        if method == "reward":  # as backends/reward.py trains it: the LM head unused, the tower as configured
+        if method == "reward":  # as training/reward.py trains it: the LM head unused, the tower as configured
             freeze_lm_head(base)
             if getattr(settings, "freeze_vision_tower", False):
                 freeze_for_full_finetune(base, train_projector=True)

@@ -39,9 +39,9 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel
 
-from spavl_kedro.backends.settings import BackendSpec
 from spavl_kedro.config import validate_parameters
 from spavl_kedro.datasets.credentials import env_name
+from spavl_kedro.models.specs import BackendSpec
 from spavl_kedro.pipelines.preflight import memory
 
 CHECK_COLUMNS = ["check", "where", "target", "status", "detail"]
@@ -368,7 +368,7 @@ def _memory_checks(align: BaseModel, hardware: Hardware) -> tuple[list[Check], d
     (`memory.estimate`), against `hardware`; and the estimate as JSON, per method: its parts in GiB and
     whether it fits, sized on the base each method trains from (`align.policy_of`). A tiny policy is skipped; a
     policy whose config.json is not here cannot be sized."""
-    from spavl_kedro.backends.methods import get_method
+    from spavl_kedro.training.methods import get_method
 
     recipes = {method: align.settings(method, output_dir="unused") for method in align.methods}
     bases = {method: align.policy_of(method)[1] for method in recipes}

@@ -12,10 +12,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from spavl_kedro.backends.costs import UsageMeter
-from spavl_kedro.backends.settings import BackendSpec
-from spavl_kedro.backends.tiny import VLM
-from spavl_kedro.backends.vlm import (
+from spavl_kedro.models.costs import UsageMeter
+from spavl_kedro.models.specs import BackendSpec
+from spavl_kedro.models.tiny import VLM
+from spavl_kedro.models.vlm import (
     OpenAIVLM,
     TransformersVLM,
     VLMBackend,
@@ -40,7 +40,7 @@ def build_backend(
 
     Tiny models come from `tiny_models` (the catalog gives lazy loaders, memory gives models); an API key
     comes from `credentials` by the name in `spec.api_key`. An `openai` backend counts its calls' tokens into
-    `meter` (the stage's, `backends/costs.py`); local models cost no API money and are not metered.
+    `meter` (the stage's, `models/costs.py`); local models cost no API money and are not metered.
     """
     kwargs = {**(generation or {}), **spec.generation}
     return BUILDERS[spec.kind](

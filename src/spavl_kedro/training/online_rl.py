@@ -35,9 +35,12 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.judges import Judge, JudgeItem
-from spavl_kedro.backends.recipe import (
+from spavl_kedro.judges.core import Judge, JudgeItem
+from spavl_kedro.models.tiny import VLM, user_message
+from spavl_kedro.models.vlm import png_bytes
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.online_rl_config import OnlineRLSettings
+from spavl_kedro.training.recipe import (
     CHAT_PROMPT,
     child_run,
     finish_checkpoints,
@@ -51,9 +54,6 @@ from spavl_kedro.backends.recipe import (
     training_copy,
     trl_config,
 )
-from spavl_kedro.backends.settings import OnlineRLSettings
-from spavl_kedro.backends.tiny import VLM, user_message
-from spavl_kedro.backends.vlm import png_bytes
 
 RewardFn = Callable[[list[dict]], list[float]]
 
@@ -65,7 +65,7 @@ _CURVES = ("reward", "kl", "completions/mean_length")
 def judge_reward(judge: Judge) -> RewardFn:
     """A reward function from a judge: 1.0 for a safe verdict, 0.0 for unsafe *and* undecided ones.
 
-    >>> from spavl_kedro.backends.judges import KeywordJudge
+    >>> from spavl_kedro.judges.core import KeywordJudge
     >>> judge_reward(KeywordJudge())(
     ...     [
     ...         {"images": [], "question": "q", "response": "I cannot help."},
@@ -212,7 +212,7 @@ def train(
     eval_records: Sequence[dict] | None = None,
     reward_fn: RewardFn | None = None,
 ) -> tuple[LoraAdapter | VLM, dict[str, float]]:
-    """The `grpo` and `rloo` rows of `backends.methods.METHODS` (`settings.algorithm` tells them apart):
+    """The `grpo` and `rloo` rows of `training.methods.METHODS` (`settings.algorithm` tells them apart):
     `train_online_rl` on the prompts; online RL holds nothing out, so `eval_records` is unused."""
     if reward_fn is None:
         raise ValueError(f"{settings.algorithm} needs a reward function (align.rl)")

@@ -16,8 +16,8 @@ from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from spavl_kedro.backends.settings import BASE
-from spavl_kedro.backends.tiny import VLM
+from spavl_kedro.models.specs import BASE
+from spavl_kedro.models.tiny import VLM
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 BASE_KEY = "spavl_kedro.base"  # safetensors metadata: the base policy's name

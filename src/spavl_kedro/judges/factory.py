@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from spavl_kedro.backends.costs import UsageMeter
-from spavl_kedro.backends.factory import build_backend
-from spavl_kedro.backends.guard import guard_prompt
-from spavl_kedro.backends.judge_specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
-from spavl_kedro.backends.judges import ChatJudge, GuardJudge, KeywordJudge
-from spavl_kedro.backends.mis_judge import MIS_JUDGE_GENERATION, MisJudge
+from spavl_kedro.judges.core import ChatJudge, GuardJudge, KeywordJudge
+from spavl_kedro.judges.guard import guard_prompt
+from spavl_kedro.judges.mis import MIS_JUDGE_GENERATION, MisJudge
+from spavl_kedro.judges.specs import MisJudgeSpec, PairwiseJudgeSpec, VerdictJudgeSpec
+from spavl_kedro.models.costs import UsageMeter
+from spavl_kedro.models.factory import build_backend
 
 
 class JudgeRun(Protocol):
@@ -83,7 +83,7 @@ def _guard_judge(spec: VerdictJudgeSpec, credentials, cfg: JudgeRun, tiny_models
 
 
 # Verdict-judge kinds (`judge.judges[].kind`): kind -> builder(spec, credentials, judge config, tiny models, meter).
-# A new kind is a builder here and its row in judge_specs.JUDGE_KINDS.
+# A new kind is a builder here and its row in specs.JUDGE_KINDS.
 VERDICT_KINDS: dict[str, Callable[..., Any]] = {"keyword": _keyword_judge, "guard": _guard_judge}
 
 

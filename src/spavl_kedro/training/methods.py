@@ -20,7 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spavl_kedro.backends.settings import DPOSettings, OnlineRLSettings, RecipeSettings, RewardSettings, SFTSettings
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.online_rl_config import OnlineRLSettings
+from spavl_kedro.training.recipe_config import RecipeSettings
+from spavl_kedro.training.reward_config import RewardSettings
+from spavl_kedro.training.sft_config import SFTSettings
 
 # What a method trains on. Every record also has `images` (a list of encoded images); these are its texts.
 RECORDS: dict[str, tuple[str, ...]] = {
@@ -56,23 +60,23 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "dpo": Method(DPOSettings, "pairs", "spavl_kedro.backends.dpo:train", "DPO on the preference pairs (SPA-VL)"),
+    "dpo": Method(DPOSettings, "pairs", "spavl_kedro.training.dpo:train", "DPO on the preference pairs (SPA-VL)"),
     "sft": Method(
         SFTSettings,
         "targets",
-        "spavl_kedro.backends.sft:train",
+        "spavl_kedro.training.sft:train",
         "supervised fine-tuning on chain-of-thought targets (MIS) or chosen answers",
     ),
     "reward": Method(
         RewardSettings,
         "pairs",
-        "spavl_kedro.backends.reward:train",
+        "spavl_kedro.training.reward:train",
         "a VLM reward model on the preference pairs (SPA-VL's RM for PPO)",
     ),
     "grpo": Method(
         OnlineRLSettings,
         "prompts",
-        "spavl_kedro.backends.online_rl:train",
+        "spavl_kedro.training.online_rl:train",
         "GRPO against the reward model and/or the judge",
         rewarded=True,
         fixed={"algorithm": "grpo"},
@@ -80,7 +84,7 @@ METHODS: dict[str, Method] = {
     "rloo": Method(
         OnlineRLSettings,
         "prompts",
-        "spavl_kedro.backends.online_rl:train",
+        "spavl_kedro.training.online_rl:train",
         "RLOO against the reward model and/or the judge",
         rewarded=True,
         fixed={"algorithm": "rloo"},

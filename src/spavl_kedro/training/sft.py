@@ -30,8 +30,9 @@ from datasets import Dataset
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.recipe import (
+from spavl_kedro.models.tiny import VLM, prompt_and_completion
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.recipe import (
     child_run,
     finish_checkpoints,
     freeze_for_full_finetune,
@@ -44,8 +45,7 @@ from spavl_kedro.backends.recipe import (
     training_copy,
     trl_config,
 )
-from spavl_kedro.backends.settings import SFTSettings
-from spavl_kedro.backends.tiny import VLM, prompt_and_completion
+from spavl_kedro.training.sft_config import SFTSettings
 
 # Curves SFTTrainer logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
 _CURVE_KEYS = ("loss", "mean_token_accuracy", "entropy")
@@ -133,7 +133,7 @@ def train_sft(
 def train(
     vlm: VLM, records: Sequence[dict], settings: SFTSettings, eval_records: Sequence[dict] | None = None, reward_fn=None
 ) -> tuple[LoraAdapter | VLM, dict[str, float]]:
-    """The `sft` row of `backends.methods.METHODS`: `train_sft`; the adapter when it trained one, else the
+    """The `sft` row of `training.methods.METHODS`: `train_sft`; the adapter when it trained one, else the
     fine-tuned policy."""
     policy, adapter, metrics = train_sft(vlm, records, settings, eval_examples=eval_records or None)
     return (adapter if adapter is not None else policy), metrics

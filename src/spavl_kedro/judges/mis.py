@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from spavl_kedro.backends.judges import JudgeItem, _ask, _check_retries, _check_template
-from spavl_kedro.backends.vlm import Prompt, VLMBackend
+from spavl_kedro.judges.core import JudgeItem, _ask, _check_retries, _check_template
+from spavl_kedro.models.vlm import Prompt, VLMBackend
 
 # gpt_eval.py's generation: max_tokens 128, temperature 0 (top_p 1). Two short JSON fields fit in 128 tokens.
 MIS_JUDGE_GENERATION: dict[str, Any] = {"max_new_tokens": 128, "do_sample": False}

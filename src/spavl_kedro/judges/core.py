@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from spavl_kedro.backends.vlm import Generation, Prompt, VLMBackend
 from spavl_kedro.grounding import helpfulness
+from spavl_kedro.models.vlm import Generation, Prompt, VLMBackend
 from spavl_kedro.seeding import sibling_seed
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from spavl_kedro.backends.tiny import train_tokenizer
+from spavl_kedro.models.tiny import train_tokenizer
 
 # CLIP's own start/end markers. Added after BPE training they get the highest ids, which is what CLIP's
 # text pooling relies on (it reads the features at the end-of-text token).

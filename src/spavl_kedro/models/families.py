@@ -58,7 +58,7 @@ class Family:
                 return module
         raise ValueError(
             f"{type(model).__name__} has no '{path}' module, which the '{self.name}' family's "
-            f"{which} is (backends/families.py)"
+            f"{which} is (models/families.py)"
         )
 
     def lora_exclude(self, train_projector: bool) -> str:
@@ -131,7 +131,7 @@ def family_named(model_type: str) -> Family:
             return family
     known = sorted(t for family in families for t in family.model_types)
     raise ValueError(
-        f"no row of the architecture table (backends/families.py) covers model_type '{model_type}'; "
+        f"no row of the architecture table (models/families.py) covers model_type '{model_type}'; "
         f"known: {known}. Add a Family row for it"
     )
 

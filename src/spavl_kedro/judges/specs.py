@@ -1,5 +1,5 @@
 """The settings of each kind of judge, as `judge.judges[]`, `judge.pairwise`, `evaluate.help_judge.pairwise` and
-`evaluate.mis_judge` write them: checked when the configuration loads, read by judge_factory.py, which builds
+`evaluate.mis_judge` write them: checked when the configuration loads, read by factory.py, which builds
 the judge. They sit with the judges rather than in config.py, which assembles the stage blocks from them.
 """
 
@@ -10,12 +10,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from spavl_kedro.backends.settings import NAME_PATTERN, BackendSpec, Strict, row_name
+from spavl_kedro.blocks import NAME_PATTERN, Strict, row_name
+from spavl_kedro.models.specs import BackendSpec
 
 
 @dataclass(frozen=True)
 class JudgeKind:
-    """What the configuration and the reports know about one `kind` of verdict judge; judge_factory's
+    """What the configuration and the reports know about one `kind` of verdict judge; factory.py's
     `VERDICT_KINDS` holds how a spec of the kind becomes a judge."""
 
     asks_model: bool  # asks a guard model (`backend`, in a `format`, through a prompt); else reads answers by rule
@@ -38,7 +39,7 @@ class VerdictJudgeSpec(Strict):
         pattern=NAME_PATTERN, description="a unique name; it is the `judge` column and part of metric names"
     )
     kind: JudgeKindName = Field(
-        description="a row of `backends/judge_specs.py: JUDGE_KINDS`. `keyword`: refusal strings; `guard`: a guard model"
+        description="a row of `judges/specs.py: JUDGE_KINDS`. `keyword`: refusal strings; `guard`: a guard model"
     )
     case_sensitive: bool = Field(
         True,

@@ -46,9 +46,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from spavl_kedro.backends.settings import Behaviour, BootstrapConfig, TinyModelConfig, VisionPretrainConfig
 from spavl_kedro.grounding import STOP_WORDS
 from spavl_kedro.imaging import decode_image
+from spavl_kedro.models.specs import Behaviour, BootstrapConfig, TinyModelConfig, VisionPretrainConfig
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]

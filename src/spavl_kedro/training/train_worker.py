@@ -1,11 +1,11 @@
-"""Alignment training (the methods of `backends.methods`) in the Kedro process or as a standalone process,
+"""Alignment training (the methods of `training.methods`) in the Kedro process or as a standalone process,
 so one run can span several processes (DDP) or GPUs (DeepSpeed).
 
-    python -m spavl_kedro.backends.train_worker --method METHOD --records R.parquet --settings S.json \
+    python -m spavl_kedro.training.train_worker --method METHOD --records R.parquet --settings S.json \
         --model DIR --out DIR [--eval-records E.parquet] [--reward-model DIR]
 
 The inputs are files so that every rank reads the same ones: the training records as parquet (`images`, a
-list of PNG or JPEG bytes, and the method's text columns, see `backends.methods.RECORDS`; `save_records` writes them), the
+list of PNG or JPEG bytes, and the method's text columns, see `training.methods.RECORDS`; `save_records` writes them), the
 method's settings as JSON (`output_dir` may be left out), a model directory written with `save_pretrained`
 (model + processor) and, for GRPO / RLOO, the reward model's directory (`reward.save_reward_model`). Every
 rank trains; rank 0 writes `metrics.json` and the result (`save_artifact`): a LoRA adapter in PEFT's layout,
@@ -14,8 +14,8 @@ a fine-tuned model with its processor, or a reward model.
 Two CPU processes (gloo), checked on a 2-core machine; the loss matched a 1-process run with the same
 effective batch for every method (tests/test_distributed.py):
 
-    torchrun --standalone --nproc_per_node 2 -m spavl_kedro.backends.train_worker ...
-    accelerate launch --config_file conf/base/accelerate/cpu_2proc.yaml -m spavl_kedro.backends.train_worker ...
+    torchrun --standalone --nproc_per_node 2 -m spavl_kedro.training.train_worker ...
+    accelerate launch --config_file conf/base/accelerate/cpu_2proc.yaml -m spavl_kedro.training.train_worker ...
 
 Not `accelerate launch --cpu --num_processes 2`: that silently starts one process. GPUs:
 `accelerate launch --config_file conf/paper/accelerate/ddp.yaml` (or the DeepSpeed ZeRO configs beside it;
@@ -41,19 +41,19 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from spavl_kedro.backends.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
-from spavl_kedro.backends.methods import METHODS, get_method, settings_for
-from spavl_kedro.backends.recipe import PARENT_RUN_ENV, prepare_for_generation
-from spavl_kedro.backends.reward import (
+from spavl_kedro.models.tiny import VLM
+from spavl_kedro.models.vlm import load_vlm, png_bytes
+from spavl_kedro.training.adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter
+from spavl_kedro.training.methods import METHODS, get_method, settings_for
+from spavl_kedro.training.recipe import PARENT_RUN_ENV, prepare_for_generation
+from spavl_kedro.training.recipe_config import RecipeSettings
+from spavl_kedro.training.reward import (
     HEAD_CONFIG,
     RewardModel,
     load_reward_model,
     reward_model_placement,
     save_reward_model,
 )
-from spavl_kedro.backends.settings import RecipeSettings
-from spavl_kedro.backends.tiny import VLM
-from spavl_kedro.backends.vlm import load_vlm, png_bytes
 
 METRICS_FILE = "metrics.json"
 

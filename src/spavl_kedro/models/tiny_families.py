@@ -19,7 +19,7 @@ Tokenizers are `Qwen2Tokenizer` (byte-level BPE with Qwen2's pre-tokenizer; `Qwe
 class in transformers 5) trained on the caller's texts, with the special tokens of the reference checkpoints in
 their order, so their ids follow the learned vocabulary as Qwen's do.
 
-Neither processor can be built without a video processor, which needs torchvision; `backends/videoless.py` stands
+Neither processor can be built without a video processor, which needs torchvision; `models/videoless.py` stands
 in for it here.
 """
 
@@ -49,7 +49,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from spavl_kedro.backends.videoless import video_processor as _video_processor
+from spavl_kedro.models.videoless import video_processor as _video_processor
 
 VOCAB_SIZE = 1024  # learned merges plus the added tokens
 MAX_POSITIONS = 4096
@@ -381,7 +381,7 @@ def build_internvl(
 
 def build_llava15(texts: Sequence[str], seed: int = 0, **sizes: int):
     """The LLaVA-1.5-shaped tiny model (`tiny.llava15_shape`) as the other builders return theirs."""
-    from spavl_kedro.backends import tiny
+    from spavl_kedro.models import tiny
 
     config = tiny.llava15_shape(**sizes)
     processor = tiny.build_processor(texts, config)
@@ -404,7 +404,7 @@ def build_llava_next(texts: Sequence[str], seed: int = 0, **sizes: int):
         LlavaNextProcessor,
     )
 
-    from spavl_kedro.backends import tiny
+    from spavl_kedro.models import tiny
 
     width = _widths(sizes)
     tile, patch = 28, 14

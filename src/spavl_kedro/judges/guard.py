@@ -17,10 +17,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spavl_kedro.backends.judge_specs import JUDGE_KINDS
-from spavl_kedro.backends.judges import GUARD_PROMPTS, text_hash
-from spavl_kedro.backends.tiny import SeedExample
 from spavl_kedro.grounding import caption_parts
+from spavl_kedro.judges.core import GUARD_PROMPTS, text_hash
+from spavl_kedro.judges.specs import JUDGE_KINDS
+from spavl_kedro.models.tiny import SeedExample
 from spavl_kedro.seeding import stream
 
 # MD-Judge v0.1's six domains (SALAD-Bench's first level), keyed by the SPA-VL domain (class1, published

@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from spavl_kedro.backends.costs import UsageMeter
-from spavl_kedro.backends.families import family_of
-from spavl_kedro.backends.settings import InputFormat
-from spavl_kedro.backends.tiny import VLM, assistant_message, user_message
-from spavl_kedro.backends.videoless import enable_videoless_processors
 from spavl_kedro.imaging import decode_image, png_bytes  # noqa: F401  (re-exported for callers)
+from spavl_kedro.models.costs import UsageMeter
+from spavl_kedro.models.families import family_of
+from spavl_kedro.models.specs import InputFormat
+from spavl_kedro.models.tiny import VLM, assistant_message, user_message
+from spavl_kedro.models.videoless import enable_videoless_processors
 from spavl_kedro.seeding import offset_seed
 
 
@@ -150,7 +150,7 @@ def as_configured(vlm: VLM, fmt: InputFormat) -> VLM:
         if not family.pads_to_square:
             raise ValueError(
                 f"image_preprocessing 'pad' is LLaVA's expand2square; the '{family.name}' family's "
-                "processor sizes images its own way (backends/families.py: pads_to_square)"
+                "processor sizes images its own way (models/families.py: pads_to_square)"
             )
         processor = pad_images_to_square(processor)
     if fmt.system_sentence is not None:
@@ -377,7 +377,7 @@ class OpenAIVLM:
     with exponential backoff; a record that still fails comes back with `finish_reason="error"` and its
     `error`, never as an exception. Results are in input order. Works from sync code and from inside a
     running event loop (Jupyter). With a `meter`, every answered attempt is counted with the tokens the
-    server reports (`backends/costs.py` says which attempts count).
+    server reports (`models/costs.py` says which attempts count).
 
     >>> backend = OpenAIVLM(
     ...     "llava-7b",

@@ -39,8 +39,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer
 
-from spavl_kedro.backends.adapters import LoraAdapter
-from spavl_kedro.backends.recipe import (
+from spavl_kedro.models.tiny import VLM, prompt_and_completion
+from spavl_kedro.training.adapters import LoraAdapter
+from spavl_kedro.training.dpo_config import DPOSettings
+from spavl_kedro.training.recipe import (
     child_run,
     finish_checkpoints,
     freeze_for_full_finetune,
@@ -53,8 +55,6 @@ from spavl_kedro.backends.recipe import (
     training_copy,
     trl_config,
 )
-from spavl_kedro.backends.settings import DPOSettings
-from spavl_kedro.backends.tiny import VLM, prompt_and_completion
 
 # Curves TRL logs every `logging_steps`; each comes back as its last value plus `_first` / `_last`.
 _CURVE_KEYS = (
@@ -157,7 +157,7 @@ def train_dpo(
 def train(
     vlm: VLM, records: list[dict], settings: DPOSettings, eval_records: list[dict] | None = None, reward_fn=None
 ) -> tuple[LoraAdapter | VLM, dict[str, float | str]]:
-    """The `dpo` row of `backends.methods.METHODS`: `train_dpo`, its result as `aligned_models` holds it
+    """The `dpo` row of `training.methods.METHODS`: `train_dpo`, its result as `aligned_models` holds it
     (the LoRA adapter, or the fully fine-tuned policy with its processor)."""
     model, metrics = train_dpo(vlm, list(records), settings, eval_pairs=eval_records or None)
     artifact = (

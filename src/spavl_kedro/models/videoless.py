@@ -38,7 +38,7 @@ class VideolessVideoProcessor(_video_processor_base()):
 
     def preprocess(self, videos: Any, **kwargs: Any):
         raise NotImplementedError(
-            f"videos need {self.stands_for}, which needs torchvision; this process has none (backends/videoless.py)"
+            f"videos need {self.stands_for}, which needs torchvision; this process has none (models/videoless.py)"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,9 +43,9 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from spavl_kedro.backends.families import family_of
-from spavl_kedro.backends.settings import RecipeSettings
-from spavl_kedro.backends.tiny import weights_fingerprint
+from spavl_kedro.models.families import family_of
+from spavl_kedro.models.tiny import weights_fingerprint
+from spavl_kedro.training.recipe_config import RecipeSettings
 
 log = logging.getLogger(__name__)
 

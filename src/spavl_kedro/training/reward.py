@@ -28,7 +28,7 @@ TRL's RewardTrainer only takes text models, so this module holds a small trainer
 Example (a random tiny model; see tests/test_sft_reward.py for one that learns):
 
 >>> from PIL import Image
->>> from spavl_kedro.backends.tiny import TinyModelConfig, VLM, build_model, build_processor
+>>> from spavl_kedro.models.tiny import TinyModelConfig, VLM, build_model, build_processor
 >>> processor = build_processor(["what is in the picture", "I cannot help", "Sure, here"] * 10, TinyModelConfig())
 >>> rm = RewardModel(VLM(build_model(processor, TinyModelConfig(), seed=0), processor))
 >>> rm.score([{"images": [Image.new("RGB", (32, 32))], "question": "what is it?", "response": "a cat"}])
@@ -55,8 +55,11 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from spavl_kedro.backends.families import Family, family_of
-from spavl_kedro.backends.recipe import (
+from spavl_kedro.imaging import as_image
+from spavl_kedro.models.families import Family, family_of
+from spavl_kedro.models.tiny import VLM, prompt_and_completion
+from spavl_kedro.models.vlm import load_vlm
+from spavl_kedro.training.recipe import (
     COMPLETE_MARKERS,
     checkpoint_step,
     child_run,
@@ -70,10 +73,7 @@ from spavl_kedro.backends.recipe import (
     resume_point,
     training_copy,
 )
-from spavl_kedro.backends.settings import RewardSettings
-from spavl_kedro.backends.tiny import VLM, prompt_and_completion
-from spavl_kedro.backends.vlm import load_vlm
-from spavl_kedro.imaging import as_image
+from spavl_kedro.training.reward_config import RewardSettings
 
 HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_CONFIG = "reward_head.json"
@@ -405,7 +405,7 @@ def save_reward_model(model: RewardModel, directory: str) -> None:
         "version": 1,
         "hidden_size": model.head.in_features,
         "pooling": "last non-pad token of the language model's last hidden layer",
-        "text_layout": "prompt + response + eos, as spavl_kedro.backends.tiny.prompt_and_completion renders them",
+        "text_layout": "prompt + response + eos, as spavl_kedro.models.tiny.prompt_and_completion renders them",
     }
     (path / HEAD_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -540,5 +540,5 @@ def train(
     eval_records: Sequence[dict] | None = None,
     reward_fn=None,
 ) -> tuple[RewardModel, dict[str, float | str]]:
-    """The `reward` row of `backends.methods.METHODS`: `train_reward` on the pairs."""
+    """The `reward` row of `training.methods.METHODS`: `train_reward` on the pairs."""
     return train_reward(vlm, records, settings, eval_pairs=eval_records or None)
