@@ -41,8 +41,8 @@ TEST_WORKERS ?= 2
 test: install browser  ## every test, as CI runs them, with the 15 slowest listed at the end
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
-test-fast: install  ## the unit tests and small integration slices, without the tests marked slow (~1 min)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: install  ## the unit tests, small integration slices and every benchmark's --quick, without the tests marked slow (~1 min)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 # Debian's chromium, for the test that opens the kedro-viz build in a headless browser; apt keeps it, so only
 # the first run pays. Package lists are refreshed once when the install fails on stale ones.

@@ -77,6 +77,7 @@ def _store(path) -> ShardDataset:
     return ShardDataset(path=str(path), dataset="pandas.ParquetDataset", filename_suffix=".parquet")
 
 
+@pytest.mark.slow
 def test_two_served_responders_answer_at_once_and_write_what_a_sequential_run_writes(servers, params, tmp_path):
     questions, images = _world(4)
     gen = copy.deepcopy(params["generate"])

@@ -223,3 +223,31 @@ def test_one_method_retrains_alone_and_a_failing_method_keeps_the_others_models(
         )
     assert _digest(aligned / "dpo/dpo") != dpo  # DPO trained first (on another seed) and its node saved it
     assert _digest(aligned / "sft/sft") == retrained  # the failed SFT erased nothing
+
+
+def test_the_readme_official_data_command_trains_on_a_release(project, tmp_path):
+    """The README's official-data command, as written there, on this project after its default run: the
+    release's folder in place of `/data/SPA-VL`. DPO and SFT train on the release's train pairs (SFT on their
+    chosen answers), each recording the official source. Runs last: it replaces this project's models."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from releases import write_parquet_release
+
+    commands = re.findall(
+        r"^(\.venv/bin/kedro run .*align\.train_source=official.*)$", (PROJECT / "README.md").read_text(), re.M
+    )
+    assert len(commands) == 1, commands
+    release = tmp_path / "SPA-VL"
+    rows = write_parquet_release(release)
+    command = commands[0].replace("/data/SPA-VL", str(release)).split()
+    command[0] = str(Path(sys.executable).with_name("kedro"))
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for method in ("dpo", "sft"):
+        summary = json.loads((project / f"data/08_reporting/align_summary/{method}/{method}.json").read_text())
+        assert summary["train_source"] == "official", method
+        assert summary["train_examples"] == len(rows["train"]["question"]), method

@@ -113,6 +113,7 @@ def _weights(model: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow  # 20 trainings; make test runs them
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_every_method_trains_the_family_on_two_image_prompts(fixture, method, tmp_path):
     """One pass over four two-image records; the row decides what trains: a full fine-tune leaves the vision tower
@@ -322,6 +323,7 @@ def test_the_mis_template_feeds_internvl_mis_numbered_images_in_internvls_own_co
     assert sft["labels"][0][sft["labels"][0] != -100].tolist() == answer
 
 
+@pytest.mark.slow
 def test_a_method_trains_from_the_base_align_base_of_names_and_is_evaluated_beside_it(tmp_path):
     """MIS's recipe as conf/paper runs it: SFT trains from a second base policy (`align.bases`, an InternVL with
     MIS's template) while the others train from `align.policy` (LLaVA). The adapter remembers its base through

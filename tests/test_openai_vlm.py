@@ -69,6 +69,7 @@ def test_served_tiny_llava_answers_like_the_local_model_in_order(served, tiny):
     assert len({g.text for g in remote}) >= 4
 
 
+@pytest.mark.slow
 def test_served_two_image_prompts_reach_the_model_whole(served, tiny):
     base_url, model = served
     red, blue = png(COLOURS[0]), png(COLOURS[2])
@@ -84,6 +85,7 @@ def test_served_two_image_prompts_reach_the_model_whole(served, tiny):
     assert remote[0].text != remote[1].text  # the second image changed the answer: it reached the model
 
 
+@pytest.mark.slow
 def test_served_wrong_model_name_fails_at_once_with_the_servers_reason(served):
     base_url, _ = served
     backend = OpenAIVLM(
@@ -289,6 +291,7 @@ def test_generate_works_inside_a_running_event_loop(fake):
 # ---------------------------------------------------------------- the generate stage with a served responder
 
 
+@pytest.mark.slow
 def test_generate_stage_answers_with_served_and_local_responders(served, tiny, base_params, tmp_path):
     """An `openai` responder (key from credentials) and a `transformers` responder answer the same one- and
     two-image questions through the stage's shards; greedy on the same weights, their answers agree."""

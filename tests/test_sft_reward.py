@@ -141,6 +141,7 @@ def _next_token_logits(vlm, example) -> torch.Tensor:
         return vlm.model(**_inputs(vlm, example)).logits[0, -1]
 
 
+@pytest.mark.slow
 def test_full_sft_on_two_image_chain_of_thought_lowers_loss(vlm, tmp_path):
     before = _state(vlm.model)
     settings = SFTSettings(output_dir=str(tmp_path), report_to=[], num_train_epochs=5, learning_rate=2e-3)
@@ -178,6 +179,7 @@ def reward(vlm):
     return train_reward(vlm, preference_pairs(48), settings, eval_pairs=held_out)
 
 
+@pytest.mark.slow
 def test_reward_model_prefers_refusals_on_held_out_pairs(reward):
     model, metrics = reward
     assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # zero head: every pair starts tied
@@ -188,6 +190,7 @@ def test_reward_model_prefers_refusals_on_held_out_pairs(reward):
     assert metrics["eval_margin"] > 0.5
 
 
+@pytest.mark.slow
 def test_dpo_prefers_the_chosen_answer_of_held_out_pairs(vlm, tmp_path):
     """DPO's implicit reward (beta x the policy-to-reference log-ratio) on pairs it never trained on: new
     images and response wordings. Before training the policy is the reference, every margin is 0 and the
@@ -214,6 +217,7 @@ def test_reward_model_round_trips_through_its_directory(reward, tmp_path):
     assert model.score(items, batch_size=1) == pytest.approx(model.score(items), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_training_curves_go_to_child_runs_under_the_active_run(vlm, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # read by transformers' MLflowCallback
@@ -354,6 +358,7 @@ def test_bfloat16_weights_are_a_deliberate_choice_and_float16_is_refused(half_ch
         SFTSettings(output_dir=str(tmp_path), weights_dtype="float16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "dpo_lora", "reward"])
 def test_activation_checkpointing_is_a_recipe_field_that_changes_memory_not_the_result(vlm, method, tmp_path):
     """Every method takes `activation_checkpointing`; the trainer really recomputes (its model says so) and

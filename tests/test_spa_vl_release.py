@@ -3,92 +3,27 @@ sqrti/SPA-VL, and train.zip (class1/class2/class3/N.jpg) with the official train
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from kedro.io import DatasetError
-from PIL import Image
+from releases import BULLY, DISABILITY, LABELS, PHYSICAL, SCAM, image_bytes, pixels, write_parquet_release
 from serving import tiny  # noqa: F401  (a pytest fixture, used by name)
 
 from spavl_kedro.datasets import SpaVLReleaseDataset
 from spavl_kedro.datasets.spa_vl import data_files, image_classes
 from spavl_kedro.schema import TABLES
 
-# Published spellings, typos included.
-BULLY = ("Representation & ToxicityHarms", "Toxic", "bully")
-DISABILITY = ("Representation & ToxicityHarms", "Unfair", "disablity discrimination")
-PHYSICAL = ("Human Autonomy & IntegrityHarms", "Persuasion and manipulation", "physical harm")
-SCAM = ("Malicious Use", "Fraud or deceptive action", "scamns")
-LABELS = [BULLY, DISABILITY, PHYSICAL, SCAM]
-
-
-def _image(seed: int, fmt: str = "JPEG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _write_hf_parquet(file: Path, columns: dict[str, list]) -> None:
-    """A parquet file as the hub's uploader writes it: image a {bytes, path} struct, features in the metadata."""
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    fields = [(c, image if c == "image" else pa.string()) for c in columns]
-    hf = {
-        "info": {
-            "features": {
-                c: {"_type": "Image"} if c == "image" else {"dtype": "string", "_type": "Value"} for c in columns
-            }
-        }
-    }
-    schema = pa.schema(fields, metadata={"huggingface": json.dumps(hf)})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pydict(columns, schema=schema), file)
-
-
-def _rows(split: str, n: int, seed: int) -> dict[str, list]:
-    labels = [LABELS[i % len(LABELS)] for i in range(n)]
-    columns = {
-        "image": [{"bytes": _image(seed + i, "PNG" if i % 2 else "JPEG"), "path": f"{seed + i}.jpg"} for i in range(n)],
-        "question": [f"{split} question {i}?" for i in range(n)],
-        "chosen": [f"{split} safe answer {i}" for i in range(n)],
-        "rejected": [f"{split} unsafe answer {i}" for i in range(n)],
-        "image_name": ["/".join(labels[i]) + f"/{i}.jpg" for i in range(n)],
-        "class1": [c[0] for c in labels],
-        "class2": [c[1] for c in labels],
-        "class3": [c[2] for c in labels],
-    }
-    return {c: columns[c] for c in TABLES[split]}
-
 
 @pytest.fixture
 def parquet_release(tmp_path) -> tuple[Path, dict[str, dict[str, list]]]:
     """The main-branch layout: data/train-*, validation/validation-*, test/harm-*, test/help-*."""
     root = tmp_path / "SPA-VL"
-    rows = {
-        "train": _rows("train", 5, 0),
-        "validation": _rows("validation", 4, 100),
-        "test_harm": _rows("test_harm", 4, 200),
-        "test_help": _rows("test_help", 4, 300),
-    }
-    train = rows["train"]
-    _write_hf_parquet(root / "data/train-00000-of-00002.parquet", {c: v[:3] for c, v in train.items()})
-    _write_hf_parquet(root / "data/train-00001-of-00002.parquet", {c: v[3:] for c, v in train.items()})
-    _write_hf_parquet(root / "validation/validation-00000-of-00001.parquet", rows["validation"])
-    _write_hf_parquet(root / "test/harm-00000-of-00001.parquet", rows["test_harm"])
-    _write_hf_parquet(root / "test/help-00000-of-00001.parquet", rows["test_help"])
-    (root / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# SPA-VL\n")
-    return root, rows
+    return root, write_parquet_release(root)
 
 
 # The official trainer's record format (EchoseChen/SPA-VL-RLHF README), split in files per question type and
@@ -146,7 +81,7 @@ def zip_release(tmp_path) -> Path:
     root.mkdir()
     with zipfile.ZipFile(root / "train.zip", "w") as zf:
         for name, seed in ZIP_IMAGES.items():
-            zf.writestr(name, _image(seed))
+            zf.writestr(name, image_bytes(seed))
     (root / "easy_train.json").write_text(json.dumps(EASY))
     (root / "hardq_train.json").write_text(json.dumps(HARDQ))
     (root / "config_train.json").write_text(
@@ -211,7 +146,7 @@ def test_train_zip_and_json_import_joins_bytes_by_path(zip_release):
     assert train["image_name"].tolist() == [r["image"] for r in records]
     for image, record in zip(train["image"], records):
         assert image["path"] == record["image"]
-        assert image["bytes"] == _image(ZIP_IMAGES[record["image"]])
+        assert image["bytes"] == image_bytes(ZIP_IMAGES[record["image"]])
     assert [image_classes(name) for name in train["image_name"]] == [BULLY, PHYSICAL, SCAM, BULLY, DISABILITY]
 
 
@@ -270,7 +205,7 @@ def test_export_round_trips_through_load_dataset_and_load(parquet_release, zip_r
             if column != "image":
                 assert hf[split][column] == df[column].tolist()
         for decoded, original in zip(hf[split]["image"], df["image"]):
-            np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), _pixels(original["bytes"]))
+            np.testing.assert_array_equal(np.asarray(decoded.convert("RGB")), pixels(original["bytes"]))
 
     loaded = dataset.load()
     assert list(loaded) == list(tables)
@@ -292,7 +227,7 @@ def test_inferred_variants_zip_prefix_prefer_folder_llava_fields_and_bare_file_n
     (root / "meta_files" / "prefer").mkdir(parents=True)
     with zipfile.ZipFile(root / "train.zip", "w") as zf:  # zipped from a parent folder: train/class1/...
         for name, seed in ZIP_IMAGES.items():
-            zf.writestr(f"train/{name}", _image(seed))
+            zf.writestr(f"train/{name}", image_bytes(seed))
     records = [
         {
             "id": 0,
@@ -319,7 +254,7 @@ def test_inferred_variants_zip_prefix_prefer_folder_llava_fields_and_bare_file_n
     assert train["chosen"].tolist() == ["It marks an accessible entrance.", "I can't."]
     assert train["rejected"].tolist() == ["It says who is not welcome.", "Dear grandma..."]
     assert [image_classes(n) for n in train["image_name"]] == [DISABILITY, SCAM]
-    assert [img["bytes"] for img in train["image"]] == [_image(12), _image(14)]
+    assert [img["bytes"] for img in train["image"]] == [image_bytes(12), image_bytes(14)]
 
 
 # ---------------------------------------------------------------- the release in the pipelines
@@ -340,6 +275,7 @@ def test_taxonomy_from_the_official_release_keeps_published_spellings(parquet_re
         build_taxonomy(taxonomy_spec, release, {"source": "official"})
 
 
+@pytest.mark.slow
 def test_align_reads_the_official_release_from_the_params_path(parquet_release, tmp_path):
     """`--params align.official_dir=PATH` moves the catalog entry; align.train_source=official selects it."""
     from conftest import copy_project
