@@ -70,7 +70,7 @@ viz-build: install  ## the same as a static site in ./build (serve it over http:
 	$(BIN)/kedro viz build --include-previews
 
 mlflow: install  ## MLflow UI on the project's tracking store, http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000 --workers 1
 
 ui: mlflow
 

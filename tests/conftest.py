@@ -76,3 +76,14 @@ def _no_active_mlflow_run(monkeypatch):
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+# The modules whose one fixture runs a whole world (minutes each), longest first. `make test` hands whole
+# modules to two workers in collection order (--dist loadfile): started first, they run beside the many short
+# modules instead of leaving one worker alone with a long one at the end.
+LONGEST_FIRST = ("test_faults.py", "test_pipelines.py", "test_end_to_end.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order

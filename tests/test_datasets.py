@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from kedro.io import DatasetError
@@ -88,7 +91,13 @@ def test_answering_models_follow_one_placement_rule(vlm, tmp_path, monkeypatch):
     assert answering_kwargs({"device_map": {"": "cuda:1"}}) == {"device_map": {"": "cuda:1"}, "dtype": "auto"}
 
 
-def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One SQLite tracking store for the module's MLflow tests (creating one runs MLflow's migrations, seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(tmp_path, mlflow_store):
     import mlflow
     import pandas as pd
 
@@ -106,7 +115,7 @@ def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(
     dataset.save(rows)  # no run: the parquet file only
     assert dataset.load().equals(rows)
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store)
     try:
         experiment = mlflow.create_experiment("tables", artifact_location=str(tmp_path / "artifacts"))
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -120,3 +129,64 @@ def test_mlflow_table_is_parquet_on_disk_and_a_table_with_thumbnails_in_the_run(
         MlflowTableDataset(str(tmp_path / "x.parquet"), "t.json", image_columns=["picture"]).save(rows)
     with pytest.raises(DatasetError, match="must end in .json or .parquet"):
         MlflowTableDataset(str(tmp_path / "x.parquet"), "t.csv")
+
+
+def test_policy_runs_are_one_run_per_policy_with_the_same_metric_names_linked_to_their_training(tmp_path, mlflow_store):
+    """MlflowPolicyRunsDataset under an active run: a child run per policy, named `eval · <policy>`, each with
+    the same metric names and the evaluation sets as dataset inputs; the policy trained in a run tagged
+    `spavl.model` links to it, the base (trained nowhere) links to nothing. Outside a run nothing is logged."""
+    import mlflow
+    import pandas as pd
+
+    from spavl_kedro.datasets.mlflow_policy_runs import MlflowPolicyRunsDataset
+
+    items = {"test_harm": pd.DataFrame({"item_id": ["a", "b"], "question": ["q1", "q2"], "images_sha256": ["x", "y"]})}
+    data = {
+        "metrics": {
+            p: {"test_harm/unsafe_rate.guard": v, "benign/refusal_rate.rules": 0.1}
+            for p, v in (("base", 0.9), ("dpo", 0.2))
+        },
+        "items": items,
+    }
+    MlflowPolicyRunsDataset().save(data)  # no run: kept, not logged
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_store)
+    try:
+        experiment = mlflow.create_experiment("policies", artifact_location=str(tmp_path / "artifacts"))
+        with mlflow.start_run(experiment_id=experiment) as parent:
+            training_tags = {"spavl.role": "training", "spavl.model": "dpo"}
+            with mlflow.start_run(experiment_id=experiment, nested=True, tags=training_tags) as training:
+                pass
+            MlflowPolicyRunsDataset().save(data)
+        client = mlflow.MlflowClient()
+        runs = client.search_runs([experiment], filter_string="tags.`spavl.role` = 'evaluation'")
+        runs = {r.data.tags["spavl.policy"]: client.get_run(r.info.run_id) for r in runs}
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert sorted(runs) == ["base", "dpo"]
+    assert runs["base"].data.metrics == {"test_harm/unsafe_rate.guard": 0.9, "benign/refusal_rate.rules": 0.1}
+    assert runs["dpo"].data.metrics["test_harm/unsafe_rate.guard"] == 0.2
+    assert {r.info.run_name for r in runs.values()} == {"eval · base", "eval · dpo"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
+    assert runs["dpo"].data.tags["spavl.trained_in_run"] == training.info.run_id
+    assert "spavl.trained_in_run" not in runs["base"].data.tags
+    for run in runs.values():
+        (given,) = run.inputs.dataset_inputs
+        assert given.dataset.name == "eval: test_harm" and given.dataset.digest and given.tags[0].value == "evaluation"
+    with pytest.raises(DatasetError, match="saves"):
+        MlflowPolicyRunsDataset().save({"metrics": {}})
+
+
+def test_a_run_is_named_and_tagged_from_what_ran():
+    from spavl_kedro.config import load_parameters, validate_parameters
+    from spavl_kedro.run_names import run_name, run_tags, runner_name
+
+    configs = validate_parameters(load_parameters("base"))
+    assert run_name(["align"], configs) == "align · dpo+sft · ours · seed 0"
+    assert run_name(["judge"], configs) == "judge · seed 0"  # no methods where nothing trains
+    tags = run_tags(["align"], "local", configs, Path(__file__).resolve().parents[1])
+    assert tags["spavl.methods"] == "dpo,sft" and tags["spavl.env"] == "local" and "split=" in tags["spavl.seeds"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", tags["spavl.git_commit"])  # this checkout's commit
+    assert runner_name("<kedro.runner.sequential_runner.SequentialRunner object at 0x7f3a>") == "SequentialRunner"
+    assert runner_name("ParallelRunner") == "ParallelRunner"
+    assert runner_name("None") == "SequentialRunner"  # KedroSession.run() without a runner records "None"

@@ -7,6 +7,7 @@ evaluation metrics, the nested DPO run with its curves, and a single stage re-ru
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -99,9 +100,12 @@ def test_mlflow_parent_and_child_runs(project):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2  # one training run each: DPO and SFT
+    training = [r for r in children if r.data.tags.get("spavl.role") == "training"]
+    evaluation = [r for r in children if r.data.tags.get("spavl.role") == "evaluation"]
+    assert len(parents) == 1 and len(training) == 2  # one training run each: DPO and SFT
+    assert len(evaluation) == 3 and len(children) == 5  # and one evaluation run per policy: base, dpo, sft
     parent = parents[0]
-    child = next(r for r in children if "rewards/accuracies" in r.data.metrics)  # the DPO run
+    child = next(r for r in training if "rewards/accuracies" in r.data.metrics)  # the DPO run
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["generate.images.per_subcategory"] == "3"
     assert parent.data.params["align.dpo.beta"] == "0.1"
@@ -154,6 +158,42 @@ def test_mlflow_parent_and_child_runs(project):
         assert len(client.get_metric_history(child.info.run_id, curve)) >= 2, curve
     # trainer arguments live in the child run, never mixed into the Kedro params of the parent
     assert "learning_rate" in child.data.params and "learning_rate" not in parent.data.params
+
+
+def test_mlflow_runs_say_what_they_did_and_hold_one_run_per_policy(project):
+    """The runs table tells runs apart by name and tags; each evaluated policy has its own run with the same
+    metric names as the others (so MLflow compares them side by side), the evaluation sets as dataset inputs,
+    and a link to the run that trained it, whose own input is its training data."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name == "__default__ · dpo+sft · ours · seed 0"
+    tags = parent.data.tags
+    assert tags["spavl.methods"] == "dpo,sft" and tags["spavl.train_source"] == "ours"
+    assert "generate=0" in tags["spavl.seeds"] and tags["spavl.env"] == "local"
+    assert tags["runner"] == "SequentialRunner"
+    assert "eval_report.md" in tags["mlflow.note.content"]
+    assert not any(" object at 0x" in value for value in tags.values())
+    assert len({r.info.run_name for r in runs}) == len(runs)  # every name distinct
+
+    trained = {r.data.tags["spavl.model"]: r for r in runs if r.data.tags.get("spavl.role") == "training"}
+    assert sorted(trained) == ["dpo", "sft"]
+    for name, run in trained.items():
+        (training_input,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert training_input.dataset.name == f"{name} training data" and len(training_input.dataset.digest) >= 8
+    policies = {r.data.tags["spavl.policy"]: r for r in runs if r.data.tags.get("spavl.role") == "evaluation"}
+    assert sorted(policies) == ["base", "dpo", "sft"]
+    keys = {policy: set(run.data.metrics) for policy, run in policies.items()}
+    assert keys["base"] == keys["dpo"] == keys["sft"] and "test_harm/unsafe_rate.tiny-guard" in keys["base"]
+    for policy, run in policies.items():
+        assert run.info.run_name == f"eval · {policy}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags.get("spavl.trained_in_run") == (trained[policy].info.run_id if policy in trained else None)
+        for name, value in run.data.metrics.items():  # the parent's eval/<policy>/<name>, the same number
+            assert parent.data.metrics[f"eval/{policy}/{name}"] == value, (policy, name)
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert {i.dataset.name for i in inputs} >= {"eval: test_harm", "eval: test_help", "eval: mis_test"}
+        assert all(i.dataset.digest and i.tags[0].value == "evaluation" for i in inputs)
 
 
 def test_notebook_executes_against_the_run(project):
@@ -223,6 +263,71 @@ def test_one_method_retrains_alone_and_a_failing_method_keeps_the_others_models(
         )
     assert _digest(aligned / "dpo/dpo") != dpo  # DPO trained first (on another seed) and its node saved it
     assert _digest(aligned / "sft/sft") == retrained  # the failed SFT erased nothing
+
+
+def test_the_mlflow_compare_view_shows_base_and_dpo_side_by_side(project, tmp_path):
+    """`make mlflow`'s server on this run's store, and MLflow's compare view of the base and DPO evaluation
+    runs in headless chromium: both runs' names and the HarmEval metric, with each policy's value, on one
+    page. The screenshot stays in tests/artifacts/mlflow_compare.png."""
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from browser import ARTIFACTS, render, stop
+    from serving import free_port
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    policies = {r.data.tags["spavl.policy"]: r for r in runs if r.data.tags.get("spavl.role") == "evaluation"}
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri"]
+    command += [f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow ui did not answer /health in 2 minutes")
+        ids = [policies["base"].info.run_id, policies["dpo"].info.run_id]
+        experiments = [policies["base"].info.experiment_id]
+        query = f"runs={urllib.parse.quote(json.dumps(ids))}&experiments={urllib.parse.quote(json.dumps(experiments))}"
+        dom = render(
+            f"{url}/#/compare-runs?{query}",
+            ARTIFACTS / "mlflow_compare.png",
+            tmp_path / "profile",
+            30_000,
+            (1600, 1400),
+        )
+    finally:
+        stop(server)
+    (ARTIFACTS / "mlflow_compare.html").write_text(dom)
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert "eval · base" in text and "eval · dpo" in text, text[:2000]
+    # The metrics table is two grids of absolutely placed cells (MLflow 3.17): the names, and one column of
+    # values per run, a row's cells at the same `top`; only the rows in view are drawn (alphabetical).
+    cells = re.findall(
+        r'style="height: \d+px; left: (\d+)px; position: absolute; top: (\d+)px; width: \d+px;">(.*?)</div>', dom
+    )
+    names, values = {}, {}
+    for left, top, cell in cells:
+        shown = re.sub(r"<[^>]+>", "", cell).strip()
+        if "/" in shown:
+            names[int(top)] = shown
+        else:
+            values.setdefault(int(top), []).append((int(left), shown))
+    drawn = {names[top]: [v for _, v in sorted(values[top])] for top in names if top in values}
+    assert len(drawn) >= 3 and set(drawn) <= set(policies["base"].data.metrics), drawn
+    for name, (base, dpo) in drawn.items():  # base's column first, as the URL lists the runs
+        expected = (policies["base"].data.metrics[name], policies["dpo"].data.metrics[name])
+        assert (float(base), float(dpo)) == pytest.approx(expected, abs=5e-3), name
 
 
 def test_the_readme_official_data_command_trains_on_a_release(project, tmp_path):

@@ -24,7 +24,7 @@ LAYERS = [
     {"training"},  # the methods table, each method's settings beside its trainer
     {"config", "datasets", "dryrun_endpoint", "smoke"},  # the stage blocks; catalog datasets; device checks
     {"config_docs", "pipelines", "serve_plan", "paper_dryrun"},  # the six stages and what plans them
-    {"hooks", "pipeline_registry", "compare", "sweep", ""},  # the Kedro project around them
+    {"hooks", "run_names", "pipeline_registry", "compare", "sweep", ""},  # the Kedro project around them
     {"settings"},  # Kedro's settings.py: the hooks and the config loader
 ]
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +20,7 @@ from pathlib import Path
 import parse
 import pytest
 import yaml
+from browser import ARTIFACTS, render, stop
 from conftest import PROJECT, copy_project
 
 from spavl_kedro.pipeline_registry import STAGES, register_pipelines
@@ -44,7 +43,6 @@ LAYERS = (
     "reporting",
 )
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")  # what a default name never is: "<lambda>([x]) -> [y]"
-ARTIFACTS = PROJECT / "tests" / "artifacts"
 WINDOW = (1600, 1000)
 
 
@@ -234,22 +232,6 @@ class _Rendered(HTMLParser):
             self.nodes[self.node] += data.strip()
 
 
-def _chromium() -> str:
-    """Debian's chromium, which `make browser` installs (`make test` runs it first)."""
-    found = shutil.which("chromium")
-    assert found, "chromium is not installed: run `make browser` (apt-get install chromium), as `make test` does"
-    return found
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Kill the process group started for `process` (chromium leaves zygote and crashpad children)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def served(build):
     """The build on http://127.0.0.1:<free port>/, plus a page that turns off the "new feature" walkthrough
@@ -274,7 +256,7 @@ def served(build):
             assert response.status == 200
         yield url
     finally:
-        _stop(server)
+        stop(server)
 
 
 def _open(url: str, screenshot: Path, profile: Path) -> _Rendered:
@@ -288,29 +270,7 @@ def _open(url: str, screenshot: Path, profile: Path) -> _Rendered:
 
 
 def _chromium_run(url: str, screenshot: Path, profile: Path, budget_ms: int) -> _Rendered:
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    screenshot.unlink(missing_ok=True)
-    command = [
-        _chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        f"--virtual-time-budget={budget_ms}",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        f"--user-data-dir={profile}",
-        f"--screenshot={screenshot}",
-        "--dump-dom",
-        url,
-    ]
-    browser = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
-    )
-    try:
-        dom, _ = browser.communicate(timeout=120)
-    finally:
-        _stop(browser)
-    assert browser.returncode == 0, f"chromium exited with {browser.returncode}"
-    return _Rendered(dom)
+    return _Rendered(render(url, screenshot, profile, budget_ms, WINDOW))
 
 
 def _assert_drawn(png: Path) -> None:

@@ -868,7 +868,7 @@ class AlignConfig(Strict):
         the trainer's scratch `output_dir`, and checkpoints in `checkpoint_dir/<artifact>` unless the recipe
         names its own folder."""
         checked = self._settings.get(method) or settings_for(method, {**_RUN_FOLDERS, **self.recipe(method)})
-        folders = {"output_dir": output_dir}
+        folders = {"output_dir": output_dir, "artifact_name": artifact or method}
         if "checkpoint_dir" not in self.recipe(method):
             folders["checkpoint_dir"] = str(Path(self.checkpoint_dir) / (artifact or method))
         return checked.model_copy(update=folders)

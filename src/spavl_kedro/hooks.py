@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from kedro.framework.hooks import hook_impl
@@ -15,8 +17,38 @@ from spavl_kedro.config import validate_parameters
 from spavl_kedro.metrics import for_mlflow
 from spavl_kedro.models.costs import cost_metrics
 from spavl_kedro.numerics import PINNED, describe
+from spavl_kedro.run_names import description, run_name, run_tags, runner_name
 
 log = logging.getLogger(__name__)
+
+
+class RunDescription:
+    """Names, describes and tags the MLflow run kedro-mlflow opened for this `kedro run` (run_names.py).
+    trylast: kedro-mlflow's own `before_pipeline_run` opens the run first."""
+
+    def __init__(self) -> None:
+        self._env = "local"
+        self._project: Path | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._env, self._project = context.env or "local", context.project_path
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        if mlflow.active_run() is None:
+            return
+        configs = validate_parameters(catalog.load("parameters"))
+        pipelines = list(run_params.get("pipeline_names") or ["__default__"])
+        name = run_name(pipelines, configs)
+        mlflow.set_tags(
+            {
+                "mlflow.runName": name,
+                "mlflow.note.content": description(name, pipelines),
+                "runner": runner_name(run_params.get("runner")),  # kedro-mlflow copied its repr
+                **run_tags(pipelines, self._env, configs, self._project or Path.cwd()),
+            }
+        )
 
 
 class ProjectHooks:

@@ -3,9 +3,9 @@
 from kedro.config import OmegaConfigLoader
 
 from spavl_kedro.config import MERGE_STRATEGY
-from spavl_kedro.hooks import ProjectHooks
+from spavl_kedro.hooks import ProjectHooks, RunDescription
 
-HOOKS = (ProjectHooks(),)
+HOOKS = (ProjectHooks(), RunDescription())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

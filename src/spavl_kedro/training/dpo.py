@@ -128,7 +128,7 @@ def train_dpo(
     )
     peft_config = lora_config(settings, model, settings.train_projector) if settings.lora else None
 
-    with child_run(settings):
+    with child_run(settings, pairs):
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,

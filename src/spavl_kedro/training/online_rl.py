@@ -142,7 +142,7 @@ def train_online_rl(
     args = trl_config(config_cls, settings, device, precision)
     peft_config = lora_config(settings, model) if settings.lora else None
 
-    with child_run(settings):
+    with child_run(settings, prompts):
         trainer = trainer_cls(
             model=model,
             reward_funcs=_trl_reward(reward_fn),

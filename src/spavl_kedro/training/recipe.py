@@ -32,11 +32,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
+import pandas as pd
 import torch
 from datasets import Dataset, Features, Image, List, Value
 from peft import LoraConfig, PeftModel
@@ -161,8 +163,10 @@ def lora_config(
 
 
 @contextlib.contextmanager
-def child_run(settings: RecipeSettings) -> Iterator[None]:
-    """An MLflow run nested under the active one, held open for the whole train + evaluate cycle.
+def child_run(settings: RecipeSettings, records: Sequence[dict] = ()) -> Iterator[None]:
+    """An MLflow run nested under the active one, held open for the whole train + evaluate cycle, tagged with
+    the model it trains (`spavl.role: training`, `spavl.model`: `settings.artifact_name`) and with `records`
+    as its training dataset input (`training_dataset`).
 
     With a run already active, transformers' MLflowCallback logs into it and leaves its lifetime to us.
     Two environment variables would make the callback start a run of its own instead (a grandchild, or a
@@ -190,7 +194,10 @@ def child_run(settings: RecipeSettings) -> Iterator[None]:
     try:
         # `with` marks the run FAILED on an exception and pops it, so the parent is active again either way;
         # either way `end_run` drains the async logging queue first.
-        with mlflow.start_run(run_name=settings.run_name, nested=True, **_launched_parent()):
+        tags = {"spavl.role": "training", "spavl.model": settings.artifact_name or settings.run_name}
+        with mlflow.start_run(run_name=settings.run_name, nested=True, tags=tags, **_launched_parent()):
+            if records:
+                mlflow.log_input(training_dataset(records, settings.artifact_name or settings.run_name), "training")
             yield
     finally:
         for name, value in saved.items():
@@ -198,6 +205,26 @@ def child_run(settings: RecipeSettings) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def training_dataset(records: Sequence[dict], name: str):
+    """What a model trained on, as an MLflow dataset: the records' texts and a sha256 of each one's images, so
+    the digest changes when any image or text does while the logged table stays small."""
+    rows = [
+        {
+            **{key: value for key, value in record.items() if key != "images" and isinstance(value, str)},
+            "images_sha256": hashlib.sha256(
+                b"".join(_image_bytes(image) for image in record.get("images", ()))
+            ).hexdigest(),
+        }
+        for record in records
+    ]
+    return mlflow.data.from_pandas(pd.DataFrame(rows), name=f"{name} training data")
+
+
+def _image_bytes(image) -> bytes:
+    """An encoded image as it is, a decoded one as its pixels (the smoke and some tests hand PIL images)."""
+    return image if isinstance(image, bytes) else image.tobytes()
 
 
 # A launched worker (train_worker under accelerate/torchrun) has no active run of its own: the launching node

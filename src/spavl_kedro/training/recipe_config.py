@@ -38,6 +38,13 @@ class RecipeSettings(pydantic.BaseModel):
         description="the loggers handed to the trainer; `mlflow` logs the curves to a nested run of the Kedro run",
     )
     run_name: str = Field(description="name of the nested MLflow run")
+    artifact_name: str | None = Field(
+        None,
+        description="the name the trained model is saved and evaluated under (`align.name`, or the method). "
+        "The align node sets it and tags the nested MLflow run with it (`spavl.model`), so the evaluation "
+        "runs of that model link back to the run that trained it",
+        json_schema_extra={"doc_base": "set by the align node"},
+    )
     output_dir: str = Field(
         description="the trainer's scratch directory. The align node sets a temporary one, so a value here is ignored",
         json_schema_extra={"doc_base": "set by the align node"},

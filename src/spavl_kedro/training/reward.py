@@ -201,7 +201,7 @@ def train_reward(
     resumed_from, step = progress["step"], 0
     curve, window, all_losses = progress["curve"], progress["window"], progress["losses"]
     pad_id, family = vlm.processor.tokenizer.pad_token_id, family_of(vlm.model)
-    with child_run(settings):
+    with child_run(settings, pairs):
         if track:
             mlflow.log_params(settings.model_dump())
         model.train()

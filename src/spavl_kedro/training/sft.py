@@ -109,7 +109,7 @@ def train_sft(
     )
     peft_config = lora_config(settings, model) if settings.lora else None
 
-    with child_run(settings):
+    with child_run(settings, examples):
         trainer = SFTTrainer(
             model=model,
             args=args,

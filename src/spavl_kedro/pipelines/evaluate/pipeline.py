@@ -11,7 +11,7 @@ from .answers import collect_eval_answers, gather_aligned_models, plan_eval_shar
 from .browse import item_table
 from .judging import judges_on_policies
 from .references import collect_reference_answers, plan_reference_answers
-from .report import summarise_eval
+from .report import policy_runs, summarise_eval
 from .scoring import collect_eval_scores, plan_score_shards, score_gold_cot
 from .sets import build_eval_sets
 
@@ -155,6 +155,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["eval_metrics_table", "eval_metrics", "eval_report", "eval_plot_domains", "eval_plot_tradeoff"],
                 name="summarise_eval",
+            ),
+            Node(
+                policy_runs,
+                ["eval_metrics_table", "eval_items", "params:evaluate", "params:judge"],
+                "eval_policy_runs",
+                name="log_policy_runs",
             ),
             Node(
                 item_table, ["eval_items", "eval_answers", "eval_scores"], "eval_item_table", name="tabulate_eval_items"

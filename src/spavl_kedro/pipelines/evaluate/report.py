@@ -10,6 +10,7 @@ dozen charts a reader can compare across runs, instead of one per judge, class a
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -84,6 +85,27 @@ def summarise_eval(
     report = _report(table, items, cfg, jcfg, figures, references, align, judge_accuracy)
     drawn = [figures.get(name) or _nothing(name) for name in PLOTS]
     return table, for_mlflow({**_mlflow_names(table, headline), **_reference_counts(references)}), report, *drawn
+
+
+def policy_runs(
+    table: pd.DataFrame,
+    items: pd.DataFrame,
+    params: EvaluateConfig | dict[str, Any],
+    judge_params: JudgeConfig | dict[str, Any],
+) -> dict[str, Any]:
+    """What each evaluated policy's own MLflow run holds (`eval_policy_runs`): its headline metrics under the
+    same names for every policy, `<set>[.<variant>]/<metric>.<scorer>` (the parent's `eval/<policy>/...`
+    without the policy), and the evaluation items they were measured on, one dataset per set: texts and a
+    sha256 of each item's images, so a changed image changes the digest."""
+    cfg, jcfg = typed(EvaluateConfig, params), typed(JudgeConfig, judge_params)
+    metrics: dict[str, dict[str, float]] = {}
+    for name, value in _mlflow_names(table, _headline(cfg, jcfg)).items():
+        _, policy, rest = name.split("/", 2)
+        metrics.setdefault(policy, {})[rest] = value
+    shown = items.drop(columns=["images", "answers"], errors="ignore").assign(
+        images_sha256=items["images"].map(lambda images: hashlib.sha256(b"".join(images)).hexdigest())
+    )
+    return {"metrics": metrics, "items": {name: rows for name, rows in shown.groupby("eval_set", sort=True)}}
 
 
 def _policy_inputs(align: AlignConfig | None) -> list[str]:
