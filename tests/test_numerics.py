@@ -11,9 +11,10 @@ import pytest
 
 from spavl_kedro.numerics import PINNED
 
-pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="the pin applies to x86-64 only"
-)
+pytestmark = [
+    pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pin applies to x86-64 only"),
+    pytest.mark.slow,  # each test starts fresh interpreters that import torch: make test runs them
+]
 
 PROBE = "import spavl_kedro, torch; print(torch.backends.cpu.get_cpu_capability())"
 
