@@ -40,6 +40,10 @@ def render(url: str, screenshot: Path, profile: Path, budget_ms: int, window: tu
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        # nothing but the page under test: no update checks, pings or background fetches
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-pings",
         f"--virtual-time-budget={budget_ms}",
         f"--window-size={window[0]},{window[1]}",
         f"--user-data-dir={profile}",

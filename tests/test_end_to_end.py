@@ -7,6 +7,7 @@ evaluation metrics, the nested DPO run with its curves, and a single stage re-ru
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -284,7 +285,10 @@ def test_the_mlflow_compare_view_shows_base_and_dpo_side_by_side(project, tmp_pa
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri"]
     command += [f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    quiet = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # loopback only
+    server = subprocess.Popen(
+        command, env=quiet, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(120):

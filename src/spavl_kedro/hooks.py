@@ -26,7 +26,8 @@ class RunDescription:
     """Names, describes and tags the MLflow run kedro-mlflow opened for this `kedro run` (run_names.py).
     trylast: kedro-mlflow's own `before_pipeline_run` opens the run first."""
 
-    def __init__(self) -> None:
+    def __init__(self, checked: ProjectHooks) -> None:
+        self._checked = checked  # its before_pipeline_run (not trylast) has validated the blocks already
         self._env = "local"
         self._project: Path | None = None
 
@@ -38,7 +39,7 @@ class RunDescription:
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
         if mlflow.active_run() is None:
             return
-        configs = validate_parameters(catalog.load("parameters"))
+        configs = self._checked.configs
         pipelines = list(run_params.get("pipeline_names") or ["__default__"])
         name = run_name(pipelines, configs)
         mlflow.set_tags(
@@ -56,6 +57,11 @@ class ProjectHooks:
 
     def __init__(self) -> None:
         self._configs: dict[str, Any] = {}
+
+    @property
+    def configs(self) -> dict[str, Any]:
+        """The checked config objects of this run's blocks, by block name."""
+        return self._configs
 
     # tryfirst: kedro-mlflow reads MLFLOW_TRACKING_URI in its own after_context_created, which must see ours.
     @hook_impl(tryfirst=True)

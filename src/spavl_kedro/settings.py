@@ -5,7 +5,8 @@ from kedro.config import OmegaConfigLoader
 from spavl_kedro.config import MERGE_STRATEGY
 from spavl_kedro.hooks import ProjectHooks, RunDescription
 
-HOOKS = (ProjectHooks(), RunDescription())
+_CHECKED = ProjectHooks()
+HOOKS = (_CHECKED, RunDescription(_CHECKED))
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
